@@ -1,0 +1,245 @@
+"""Where arrays live and how they are made: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+Two rules keep every concept file device-agnostic:
+
+1. Functions that *take* arrays compute with the module the arrays came from:
+   ``xp = array_module(x)``. A CuPy array in gives CuPy math; a NumPy array in
+   gives NumPy math. Nothing is copied between devices behind your back.
+2. Functions that *make* new arrays (initialisation, data batches) ask
+   :func:`xp_default` for the module chosen by ``MINILLM_DEVICE=cpu|gpu``
+   (default ``cpu``). Asking for ``gpu`` without CuPy or without a GPU is an
+   error that says so; there is no silent fallback to the CPU.
+
+Random initialisation is drawn on the CPU with a seeded NumPy generator and then
+moved, so the same seed gives the same parameters on either device.
+
+This module also holds the small argument checks every concept file uses, so
+that bad input fails with a message naming the argument, what was expected and
+what came.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:  # CuPy is optional: the `gpu` extra.
+    import cupy as _cupy  # type: ignore
+except Exception:  # ImportError, or a CUDA library that fails to load
+    _cupy = None
+
+DEFAULT_DTYPE = np.float32
+_VALID_DEVICES = ("cpu", "gpu")
+
+
+# ---------------------------------------------------------------------------
+# Which module, which device
+# ---------------------------------------------------------------------------
+
+def array_module(*arrays):
+    """The array module (numpy or cupy) that ``arrays`` belong to.
+
+    Non-array arguments (None, Python scalars) are ignored. Mixing NumPy and
+    CuPy arrays is allowed here (the answer is cupy); the operation itself will
+    then fail loudly, which is what we want.
+    """
+    if _cupy is not None:
+        for a in arrays:
+            if isinstance(a, _cupy.ndarray):
+                return _cupy
+    return np
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    if _cupy is None:
+        return False
+    try:
+        return _cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+def device_name(device: str | None = None) -> str:
+    """The device new arrays are made on: ``device`` if given, else ``MINILLM_DEVICE``, else cpu."""
+    name = device if device is not None else os.environ.get("MINILLM_DEVICE", "cpu")
+    name = str(name).strip().lower()
+    if name == "cuda":
+        name = "gpu"
+    if name not in _VALID_DEVICES:
+        raise ValueError(f"device: expected one of {_VALID_DEVICES}, got {name!r} "
+                         "(set MINILLM_DEVICE=cpu or MINILLM_DEVICE=gpu)")
+    return name
+
+
+def xp_for(device: str | None = None):
+    """The array module for ``device`` (or the default device).
+
+    Raises RuntimeError with the reason when a GPU is asked for and cannot be used.
+    """
+    name = device_name(device)
+    if name == "cpu":
+        return np
+    if _cupy is None:
+        raise RuntimeError("device 'gpu' was asked for but CuPy is not installed: "
+                           "pip install -e '.[gpu]' (CUDA 12) or cupy-cuda13x (CUDA 13), "
+                           "or use MINILLM_DEVICE=cpu")
+    if not gpu_available():
+        raise RuntimeError("device 'gpu' was asked for but CuPy finds no CUDA device; "
+                           "use MINILLM_DEVICE=cpu")
+    return _cupy
+
+
+def xp_default():
+    """The array module where new arrays are made (MINILLM_DEVICE)."""
+    return xp_for(None)
+
+
+def to_numpy(x):
+    """A NumPy array with the same values (copies from the GPU when needed)."""
+    if _cupy is not None and isinstance(x, _cupy.ndarray):
+        return _cupy.asnumpy(x)
+    return np.asarray(x)
+
+
+def to_device(x, device: str | None = None):
+    """Move an array (or a dict of arrays) to ``device`` (default: MINILLM_DEVICE)."""
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    xp = xp_for(device)
+    if xp is np:
+        return to_numpy(x)
+    return xp.asarray(x)
+
+
+def synchronize(x=None) -> None:
+    """Wait for queued GPU work (for honest timings); a no-op on the CPU."""
+    if _cupy is not None and (x is None or isinstance(x, _cupy.ndarray)):
+        if gpu_available():
+            _cupy.cuda.Stream.null.synchronize()
+
+
+# ---------------------------------------------------------------------------
+# Seeding
+# ---------------------------------------------------------------------------
+
+def make_rng(seed) -> np.random.Generator:
+    """A NumPy Generator from ``seed`` (int, None, or an existing Generator).
+
+    Initialisation always draws on the CPU and then moves the result, so a seed
+    means the same numbers on the CPU and the GPU.
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+        raise TypeError(f"seed: expected an int, None or numpy Generator, got {type(seed).__name__}")
+    return np.random.default_rng(seed)
+
+
+def randn(rng: np.random.Generator, shape, std=1.0, dtype=DEFAULT_DTYPE, device: str | None = None):
+    """Normal(0, std^2) samples drawn on the CPU from ``rng``, then moved to ``device``."""
+    a = (rng.standard_normal(shape) * std).astype(dtype)
+    return to_device(a, device)
+
+
+# ---------------------------------------------------------------------------
+# Scatter-add: the backward of a gather (embedding lookup)
+# ---------------------------------------------------------------------------
+
+def scatter_add(target, indices, values) -> None:
+    """target[indices] += values, accumulating repeated indices (in place).
+
+    ``np.add.at`` on NumPy, ``cupyx.scatter_add`` on CuPy. For a 2-D target and
+    1-D integer indices on NumPy we use a sort-free bincount-style matmul-free
+    path: ``np.add.at`` is correct but slow for large row counts.
+    """
+    xp = array_module(target)
+    if xp is np:
+        if target.ndim == 2 and indices.ndim == 1 and values.ndim == 2 and len(indices) > 64:
+            # Sum rows that share an index first (fast reduceat), then one fancy-index add.
+            order = np.argsort(indices, kind="stable")
+            idx_sorted = indices[order]
+            starts = np.flatnonzero(np.r_[True, idx_sorted[1:] != idx_sorted[:-1]])
+            sums = np.add.reduceat(values[order], starts, axis=0)
+            target[idx_sorted[starts]] += sums
+        else:
+            np.add.at(target, indices, values)
+    else:
+        import cupyx  # type: ignore
+        cupyx.scatter_add(target, indices, values)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks: clear errors instead of silent broadcasts
+# ---------------------------------------------------------------------------
+
+def _describe(x) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{type(x).__name__} of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def check_array(name: str, x) -> None:
+    """TypeError unless ``x`` is a NumPy or CuPy array."""
+    ok = isinstance(x, np.ndarray) or (_cupy is not None and isinstance(x, _cupy.ndarray))
+    if not ok:
+        raise TypeError(f"{name}: expected a numpy or cupy array, got {_describe(x)}")
+
+
+def check_float(name: str, x) -> None:
+    """TypeError unless ``x`` is a floating-point array (float16/32/64)."""
+    check_array(name, x)
+    if x.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}")
+
+
+def check_int(name: str, x) -> None:
+    """TypeError unless ``x`` is an integer array."""
+    check_array(name, x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {x.dtype}")
+
+
+def check_ndim(name: str, x, ndim) -> None:
+    """ValueError unless ``x.ndim`` is ``ndim`` (an int or a tuple of allowed ints)."""
+    allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.ndim not in allowed:
+        want = " or ".join(str(n) for n in allowed)
+        raise ValueError(f"{name}: expected {want} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_shape(name: str, x, shape) -> None:
+    """ValueError unless ``x.shape`` matches ``shape`` (None entries match any size)."""
+    got = tuple(x.shape)
+    if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{name}: expected shape {want}, got {got}")
+
+
+def check_same_dtype(**arrays) -> None:
+    """TypeError unless all the given float arrays share one dtype (no silent up/downcasts)."""
+    items = [(k, v) for k, v in arrays.items() if v is not None]
+    if not items:
+        return
+    k0, v0 = items[0]
+    for k, v in items[1:]:
+        if v.dtype != v0.dtype:
+            raise TypeError(f"{k}: expected dtype {v0.dtype} (the dtype of {k0}), got {v.dtype}")
+
+
+def check_ids(name: str, ids, vocab_size: int) -> None:
+    """Integer ids in [0, vocab_size), else TypeError/ValueError naming the offender."""
+    check_int(name, ids)
+    if ids.size:
+        xp = array_module(ids)
+        lo, hi = int(xp.min(ids)), int(xp.max(ids))
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{name}: expected ids in [0, {vocab_size}), got {bad}")
+
+
+def check_positive(name: str, value) -> None:
+    """ValueError unless ``value`` is a finite number > 0."""
+    if not (isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")

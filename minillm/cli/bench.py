@@ -1,0 +1,32 @@
+"""python -m minillm bench TARGET: speed and memory, side by side with reference libraries.
+
+Each target is a module in ``minillm/bench/`` defining ``add_arguments(parser)`` and
+``run(args)``; they are found by name, so adding a benchmark touches no other file.
+Benchmarks are not tests: they measure and report, they do not assert.
+"""
+
+import importlib
+import pkgutil
+
+import minillm.bench as _bench_pkg
+
+
+def targets():
+    return sorted(m.name for m in pkgutil.iter_modules(_bench_pkg.__path__) if not m.name.startswith("_"))
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="target", metavar="TARGET")
+    for name in targets():
+        mod = importlib.import_module(f"minillm.bench.{name}")
+        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name,
+                           description=mod.__doc__)
+        mod.add_arguments(p)
+        p.set_defaults(_bench=mod)
+
+
+def run(args):
+    if not getattr(args, "target", None):
+        print("usage: python -m minillm bench TARGET, TARGET one of:", ", ".join(targets()) or "(none yet)")
+        return 2
+    return args._bench.run(args)

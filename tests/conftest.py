@@ -1,0 +1,39 @@
+"""Shared test set-up: hypothesis profiles and the device every test runs on.
+
+Profiles (choose with HYPOTHESIS_PROFILE=...):
+  ci        the default: few examples, no deadline, so the suite stays within a few
+            minutes on 2 CPU cores.
+  thorough  many more examples, for a local hunt for counterexamples.
+
+Device: tests take the ``xp`` fixture, the array module chosen by MINILLM_DEVICE
+(cpu by default). ``MINILLM_DEVICE=gpu python -m pytest`` runs the very same tests
+on CuPy; without a GPU those tests are skipped, never failed.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/strategies.py, tests/helpers.py
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                 HealthCheck.filter_too_much])
+settings.register_profile("thorough", max_examples=300, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture(scope="session")
+def xp():
+    """numpy, or cupy under MINILLM_DEVICE=gpu (skipped when no GPU is usable)."""
+    from minillm import backend
+    name = backend.device_name()
+    if name == "gpu":
+        if not backend.gpu_available():
+            pytest.skip("MINILLM_DEVICE=gpu but no usable GPU/CuPy here")
+        import cupy
+        return cupy
+    return np
