@@ -1,0 +1,417 @@
+"""Hugging Face checkpoints: a small safetensors reader/writer and name mappings.
+
+A Hugging Face model directory holds ``config.json`` (the architecture) and
+``model.safetensors`` (the weights). The safetensors format is simple enough to
+read and write with NumPy alone, which keeps NumPy minillm's only dependency:
+
+    8 bytes      N, the header length, a little-endian unsigned 64-bit integer
+    N bytes      a JSON object: {"name": {"dtype": "F32", "shape": [..],
+                 "data_offsets": [begin, end]}, ..., "__metadata__": {...}}
+    the rest     the raw tensors, little-endian, row-major, back to back;
+                 data_offsets count from the start of this byte buffer
+
+NumPy has no bfloat16, so bfloat16 tensors are widened to float32 on reading
+(exact: a bfloat16 is the top half of a float32) and narrowed with
+round-to-nearest-even on writing.
+
+Each model family maps its own parameter names to Hugging Face's through an
+:class:`HFMapping` registered in :data:`HF_MAPPINGS` under the config's
+``model_type`` ("gpt2" here; other model files add theirs with
+:func:`register_hf_mapping`). :func:`load_hf`, :func:`save_hf` and
+:func:`hf_state_dict` only dispatch.
+
+The native training checkpoint (optimizer state, RNG, step) lives with the
+training loop in ``train.py``; this file is about exchanging weights with the
+Hugging Face ecosystem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .backend import to_device, to_numpy
+
+# ---------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------
+
+# safetensors dtype code -> NumPy dtype of the stored bytes ("BF16" is read as raw
+# uint16 and widened by hand).
+_ST_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_NP_TO_ST = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+             np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+             np.dtype(np.int8): "I8", np.dtype(np.uint64): "U64", np.dtype(np.uint32): "U32",
+             np.dtype(np.uint16): "U16", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit; guards against reading garbage as a length
+
+
+def bfloat16_to_float32(bits):
+    """Widen raw bfloat16 bit patterns (uint16) to float32: append 16 zero bits. Exact."""
+    bits = np.asarray(bits, dtype=np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bfloat16(x):
+    """Round float32 values to bfloat16 bit patterns (uint16), round-to-nearest-even.
+
+    Adding 0x7FFF plus the lowest kept bit before dropping the low 16 bits rounds
+    ties to the even neighbour, as hardware does. NaNs stay (quiet) NaNs.
+    """
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def read_safetensors_header(path) -> tuple[dict, dict, int]:
+    """-> (tensors' header entries by name, __metadata__, offset of the byte buffer)."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path}: not a safetensors file or truncated (header length {n}, "
+                             f"file size {size})")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: safetensors header: expected a JSON object, got {type(header).__name__}")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise ValueError(f"{path}: tensor {name!r}: expected dtype, shape and data_offsets, got {entry!r}")
+        if entry["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r}: unsupported dtype {entry['dtype']!r} "
+                             f"(expected one of {sorted(_ST_DTYPES)})")
+        begin, end = entry["data_offsets"]
+        count = int(np.prod(entry["shape"], dtype=np.int64))
+        if end - begin != count * _ST_DTYPES[entry["dtype"]].itemsize or begin < 0:
+            raise ValueError(f"{path}: tensor {name!r}: data_offsets {entry['data_offsets']} do not fit "
+                             f"shape {entry['shape']} of dtype {entry['dtype']}")
+        if base + end > size:
+            raise ValueError(f"{path}: tensor {name!r}: data ends at byte {base + end} but the file has "
+                             f"{size} bytes (truncated?)")
+    return header, metadata, base
+
+
+def load_safetensors(path, names=None) -> dict:
+    """Read a .safetensors file -> {name: numpy array} (native byte order, writable).
+
+    Float tensors keep their dtype (float64/32/16) except bfloat16, which NumPy
+    lacks and which is widened exactly to float32. ``names`` reads only those.
+    """
+    header, _, base = read_safetensors_header(path)
+    wanted = header if names is None else {k: header[k] for k in names if k in header}
+    out = {}
+    with open(os.fspath(path), "rb") as f:
+        for name, entry in wanted.items():
+            dt = _ST_DTYPES[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            f.seek(base + begin)
+            raw = np.frombuffer(f.read(end - begin), dtype=dt)
+            a = bfloat16_to_float32(raw) if entry["dtype"] == "BF16" else raw.astype(dt.newbyteorder("="))
+            out[name] = a.reshape(entry["shape"])
+    return out
+
+
+def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtype=None) -> None:
+    """Write {name: array} to a .safetensors file, atomically (temporary file, then rename).
+
+    ``dtype`` None keeps each array's dtype; "float32", "float16" or "bfloat16"
+    stores every floating-point tensor in that dtype (an explicit, requested cast).
+    ``metadata`` is a dict of strings (transformers wants {"format": "pt"}).
+    """
+    if dtype not in (None, "float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype: expected None, 'float32', 'float16' or 'bfloat16', got {dtype!r}")
+    header, blobs, offset = {}, [], 0
+    for name in tensors:  # keep the caller's order: readers do not care, humans do
+        if not isinstance(name, str):
+            raise TypeError(f"tensors: expected string names, got {name!r}")
+        a = np.ascontiguousarray(to_numpy(tensors[name]))
+        if a.dtype.kind == "f" and dtype is not None:
+            if dtype == "bfloat16":
+                code, data = "BF16", float32_to_bfloat16(a.astype(np.float32))
+            else:
+                data = a.astype(dtype)
+                code = _NP_TO_ST[data.dtype]
+        else:
+            if a.dtype.newbyteorder("=") not in _NP_TO_ST:
+                raise TypeError(f"tensors[{name!r}]: dtype {a.dtype} has no safetensors code")
+            code, data = _NP_TO_ST[a.dtype.newbyteorder("=")], a
+        data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<")))
+        nbytes = data.nbytes
+        header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        blobs.append(data)
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hbytes += b" " * (-len(hbytes) % 8)  # pad so the buffer starts 8-byte aligned
+    _atomic_write(path, [struct.pack("<Q", len(hbytes)), hbytes] + [b.tobytes() for b in blobs])
+
+
+def _atomic_write(path, chunks) -> None:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for c in chunks:
+                f.write(c)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_json(path, obj) -> None:
+    _atomic_write(path, [json.dumps(obj, indent=2, sort_keys=True).encode("utf-8") + b"\n"])
+
+
+# ---------------------------------------------------------------------------
+# Dispatch on model_type
+# ---------------------------------------------------------------------------
+
+class HFMapping(NamedTuple):
+    """How one model family meets Hugging Face.
+
+    config_class: our config type (save_hf picks the mapping by isinstance).
+    config_from_hf(hf_config: dict) -> our config
+    config_to_hf(config) -> dict for config.json (must include "model_type")
+    to_hf(config, params) -> {hf_name: array}: a pure renaming/re-layout, which
+        therefore also works on a grads dict
+    from_hf(config, tensors) -> params: checks that every tensor is there with the
+        right shape, naming the missing or misshapen one
+    fill_for_save(config, params) -> params with anything HF needs but we lack
+        (e.g. zero biases for a bias-free model); may be the identity
+    """
+    config_class: type
+    config_from_hf: Callable
+    config_to_hf: Callable
+    to_hf: Callable
+    from_hf: Callable
+    fill_for_save: Callable
+
+
+HF_MAPPINGS: dict[str, HFMapping] = {}
+_LAZY = {"gpt2": "minillm.checkpoint:_gpt2_mapping"}  # built on first use: avoids importing models eagerly
+
+
+def register_hf_mapping(model_type: str, mapping: HFMapping) -> None:
+    """Add (or replace) the mapping used for Hugging Face ``model_type``."""
+    if not isinstance(mapping, HFMapping):
+        raise TypeError(f"mapping: expected an HFMapping, got {type(mapping).__name__}")
+    HF_MAPPINGS[model_type] = mapping
+
+
+def _mapping(model_type: str) -> HFMapping:
+    if model_type not in HF_MAPPINGS and model_type in _LAZY:
+        import importlib
+        mod, fn = _LAZY[model_type].split(":")
+        register_hf_mapping(model_type, getattr(importlib.import_module(mod), fn)())
+    if model_type not in HF_MAPPINGS:
+        raise ValueError(f"model_type: expected one of {sorted(set(HF_MAPPINGS) | set(_LAZY))}, "
+                         f"got {model_type!r}")
+    return HF_MAPPINGS[model_type]
+
+
+def _mapping_for_config(config) -> tuple[str, HFMapping]:
+    for mt in list(_LAZY):
+        _mapping(mt)
+    for mt, m in HF_MAPPINGS.items():
+        if isinstance(config, m.config_class):
+            return mt, m
+    raise TypeError(f"config: expected a config of one of {[m.config_class.__name__ for m in HF_MAPPINGS.values()]}, "
+                    f"got {type(config).__name__}")
+
+
+def read_hf_config(directory) -> dict:
+    path = os.path.join(os.fspath(directory), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dir: expected a Hugging Face model directory with config.json, "
+                                f"no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_hf(directory, dtype=np.float32, device=None):
+    """Read a Hugging Face model directory -> (config, params).
+
+    ``config.json``'s ``model_type`` picks the mapping. Weights come from
+    ``model.safetensors`` (float32, float16 or bfloat16) and are converted to
+    ``dtype`` (float32 by default: the training dtype; pass None to keep what was
+    stored, bfloat16 becoming float32), then moved to ``device`` (default
+    MINILLM_DEVICE). A missing tensor or a wrong shape is a ValueError naming it.
+    """
+    hf_config = read_hf_config(directory)
+    model_type = hf_config.get("model_type")
+    mapping = _mapping(model_type)
+    config = mapping.config_from_hf(hf_config)
+    st_path = os.path.join(os.fspath(directory), "model.safetensors")
+    if not os.path.isfile(st_path):
+        raise FileNotFoundError(f"dir: expected model.safetensors next to config.json (sharded or "
+                                f"pytorch_model.bin checkpoints are not read), no such file: {st_path}")
+    tensors = load_safetensors(st_path)
+    params = mapping.from_hf(config, tensors)
+    if dtype is not None:
+        params = {k: v.astype(dtype) if v.dtype.kind == "f" else v for k, v in params.items()}
+    return config, to_device(params, device)
+
+
+def save_hf(directory, config, params, dtype=None) -> None:
+    """Write ``config.json`` and ``model.safetensors`` that Hugging Face transformers loads.
+
+    ``dtype`` None keeps the params' dtype; "float16"/"bfloat16"/"float32" casts on write.
+    """
+    model_type, mapping = _mapping_for_config(config)
+    hf_cfg = mapping.config_to_hf(config)
+    hf_cfg.setdefault("model_type", model_type)
+    tensors = mapping.to_hf(config, mapping.fill_for_save(config, params))
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    save_safetensors(os.path.join(directory, "model.safetensors"),
+                     {k: to_numpy(v) for k, v in tensors.items()}, metadata={"format": "pt"}, dtype=dtype)
+    _write_json(os.path.join(directory, "config.json"), hf_cfg)
+
+
+def hf_state_dict(config, params) -> dict:
+    """{Hugging Face name: array} for a params-shaped dict (params or grads), same arrays re-laid out."""
+    _, mapping = _mapping_for_config(config)
+    return mapping.to_hf(config, params)
+
+
+# ---------------------------------------------------------------------------
+# GPT-2
+# ---------------------------------------------------------------------------
+
+_GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh approximation
+
+
+def _gpt2_config_from_hf(h: dict):
+    from .gpt import GPTConfig
+    act = h.get("activation_function", "gelu_new")
+    if act not in _GPT2_ACTIVATIONS:
+        raise ValueError(f"config.json activation_function: expected one of {_GPT2_ACTIVATIONS} "
+                         f"(GPT-2's tanh GELU), got {act!r}")
+    n_embd = int(h["n_embd"])
+    n_inner = h.get("n_inner")
+    for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                    ("scale_attn_weights", True)):
+        if key in h and bool(h[key]) != ok:
+            raise ValueError(f"config.json {key}: expected {ok} (the only variant supported), got {h[key]!r}")
+    return GPTConfig(vocab_size=int(h["vocab_size"]), block_size=int(h.get("n_positions", h.get("n_ctx", 1024))),
+                     n_layer=int(h["n_layer"]), n_head=int(h["n_head"]), n_embd=n_embd,
+                     dropout=0.0, bias=True, norm="layernorm", pos="learned", mlp="gelu",
+                     tie_embeddings=bool(h.get("tie_word_embeddings", True)),
+                     norm_eps=float(h.get("layer_norm_epsilon", 1e-5)),
+                     mlp_hidden=int(n_inner) if n_inner else 4 * n_embd)
+
+
+def _gpt2_check(config):
+    bad = [(k, getattr(config, k), want) for k, want in
+           (("norm", "layernorm"), ("pos", "learned"), ("mlp", "gelu"))
+           if getattr(config, k) != want]
+    if config.n_kv_head not in (None, config.n_head):
+        bad.append(("n_kv_head", config.n_kv_head, config.n_head))
+    if bad:
+        raise ValueError("config: Hugging Face GPT-2 needs " +
+                         ", ".join(f"{k}={w!r} (got {g!r})" for k, g, w in bad))
+
+
+def _gpt2_config_to_hf(config) -> dict:
+    _gpt2_check(config)
+    return {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
+        "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
+        "n_inner": config.hidden_size, "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.eps, "tie_word_embeddings": bool(config.tie_embeddings),
+        "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": config.vocab_size - 1, "eos_token_id": config.vocab_size - 1,
+    }
+
+
+def _gpt2_names(config) -> dict:
+    """our name -> (HF name, transpose?). GPT-2's Conv1D stores (in, out) like our x @ w, so no transposes."""
+    m = {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight",
+         "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias"}
+    for i in range(config.n_layer):
+        p, q = f"h.{i}.", f"transformer.h.{i}."
+        m.update({p + "ln_1.weight": q + "ln_1.weight", p + "ln_1.bias": q + "ln_1.bias",
+                  p + "attn.w_qkv": q + "attn.c_attn.weight", p + "attn.b_qkv": q + "attn.c_attn.bias",
+                  p + "attn.w_o": q + "attn.c_proj.weight", p + "attn.b_o": q + "attn.c_proj.bias",
+                  p + "ln_2.weight": q + "ln_2.weight", p + "ln_2.bias": q + "ln_2.bias",
+                  p + "mlp.w1": q + "mlp.c_fc.weight", p + "mlp.b1": q + "mlp.c_fc.bias",
+                  p + "mlp.w2": q + "mlp.c_proj.weight", p + "mlp.b2": q + "mlp.c_proj.bias"})
+    if not config.tie_embeddings:
+        m["lm_head"] = "lm_head.weight"  # nn.Linear(C, V).weight is (V, C), the same layout as ours
+    return m
+
+
+def _gpt2_to_hf(config, params) -> dict:
+    _gpt2_check(config)
+    names = _gpt2_names(config)
+    extra = sorted(set(params) - set(names))
+    if extra:
+        raise ValueError(f"params: unexpected entries for this GPT-2 config: {extra}")
+    return {names[k]: v for k, v in params.items()}
+
+
+def _gpt2_fill(config, params) -> dict:
+    """GPT-2 always has biases: a bias-free model is the same model with zero biases."""
+    from .gpt import param_shapes
+    if config.bias:
+        return params
+    out = dict(params)
+    full = param_shapes(config.replace(bias=True))
+    for k, shape in full.items():
+        if k not in out:
+            out[k] = np.zeros(shape, dtype=to_numpy(params["wte"]).dtype)
+    return out
+
+
+def _gpt2_from_hf(config, tensors) -> dict:
+    from .gpt import param_shapes
+    # Hub files name tensors without the "transformer." prefix; save_pretrained adds it.
+    t = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v for k, v in tensors.items()}
+    names = _gpt2_names(config)
+    shapes = param_shapes(config)
+    params = {}
+    for ours, theirs in names.items():
+        if theirs not in t:
+            if ours == "lm_head" and "transformer.wte.weight" in t:
+                raise ValueError(f"checkpoint: tensor {theirs!r} is missing (tie_word_embeddings is false)")
+            raise ValueError(f"checkpoint: tensor {theirs!r} is missing (needed for {ours!r})")
+        a = t[theirs]
+        if tuple(a.shape) != tuple(shapes[ours]):
+            raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {tuple(shapes[ours])} "
+                             f"from config.json, got {tuple(a.shape)}")
+        params[ours] = a
+    return params
+
+
+def _gpt2_mapping() -> HFMapping:
+    from .gpt import GPTConfig
+    return HFMapping(GPTConfig, _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_to_hf, _gpt2_from_hf,
+                     _gpt2_fill)
