@@ -1,0 +1,490 @@
+"""The feed-forward half of a transformer block: linear layers, activations, MLP, SwiGLU.
+
+Every operation is a forward/backward pair (see backprop.py for the convention):
+
+    y, cache = linear_forward(x, w, b)     # y = x @ w + b
+    dx, dw, db = linear_backward(dy, cache)
+
+A linear layer is the only place a transformer learns mixing *across* features;
+activations are elementwise, so their backward is an elementwise product with
+the local derivative. GPT-2 and BERT use GELU in a 4x-wide MLP; LLaMA-style
+models use SwiGLU, a gated MLP with three matrices and no biases.
+
+Speed notes (this is the hot path of training):
+- linear reshapes (..., in) to one 2-D matrix so that forward and backward are
+  each a single BLAS/cuBLAS matmul, whatever the number of leading axes;
+- activations keep constants in the input's dtype (a float64 constant would
+  silently upcast float32 arrays under NumPy 2) and update temporaries in place.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import (DEFAULT_DTYPE, array_module, check_float, check_ndim, check_same_dtype,
+                      make_rng, randn, to_device)
+
+__all__ = [
+    "linear_forward", "linear_backward", "init_linear",
+    "relu_forward", "relu_backward",
+    "erf", "erfc", "gelu_forward", "gelu_backward",
+    "sigmoid", "silu_forward", "silu_backward",
+    "mlp_forward", "mlp_backward", "ACTIVATIONS",
+    "swiglu_forward", "swiglu_backward",
+]
+
+
+def _check_grad_shape(name, dy, shape):
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (the forward output's), got {tuple(dy.shape)}")
+
+
+# ---------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------
+
+class LinearCache(NamedTuple):
+    x: object       # (..., in) the input, kept by reference (no copy)
+    w: object       # (in, out)
+    has_bias: bool  # whether to return db or None
+
+
+def _linear_forward(x, w, b, xname="x", wname="w", bname="b"):
+    check_float(xname, x)
+    check_float(wname, w)
+    check_ndim(wname, w, 2)
+    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"{wname}: expected shape ({x.shape[-1] if x.ndim else '?'}, *) to match "
+                         f"{xname}'s last axis {tuple(x.shape)}, got {tuple(w.shape)}")
+    if b is not None:
+        check_float(bname, b)
+        if tuple(b.shape) != (w.shape[1],):
+            raise ValueError(f"{bname}: expected shape ({w.shape[1]},), got {tuple(b.shape)}")
+    check_same_dtype(**{xname: x, wname: w, bname: b})
+    n_in, n_out = w.shape
+    # One 2-D matmul whatever the leading axes: (N, in) @ (in, out) with N = prod(...).
+    y = x.reshape(-1, n_in) @ w
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], n_out), LinearCache(x, w, b is not None)
+
+
+def linear_forward(x, w, b=None):
+    """y = x @ w + b.
+
+    x: (..., in), w: (in, out), b: (out,) or None -> y: (..., out)
+    """
+    return _linear_forward(x, w, b)
+
+
+def linear_backward(dy, cache: LinearCache):
+    """dx = dy @ w^T, dw = x^T dy and db = sum(dy), summed over all leading axes.
+
+    dy: (..., out) -> dx: (..., in), dw: (in, out), db: (out,) or None
+    """
+    x, w, has_bias = cache
+    n_in, n_out = w.shape
+    _check_grad_shape("dy", dy, (*x.shape[:-1], n_out))
+    dy2 = dy.reshape(-1, n_out)
+    x2 = x.reshape(-1, n_in)
+    dx = (dy2 @ w.T).reshape(x.shape)
+    dw = x2.T @ dy2          # (in, N) @ (N, out): the sum over every position in one GEMM
+    db = dy2.sum(axis=0) if has_bias else None
+    return dx, dw, db
+
+
+def init_linear(rng, n_in, n_out, std=0.02, bias=True, dtype=DEFAULT_DTYPE, device=None):
+    """(w, b): w ~ Normal(0, std^2) of shape (n_in, n_out), b zeros (n_out,) or None.
+
+    GPT-2 and BERT both initialise with std 0.02. Drawn on the CPU from a seeded
+    generator, then moved to ``device`` (default MINILLM_DEVICE).
+    """
+    w = randn(make_rng(rng), (n_in, n_out), std=std, dtype=dtype, device=device)
+    b = to_device(np.zeros(n_out, dtype=dtype), device) if bias else None
+    return w, b
+
+
+# ---------------------------------------------------------------------------
+# ReLU
+# ---------------------------------------------------------------------------
+
+class ReluCache(NamedTuple):
+    mask: object  # (...) bool, x > 0: one byte per element is all backward needs
+
+
+def relu_forward(x):
+    """y = max(x, 0). x: (...) -> y: (...)"""
+    check_float("x", x)
+    xp = array_module(x)
+    mask = x > 0
+    return xp.where(mask, x, x.dtype.type(0)), ReluCache(mask)
+
+
+def relu_backward(dy, cache: ReluCache):
+    """dx = dy where x > 0, else 0 (the subgradient 0 is taken at x == 0)."""
+    _check_grad_shape("dy", dy, cache.mask.shape)
+    xp = array_module(dy)
+    return xp.where(cache.mask, dy, dy.dtype.type(0))
+
+
+# ---------------------------------------------------------------------------
+# erf: NumPy has none, so here is one, accurate to a few ulp in float64
+# ---------------------------------------------------------------------------
+#
+# For |z| < 2 we sum the everywhere-convergent series
+#     erf(z) = 2/sqrt(pi) * exp(-z^2) * sum_n 2^n z^(2n+1) / (1*3*5*...*(2n+1)),
+# whose terms are all positive (no cancellation, unlike the alternating Taylor
+# series, which loses a digit near z = 2). For z >= 2 we use the continued
+# fraction for erfc (in its even, faster-converging contraction)
+#     erfc(z) = 2z exp(-z^2)/sqrt(pi) / (2z^2+1 - 1*2/(2z^2+5 - 3*4/(2z^2+9 - ...))),
+# evaluated bottom-up with a fixed depth, and erf = 1 - erfc. The term counts
+# below were chosen by measuring against math.erf / math.erfc: at z = 2, where
+# both expansions converge slowest, they reach the dtype's rounding level.
+
+_SERIES_TERMS = {np.dtype(np.float64): 32, np.dtype(np.float32): 19, np.dtype(np.float16): 12}
+_CF_DEPTH = {np.dtype(np.float64): 30, np.dtype(np.float32): 8, np.dtype(np.float16): 5}
+_ERF_SPLIT = 2.0
+_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+
+
+def _series_coeffs(n_terms):
+    c = [1.0]
+    for n in range(1, n_terms):
+        c.append(c[-1] * 2.0 / (2 * n + 1))
+    return c
+
+
+def _exp_minus_square(xp, z):
+    """exp(-z^2) without the rounding error of z*z: for z ~ 20, z*z is off by ~4e-14
+    relative, and exp amplifies that to an absolute 4e-14 * z^2 in the exponent.
+    Split z = hi + lo with hi on a 1/256 grid, so hi*hi is exact, and
+    z^2 = hi^2 + (2 hi + lo) lo."""
+    t = z.dtype.type
+    hi = xp.floor(z * t(256)) / t(256)
+    lo = z - hi
+    return xp.exp(-hi * hi) * xp.exp(-(hi + hi + lo) * lo)
+
+
+def _erf_small(xp, z):
+    """erf(z) for |z| < 2 by the positive series (Horner in z^2)."""
+    t = z.dtype.type
+    c = _series_coeffs(_SERIES_TERMS.get(z.dtype, 32))
+    s = z * z
+    acc = xp.full_like(z, t(c[-1]))
+    for ck in reversed(c[:-1]):
+        acc *= s
+        acc += t(ck)
+    acc *= z
+    acc *= xp.exp(-s)   # no hi/lo split needed: |z| < 2 keeps z*z's error below an ulp of exp
+    acc *= t(_TWO_OVER_SQRT_PI)
+    return acc
+
+
+def _erfc_large(xp, z):
+    """erfc(z) for z >= 2 by the continued fraction (fixed depth, bottom-up)."""
+    t = z.dtype.type
+    depth = _CF_DEPTH.get(z.dtype, 30)
+    s = 2 * z * z
+    d = s + t(4 * depth + 1)
+    for k in range(depth, 0, -1):
+        d = s + t(4 * k - 3) - t((2 * k - 1) * (2 * k)) / d
+    return t(_TWO_OVER_SQRT_PI) * z * _exp_minus_square(xp, z) / d
+
+
+def _special(xp, name):
+    if xp is np:
+        return None
+    import cupyx.scipy.special  # type: ignore
+    return getattr(cupyx.scipy.special, name)
+
+
+def erf(x):
+    """The error function erf(x) = 2/sqrt(pi) * int_0^x exp(-t^2) dt, elementwise.
+
+    NumPy arrays: our own series/continued fraction (about 1e-16 relative in
+    float64, a few ulp in float32; the dtype of x is kept). CuPy arrays:
+    cupyx.scipy.special.erf. x: (...) float -> (...)
+    """
+    check_float("x", x)
+    xp = array_module(x)
+    f = _special(xp, "erf")
+    if f is not None:
+        return f(x)
+    a = xp.abs(x)
+    small = a < x.dtype.type(_ERF_SPLIT)
+    if bool(small.all()):
+        return _erf_small(xp, x)
+    out = xp.empty_like(x)
+    out[small] = _erf_small(xp, x[small])
+    big = ~small
+    out[big] = xp.sign(x[big]) * (1 - _erfc_large(xp, a[big]))
+    return out
+
+
+def erfc(x):
+    """The complementary error function erfc(x) = 1 - erf(x), accurate in the tail.
+
+    1 - erf(x) would lose every digit once erf(x) rounds to 1 (x > ~6 in
+    float64); erfc keeps them: erfc(10) ~ 2.1e-45 to full relative precision.
+    x: (...) float -> (...)
+    """
+    check_float("x", x)
+    xp = array_module(x)
+    f = _special(xp, "erfc")
+    if f is not None:
+        return f(x)
+    out = xp.empty_like(x)
+    split = x.dtype.type(_ERF_SPLIT)
+    mid = xp.abs(x) < split
+    hi = x >= split
+    lo = x <= -split
+    out[mid] = 1 - _erf_small(xp, x[mid])
+    out[hi] = _erfc_large(xp, x[hi])
+    out[lo] = 2 - _erfc_large(xp, -x[lo])
+    return out
+
+
+def _normal_cdf(x):
+    """Phi(x) = 0.5 * erfc(-x / sqrt 2), accurate in the far left tail too."""
+    xp = array_module(x)
+    t = x.dtype.type
+    z = x * t(-1.0 / math.sqrt(2.0))
+    f = _special(xp, "erfc")
+    if f is not None:
+        return t(0.5) * f(z)
+    # z < 2: 0.5 * (1 - erf(z)) is fine (1 - erf(z) >= erfc(2) ~ 0.005, so
+    # little is lost); z >= 2 (x <= -2.83): the continued fraction keeps the tail.
+    split = t(_ERF_SPLIT)
+    big = z >= split
+    if not bool(big.any()):
+        phi = _erf_small_or_one(xp, z)
+        phi *= t(-0.5)
+        phi += t(0.5)
+        return phi
+    phi = xp.empty_like(x)
+    rest = ~big
+    phi[rest] = t(0.5) - t(0.5) * _erf_small_or_one(xp, z[rest])
+    phi[big] = t(0.5) * _erfc_large(xp, z[big])
+    return phi
+
+
+def _erf_small_or_one(xp, z):
+    """erf(z) for z < 2 (any negative z): the series on |z| < 2, erf = -1 + erfc(-z) below -2."""
+    t = z.dtype.type
+    neg = z <= -t(_ERF_SPLIT)
+    if not bool(neg.any()):
+        return _erf_small(xp, z)
+    out = xp.empty_like(z)
+    out[~neg] = _erf_small(xp, z[~neg])
+    out[neg] = _erfc_large(xp, -z[neg]) - 1
+    return out
+
+
+# ---------------------------------------------------------------------------
+# GELU
+# ---------------------------------------------------------------------------
+
+_GELU_A = 0.044715
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+class GeluCache(NamedTuple):
+    x: object            # (...) the input
+    t: object            # (...) tanh(u) for "tanh", Phi(x) for "none": the expensive part, reused
+    approximate: str
+
+
+def gelu_forward(x, approximate="tanh"):
+    """GELU(x) = x * Phi(x), Phi the standard normal CDF.
+
+    approximate="none":  y = 0.5 x (1 + erf(x / sqrt 2))   (BERT, PyTorch's default)
+    approximate="tanh":  y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-2)
+    The two differ by less than 1e-3 everywhere. x: (...) -> y: (...)
+    """
+    check_float("x", x)
+    xp = array_module(x)
+    t_ = x.dtype.type
+    if approximate == "tanh":
+        c = t_(_SQRT_2_OVER_PI)
+        # u = c*x + c*a*x^3 = x * (c + c*a*x^2), built in one buffer in place.
+        t = x * x
+        t *= t_(_SQRT_2_OVER_PI * _GELU_A)
+        t += c
+        t *= x
+        xp.tanh(t, out=t)
+        y = t + t_(1)
+        y *= x
+        y *= t_(0.5)
+        return y, GeluCache(x, t, "tanh")
+    if approximate == "none":
+        phi = _normal_cdf(x)
+        return x * phi, GeluCache(x, phi, "none")
+    raise ValueError(f"approximate: expected 'tanh' or 'none', got {approximate!r}")
+
+
+def gelu_backward(dy, cache: GeluCache):
+    """dx = dy * GELU'(x).
+
+    exact:  GELU'(x) = Phi(x) + x * phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)
+    tanh:   with t = tanh(u), u = c (x + a x^3), c = sqrt(2/pi):
+            GELU'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
+                     = 0.5 (1 + t) (1 + x (1 - t) c (1 + 3 a x^2))     (factor out 1 + t)
+    """
+    x, t, approximate = cache
+    _check_grad_shape("dy", dy, x.shape)
+    xp = array_module(x)
+    t_ = x.dtype.type
+    if approximate == "tanh":
+        g = x * x
+        g *= t_(3.0 * _GELU_A * _SQRT_2_OVER_PI)
+        g += t_(_SQRT_2_OVER_PI)
+        g *= x                      # x c (1 + 3 a x^2)
+        h = t_(1) - t
+        g *= h
+        g += t_(1)
+        xp.add(t, t_(1), out=h)     # reuse the buffer: h = 1 + t
+        g *= h
+        g *= t_(0.5)
+        g *= dy
+        return g
+    # exact: phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    g = x * x
+    g *= t_(-0.5)
+    xp.exp(g, out=g)
+    g *= t_(_INV_SQRT_2PI)
+    g *= x
+    g += t
+    g *= dy
+    return g
+
+
+# ---------------------------------------------------------------------------
+# SiLU (swish)
+# ---------------------------------------------------------------------------
+
+def sigmoid(x):
+    """1 / (1 + exp(-x)) without overflow: with e = exp(-|x|) <= 1,
+    sigmoid(x) = 1 / (1 + e) for x >= 0 and e / (1 + e) for x < 0."""
+    check_float("x", x)
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    d = e + x.dtype.type(1)
+    return xp.where(x >= 0, x.dtype.type(1), e) / d
+
+
+class SiluCache(NamedTuple):
+    x: object    # (...) the input
+    sig: object  # (...) sigmoid(x)
+
+
+def silu_forward(x):
+    """SiLU(x) = x * sigmoid(x) (also called swish). x: (...) -> y: (...)"""
+    s = sigmoid(x)
+    return x * s, SiluCache(x, s)
+
+
+def silu_backward(dy, cache: SiluCache):
+    """dx = dy * s (1 + x (1 - s)), s = sigmoid(x), from (x s)' = s + x s (1 - s)."""
+    x, s = cache
+    _check_grad_shape("dy", dy, x.shape)
+    t_ = x.dtype.type
+    g = t_(1) - s
+    g *= x
+    g += t_(1)
+    g *= s
+    g *= dy
+    return g
+
+
+# ---------------------------------------------------------------------------
+# MLP: the transformer's feed-forward block
+# ---------------------------------------------------------------------------
+
+# name -> (forward, backward); "gelu" is the tanh approximation (GPT-2),
+# "gelu_exact" the erf form (BERT).
+ACTIVATIONS = {
+    "gelu": (lambda x: gelu_forward(x, "tanh"), gelu_backward),
+    "gelu_exact": (lambda x: gelu_forward(x, "none"), gelu_backward),
+    "relu": (relu_forward, relu_backward),
+    "silu": (silu_forward, silu_backward),
+}
+
+
+class MlpCache(NamedTuple):
+    fc: LinearCache     # first linear (holds x)
+    act: tuple          # the activation's cache (holds h = x W1 + b1)
+    proj: LinearCache   # second linear (holds a = act(h))
+    activation: str
+
+
+def mlp_forward(x, w1, b1, w2, b2, activation="gelu"):
+    """y = act(x W1 + b1) W2 + b2.
+
+    x: (..., C), w1: (C, H), b1: (H,) or None, w2: (H, C_out), b2: (C_out,) or None
+    activation: "gelu" (tanh approximation), "gelu_exact", "relu" or "silu"
+    -> y: (..., C_out)
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    act_forward, _ = ACTIVATIONS[activation]
+    h, fc = _linear_forward(x, w1, b1, "x", "w1", "b1")
+    a, act = act_forward(h)
+    y, proj = _linear_forward(a, w2, b2, "act(x @ w1 + b1)", "w2", "b2")
+    return y, MlpCache(fc, act, proj, activation)
+
+
+def mlp_backward(dy, cache: MlpCache):
+    """Backward of mlp_forward, in reverse order. -> dx, dw1, db1, dw2, db2"""
+    fc, act, proj, activation = cache
+    _, act_backward = ACTIVATIONS[activation]
+    da, dw2, db2 = linear_backward(dy, proj)
+    dh = act_backward(da, act)
+    dx, dw1, db1 = linear_backward(dh, fc)
+    return dx, dw1, db1, dw2, db2
+
+
+# ---------------------------------------------------------------------------
+# SwiGLU: the gated MLP of LLaMA, Mistral, ...
+# ---------------------------------------------------------------------------
+
+class SwigluCache(NamedTuple):
+    gate: LinearCache   # x @ w_gate (holds x)
+    up_w: object        # w_up (x is shared with the gate's cache)
+    u: object           # (..., H) x @ w_up
+    act: SiluCache      # silu's cache (holds g = x @ w_gate and sigmoid(g))
+    s: object           # (..., H) silu(g)
+    down: LinearCache   # (s * u) @ w_down
+
+
+def swiglu_forward(x, w_gate, w_up, w_down):
+    """y = (silu(x Wg) * (x Wu)) Wd, no biases.
+
+    x: (..., C), w_gate, w_up: (C, H), w_down: (H, C_out) -> y: (..., C_out)
+    """
+    g, gate = _linear_forward(x, w_gate, None, "x", "w_gate")
+    if tuple(w_up.shape) != tuple(w_gate.shape):
+        check_float("w_up", w_up)
+        raise ValueError(f"w_up: expected shape {tuple(w_gate.shape)} (that of w_gate), got {tuple(w_up.shape)}")
+    u, up = _linear_forward(x, w_up, None, "x", "w_up")
+    s, act = silu_forward(g)
+    y, down = _linear_forward(s * u, w_down, None, "silu(x @ w_gate) * (x @ w_up)", "w_down")
+    return y, SwigluCache(gate, w_up, u, act, s, down)
+
+
+def swiglu_backward(dy, cache: SwigluCache):
+    """Backward of swiglu_forward. With m = s * u: ds = dm * u, du = dm * s, and x
+    feeds both branches, so its gradient is the sum of the two.
+    -> dx, dw_gate, dw_up, dw_down"""
+    gate, w_up, u, act, s, down = cache
+    dm, dw_down, _ = linear_backward(dy, down)
+    du = dm * s
+    dm *= u                     # dm is ours (a fresh matmul result): reuse it as ds
+    dg = silu_backward(dm, act)
+    dx, dw_gate, _ = linear_backward(dg, gate)
+    dx_up, dw_up, _ = linear_backward(du, LinearCache(gate.x, w_up, False))
+    dx += dx_up
+    return dx, dw_gate, dw_up, dw_down
