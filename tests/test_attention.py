@@ -1,0 +1,670 @@
+"""attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled attention."""
+import numpy as np
+import pytest
+from hypothesis import given, strategies as st
+
+from helpers import assert_close, assert_gradcheck, np_, on
+from minillm import attention as A
+from minillm.backprop import gradcheck
+from strategies import randn, seeds
+
+
+# --- strategies ------------------------------------------------------------
+
+MASK_KINDS = [None, "padding", "full", "2d", "heads"]
+
+
+def make_mask(rng, kind, B, H, Tq, Tk, allow_empty=True):
+    """A boolean mask of the given kind; may contain fully masked rows when allow_empty."""
+    if kind is None:
+        return None
+    if kind == "padding":      # a key padding mask (B, 1, 1, Tk)
+        lo = 0 if allow_empty else 1
+        lengths = rng.integers(lo, Tk + 1, size=B)
+        return (np.arange(Tk)[None, :] < lengths[:, None])[:, None, None, :]
+    shape = {"full": (B, H, Tq, Tk), "2d": (Tq, Tk), "heads": (1, H, 1, Tk)}[kind]
+    m = rng.random(shape) < 0.7
+    if not allow_empty:
+        m[..., 0] = True
+    return m
+
+
+@st.composite
+def sdpa_case(draw, max_t=4, allow_empty=True):
+    """q, k, v (float64) and the keyword arguments of one attention call."""
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 2))
+    G = draw(st.integers(1, 3))
+    D = draw(st.integers(1, 4))
+    Tq = draw(st.integers(1, max_t))
+    causal = draw(st.booleans())
+    Tk = draw(st.integers(Tq, Tq + 2)) if causal else draw(st.integers(1, max_t + 1))
+    kind = draw(st.sampled_from(MASK_KINDS))
+    scale = draw(st.sampled_from([None, 0.3]))
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    H = Hkv * G
+    q = rng.standard_normal((B, H, Tq, D))
+    k = rng.standard_normal((B, Hkv, Tk, D))
+    v = rng.standard_normal((B, Hkv, Tk, D))
+    mask = make_mask(rng, kind, B, H, Tq, Tk, allow_empty)
+    return q, k, v, dict(mask=mask, causal=causal, scale=scale)
+
+
+def grad_check(*args, **kwargs):
+    """gradcheck with atol=1e-8: an input whose true gradient is exactly 0 everywhere (q when
+    there is a single key: the softmax is constant) gets analytic round-off of ~1e-16, which
+    the default floor of 1e-9 would count as a 1e-7 relative error. Real mistakes are many
+    orders of magnitude larger than 1e-8."""
+    return gradcheck(*args, atol=1e-8, **kwargs)
+
+
+def on_kw(xp, kw):
+    return {k: (on(xp, v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+def reference_attention(q, k, v, mask=None, causal=False, scale=None):
+    """The textbook formula, one head at a time, K/V repeated per query head (float64 NumPy)."""
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    scale = 1 / np.sqrt(D) if scale is None else scale
+    allowed = np.ones((B, H, Tq, Tk), dtype=bool)
+    if mask is not None:
+        allowed &= np.broadcast_to(mask, allowed.shape)
+    if causal:
+        allowed &= np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+    out = np.zeros((B, H, Tq, D))
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            for i in range(Tq):
+                keys = np.flatnonzero(allowed[b, h, i])
+                if len(keys) == 0:
+                    continue
+                s = np.array([q[b, h, i] @ k[b, kv, j] for j in keys]) * scale
+                w = np.exp(s - s.max())
+                w /= w.sum()
+                out[b, h, i] = w @ v[b, kv, keys]
+    return out
+
+
+# --- scaled dot-product attention ------------------------------------------
+
+@given(case=sdpa_case())
+def test_sdpa_matches_the_textbook_formula(xp, case):
+    q, k, v, kw = case
+    out, _ = A.sdpa_forward(*on(xp, q, k, v), **on_kw(xp, kw))
+    assert_close(out, reference_attention(q, k, v, **kw), rtol=1e-10, atol=1e-12)
+
+
+@given(case=sdpa_case())
+def test_sdpa_backward_matches_finite_differences(xp, case):
+    q, k, v, kw = case
+    rep = grad_check(A.sdpa_forward, A.sdpa_backward, list(on(xp, q, k, v)), kwargs=on_kw(xp, kw))
+    assert_gradcheck(rep)
+
+
+@given(case=sdpa_case(max_t=3), p=st.sampled_from([0.2, 0.5]))
+def test_sdpa_dropout_backward_matches_finite_differences(xp, case, p):
+    q, k, v, kw = case
+
+    def fwd(q, k, v):  # a fresh generator with the same seed: the same dropout mask every call
+        return A.sdpa_forward(q, k, v, dropout_p=p, rng=np.random.default_rng(7), **on_kw(xp, kw))
+
+    assert_gradcheck(grad_check(fwd, A.sdpa_backward, list(on(xp, q, k, v))))
+
+
+def test_sdpa_fully_masked_row_gives_zero_output_and_zero_gradient(xp):
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 2, 3, 4)), rng.standard_normal((1, 2, 5, 4)), rng.standard_normal((1, 2, 5, 4))
+    mask = np.ones((1, 1, 3, 5), dtype=bool)
+    mask[0, 0, 1] = False                                  # query 1 may see nothing
+    for fwd, bwd in ((A.sdpa_forward, A.sdpa_backward), (A.flash_attention_forward, A.flash_attention_backward)):
+        out, cache = fwd(*on(xp, q, k, v), mask=on(xp, mask))
+        dq, dk, dv = bwd(on(xp, rng.standard_normal(out.shape)), cache)
+        for a in (out, dq, dk, dv):
+            assert np.all(np.isfinite(np_(a)))
+        assert np.all(np_(out)[:, :, 1] == 0) and np.all(np_(dq)[:, :, 1] == 0)
+        assert np.any(np_(out)[:, :, 0] != 0)
+
+
+def test_sdpa_is_stable_for_huge_scores(xp):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 1, 4, 3)) * 1e3 for _ in range(3))
+    for dtype in (np.float32, np.float64):
+        qq, kk, vv = (on(xp, a.astype(dtype)) for a in (q, k, v))
+        out, cache = A.sdpa_forward(qq, kk, vv, causal=True)
+        grads = A.sdpa_backward(out, cache)
+        assert all(np.all(np.isfinite(np_(a))) for a in (out,) + grads)
+        out2, _ = A.flash_attention_forward(qq, kk, vv, causal=True, block_size=2)
+        assert np.all(np.isfinite(np_(out2)))
+
+
+def test_float32_stays_float32(xp):
+    rng = np.random.default_rng(2)
+    q, k, v = (on(xp, rng.standard_normal((2, 2, 3, 4)).astype(np.float32)) for _ in range(3))
+    for fwd, bwd in ((A.sdpa_forward, A.sdpa_backward), (A.flash_attention_forward, A.flash_attention_backward)):
+        out, cache = fwd(q, k, v, causal=True, mask=on(xp, np.ones((2, 1, 1, 3), dtype=bool)))
+        assert out.dtype == np.float32
+        assert all(g.dtype == np.float32 for g in bwd(out, cache))
+    y, c = A.rope_forward(q, on(xp, np.arange(3)))
+    assert y.dtype == np.float32 and A.rope_backward(y, c).dtype == np.float32
+    x = on(xp, rng.standard_normal((2, 3, 8)).astype(np.float32))
+    w_qkv, w_o = (on(xp, rng.standard_normal(s).astype(np.float32)) for s in ((8, 24), (8, 8)))
+    y, c = A.self_attention_forward(x, w_qkv, None, w_o, None, 2, causal=True, rope_base=10000.0)
+    assert y.dtype == np.float32
+    assert all(g is None or g.dtype == np.float32 for g in A.self_attention_backward(y, c))
+
+
+# --- grouped-query attention -----------------------------------------------
+
+@given(case=sdpa_case())
+def test_gqa_equals_mha_with_each_kv_head_repeated(xp, case):
+    q, k, v, kw = case
+    G = q.shape[1] // k.shape[1]
+    kw = on_kw(xp, kw)
+    out, cache = A.sdpa_forward(*on(xp, q, k, v), **kw)
+    kr, vr = np.repeat(k, G, axis=1), np.repeat(v, G, axis=1)   # head h uses kv head h // G
+    out_r, cache_r = A.sdpa_forward(*on(xp, q, kr, vr), **kw)
+    assert_close(out, out_r, rtol=1e-12, atol=1e-13)
+    dout = on(xp, np.random.default_rng(3).standard_normal(q.shape))
+    dq, dk, dv = A.sdpa_backward(dout, cache)
+    dq_r, dk_r, dv_r = A.sdpa_backward(dout, cache_r)
+    B, Hkv, Tk, D = k.shape
+    assert_close(dq, dq_r, rtol=1e-12, atol=1e-13)
+    # a shared K/V head collects the gradients of all the query heads it served
+    assert_close(dk, np_(dk_r).reshape(B, Hkv, G, Tk, D).sum(2), rtol=1e-12, atol=1e-13)
+    assert_close(dv, np_(dv_r).reshape(B, Hkv, G, Tk, D).sum(2), rtol=1e-12, atol=1e-13)
+
+
+# --- comparison with PyTorch -----------------------------------------------
+
+@given(case=sdpa_case(allow_empty=False))
+def test_sdpa_matches_torch_in_float64(xp, case):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    q, k, v, kw = case
+    Tq, Tk = q.shape[2], k.shape[2]
+    mask, causal, scale = kw["mask"], kw["causal"], kw["scale"]
+    # torch's is_causal aligns the diagonal top-left; ours bottom-right (cache continuation).
+    # They agree when Tq == Tk; otherwise hand torch the explicit combined mask.
+    t_mask, t_causal = mask, causal
+    if causal and Tq != Tk:
+        cm = np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+        t_mask, t_causal = (cm if mask is None else mask & cm), False
+    elif causal and mask is not None:
+        t_mask, t_causal = mask & np.tril(np.ones((Tq, Tk), dtype=bool)), False
+    tq, tk, tv = (torch.tensor(a, requires_grad=True) for a in (q, k, v))
+    ref = F.scaled_dot_product_attention(tq, tk, tv, attn_mask=None if t_mask is None else torch.tensor(t_mask),
+                                         is_causal=t_causal, scale=scale, enable_gqa=True)
+    out, cache = A.sdpa_forward(*on(xp, q, k, v), **on_kw(xp, kw))
+    assert_close(out, ref.detach().numpy(), rtol=1e-10, atol=1e-12)
+    dout = np.random.default_rng(5).standard_normal(out.shape)
+    ref.backward(torch.tensor(dout))
+    for ours, theirs in zip(A.sdpa_backward(on(xp, dout), cache), (tq.grad, tk.grad, tv.grad)):
+        assert_close(ours, theirs.numpy(), rtol=1e-9, atol=1e-12)
+
+
+# --- tiled (flash) attention -------------------------------------------------
+
+@given(case=sdpa_case(max_t=6), data=st.data())
+def test_tiled_equals_plain_for_every_block_size(xp, case, data):
+    q, k, v, kw = case
+    kw = on_kw(xp, kw)
+    qq, kk, vv = on(xp, q, k, v)
+    out, cache = A.sdpa_forward(qq, kk, vv, **kw)
+    dout = on(xp, np.random.default_rng(4).standard_normal(q.shape))
+    grads = A.sdpa_backward(dout, cache)
+    Tmax = max(q.shape[2], k.shape[2])
+    for bs in range(1, Tmax + 2):           # includes sizes that do not divide T, and > T
+        out_t, cache_t = A.flash_attention_forward(qq, kk, vv, block_size=bs, **kw)
+        assert_close(out_t, out, rtol=1e-11, atol=1e-13, msg=f"block_size={bs}")
+        for g_t, g in zip(A.flash_attention_backward(dout, cache_t), grads):
+            assert_close(g_t, g, rtol=1e-10, atol=1e-12, msg=f"block_size={bs}")
+
+
+@given(case=sdpa_case(max_t=4), bs=st.integers(1, 5))
+def test_flash_backward_matches_finite_differences(xp, case, bs):
+    q, k, v, kw = case
+    kw = dict(on_kw(xp, kw), block_size=bs)
+    rep = grad_check(A.flash_attention_forward, A.flash_attention_backward, list(on(xp, q, k, v)), kwargs=kw)
+    assert_gradcheck(rep)
+
+
+def test_flash_keeps_no_quadratic_state(xp):
+    rng = np.random.default_rng(6)
+    q, k, v = (on(xp, rng.standard_normal((1, 2, 40, 4))) for _ in range(3))
+    _, cache = A.flash_attention_forward(q, k, v, causal=True, block_size=8)
+    for a in cache:
+        if hasattr(a, "shape"):
+            assert a.size <= q.size, f"cache holds an array of shape {a.shape}"
+
+
+# --- RoPE ----------------------------------------------------------------------
+
+@st.composite
+def rope_case(draw):
+    B, H, T = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 4))
+    D = 2 * draw(st.integers(1, 3))
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    per_batch = draw(st.booleans())
+    pos = rng.integers(0, 50, size=(B, T) if per_batch else (T,))
+    base = draw(st.sampled_from([10000.0, 10.0]))
+    return rng.standard_normal((B, H, T, D)), pos, base, draw(st.booleans())
+
+
+def rope_reference(x, pos, base, interleaved):
+    """RoPE written independently: complex multiplication by e^{i m theta} (RoFormer eq. 34)."""
+    B, H, T, D = x.shape
+    theta = base ** (-np.arange(D // 2) * 2.0 / D)
+    pos = np.broadcast_to(pos, (B, T))
+    rot = np.exp(1j * pos[:, None, :, None] * theta)           # (B, 1, T, D/2)
+    if interleaved:
+        z = (x[..., 0::2] + 1j * x[..., 1::2]) * rot
+        return np.stack([z.real, z.imag], axis=-1).reshape(x.shape)
+    z = (x[..., :D // 2] + 1j * x[..., D // 2:]) * rot
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+@given(case=rope_case())
+def test_rope_matches_an_independent_formula_and_preserves_norms(xp, case):
+    x, pos, base, inter = case
+    y, _ = A.rope_forward(*on(xp, x, pos), base=base, interleaved=inter)
+    assert_close(y, rope_reference(x, pos, base, inter), rtol=1e-10, atol=1e-12)
+    assert_close(np.linalg.norm(np_(y), axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
+
+
+@given(case=rope_case())
+def test_rope_backward_matches_finite_differences(xp, case):
+    x, pos, base, inter = case
+    rep = grad_check(A.rope_forward, A.rope_backward, [on(xp, x), on(xp, pos)], wrt=[0],
+                    kwargs=dict(base=base, interleaved=inter))
+    assert_gradcheck(rep)
+
+
+@given(seed=seeds, D=st.sampled_from([2, 4, 8]), shift=st.integers(-20, 20), inter=st.booleans())
+def test_rope_dot_products_depend_only_on_relative_position(xp, seed, D, shift, inter):
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((1, 1, 1, D)), rng.standard_normal((1, 1, 1, D))
+    m, n = rng.integers(0, 100, size=2)
+
+    def dot(pm, pn):
+        qm, _ = A.rope_forward(on(xp, q), on(xp, np.array([pm])), interleaved=inter)
+        kn, _ = A.rope_forward(on(xp, k), on(xp, np.array([pn])), interleaved=inter)
+        return float(np_(qm).ravel() @ np_(kn).ravel())
+
+    assert abs(dot(m, n) - dot(m + shift + 30, n + shift + 30)) < 1e-9
+
+
+def test_rope_hf_convention_pairs_i_with_i_plus_half(xp):
+    # one nonzero coordinate at index 0 rotates into index D/2 (rotate-half), or 1 (interleaved)
+    x = np.zeros((1, 1, 1, 6)); x[..., 0] = 1.0
+    y, _ = A.rope_forward(on(xp, x), on(xp, np.array([1])), base=10000.0)
+    assert_close(np_(y)[0, 0, 0], [np.cos(1), 0, 0, np.sin(1), 0, 0], atol=1e-15)
+    y, _ = A.rope_forward(on(xp, x), on(xp, np.array([1])), interleaved=True)
+    assert_close(np_(y)[0, 0, 0], [np.cos(1), np.sin(1), 0, 0, 0, 0], atol=1e-15)
+
+
+# --- multi-head self-attention -------------------------------------------------
+
+@st.composite
+def mha_case(draw, max_t=4):
+    """x, the weights (small scale, like a real init) and kwargs of one self-attention call."""
+    B = draw(st.integers(1, 2))
+    Hkv = draw(st.integers(1, 2))
+    H = Hkv * draw(st.integers(1, 2))
+    D = draw(st.integers(1, 3))
+    C = H * D
+    T = draw(st.integers(1, max_t))
+    rng = np.random.default_rng(draw(seeds))
+    N = (H + 2 * Hkv) * D
+    x = rng.standard_normal((B, T, C))
+    w_qkv = rng.standard_normal((C, N)) / np.sqrt(C)
+    w_o = rng.standard_normal((H * D, C)) / np.sqrt(C)
+    b_qkv = rng.standard_normal(N) * 0.5 if draw(st.booleans()) else None
+    b_o = rng.standard_normal(C) * 0.5 if draw(st.booleans()) else None
+    kw = dict(n_kv_head=draw(st.sampled_from([Hkv, None])) if Hkv == H else Hkv,
+              causal=draw(st.booleans()))
+    if draw(st.booleans()):
+        kw["mask"] = make_mask(rng, "padding", B, H, T, T, allow_empty=False)
+    if D % 2 == 0 and draw(st.booleans()):
+        kw["rope_base"] = 100.0
+        kw["rope_interleaved"] = draw(st.booleans())
+        kw["positions"] = rng.integers(0, 20, size=draw(st.sampled_from([(T,), (B, T)])))
+    kw["impl"] = draw(st.sampled_from(["plain", "tiled"]))
+    if kw["impl"] == "tiled":
+        kw["block_size"] = draw(st.integers(1, 3))
+    return x, w_qkv, b_qkv, w_o, b_o, H, kw
+
+
+def split_bias_check(xp, fwd, bwd, inputs, bias_at, sizes, key_part, keys_matter):
+    """Finite-difference check with one packed bias split into its parts.
+
+    The key bias shifts every score of a query row by the same q . b_k, which softmax
+    ignores: without RoPE the loss does not depend on it, so a finite difference there is
+    pure round-off. We check that part's analytic gradient is ~0 instead (DESIGN: perturb
+    only along directions the function depends on).
+    inputs: forward's positional inputs; bias_at: the packed bias's index; sizes: its parts.
+    """
+    b = np_(inputs[bias_at])
+    cuts = np.cumsum(sizes)[:-1]
+    parts = [on(xp, p) for p in np.split(b, cuts)]
+    n = len(parts)
+    flat = list(inputs[:bias_at]) + parts + list(inputs[bias_at + 1:])
+
+    def f(*args):
+        packed = xp.concatenate(args[bias_at:bias_at + n])
+        return fwd(*args[:bias_at], packed, *args[bias_at + n:])
+
+    def grads_of(dy, cache):
+        g = list(bwd(dy, cache))
+        db = g[bias_at]
+        split = [db[a:b] for a, b in zip([0, *cuts], [*cuts, len(b)])]
+        return g[:bias_at] + split + g[bias_at + 1:]
+
+    key_index = bias_at + key_part
+    wrt = [i for i, a in enumerate(flat) if hasattr(a, "dtype") and a.dtype.kind == "f"
+           and (keys_matter or i != key_index)]
+
+    def b2(dy, cache):
+        g = grads_of(dy, cache)
+        return tuple(g[i] for i in wrt)
+
+    assert_gradcheck(grad_check(f, b2, flat, wrt=wrt))
+    if not keys_matter:
+        y, cache = f(*flat)
+        g = grads_of(on(xp, np.random.default_rng(1).standard_normal(y.shape)), cache)
+        scale = max(float(np.max(np.abs(np_(a)))) for a in g if a is not None and a.size)
+        assert np.max(np.abs(np_(g[key_index])), initial=0) <= 1e-12 * max(scale, 1.0)
+
+
+@given(case=mha_case())
+def test_self_attention_backward_matches_finite_differences(xp, case):
+    x, w_qkv, b_qkv, w_o, b_o, H, kw = case
+    inputs = [on(xp, x), on(xp, w_qkv), None if b_qkv is None else on(xp, b_qkv), on(xp, w_o),
+              None if b_o is None else on(xp, b_o)]
+    kw = on_kw(xp, kw)
+
+    def fwd(*args):
+        return A.self_attention_forward(*args, H, **kw)
+
+    y, cache = fwd(*inputs)
+    grads = A.self_attention_backward(on(xp, np.ones(y.shape)), cache)
+    assert (grads[2] is None) == (b_qkv is None) and (grads[4] is None) == (b_o is None)
+
+    def bwd(dy, cache):
+        return A.self_attention_backward(dy, cache)
+
+    if b_qkv is None:
+        wrt = [i for i in range(5) if inputs[i] is not None]
+        assert_gradcheck(grad_check(fwd, lambda dy, c: tuple(g for g in bwd(dy, c) if g is not None),
+                                    inputs, wrt=wrt))
+    else:
+        Hkv = kw["n_kv_head"] or H
+        D = x.shape[-1] // H
+        split_bias_check(xp, fwd, bwd, inputs, 2, [H * D, Hkv * D, Hkv * D], 1, "rope_base" in kw)
+
+
+def test_self_attention_equals_a_loop_over_heads(xp):
+    rng = np.random.default_rng(8)
+    B, T, H, Hkv, D = 2, 5, 4, 2, 3
+    C = H * D
+    x = rng.standard_normal((B, T, C))
+    w_qkv, b_qkv = rng.standard_normal((C, (H + 2 * Hkv) * D)), rng.standard_normal((H + 2 * Hkv) * D)
+    w_o, b_o = rng.standard_normal((H * D, C)), rng.standard_normal(C)
+    y, _ = A.self_attention_forward(*on(xp, x, w_qkv, b_qkv, w_o, b_o), H, n_kv_head=Hkv, causal=True)
+    qkv = x @ w_qkv + b_qkv
+    heads = []
+    for h in range(H):
+        g = h // (H // Hkv)
+        q = qkv[..., h * D:(h + 1) * D]
+        k = qkv[..., (H + g) * D:(H + g + 1) * D]
+        v = qkv[..., (H + Hkv + g) * D:(H + Hkv + g + 1) * D]
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(D) + np.where(np.tril(np.ones((T, T))) > 0, 0, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ v)
+    assert_close(y, np.concatenate(heads, -1) @ w_o + b_o, rtol=1e-10, atol=1e-12)
+
+
+@given(case=mha_case(max_t=5))
+def test_causal_self_attention_ignores_the_future(xp, case):
+    x, w_qkv, b_qkv, w_o, b_o, H, kw = case
+    kw = dict(kw, causal=True, mask=None)
+    B, T, C = x.shape
+    rng = np.random.default_rng(9)
+    t = int(rng.integers(0, T))
+    params = on(xp, w_qkv, w_o)
+    b1 = None if b_qkv is None else on(xp, b_qkv)
+    b2 = None if b_o is None else on(xp, b_o)
+    kw = on_kw(xp, kw)
+    y, cache = A.self_attention_forward(on(xp, x), params[0], b1, params[1], b2, H, **kw)
+    x2 = x.copy()
+    x2[:, t + 1:] += rng.standard_normal(x2[:, t + 1:].shape) * 3
+    y2, _ = A.self_attention_forward(on(xp, x2), params[0], b1, params[1], b2, H, **kw)
+    assert_close(np_(y)[:, :t + 1], np_(y2)[:, :t + 1], rtol=1e-12, atol=1e-13)
+    # outputs at <= t send no gradient to inputs after t
+    dy = np.zeros(y.shape)
+    dy[:, :t + 1] = rng.standard_normal(dy[:, :t + 1].shape)
+    dx = np_(A.self_attention_backward(on(xp, dy), cache)[0])
+    assert np.all(dx[:, t + 1:] == 0)
+
+
+@given(case=mha_case())
+def test_self_attention_without_positions_is_permutation_equivariant(xp, case):
+    x, w_qkv, b_qkv, w_o, b_o, H, kw = case
+    kw = {k: kw[k] for k in ("n_kv_head", "impl", "block_size") if k in kw}
+    perm = np.random.default_rng(10).permutation(x.shape[1])
+    args = [None if a is None else on(xp, a) for a in (w_qkv, b_qkv, w_o, b_o)]
+    y, _ = A.self_attention_forward(on(xp, x), *args, H, **kw)
+    yp, _ = A.self_attention_forward(on(xp, x[:, perm]), *args, H, **kw)
+    assert_close(yp, np_(y)[:, perm], rtol=1e-10, atol=1e-12)
+
+
+@given(case=mha_case())
+def test_gqa_self_attention_equals_mha_with_repeated_kv_weights(xp, case):
+    x, w_qkv, b_qkv, w_o, b_o, H, kw = case
+    Hkv = kw["n_kv_head"] or H
+    G = H // Hkv
+    C = x.shape[-1]
+    D = C // H
+    kw = on_kw(xp, dict(kw, n_kv_head=Hkv))
+    wq, wk, wv = w_qkv[:, :H * D], w_qkv[:, H * D:(H + Hkv) * D], w_qkv[:, (H + Hkv) * D:]
+    rep = lambda w: np.repeat(w.reshape(*w.shape[:-1], Hkv, D), G, axis=-2).reshape(*w.shape[:-1], H * D)  # noqa: E731
+    w_mha = np.concatenate([wq, rep(wk), rep(wv)], -1)
+    b_mha = None
+    if b_qkv is not None:
+        bq, bk, bv = b_qkv[:H * D], b_qkv[H * D:(H + Hkv) * D], b_qkv[(H + Hkv) * D:]
+        b_mha = np.concatenate([bq, rep(bk), rep(bv)])
+    bo = None if b_o is None else on(xp, b_o)
+    y, _ = A.self_attention_forward(on(xp, x), on(xp, w_qkv), None if b_qkv is None else on(xp, b_qkv),
+                                    on(xp, w_o), bo, H, **kw)
+    kw_mha = dict(kw, n_kv_head=H)
+    y_mha, _ = A.self_attention_forward(on(xp, x), on(xp, w_mha), None if b_mha is None else on(xp, b_mha),
+                                        on(xp, w_o), bo, H, **kw_mha)
+    assert_close(y, y_mha, rtol=1e-10, atol=1e-12)
+    if Hkv == H:   # n_kv_head == n_head is exactly MHA (n_kv_head=None)
+        y_none, _ = A.self_attention_forward(on(xp, x), on(xp, w_qkv), None if b_qkv is None else on(xp, b_qkv),
+                                             on(xp, w_o), bo, H, **dict(kw, n_kv_head=None))
+        assert_close(y, y_none, rtol=0, atol=0)
+
+
+def test_attention_dropout_is_identity_at_zero_and_rescales(xp):
+    rng = np.random.default_rng(11)
+    x = on(xp, rng.standard_normal((2, 4, 6)))
+    w_qkv, w_o = on(xp, rng.standard_normal((6, 18)), rng.standard_normal((6, 6)))
+    y0, _ = A.self_attention_forward(x, w_qkv, None, w_o, None, 2, causal=True)
+    y1, _ = A.self_attention_forward(x, w_qkv, None, w_o, None, 2, causal=True, dropout_p=0.0,
+                                     rng=np.random.default_rng(0))
+    assert_close(y0, y1, rtol=0, atol=0)
+    y2, _ = A.self_attention_forward(x, w_qkv, None, w_o, None, 2, causal=True, dropout_p=0.5,
+                                     rng=np.random.default_rng(0))
+    assert not np.allclose(np_(y0), np_(y2))
+
+
+# --- cross-attention --------------------------------------------------------
+
+@st.composite
+def cross_case(draw):
+    B, Hkv = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    H, D = Hkv * draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    C, Cc = H * D, draw(st.integers(1, 4))
+    Tq, Tk = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    rng = np.random.default_rng(draw(seeds))
+    x, ctx = rng.standard_normal((B, Tq, C)), rng.standard_normal((B, Tk, Cc))
+    w_q = rng.standard_normal((C, H * D)) / np.sqrt(C)
+    w_kv = rng.standard_normal((Cc, 2 * Hkv * D)) / np.sqrt(Cc)
+    w_o = rng.standard_normal((H * D, C)) / np.sqrt(C)
+    bias = draw(st.booleans())
+    b_q, b_kv, b_o = ((rng.standard_normal(n) * 0.5 if bias else None) for n in (H * D, 2 * Hkv * D, C))
+    mask = make_mask(rng, "padding", B, H, Tq, Tk, allow_empty=True) if draw(st.booleans()) else None
+    return [x, ctx, w_q, b_q, w_kv, b_kv, w_o, b_o, H], dict(n_kv_head=Hkv, mask=mask)
+
+
+@given(case=cross_case())
+def test_cross_attention_backward_matches_finite_differences(xp, case):
+    inputs, kw = case
+    H = inputs[-1]
+    inputs = [on(xp, a) if isinstance(a, np.ndarray) else a for a in inputs[:-1]]
+    kw = on_kw(xp, kw)
+
+    def fwd(*args):
+        return A.cross_attention_forward(*args, H, **kw)
+
+    if inputs[5] is None:
+        wrt = [i for i in range(8) if inputs[i] is not None]
+        bwd = lambda dy, c: tuple(g for g in A.cross_attention_backward(dy, c) if g is not None)  # noqa: E731
+        assert_gradcheck(grad_check(fwd, bwd, inputs, wrt=wrt))
+    else:
+        half = inputs[5].shape[0] // 2
+        split_bias_check(xp, fwd, A.cross_attention_backward, inputs, 5, [half, half], 0, False)
+
+
+def test_cross_attention_queries_come_from_x_keys_from_context(xp):
+    rng = np.random.default_rng(12)
+    B, Tq, Tk, C, Cc, H = 2, 3, 5, 4, 6, 2
+    x, ctx = rng.standard_normal((B, Tq, C)), rng.standard_normal((B, Tk, Cc))
+    w_q, w_kv, w_o = rng.standard_normal((C, C)), rng.standard_normal((Cc, 2 * C)), rng.standard_normal((C, C))
+    y, _ = A.cross_attention_forward(*on(xp, x, ctx, w_q), None, on(xp, w_kv), None, on(xp, w_o), None, H)
+    q = (x @ w_q).reshape(B, Tq, H, 2).transpose(0, 2, 1, 3)
+    kv = (ctx @ w_kv).reshape(B, Tk, 2 * H, 2).transpose(0, 2, 1, 3)
+    out = reference_attention(q, kv[:, :H], kv[:, H:])
+    assert_close(y, out.transpose(0, 2, 1, 3).reshape(B, Tq, C) @ w_o, rtol=1e-10, atol=1e-12)
+    # permuting the context (no positions) changes nothing
+    y2, _ = A.cross_attention_forward(*on(xp, x, ctx[:, ::-1].copy(), w_q), None, on(xp, w_kv), None,
+                                      on(xp, w_o), None, H)
+    assert_close(y, y2, rtol=1e-10, atol=1e-12)
+
+
+# --- KV cache -----------------------------------------------------------------
+
+@given(case=mha_case(max_t=6), data=st.data())
+def test_decoding_with_the_kv_cache_equals_the_full_causal_forward(xp, case, data):
+    x, w_qkv, b_qkv, w_o, b_o, H, kw = case
+    B, T, C = x.shape
+    Hkv = kw["n_kv_head"] or H
+    D = C // H
+    rope = {k: kw[k] for k in ("rope_base", "rope_interleaved") if k in kw}
+    impl = {k: kw[k] for k in ("impl", "block_size") if k in kw}
+    args = [None if a is None else on(xp, a) for a in (w_qkv, b_qkv, w_o, b_o)]
+    y_full, _ = A.self_attention_forward(on(xp, x), *args, H, n_kv_head=Hkv, causal=True, **rope, **impl)
+    cache = A.KVCache(2, B, Hkv, T + 1, D, dtype=np.float64, xp=xp)
+    # a prefill block of random length, then one token at a time (in layer 1)
+    t0 = data.draw(st.integers(1, T))
+    steps = [(0, t0)] + [(t, t + 1) for t in range(t0, T)]
+    outs = []
+    for a, b in steps:
+        assert cache.length(1) == a
+        y, _ = A.self_attention_forward(on(xp, x[:, a:b]), *args, H, n_kv_head=Hkv, causal=True,
+                                        kv_cache=cache, layer=1, **rope, **impl)
+        outs.append(np_(y))
+    assert cache.length(1) == T and cache.length(0) == 0
+    assert_close(np.concatenate(outs, axis=1), y_full, rtol=1e-10, atol=1e-12)
+
+
+def test_kv_cache_bookkeeping(xp):
+    c = A.KVCache(n_layer=3, batch_size=2, n_kv_head=2, max_len=5, head_dim=4, xp=xp)
+    assert c.nbytes == 2 * 3 * 2 * 2 * 5 * 4 * 4 and c.length() == 0
+    k = on(xp, np.ones((2, 2, 3, 4), dtype=np.float32))
+    k_all, v_all = c.append(0, k, 2 * k)
+    assert k_all.shape == (2, 2, 3, 4) and c.length(0) == 3 and c.length(1) == 0
+    k_all, v_all = c.append(0, k[:, :, :2], k[:, :, :2])
+    assert k_all.shape == (2, 2, 5, 4) and float(np_(v_all)[0, 0, 0, 0]) == 2.0
+    with pytest.raises(ValueError, match="max_len"):
+        c.append(0, k[:, :, :1], k[:, :, :1])
+    c.crop(1)
+    assert c.length(0) == 1
+    c.reorder(on(xp, np.array([1, 1, 0])))
+    assert c.shape[0] == 3
+    c.reset()
+    assert c.length(0) == 0
+    with pytest.raises(ValueError, match="layer"):
+        c.append(3, k, k)
+    with pytest.raises(TypeError, match="k: expected dtype float32"):
+        A.KVCache(1, 2, 2, 5, 4, xp=xp).append(0, on(xp, np.ones((2, 2, 1, 4))), on(xp, np.ones((2, 2, 1, 4))))
+    with pytest.raises(ValueError, match=r"k: expected shape \(2, 2, \*, 4\)"):
+        A.KVCache(1, 2, 2, 5, 4, xp=xp).append(0, k[:, :1], k[:, :1])
+
+
+def test_backward_after_a_kv_cache_forward_is_refused(xp):
+    rng = np.random.default_rng(13)
+    x = on(xp, rng.standard_normal((1, 2, 4)))
+    w_qkv, w_o = on(xp, rng.standard_normal((4, 12)), rng.standard_normal((4, 4)))
+    cache = A.KVCache(1, 1, 2, 4, 2, dtype=np.float64, xp=xp)
+    y, c = A.self_attention_forward(x, w_qkv, None, w_o, None, 2, causal=True, kv_cache=cache)
+    with pytest.raises(ValueError, match="inference only"):
+        A.self_attention_backward(y, c)
+
+
+# --- bad input ------------------------------------------------------------------
+
+def test_bad_input_gets_a_clear_error(xp):
+    z = lambda *s, dtype=np.float64: on(xp, np.zeros(s, dtype=dtype))  # noqa: E731
+    q = z(2, 4, 3, 8)
+    with pytest.raises(ValueError, match=r"k: expected head size D=8"):
+        A.sdpa_forward(q, z(2, 2, 3, 4), z(2, 2, 3, 4))
+    with pytest.raises(ValueError, match=r"k: expected a number of key/value heads that divides q's H=4"):
+        A.sdpa_forward(q, z(2, 3, 3, 8), z(2, 3, 3, 8))
+    with pytest.raises(ValueError, match=r"v: expected shape"):
+        A.sdpa_forward(q, z(2, 2, 3, 8), z(2, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"k: expected batch size 2"):
+        A.sdpa_forward(q, z(1, 2, 3, 8), z(1, 2, 3, 8))
+    with pytest.raises(ValueError, match=r"mask: expected a shape broadcastable to \(B, H, Tq, Tk\) = \(2, 4, 3, 5\)"):
+        A.sdpa_forward(q, z(2, 2, 5, 8), z(2, 2, 5, 8), mask=on(xp, np.ones((2, 1, 1, 3), dtype=bool)))
+    with pytest.raises(TypeError, match="mask: expected a boolean array"):
+        A.sdpa_forward(q, z(2, 2, 5, 8), z(2, 2, 5, 8), mask=z(2, 1, 1, 5))
+    with pytest.raises(ValueError, match="causal: needs Tq <= Tk"):
+        A.flash_attention_forward(q, z(2, 2, 2, 8), z(2, 2, 2, 8), causal=True)
+    with pytest.raises(TypeError, match="k: expected dtype float64"):
+        A.sdpa_forward(q, z(2, 2, 3, 8, dtype=np.float32), z(2, 2, 3, 8, dtype=np.float32))
+    with pytest.raises(ValueError, match="q: expected 4 dimensions"):
+        A.sdpa_forward(z(4, 3, 8), z(2, 2, 3, 8), z(2, 2, 3, 8))
+    with pytest.raises(ValueError, match="block_size"):
+        A.flash_attention_forward(q, q, q, block_size=0)
+    # RoPE
+    with pytest.raises(ValueError, match=r"positions: expected shape \(T,\) = \(3,\) or \(B, T\) = \(2, 3\), got \(4,\)"):
+        A.rope_forward(q, on(xp, np.arange(4)))
+    with pytest.raises(TypeError, match="positions: expected an integer array"):
+        A.rope_forward(q, z(3))
+    with pytest.raises(ValueError, match="x: expected an even head size"):
+        A.rope_forward(z(1, 1, 3, 5), on(xp, np.arange(3)))
+    # self-attention
+    x = z(2, 3, 6)
+    with pytest.raises(ValueError, match="n_head: expected a divisor of the width C=6"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), None, 4)
+    with pytest.raises(ValueError, match="n_kv_head: expected a divisor of n_head=3"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), None, 3, n_kv_head=2)
+    with pytest.raises(ValueError, match=r"w_qkv: expected shape \(6, 18\)"):
+        A.self_attention_forward(x, z(6, 12), None, z(6, 6), None, 3)
+    with pytest.raises(ValueError, match=r"b_o: expected shape \(6,?\)"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), z(5), 3)
+    with pytest.raises(ValueError, match="positions: only used by RoPE"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), None, 3, positions=on(xp, np.arange(3)))
+    with pytest.raises(ValueError, match="positions: expected shape"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), None, 3, rope_base=1e4, positions=on(xp, np.arange(2)))
+    with pytest.raises(ValueError, match="impl"):
+        A.self_attention_forward(x, z(6, 18), None, z(6, 6), None, 3, impl="fast")
+    with pytest.raises(ValueError, match=r"context: expected batch size 2"):
+        A.cross_attention_forward(x, z(1, 4, 5), z(6, 6), None, z(5, 12), None, z(6, 6), None, 3)
+    with pytest.raises(ValueError, match=r"w_kv: expected shape \(5, 12\)"):
+        A.cross_attention_forward(x, z(2, 4, 5), z(6, 6), None, z(6, 12), None, z(6, 6), None, 3)
