@@ -33,9 +33,10 @@ object with these members (``gpt.GPTDecoder`` is one; the tests use toy ones)::
     reorder_cache(cache, index)            # cache rows <- rows[index] (beam search
                                            #    keeps the surviving beams)
 
-A decoder without ``crop_cache`` (``reorder_cache``) still works with
-speculative decoding (beam search): those loops then re-run the whole sequence
-at every step instead of using a cache.
+Without those two methods, a cache object's own ``crop(length)`` and
+``reorder(index)`` are used (``attention.KVCache`` has both). If neither
+exists, speculative decoding (beam search) still works: it then re-runs the
+whole sequence at every step instead of using a cache.
 
 Output convention: every loop returns Python lists of token ids holding the
 prompt followed by the new tokens (as Hugging Face's generate does). A stopping
@@ -408,6 +409,24 @@ def _check_decoder(decoder, name="decoder") -> None:
                             f"without {attr!r}")
 
 
+def _can(decoder, cache, method, cache_method):
+    return cache is not None and (hasattr(decoder, method) or hasattr(cache, cache_method))
+
+
+def _reorder_cache(decoder, cache, index):
+    if hasattr(decoder, "reorder_cache"):
+        decoder.reorder_cache(cache, index)
+    else:
+        cache.reorder(index)
+
+
+def _crop_cache(decoder, cache, length):
+    if hasattr(decoder, "crop_cache"):
+        decoder.crop_cache(cache, length)
+    else:
+        cache.crop(length)
+
+
 def _decoder_xp(decoder):
     xp = getattr(decoder, "xp", None)
     return xp if xp is not None else xp_default()
@@ -469,7 +488,7 @@ class _Context:
     is exactly what the cache-free path does, so both give the same output.
     """
 
-    def __init__(self, decoder, rows, extra_tokens, use_cache):
+    def __init__(self, decoder, rows, extra_tokens, use_cache, need_reorder=False):
         self.decoder = decoder
         self.xp = _decoder_xp(decoder)
         self.block = int(decoder.block_size)
@@ -485,6 +504,8 @@ class _Context:
             # The last token is never fed, so L + extra - 1 positions are ever needed.
             max_len = min(self.block, L + max(extra_tokens, 1) - 1)
             self.cache = decoder.new_cache(len(rows), max(max_len, L))
+            if need_reorder and not _can(decoder, self.cache, "reorder_cache", "reorder"):
+                self.cache = None         # cannot follow the beams: re-run sequences instead
         self.model_calls = 0
 
     @property
@@ -500,7 +521,7 @@ class _Context:
         index = np.asarray(index, dtype=np.int64)
         self.ids, self.mask = self.ids[index], self.mask[index]
         if self.cache is not None:
-            self.decoder.reorder_cache(self.cache, self.xp.asarray(index))
+            _reorder_cache(self.decoder, self.cache, self.xp.asarray(index))
 
     def _call(self, ids, mask, cache):
         xp = self.xp
@@ -627,11 +648,10 @@ def beam_search(decoder, prompt_ids, max_new_tokens, num_beams=4, length_penalty
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer))
                                or not 0 <= eos_id < V):
         raise ValueError(f"eos_id: expected None or an id in [0, {V}), got {eos_id!r}")
-    cache_ok = use_cache and hasattr(decoder, "reorder_cache")
     results, scores = [], []
     for prompt in rows:
         seq, score = _beam_one(decoder, prompt, max_new_tokens, int(num_beams), float(length_penalty),
-                               eos_id, cache_ok)
+                               eos_id, use_cache)
         results.append(seq)
         scores.append(score)
     return (results, scores) if return_scores else results
@@ -640,7 +660,7 @@ def beam_search(decoder, prompt_ids, max_new_tokens, num_beams=4, length_penalty
 def _beam_one(decoder, prompt, max_new_tokens, nb, lp, eos_id, use_cache):
     if max_new_tokens == 0:
         return list(prompt), 0.0
-    ctx = _Context(decoder, [prompt] * nb, max_new_tokens, use_cache)
+    ctx = _Context(decoder, [prompt] * nb, max_new_tokens, use_cache, need_reorder=True)
     # Only beam 0 is live at the start: identical beams would otherwise fill the
     # first step with nb copies of the same candidate.
     beam_scores = np.full(nb, -np.inf)
@@ -720,8 +740,10 @@ class _Runner:
         self.decoder = decoder
         self.xp = _decoder_xp(decoder)
         self.cache = None
-        if use_cache and hasattr(decoder, "crop_cache"):
+        if use_cache:
             self.cache = decoder.new_cache(1, max_len)
+            if not _can(decoder, self.cache, "crop_cache", "crop"):
+                self.cache = None         # cannot roll back: re-run the sequence instead
         self.fed = 0        # tokens of the sequence already in the cache
         self.calls = 0
 
@@ -742,7 +764,7 @@ class _Runner:
     def rollback(self, length):
         """Forget cached positions >= length (they held rejected draft tokens)."""
         if self.cache is not None and self.fed > length:
-            self.decoder.crop_cache(self.cache, length)
+            _crop_cache(self.decoder, self.cache, length)
             self.fed = length
 
 
@@ -760,8 +782,11 @@ def _probs_host(logits, s: _Settings):
 
 
 def _draw(p, rng):
-    """One token from a 1-D host probability vector (need not be normalised)."""
-    return int(_inverse_cdf(p[None, :], np.asarray([rng.random()]))[0])
+    """One token from a 1-D host probability vector (need not be normalised):
+    the same inverse-CDF rule as _inverse_cdf, for one row on the host."""
+    cdf = np.cumsum(p)
+    i = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(i, int(np.flatnonzero(p > 0)[-1]))
 
 
 def speculative_generate(target, draft, prompt_ids, max_new_tokens, k=4, temperature=1.0, seed=None,
@@ -779,7 +804,7 @@ def speculative_generate(target, draft, prompt_ids, max_new_tokens, k=4, tempera
     token. temperature 0 is greedy: a draft token is accepted iff it is the
     target's argmax, and the output equals the target's greedy output.
     One prompt (a list of ints); len(prompt) + max_new_tokens must fit in both
-    models' contexts. Caches are used where a decoder has crop_cache.
+    models' contexts. Caches are used where they can be cropped (see the protocol).
     -> (ids: prompt + new tokens, stats: SpeculativeStats)
     """
     _check_decoder(target, "target")
