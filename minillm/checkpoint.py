@@ -237,7 +237,11 @@ def _mapping(model_type: str) -> HFMapping:
 
 def _mapping_for_config(config) -> tuple[str, HFMapping]:
     for mt in list(_LAZY):
-        _mapping(mt)
+        if mt not in HF_MAPPINGS:
+            try:
+                _mapping(mt)
+            except ImportError:  # a model family that cannot load cannot be this config's either
+                continue
     for mt, m in HF_MAPPINGS.items():
         if isinstance(config, m.config_class):
             return mt, m
@@ -324,7 +328,7 @@ def _gpt2_config_from_hf(h: dict):
                      dropout=0.0, bias=True, norm="layernorm", pos="learned", mlp="gelu",
                      tie_embeddings=bool(h.get("tie_word_embeddings", True)),
                      norm_eps=float(h.get("layer_norm_epsilon", 1e-5)),
-                     mlp_hidden=int(n_inner) if n_inner else 4 * n_embd)
+                     mlp_hidden=int(n_inner) if n_inner and int(n_inner) != 4 * n_embd else None)
 
 
 def _gpt2_check(config):
@@ -415,3 +419,174 @@ def _gpt2_mapping() -> HFMapping:
     from .gpt import GPTConfig
     return HFMapping(GPTConfig, _gpt2_config_from_hf, _gpt2_config_to_hf, _gpt2_to_hf, _gpt2_from_hf,
                      _gpt2_fill)
+
+
+# ---------------------------------------------------------------------------
+# BERT (model_type "bert": BertModel, BertForMaskedLM, BertForSequenceClassification)
+# ---------------------------------------------------------------------------
+#
+# Hugging Face's nn.Linear stores weight as (out, in) and computes x @ weight.T;
+# minillm stores (in, out) and computes x @ w. So every dense weight is transposed
+# on the way in and out, and BERT's three separate query/key/value layers become
+# the columns [q | k | v] of one w_qkv. The MLM decoder is tied to the word
+# embeddings, so its weight is not stored separately (as transformers does too).
+# BertModel files name tensors "embeddings....", the models with a head put the
+# same encoder under "bert."; both load. Old TensorFlow-converted checkpoints call
+# LayerNorm's weight/bias gamma/beta; those load too.
+
+def _bert_layer_names(i: int) -> list:
+    """(our name, HF name without prefix, how): how is "copy", "T" (transpose), or
+    ("qkv", part, "w"|"b") for one third of the fused attention projection."""
+    p, q = f"h.{i}.", f"encoder.layer.{i}."
+    rows = []
+    for part, hf in enumerate(("query", "key", "value")):
+        rows.append((p + "attn.w_qkv", q + f"attention.self.{hf}.weight", ("qkv", part, "w")))
+        rows.append((p + "attn.b_qkv", q + f"attention.self.{hf}.bias", ("qkv", part, "b")))
+    rows += [(p + "attn.w_o", q + "attention.output.dense.weight", "T"),
+             (p + "attn.b_o", q + "attention.output.dense.bias", "copy"),
+             (p + "ln_1.weight", q + "attention.output.LayerNorm.weight", "copy"),
+             (p + "ln_1.bias", q + "attention.output.LayerNorm.bias", "copy"),
+             (p + "mlp.w1", q + "intermediate.dense.weight", "T"),
+             (p + "mlp.b1", q + "intermediate.dense.bias", "copy"),
+             (p + "mlp.w2", q + "output.dense.weight", "T"),
+             (p + "mlp.b2", q + "output.dense.bias", "copy"),
+             (p + "ln_2.weight", q + "output.LayerNorm.weight", "copy"),
+             (p + "ln_2.bias", q + "output.LayerNorm.bias", "copy")]
+    return rows
+
+
+# our name -> HF name (encoder names without the "bert." prefix), grouped by head.
+_BERT_EMBEDDINGS = [("embeddings.word", "embeddings.word_embeddings.weight", "copy"),
+                    ("embeddings.position", "embeddings.position_embeddings.weight", "copy"),
+                    ("embeddings.token_type", "embeddings.token_type_embeddings.weight", "copy"),
+                    ("embeddings.ln.weight", "embeddings.LayerNorm.weight", "copy"),
+                    ("embeddings.ln.bias", "embeddings.LayerNorm.bias", "copy")]
+_BERT_HEADS = {
+    "pooler": [("pooler.w", "pooler.dense.weight", "T"), ("pooler.b", "pooler.dense.bias", "copy")],
+    "mlm": [("mlm.dense.w", "cls.predictions.transform.dense.weight", "T"),
+            ("mlm.dense.b", "cls.predictions.transform.dense.bias", "copy"),
+            ("mlm.ln.weight", "cls.predictions.transform.LayerNorm.weight", "copy"),
+            ("mlm.ln.bias", "cls.predictions.transform.LayerNorm.bias", "copy"),
+            ("mlm.bias", "cls.predictions.bias", "copy")],
+    "classifier": [("classifier.w", "classifier.weight", "T"), ("classifier.b", "classifier.bias", "copy")],
+}
+# Tensors a BERT file may hold that minillm has no use for (a buffer, the tied decoder
+# copies, BertForPreTraining's next-sentence head).
+_BERT_IGNORED = ("embeddings.position_ids", "cls.predictions.decoder.bias",
+                 "cls.seq_relationship.weight", "cls.seq_relationship.bias")
+
+
+def _bert_rows(config, heads):
+    rows = list(_BERT_EMBEDDINGS)
+    for i in range(config.num_layers):
+        rows += _bert_layer_names(i)
+    for h in heads:
+        rows += _BERT_HEADS[h]
+    return rows
+
+
+def _bert_heads_in(params) -> tuple:
+    return tuple(h for h, rows in _BERT_HEADS.items() if any(r[0] in params for r in rows))
+
+
+def _bert_config_from_hf(h: dict):
+    from .bert import BertConfig
+    return BertConfig.from_hf(h)
+
+
+def _bert_config_to_hf(config) -> dict:
+    return config.to_hf()
+
+
+def _bert_hf_name(name: str, prefix: str) -> str:
+    # The encoder and the pooler live inside "bert."; the heads sit beside it.
+    return name if name.startswith(("cls.", "classifier.")) else prefix + name
+
+
+def _bert_to_hf(config, params, prefix="bert.") -> dict:
+    """minillm BERT params (or grads) -> {HF name: array}: pure re-layout, no arithmetic.
+    prefix "bert." gives BertForMaskedLM / BertForSequenceClassification names, "" BertModel's."""
+    heads = _bert_heads_in(params)
+    rows = _bert_rows(config, heads)
+    known = {r[0] for r in rows}
+    extra = sorted(set(params) - known)
+    if extra:
+        raise ValueError(f"params: unexpected entries for this BERT config: {extra}")
+    C = config.hidden_size
+    out = {}
+    for ours, theirs, how in rows:
+        if ours not in params:
+            raise ValueError(f"params: missing {ours!r} (needed for {theirs!r})")
+        a = params[ours]
+        if how == "T":
+            a = a.T
+        elif isinstance(how, tuple):
+            _, part, kind = how
+            a = a[:, part * C:(part + 1) * C].T if kind == "w" else a[part * C:(part + 1) * C]
+        out[_bert_hf_name(theirs, prefix)] = a
+    return out
+
+
+def _bert_from_hf(config, tensors) -> dict:
+    """{HF name: array} -> minillm BERT params. The encoder must be complete; the pooler,
+    MLM head and classifier are loaded when the file has them (all of a head or none)."""
+    from .bert import param_shapes
+    t = {}
+    for k, v in tensors.items():
+        k2 = k[len("bert."):] if k.startswith("bert.") else k
+        if k2.endswith(".gamma"):
+            k2 = k2[:-len("gamma")] + "weight"
+        elif k2.endswith(".beta"):
+            k2 = k2[:-len("beta")] + "bias"
+        t[k2] = v
+    heads = [h for h, rows in _BERT_HEADS.items() if any(r[1] in t for r in rows)]
+    rows = _bert_rows(config, heads)
+    used = {r[1] for r in rows} | set(_BERT_IGNORED) | {"cls.predictions.decoder.weight"}
+    unknown = sorted(k for k in t if k not in used)
+    if unknown:
+        raise ValueError(f"checkpoint: unexpected tensors for a BERT model: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''}")
+    shapes = param_shapes(config, heads)
+    C = config.hidden_size
+    params = {}
+    for ours, theirs, how in rows:
+        if theirs not in t:
+            raise ValueError(f"checkpoint: tensor {theirs!r} is missing (needed for {ours!r})")
+        a = np.asarray(t[theirs])
+        if how == "T":
+            a = a.T
+        elif isinstance(how, tuple):
+            _, part, kind = how
+            want = (C, C) if kind == "w" else (C,)
+            if tuple(a.shape) != want:
+                raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {want} from config.json, "
+                                 f"got {tuple(a.shape)}")
+            if ours not in params:
+                params[ours] = np.zeros(shapes[ours], dtype=a.dtype)
+            if kind == "w":
+                params[ours][:, part * C:(part + 1) * C] = a.T
+            else:
+                params[ours][part * C:(part + 1) * C] = a
+            continue
+        if tuple(a.shape) != tuple(shapes[ours]):
+            raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {tuple(shapes[ours])} "
+                             f"from config.json, got {tuple(a.shape)}")
+        params[ours] = np.ascontiguousarray(a)
+    dec = t.get("cls.predictions.decoder.weight")
+    if dec is not None and not np.array_equal(np.asarray(dec), params["embeddings.word"]):
+        raise ValueError("checkpoint: tensor 'cls.predictions.decoder.weight' differs from the word "
+                         "embeddings; minillm's BERT ties the MLM decoder to them")
+    return params
+
+
+def _bert_fill(config, params) -> dict:
+    return params
+
+
+def _bert_mapping() -> HFMapping:
+    from .bert import BertConfig
+    return HFMapping(BertConfig, _bert_config_from_hf, _bert_config_to_hf, _bert_to_hf, _bert_from_hf,
+                     _bert_fill)
+
+
+_LAZY["bert"] = "minillm.checkpoint:_bert_mapping"
