@@ -370,3 +370,53 @@ def test_fake_quant_errors_name_the_argument(xp):
         Q.fake_quant_forward(x, 0.0, 8)
     y, _ = Q.fake_quant_forward(x, on(xp, np.full((1, 3), 0.1)), 8)   # keepdims per-channel is fine
     assert y.shape == (4, 3)
+
+
+# --- the quantize command -------------------------------------------------------
+
+def _tiny_run(tmp_path):
+    import dataclasses
+    from minillm import gpt, train
+    from minillm.tokenizer import CharTokenizer
+    text = "".join(f"line {i}: to be or not to be, that is the question.\n" for i in range(200))
+    (tmp_path / "data.txt").write_text(text)
+    tok = CharTokenizer.from_text(text)
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    params = gpt.init_params(cfg, seed=0)
+    train.save_checkpoint(tmp_path / "run", params, step=0, model_config=dataclasses.asdict(cfg), tokenizer=tok)
+    return cfg, params
+
+
+@pytest.mark.parametrize("bits,scheme,emb", [(8, "symmetric", "quantize"), (4, "nf4", "float")])
+def test_quantize_command_writes_a_checkpoint_that_loads_back(tmp_path, capsys, bits, scheme, emb):
+    from minillm.__main__ import main
+    from minillm.cli.quantize import load_quantized
+    _, params = _tiny_run(tmp_path)
+    out = tmp_path / "q.npz"
+    rc = main(["quantize", str(tmp_path / "run"), "--bits", str(bits), "--scheme", scheme,
+               "--group-size", "16", "--compare", "selected", "--eval-windows", "4", "--batch-size", "2",
+               "--data", str(tmp_path / "data.txt"), "--embeddings", emb, "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "float32" in text and "ppl" in text and f"wrote {out}" in text
+    q = load_quantized(out)
+    assert list(q["params"]) == list(params)
+    gran = "channel" if bits == 8 else "group"
+    for name, p in params.items():
+        got = q["params"][name]
+        assert got.shape == p.shape and got.dtype == p.dtype
+        if p.ndim == 2 and not (emb == "float" and name in ("wte", "wpe")):
+            w = p.T if name in ("wte", "wpe") else p
+            want = Q.quantize(w, bits, scheme, gran, group_size=16).dequantize()
+            np.testing.assert_array_equal(got, want.T if name in ("wte", "wpe") else want)
+        else:
+            np.testing.assert_array_equal(got, p)
+
+
+def test_quantize_command_reports_a_bad_group_size(tmp_path, capsys):
+    from minillm.__main__ import main
+    _tiny_run(tmp_path)
+    rc = main(["quantize", str(tmp_path / "run"), "--bits", "4", "--group-size", "24", "--compare", "selected",
+               "--eval-windows", "2", "--data", str(tmp_path / "data.txt")])
+    text = capsys.readouterr().out
+    assert rc == 2 and "group_size: expected a divisor" in text and "while quantizing" in text

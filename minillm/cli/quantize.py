@@ -1,11 +1,436 @@
-"""python -m minillm quantize (not built yet: see the open issues)."""
+"""python -m minillm quantize [CHECKPOINT] --bits 8|4 --scheme ... --group-size N
+
+Quantizes a trained GPT checkpoint, writes the quantized checkpoint, and prints one
+table row per scheme: bytes, validation perplexity against float32, and speed.
+
+What is quantized: every 2-D weight matrix (attention, MLP, and the embeddings);
+norm gains and biases stay float32 (they are a fraction of a percent of the bytes
+and sensitive to rounding). Weights are (in, out) with groups running down the
+input dimension. The token embedding ``wte`` (V, C) is also the LM head (the
+logits are x @ wte^T), so it is quantized as the head matrix wte^T (C, V):
+"channel" then means one scale per vocabulary entry and groups run along C, the
+dimension the head's matmul sums over. The position embedding is treated the same
+way. ``--embeddings float`` keeps both in float32 instead (the table says which).
+
+How it is measured:
+  perplexity  exp(mean next-token cross-entropy) on the first ``--eval-windows``
+              non-overlapping windows of block_size tokens of the validation
+              text, the same windows for every row, with the weights dequantized
+              into a float32 copy of the parameters.
+  bytes       of the quantized matrices (codes + scales + zero points), and of the
+              whole model (plus the float32 norms and biases).
+  tokens/s    of one forward pass over a batch *including* dequantizing every
+              weight first: the cost of keeping the weights quantized in memory and
+              expanding them per batch. NumPy has no int4/int8 GEMM, so the matmuls
+              themselves run in float32 for every row; a separate line times the
+              LLM.int8() matmul against a float32 matmul on one of the model's layers.
+
+The quantized checkpoint (default ``<run>/quantized-<bits>-<scheme>-<granularity>.npz``)
+holds the codes, scales and zero points of each matrix, the float parameters,
+and a JSON entry with the model config, the tokenizer and the settings; read it
+back with :func:`load_quantized`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+EMBEDDINGS = ("wte", "wpe", "lm_head")   # stored (rows, C) and used as x @ w^T: quantize w^T
+QUANTIZED_FORMAT = "minillm-quantized"
+QUANTIZED_FORMAT_VERSION = 1
 
 
 def add_arguments(parser):
-    parser.add_argument("rest", nargs="*", help="arguments, once this command exists")
+    from minillm.quantization import GRANULARITIES, SCHEMES
+    parser.add_argument("checkpoint", nargs="?", default=None,
+                        help="a run directory or checkpoint.npz (default: the latest run under runs/)")
+    parser.add_argument("--bits", type=int, choices=[4, 8], default=8, help="bits per weight to write")
+    parser.add_argument("--scheme", choices=SCHEMES, default="symmetric",
+                        help="integer grid (symmetric/asymmetric) or NF4 (4-bit only)")
+    parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
+                        help="one scale per tensor, per output channel, or per group "
+                             "(default: channel for 8 bits, group for 4)")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="rows per group (must divide every matrix's input dimension)")
+    parser.add_argument("--embeddings", choices=["quantize", "float"], default="quantize",
+                        help="quantize the (tied) embeddings as the LM head, or keep them float32")
+    parser.add_argument("--out", default=None, help="where to write the quantized checkpoint")
+    parser.add_argument("--compare", choices=["all", "selected"], default="all",
+                        help="table rows: the standard set of schemes, or only float32 and the selected one")
+    parser.add_argument("--eval-windows", type=int, default=64,
+                        help="validation windows of block_size tokens for the perplexity")
+    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--threshold", type=float, default=6.0,
+                        help="LLM.int8() outlier threshold for the matmul timing line")
+    parser.add_argument("--data", default=None,
+                        help="text file the model was trained on (default: what the checkpoint records, "
+                             "else Shakespeare)")
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="validation fraction of the train/val split (default: the checkpoint's, else 0.1)")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                        help="where to evaluate (default: MINILLM_DEVICE or cpu)")
+
+
+# ---------------------------------------------------------------------------
+# Quantizing a parameter dict
+# ---------------------------------------------------------------------------
+
+def _is_embedding(name):
+    return name in EMBEDDINGS
+
+
+def quantize_params(params, bits=8, scheme="symmetric", granularity="channel", group_size=128,
+                    embeddings="quantize"):
+    """-> (qparams {name: QuantizedTensor}, float_params {name: array}).
+
+    Every 2-D array is quantized (embeddings as their transpose, see the module
+    docstring; left in float when embeddings="float"); the rest is kept as is.
+    A group size that does not divide a matrix's input dimension is a ValueError
+    naming the matrix.
+    """
+    from minillm.quantization import quantize
+    if embeddings not in ("quantize", "float"):
+        raise ValueError(f"embeddings: expected 'quantize' or 'float', got {embeddings!r}")
+    qparams, float_params = {}, {}
+    for name, p in params.items():
+        if p.ndim != 2 or (_is_embedding(name) and embeddings == "float"):
+            float_params[name] = p
+            continue
+        w = p.T if _is_embedding(name) else p
+        try:
+            qparams[name] = quantize(w, bits=bits, scheme=scheme, granularity=granularity,
+                                     group_size=group_size)
+        except ValueError as e:
+            raise ValueError(f"{e} (while quantizing {name!r} as a {tuple(w.shape)} matrix)") from e
+    return qparams, float_params
+
+
+def dequantize_params(qparams, float_params, order=None):
+    """The float parameter dict a model can run with (embeddings transposed back)."""
+    out = dict(float_params)
+    for name, qt in qparams.items():
+        w = qt.dequantize()
+        out[name] = w.T.copy() if _is_embedding(name) else w
+    if order is not None:
+        out = {k: out[k] for k in order}
+    return out
+
+
+def _round16_params(params, fmt):
+    from minillm.backend import array_module
+    from minillm.quantization import bf16_round, fp16_round
+    rnd = bf16_round if fmt == "bf16" else fp16_round
+    out = {}
+    for name, p in params.items():
+        if p.dtype != np.float32:
+            raise TypeError(f"params[{name!r}]: expected float32 to round to {fmt}, got {p.dtype}")
+        out[name] = rnd(p)
+        xp = array_module(p)
+        if not bool(xp.all(xp.isfinite(out[name]))):
+            raise ValueError(f"params[{name!r}]: a value overflows {fmt}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The quantized checkpoint file
+# ---------------------------------------------------------------------------
+
+def save_quantized(path, qparams, float_params, meta) -> Path:
+    """Write a quantized checkpoint atomically (temporary file, fsync, rename)."""
+    from minillm.backend import to_numpy
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays, info = {}, {}
+    for name, qt in qparams.items():
+        arrays[f"q:{name}:data"] = to_numpy(qt.data)
+        arrays[f"q:{name}:scale"] = to_numpy(qt.scale)
+        if qt.zero_point is not None:
+            arrays[f"q:{name}:zero_point"] = to_numpy(qt.zero_point)
+        info[name] = {"shape": list(qt.shape), "dtype": str(np.dtype(qt.dtype)), "bits": qt.bits,
+                      "scheme": qt.scheme, "granularity": qt.granularity, "group_size": qt.group_size,
+                      "transposed": _is_embedding(name)}
+    for name, p in float_params.items():
+        arrays[f"params:{name}"] = to_numpy(p)
+    full_meta = dict(meta, format=QUANTIZED_FORMAT, format_version=QUANTIZED_FORMAT_VERSION,
+                     quantized=info, float_params=list(float_params))
+    arrays["__meta__"] = np.frombuffer(json.dumps(full_meta).encode("utf-8"), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_quantized(path):
+    """-> {"qparams", "float_params", "params" (dequantized, ready to run), "meta"}."""
+    from minillm.quantization import QuantizedTensor
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no quantized checkpoint at {str(path)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["__meta__"]).decode("utf-8"))
+            if meta.get("format") != QUANTIZED_FORMAT or meta.get("format_version") != QUANTIZED_FORMAT_VERSION:
+                raise ValueError(f"format {meta.get('format')!r} version {meta.get('format_version')!r}")
+            qparams = {}
+            for name, i in meta["quantized"].items():
+                zp = z[f"q:{name}:zero_point"] if f"q:{name}:zero_point" in z.files else None
+                qparams[name] = QuantizedTensor(z[f"q:{name}:data"], z[f"q:{name}:scale"], zp,
+                                                tuple(i["shape"]), np.dtype(i["dtype"]), i["bits"],
+                                                i["scheme"], i["granularity"], i["group_size"])
+            float_params = {name: z[f"params:{name}"] for name in meta["float_params"]}
+    except (KeyError, ValueError, OSError, EOFError) as e:
+        raise ValueError(f"path: {str(path)!r} is not a readable minillm quantized checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    order = meta.get("param_names")
+    return {"qparams": qparams, "float_params": float_params,
+            "params": dequantize_params(qparams, float_params, order), "meta": meta}
+
+
+# ---------------------------------------------------------------------------
+# Evaluation data
+# ---------------------------------------------------------------------------
+
+def _find(d, *keys):
+    """The first of ``keys`` present in the (possibly nested) dict ``d``."""
+    if not isinstance(d, dict):
+        return None
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    for v in d.values():
+        if isinstance(v, dict):
+            found = _find(v, *keys)
+            if found is not None:
+                return found
+    return None
+
+
+def validation_text(ck, data=None, val_fraction=None):
+    """The validation text the checkpoint's model was *not* trained on, and a note saying
+    where it came from: the data file and split the checkpoint records, unless overridden."""
+    from minillm.data import load_documents, split_documents
+    meta = {"config": ck.get("config"), "model_config": ck.get("model_config"), "metrics": ck.get("metrics")}
+    data = data if data is not None else _find(meta, "data", "data_path")
+    vf = val_fraction if val_fraction is not None else _find(meta, "val_fraction")
+    vf = 0.1 if vf is None else float(vf)
+    split_seed = _find(meta, "split_seed", "val_seed")
+    split_seed = 0 if split_seed is None else int(split_seed)
+    docs = load_documents(data)
+    _, val = split_documents(docs, val_fraction=vf, seed=split_seed)
+    source = f"{data if data else 'Shakespeare'} (val_fraction={vf}, split seed {split_seed}; " \
+             f"{len(val)} held-out document{'s' if len(val) != 1 else ''})"
+    return "\n\n".join(t.strip("\n") for _, t in val) + "\n", source
+
+
+def eval_windows(tokenizer, text, n_windows, block_size):
+    """(n_windows, block_size + 1) int64: consecutive non-overlapping windows from the start
+    of ``text`` (each window's last token is the next window's first input's target)."""
+    need = n_windows * block_size + 1
+    chars = min(len(text), need * 4)
+    while True:
+        ids = np.asarray(tokenizer.encode(text[:chars]), dtype=np.int64)
+        if len(ids) >= need or chars >= len(text):
+            break
+        chars = min(len(text), chars * 2)
+    if len(ids) < block_size + 1:
+        raise ValueError(f"data: the validation text has {len(ids)} tokens, fewer than one window of "
+                         f"block_size + 1 = {block_size + 1}")
+    n = min(n_windows, (len(ids) - 1) // block_size)
+    starts = np.arange(n) * block_size
+    return ids[starts[:, None] + np.arange(block_size + 1)[None, :]]
+
+
+def mean_loss(params, config, windows, batch_size, xp):
+    """Mean next-token cross-entropy over all windows (every token counts once)."""
+    from minillm.gpt import loss
+    total, count = 0.0, 0
+    for i in range(0, len(windows), batch_size):
+        w = xp.asarray(windows[i:i + batch_size])
+        n = w.shape[0] * (w.shape[1] - 1)
+        total += loss(params, config, w[:, :-1], w[:, 1:]) * n
+        count += n
+    return total / count
+
+
+# ---------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------
+
+def _variants(args, granularity):
+    """[(label, kind, settings)]: the table's rows (kind "float" | "16" | "int")."""
+    g = args.group_size
+    selected = ("int", dict(bits=args.bits, scheme=args.scheme, granularity=granularity, group_size=g))
+    rows = [("float32", "float", None)]
+    if args.compare == "all":
+        rows += [("bf16", "16", "bf16"), ("fp16", "16", "fp16")]
+        for bits, scheme, gran in [(8, "symmetric", "tensor"), (8, "symmetric", "channel"),
+                                   (8, "asymmetric", "channel"), (4, "symmetric", "channel"),
+                                   (4, "symmetric", "group"), (4, "asymmetric", "group"), (4, "nf4", "group")]:
+            rows.append(("int", dict(bits=bits, scheme=scheme, granularity=gran, group_size=g)))
+    if selected not in rows:
+        rows.append(selected)
+    out = []
+    for r in rows:
+        if r[0] == "int":
+            s = r[1]
+            name = "nf4" if s["scheme"] == "nf4" else f"int{s['bits']} {s['scheme'][:3]}"
+            gdesc = f"group {s['group_size']}" if s["granularity"] == "group" else s["granularity"]
+            out.append((f"{name} {gdesc}", "int", s))
+        else:
+            out.append(r)
+    return out
+
+
+def _nbytes(a):
+    return int(a.nbytes)
+
+
+def _time_best(fn, repeat=3):
+    from minillm.backend import synchronize
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        synchronize(out if hasattr(out, "shape") else None)
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def run(args):
-    print("minillm quantize: not available yet. What exists today: the concept files under minillm/ "
-          "and their tests (python -m pytest).")
-    return 2
+    from minillm import gpt
+    from minillm.backend import device_name, to_device, xp_for
+    from minillm.bench._util import print_table
+    from minillm.quantization import llm_int8_matmul, quantize
+    from minillm.tokenizer import tokenizer_from_dict
+    from minillm.train import latest_run, load_checkpoint
+
+    granularity = args.granularity or ("channel" if args.bits == 8 else "group")
+    if args.scheme == "nf4" and args.bits != 4:
+        print("error: --bits: the nf4 scheme is 4-bit, got --bits 8 (use --bits 4)")
+        return 2
+    for name, v in (("--group-size", args.group_size), ("--eval-windows", args.eval_windows),
+                    ("--batch-size", args.batch_size)):
+        if v < 1:
+            print(f"error: {name}: expected a positive integer, got {v}")
+            return 2
+    try:
+        src = Path(args.checkpoint) if args.checkpoint else latest_run()
+        ck = load_checkpoint(src)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 2
+    mc = ck.get("model_config")
+    if not isinstance(mc, dict) or ck.get("tokenizer") is None:
+        print(f"error: checkpoint: {ck['path']!r} has no model config or tokenizer; quantize needs a GPT "
+              f"trained by python -m minillm train")
+        return 2
+    known = {k: v for k, v in mc.items() if k in gpt.GPTConfig.__dataclass_fields__}
+    config = gpt.GPTConfig(**known)
+    tokenizer = tokenizer_from_dict(ck["tokenizer"])
+    device = device_name(args.device)
+    xp = xp_for(device)
+    params = to_device({k: v for k, v in ck["params"].items()}, device)
+    order = list(params)
+
+    text, source = validation_text(ck, args.data, args.val_fraction)
+    T = config.block_size
+    windows = eval_windows(tokenizer, text, args.eval_windows, T)
+    n_tok = windows.shape[0] * T
+    print(f"checkpoint  {ck['path']} (step {ck['step']}, {sum(int(p.size) for p in params.values()):,} "
+          f"parameters, n_embd {config.n_embd}, vocab {config.vocab_size})")
+    print(f"validation  {source}: {windows.shape[0]} windows x {T} tokens = {n_tok:,} tokens, on {device}")
+    print(f"embeddings  {'quantized as the LM head (wte^T), like every other matrix' if args.embeddings == 'quantize' else 'kept in float32'}")
+
+    mats = [k for k, p in params.items() if p.ndim == 2 and (args.embeddings == "quantize" or not _is_embedding(k))]
+    f32_mat_bytes = sum(_nbytes(params[k]) for k in mats)
+    other_bytes = sum(_nbytes(p) for k, p in params.items() if k not in mats)
+    bench_batch = xp.asarray(windows[:min(args.batch_size, len(windows)), :-1])
+
+    rows, base_ppl, selected_q = [], None, None
+    selected = dict(bits=args.bits, scheme=args.scheme, granularity=granularity, group_size=args.group_size)
+    for label, kind, s in _variants(args, granularity):
+        t0 = time.perf_counter()
+        if kind == "float":
+            run_params, wbytes = params, f32_mat_bytes
+
+            def expand():
+                return params
+        elif kind == "16":
+            run_params = _round16_params(params, s)
+            wbytes = f32_mat_bytes // 2
+
+            def expand(s=s):
+                return _round16_params(params, s)
+        else:
+            try:
+                qparams, fparams = quantize_params(params, embeddings=args.embeddings, **s)
+            except ValueError as e:
+                print(f"error: {e}")
+                return 2
+            run_params = dequantize_params(qparams, fparams, order)
+            wbytes = sum(qt.nbytes for qt in qparams.values())
+            if s == selected:
+                selected_q = (qparams, fparams)
+
+            def expand(qparams=qparams, fparams=fparams):
+                return dequantize_params(qparams, fparams, order)
+        quant_s = time.perf_counter() - t0
+        val_loss = mean_loss(run_params, config, windows, args.batch_size, xp)
+        ppl = math.exp(val_loss)
+        if base_ppl is None:
+            base_ppl = ppl
+        fwd = _time_best(lambda: gpt.forward(expand(), config, bench_batch)[0])
+        tok_s = bench_batch.size / fwd
+        model_bytes = wbytes + other_bytes if kind != "16" else (wbytes + other_bytes // 2)
+        rows.append([("* " if kind == "int" and s == selected else "  ") + label,
+                     f"{wbytes / 2**20:.3f}", f"{f32_mat_bytes / wbytes:.2f}x", f"{model_bytes / 2**20:.3f}",
+                     f"{val_loss:.4f}", f"{ppl:.3f}", f"{100 * (ppl / base_ppl - 1):+.2f}%",
+                     f"{tok_s:,.0f}", f"{quant_s:.2f}"])
+    print()
+    print_table(rows, ["scheme", "weights MiB", "smaller", "model MiB", "val loss", "ppl", "vs f32",
+                       "tok/s", "quant s"])
+    print("\nweights: the quantized matrices with their scales and zero points; model: plus the "
+          "float32 norms and biases (16-bit rows: everything in 16 bits).")
+    print("tok/s: one forward pass over a batch of "
+          f"{bench_batch.shape[0]}x{bench_batch.shape[1]} tokens, including dequantizing every weight "
+          "first; the matmuls run in float32 in every row.")
+
+    # The LLM.int8() matmul on one of the model's layers, against float32.
+    wname = next((k for k in ("h.0.mlp.w1", "h.0.mlp.w_up", "h.0.attn.w_qkv") if k in params), mats[0])
+    W = params[wname] if not _is_embedding(wname) else params[wname].T
+    rng = np.random.default_rng(0)
+    X = xp.asarray(rng.standard_normal((bench_batch.size, W.shape[0])).astype(np.float32))
+    Wq = quantize(W, 8, "symmetric", "channel")
+    t_f = _time_best(lambda: X @ W)
+    t_q = _time_best(lambda: llm_int8_matmul(X, Wq, threshold=args.threshold))
+    err = float(xp.linalg.norm(llm_int8_matmul(X, Wq, threshold=args.threshold) - X @ W) / xp.linalg.norm(X @ W))
+    print(f"\nLLM.int8() matmul on {wname} {tuple(W.shape)} with {X.shape[0]} random N(0,1) rows: "
+          f"{X.shape[0] / t_q:,.0f} rows/s vs float32 {X.shape[0] / t_f:,.0f} rows/s "
+          f"(relative error {err:.2e}). On {device}, the int8 products are summed by a float GEMM "
+          "(exact, see int8_matmul_exact) plus per-row quantization: it shows the arithmetic, "
+          "not an int8 kernel's speed.")
+
+    if selected_q is not None:
+        out = Path(args.out) if args.out else Path(ck["path"]).parent / \
+            f"quantized-int{args.bits}-{args.scheme}-{granularity}.npz"
+        meta = {"source": ck["path"], "step": ck["step"], "model_config": mc, "tokenizer": ck["tokenizer"],
+                "param_names": order, "embeddings": args.embeddings,
+                "settings": dict(selected), "validation": {"source": source, "tokens": n_tok}}
+        save_quantized(out, selected_q[0], selected_q[1], meta)
+        print(f"\nwrote {out} ({out.stat().st_size / 2**20:.3f} MiB on disk): the row marked *")
+    return 0
