@@ -34,6 +34,7 @@ import numpy as np
 from .backend import (array_module, check_float, check_int, check_ndim, check_same_dtype,
                       check_shape, xp_default)
 from .backprop import dropout_backward, dropout_forward
+from .ffn import linear_backward, linear_forward
 
 __all__ = [
     "sdpa_forward", "sdpa_backward",
@@ -228,7 +229,6 @@ def sdpa_backward(dout, cache: SDPACache):
     qs, k, v, p, out, drop, scale, shape = cache
     xp = array_module(p)
     B, H, Tq, D = shape
-    Hkv = k.shape[1]
     if tuple(dout.shape) != tuple(shape):
         raise ValueError(f"dout: expected shape {tuple(shape)}, got {tuple(dout.shape)}")
     do = dout.reshape(out.shape)                      # (B, Hkv, G*Tq, D)
@@ -639,12 +639,8 @@ def _attend_backward(dout, cache):
 
 
 class SelfAttentionCache(NamedTuple):
-    x2d: object        # (B*T, C) the input
-    att2d: object      # (B*T, H*D) the heads' outputs side by side (input of w_o)
-    w_qkv: object
-    w_o: object
-    has_b_qkv: bool
-    has_b_o: bool
+    qkv: object        # LinearCache of the q/k/v projection (x, w_qkv)
+    proj: object       # LinearCache of the output projection (heads side by side, w_o)
     attn: object       # SDPACache or FlashCache
     rope: object       # RopeCache or None
     dims: tuple        # (B, T, C, H, Hkv, D)
@@ -681,10 +677,7 @@ def self_attention_forward(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head=None, ca
                          "to rotate q and k, or leave positions out)")
     xp = array_module(x)
 
-    x2d = x.reshape(B * T, C)
-    qkv = xp.matmul(x2d, w_qkv)                               # one GEMM for q, k and v
-    if b_qkv is not None:
-        qkv += b_qkv
+    qkv, lc_qkv = linear_forward(x.reshape(B * T, C), w_qkv, b_qkv)   # one GEMM for q, k and v
     t = _split_heads(qkv, B, T, H + 2 * Hkv, D)               # (B, H + 2 Hkv, T, D)
     q, k, v = t[:, :H], t[:, H:H + Hkv], t[:, H + Hkv:]       # views, no copies
 
@@ -701,28 +694,23 @@ def self_attention_forward(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head=None, ca
     out, ac = _attend(q, k, v, mask, causal, dropout_p, rng, impl, block_size)   # (B, H, T, D)
 
     att2d = out.transpose(0, 2, 1, 3).reshape(B * T, H * D)   # heads side by side again
-    y = xp.matmul(att2d, w_o)
-    if b_o is not None:
-        y += b_o
-    cache = SelfAttentionCache(x2d, att2d, w_qkv, w_o, b_qkv is not None, b_o is not None, ac, rc,
-                               (B, T, C, H, Hkv, D), kv_cache is not None)
+    y, lc_o = linear_forward(att2d, w_o, b_o)
+    cache = SelfAttentionCache(lc_qkv, lc_o, ac, rc, (B, T, C, H, Hkv, D), kv_cache is not None)
     return y.reshape(B, T, C), cache
 
 
 def self_attention_backward(dy, cache: SelfAttentionCache):
     """Backward of self_attention_forward. -> (dx, dw_qkv, db_qkv, dw_o, db_o); bias grads None
     when the bias was None."""
-    x2d, att2d, w_qkv, w_o, has_bqkv, has_bo, ac, rc, dims, used_kv = cache
+    lc_qkv, lc_o, ac, rc, dims, used_kv = cache
     if used_kv:
         raise ValueError("cache: this forward used a kv_cache, which is for inference only; "
                          "run the forward without kv_cache to train")
     B, T, C, H, Hkv, D = dims
     check_shape("dy", dy, (B, T, C))
     xp = array_module(dy)
-    dy2d = dy.reshape(B * T, C)
-    db_o = xp.sum(dy2d, axis=0) if has_bo else None
-    dw_o = xp.matmul(att2d.T, dy2d)
-    datt = _split_heads(xp.matmul(dy2d, w_o.T), B, T, H, D)   # (B, H, T, D)
+    datt2d, dw_o, db_o = linear_backward(dy.reshape(B * T, C), lc_o)
+    datt = _split_heads(datt2d, B, T, H, D)                   # (B, H, T, D)
     dq, dk, dv = _attend_backward(datt, ac)
     if rc is not None:
         dq = rope_backward(dq, rc)
@@ -732,21 +720,14 @@ def self_attention_backward(dy, cache: SelfAttentionCache):
     dqkv[:, :, :H] = dq.transpose(0, 2, 1, 3)
     dqkv[:, :, H:H + Hkv] = dk.transpose(0, 2, 1, 3)
     dqkv[:, :, H + Hkv:] = dv.transpose(0, 2, 1, 3)
-    dqkv = dqkv.reshape(B * T, (H + 2 * Hkv) * D)
-    dx = xp.matmul(dqkv, w_qkv.T).reshape(B, T, C)
-    dw_qkv = xp.matmul(x2d.T, dqkv)
-    db_qkv = xp.sum(dqkv, axis=0) if has_bqkv else None
-    return dx, dw_qkv, db_qkv, dw_o, db_o
+    dx, dw_qkv, db_qkv = linear_backward(dqkv.reshape(B * T, (H + 2 * Hkv) * D), lc_qkv)
+    return dx.reshape(B, T, C), dw_qkv, db_qkv, dw_o, db_o
 
 
 class CrossAttentionCache(NamedTuple):
-    x2d: object        # (B*Tq, C)
-    ctx2d: object      # (B*Tk, C_ctx)
-    att2d: object      # (B*Tq, H*D)
-    w_q: object
-    w_kv: object
-    w_o: object
-    has_b: tuple       # (b_q, b_kv, b_o) present?
+    q: object          # LinearCache of the query projection (x, w_q)
+    kv: object         # LinearCache of the key/value projection (context, w_kv)
+    proj: object       # LinearCache of the output projection (heads side by side, w_o)
     attn: object       # SDPACache
     dims: tuple        # (B, Tq, Tk, C, C_ctx, H, Hkv, D)
 
@@ -778,47 +759,30 @@ def cross_attention_forward(x, context, w_q, b_q, w_kv, b_kv, w_o, b_o, n_head, 
     _check_param("b_kv", b_kv, (2 * Hkv * D,), x.dtype, optional=True)
     _check_param("w_o", w_o, (H * D, C), x.dtype)
     _check_param("b_o", b_o, (C,), x.dtype, optional=True)
-    xp = array_module(x)
-    x2d, ctx2d = x.reshape(B * Tq, C), context.reshape(B * Tk, Cc)
-    q2d = xp.matmul(x2d, w_q)
-    if b_q is not None:
-        q2d += b_q
-    kv2d = xp.matmul(ctx2d, w_kv)
-    if b_kv is not None:
-        kv2d += b_kv
+    q2d, lc_q = linear_forward(x.reshape(B * Tq, C), w_q, b_q)
+    kv2d, lc_kv = linear_forward(context.reshape(B * Tk, Cc), w_kv, b_kv)
     q = _split_heads(q2d, B, Tq, H, D)
     kv = _split_heads(kv2d, B, Tk, 2 * Hkv, D)
     out, ac = sdpa_forward(q, kv[:, :Hkv], kv[:, Hkv:], mask=mask)
     att2d = out.transpose(0, 2, 1, 3).reshape(B * Tq, H * D)
-    y = xp.matmul(att2d, w_o)
-    if b_o is not None:
-        y += b_o
-    cache = CrossAttentionCache(x2d, ctx2d, att2d, w_q, w_kv, w_o,
-                                (b_q is not None, b_kv is not None, b_o is not None), ac,
-                                (B, Tq, Tk, C, Cc, H, Hkv, D))
+    y, lc_o = linear_forward(att2d, w_o, b_o)
+    cache = CrossAttentionCache(lc_q, lc_kv, lc_o, ac, (B, Tq, Tk, C, Cc, H, Hkv, D))
     return y.reshape(B, Tq, C), cache
 
 
 def cross_attention_backward(dy, cache: CrossAttentionCache):
     """-> (dx, dcontext, dw_q, db_q, dw_kv, db_kv, dw_o, db_o); bias grads None when absent."""
-    x2d, ctx2d, att2d, w_q, w_kv, w_o, has_b, ac, dims = cache
+    lc_q, lc_kv, lc_o, ac, dims = cache
     B, Tq, Tk, C, Cc, H, Hkv, D = dims
     check_shape("dy", dy, (B, Tq, C))
     xp = array_module(dy)
-    dy2d = dy.reshape(B * Tq, C)
-    db_o = xp.sum(dy2d, axis=0) if has_b[2] else None
-    dw_o = xp.matmul(att2d.T, dy2d)
-    datt = _split_heads(xp.matmul(dy2d, w_o.T), B, Tq, H, D)
+    datt2d, dw_o, db_o = linear_backward(dy.reshape(B * Tq, C), lc_o)
+    datt = _split_heads(datt2d, B, Tq, H, D)
     dq, dk, dv = sdpa_backward(datt, ac)
     dq2d = dq.transpose(0, 2, 1, 3).reshape(B * Tq, H * D)
     dkv = xp.empty((B, Tk, 2 * Hkv, D), dtype=dy.dtype)
     dkv[:, :, :Hkv] = dk.transpose(0, 2, 1, 3)
     dkv[:, :, Hkv:] = dv.transpose(0, 2, 1, 3)
-    dkv2d = dkv.reshape(B * Tk, 2 * Hkv * D)
-    dx = xp.matmul(dq2d, w_q.T).reshape(B, Tq, C)
-    dcontext = xp.matmul(dkv2d, w_kv.T).reshape(B, Tk, Cc)
-    dw_q = xp.matmul(x2d.T, dq2d)
-    db_q = xp.sum(dq2d, axis=0) if has_b[0] else None
-    dw_kv = xp.matmul(ctx2d.T, dkv2d)
-    db_kv = xp.sum(dkv2d, axis=0) if has_b[1] else None
-    return dx, dcontext, dw_q, db_q, dw_kv, db_kv, dw_o, db_o
+    dx, dw_q, db_q = linear_backward(dq2d, lc_q)
+    dcontext, dw_kv, db_kv = linear_backward(dkv.reshape(B * Tk, 2 * Hkv * D), lc_kv)
+    return dx.reshape(B, Tq, C), dcontext.reshape(B, Tk, Cc), dw_q, db_q, dw_kv, db_kv, dw_o, db_o

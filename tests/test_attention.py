@@ -6,7 +6,7 @@ from hypothesis import given, strategies as st
 from helpers import assert_close, assert_gradcheck, np_, on
 from minillm import attention as A
 from minillm.backprop import gradcheck
-from strategies import randn, seeds
+from strategies import seeds
 
 
 # --- strategies ------------------------------------------------------------
@@ -431,7 +431,7 @@ def test_self_attention_equals_a_loop_over_heads(xp):
 def test_causal_self_attention_ignores_the_future(xp, case):
     x, w_qkv, b_qkv, w_o, b_o, H, kw = case
     kw = dict(kw, causal=True, mask=None)
-    B, T, C = x.shape
+    T = x.shape[1]
     rng = np.random.default_rng(9)
     t = int(rng.integers(0, T))
     params = on(xp, w_qkv, w_o)
