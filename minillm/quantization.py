@@ -136,20 +136,21 @@ def float32_to_fp16_bits(x):
 
     def round_shift(value, shift):
         # value >> shift, rounded to nearest with ties to even
-        shift = shift.astype(xp.uint32)
+        # shift is a uint32 array of value's shape (array << array works alike on NumPy and CuPy)
+        one = xp.ones_like(shift)
         kept = value >> shift
-        rem = value & ((xp.uint32(1) << shift) - 1)
-        half = xp.uint32(1) << (shift - 1)
+        rem = value & ((one << shift) - one)
+        half = one << (shift - one)
         up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
         return kept + up.astype(xp.uint32)
 
     # normal fp16: the fp16 exponent E + 15 sits just above the 23 mantissa bits;
     # dropping the low 13 bits (rounded) leaves exponent << 10 | top 10 mantissa bits
     he = xp.clip(E + 15, 0, 31).astype(xp.uint32)
-    normal = round_shift((he << 23) | mant, xp.uint32(13))
+    normal = round_shift((he << 23) | mant, xp.full(u.shape, 13, dtype=xp.uint32))
     # subnormal fp16: shift the 24-bit significand right by -E-1 (14..24 here)
     sig = mant | 0x800000
-    sub_shift = xp.clip(-E - 1, 1, 31)
+    sub_shift = xp.clip(-E - 1, 1, 31).astype(xp.uint32)
     subnormal = round_shift(sig, sub_shift)
 
     out = xp.where(E >= -14, normal, subnormal)
@@ -251,15 +252,19 @@ _NF4 = nf4_codebook()
 # quantize / dequantize
 # ---------------------------------------------------------------------------
 
-def _blocked(w, granularity, group_size):
-    """A 3-D view (groups, rows per group, columns) whose axis 1 shares a scale."""
+def _blocked_shape(shape, granularity, group_size):
+    """The 3-D shape (groups, rows per group, columns) whose axis 1 shares a scale."""
     if granularity == "tensor":
-        return w.reshape(1, -1, 1)
+        return (1, int(np.prod(shape, dtype=np.int64)), 1)
     if granularity == "channel":
-        return w.reshape(1, w.shape[0], w.shape[1])
-    n = w.shape[0]
-    cols = w.shape[1] if w.ndim == 2 else 1
-    return w.reshape(n // group_size, group_size, cols)
+        return (1, shape[0], shape[1])
+    cols = shape[1] if len(shape) == 2 else 1
+    return (shape[0] // group_size, group_size, cols)
+
+
+def _blocked(w, granularity, group_size):
+    """A 3-D view of w (groups, rows per group, columns) whose axis 1 shares a scale."""
+    return w.reshape(_blocked_shape(tuple(w.shape), granularity, group_size))
 
 
 def _scale_shape(shape, granularity, group_size):
@@ -422,7 +427,7 @@ def quantization_error_bound(qt: QuantizedTensor):
     the block's absmax.
     """
     xp = array_module(qt.data)
-    block_shape = _blocked(xp.empty(qt.shape, dtype=xp.int8), qt.granularity, qt.group_size).shape
+    block_shape = _blocked_shape(qt.shape, qt.granularity, qt.group_size)
     factor = float(np.max(np.diff(_NF4))) / 2 if qt.scheme == "nf4" else 0.5
     s = qt.scale.reshape(_blocked_scale_shape(block_shape)) * factor
     return xp.broadcast_to(s, block_shape).reshape(qt.shape)
