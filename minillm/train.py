@@ -60,7 +60,6 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from . import __version__
 from .backend import array_module, to_numpy
 from .optim import clip_grad_norm, global_norm, accumulate, lr_schedule, make_optimizer
 
@@ -74,6 +73,14 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.svg"
 FORMAT = "minillm-checkpoint"
 FORMAT_VERSION = 1
+
+
+def _library_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("minillm")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------
@@ -232,7 +239,7 @@ def save_checkpoint(out_dir, params: dict, optimizer=None, step: int = 0, config
                 arrays[f"optimizer:{buf}:{name}"] = to_numpy(a)
     if isinstance(config, TrainConfig):
         config = config.to_dict()
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "minillm_version": __version__,
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "minillm_version": _library_version(),
             "step": int(step), "param_names": list(params), "optimizer": opt_meta,
             "config": config, "model_config": model_config, "tokenizer": _tokenizer_dict(tokenizer),
             "rng": rng_state, "metrics": metrics or {}}
