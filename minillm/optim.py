@@ -332,9 +332,10 @@ def global_norm(grads: dict) -> float:
     for name, g in grads.items():
         check_float(f"grads[{name!r}]", g)
     xp = array_module(*grads.values())
-    # Accumulate in float64 so a float32 model's norm does not lose digits, and
-    # sum on the device first: one transfer instead of one per array.
-    sq = xp.stack([xp.sum(xp.square(g.astype(xp.float64))) for g in grads.values()])
+    # Accumulate in float64 so a float32 model's norm does not lose digits (without
+    # a float64 copy of each array), and sum on the device first: one transfer
+    # instead of one per array.
+    sq = xp.stack([xp.sum(xp.square(g), dtype=xp.float64) for g in grads.values()])
     return float(math.sqrt(float(xp.sum(sq))))
 
 

@@ -462,7 +462,8 @@ class _Progress:
 
     def __init__(self, log, log_interval):
         self.log = log
-        self.tty = log is print and sys.stdout.isatty()
+        isatty = getattr(sys.stdout, "isatty", None)
+        self.tty = log is print and callable(isatty) and bool(isatty())
         self.log_interval = log_interval
         self.live = False
         self._last_draw = 0.0

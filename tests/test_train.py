@@ -32,14 +32,14 @@ class ToyTask:
         ri = np.random.default_rng(1000 + init_seed)
         self.params = {"w": on(xp, (0.1 * ri.standard_normal((D, C))).astype(dtype)),
                        "bias": on(xp, np.zeros(C, dtype))}
-        self.B, self.p_drop, self.N = B, p_drop, N
+        self.B, self.p_drop, self.N, self.xp = B, p_drop, N, xp
         self.rng = np.random.default_rng(5)
         self.tokens_per_batch = B
         self.model_config = {"kind": "softmax-regression", "D": D, "C": C}
         self.tokenizer = None
 
     def get_batch(self, split, rng):
-        i = rng.integers(0, self.N, size=self.B)
+        i = self.xp.asarray(rng.integers(0, self.N, size=self.B))  # drawn on the CPU by the loop's generator
         return self.X[split][i], self.Y[split][i]
 
     def loss_and_grads(self, params, batch):
@@ -113,6 +113,25 @@ def test_training_writes_checkpoint_metrics_and_plot_and_learns(xp, tmp_path):
     assert ck["model_config"] == task.model_config and ck["config"]["lr"] == 0.5
     for k, p in task.params.items():
         assert np.array_equal(ck["params"][k], np_(p)) and ck["params"][k].dtype == p.dtype
+
+
+def test_on_a_terminal_the_progress_line_is_rewritten_in_place(xp, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    tr.train(ToyTask(xp), config(tmp_path, max_steps=8, eval_interval=4, log_interval=100), log=print)
+    out = term.getvalue()
+    assert "\rstep " in out and "\rstep 8/8 | loss" in out       # redrawn with a carriage return
+    lines = out.split("\n")
+    assert any(ln.startswith("eval step 4") for ln in lines)      # evaluations get their own lines
+    assert out.endswith("\n")                                     # the live line is closed at the end
+    assert len(records(tmp_path, "train")) == 1                   # the log still follows log_interval
 
 
 def test_resume_after_a_crash_gives_the_same_losses_as_an_uninterrupted_run(xp, tmp_path):
