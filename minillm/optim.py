@@ -50,16 +50,20 @@ __all__ = ["default_no_decay", "Optimizer", "SGD", "Adam", "AdamW", "make_optimi
            "global_norm", "clip_grad_norm", "lr_schedule", "accumulate"]
 
 _NO_DECAY_WORDS = ("bias", "ln", "norm", "wte", "wpe", "embeddings")
+# minillm's models name biases by their weight: "b_qkv" beside "w_qkv", "b1" beside "w1", "b".
+_SHORT_BIAS = re.compile(r"^b(\d*|_\w*)$")
 
 
 def default_no_decay(name: str) -> bool:
     """True for parameters that should not be weight-decayed: biases, norm weights, embeddings.
 
     A name qualifies when it contains one of "bias", "ln", "norm", "wte", "wpe",
-    "embeddings" (case-insensitive), e.g. "h.0.ln_1.weight", "wte", "h.3.mlp.b_fc.bias".
+    "embeddings" (case-insensitive), e.g. "h.0.ln_1.weight", "wte", "mlm.bias", or
+    when its last dotted part is a short bias name: "b", "b1", "b_qkv" (the models'
+    own spelling, next to "w", "w1", "w_qkv").
     """
     low = str(name).lower()
-    return any(w in low for w in _NO_DECAY_WORDS)
+    return any(w in low for w in _NO_DECAY_WORDS) or _SHORT_BIAS.match(low.rsplit(".", 1)[-1]) is not None
 
 
 def _decay_predicate(no_decay) -> Callable[[str], bool]:

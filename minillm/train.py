@@ -92,8 +92,10 @@ class TrainConfig:
     """Everything that decides a training run (the model's own config lives with the task).
 
     Intervals count optimizer steps; an interval of 0 means "only at the end".
-    grad_clip <= 0 disables clipping. batch_size and block_size are read by the
-    task when it builds batches; the loop records them.
+    grad_clip <= 0 disables clipping. batch_size, block_size, data and
+    val_fraction are read by whoever builds the task (its batches and its
+    train/validation split); the loop records them in every checkpoint, so a
+    checkpoint says what it was trained and validated on.
     """
     max_steps: int = 2000
     batch_size: int = 32
@@ -114,10 +116,13 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 1337
     out_dir: str = "runs/default"
+    data: str | None = None       # text file the task trains on; None = the Shakespeare corpus
+    val_fraction: float = 0.1     # share held out for validation (data.split_documents, seed 0)
 
     # Fields that change the trajectory: a resumed run must agree on them to be exact.
     _TRAJECTORY = ("batch_size", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "betas", "eps", "optimizer", "momentum", "grad_accum_steps", "seed")
+                   "grad_clip", "betas", "eps", "optimizer", "momentum", "grad_accum_steps", "seed",
+                   "data", "val_fraction")
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -141,6 +146,11 @@ class TrainConfig:
         if str(self.optimizer).lower() not in ("adamw", "adam", "sgd"):
             raise ValueError(f"optimizer: expected 'adamw', 'adam' or 'sgd', got {self.optimizer!r}")
         self.out_dir = str(self.out_dir)
+        if self.data is not None:
+            self.data = str(self.data)
+        v = self.val_fraction
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
+            raise ValueError(f"val_fraction: expected a number in (0, 1), got {v!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

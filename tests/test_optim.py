@@ -36,9 +36,11 @@ def copy_params(params):
 
 def test_default_no_decay_names():
     for name in ["h.0.ln_1.weight", "ln_f.bias", "wte", "wpe", "h.1.attn.c_proj.bias",
-                 "embeddings.word_embeddings.weight", "encoder.layer.0.output.LayerNorm.weight", "h.0.rms_norm.w"]:
+                 "embeddings.word_embeddings.weight", "encoder.layer.0.output.LayerNorm.weight", "h.0.rms_norm.w",
+                 "h.0.attn.b_qkv", "h.0.attn.b_o", "h.0.mlp.b1", "h.0.mlp.b2", "pooler.b", "mlm.bias"]:
         assert optim.default_no_decay(name), name
-    for name in ["h.0.attn.w_qkv", "h.0.mlp.c_fc.weight", "lm_head.weight"]:
+    for name in ["h.0.attn.w_qkv", "h.0.attn.w_o", "h.0.mlp.w1", "h.0.mlp.c_fc.weight", "lm_head.weight",
+                 "pooler.w", "h.0.mlp.b1.lora_a", "classifier.w", "h.0.blocks"]:
         assert not optim.default_no_decay(name), name
 
 
