@@ -361,16 +361,39 @@ _LONG_PIECE = 128       # above this many bytes, the heap version of the merge l
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
 
 
-def _merge_word(word, a, b, new):
-    """Replace every non-overlapping (a, b) in ``word``, left to right, by ``new``."""
+def _merge_word(word, a, b, new, f, delta, where, wi):
+    """Replace every non-overlapping (a, b) in ``word``, left to right, by ``new``.
+
+    Only the pairs next to a merge change, so only they are counted: ``delta[pair]``
+    gets -f for each pair that disappears and +f for each that appears (f = the
+    chunk's frequency), and chunk ``wi`` is indexed under each new pair.
+    """
     out, i, n = [], 0, len(word)
+    prev_merged = False
     while i < n:
         if word[i] == a and i + 1 < n and word[i + 1] == b:
+            delta[(a, b)] -= f
+            if out:
+                if prev_merged:  # ... new a b: the (b, a) between was counted off by the previous merge
+                    p = (new, new)
+                else:
+                    delta[(word[i - 1], a)] -= f
+                    p = (word[i - 1], new)
+                delta[p] += f
+                where[p].add(wi)
+            if i + 2 < n:
+                c = word[i + 2]
+                delta[(b, c)] -= f
+                if not (c == a and i + 3 < n and word[i + 3] == b):  # else the next merge adds (new, new)
+                    delta[(new, c)] += f
+                    where[(new, c)].add(wi)
             out.append(new)
             i += 2
+            prev_merged = True
         else:
             out.append(word[i])
             i += 1
+            prev_merged = False
     return out
 
 
@@ -522,18 +545,9 @@ class BPETokenizer:
             # 3. Re-count only the chunks that contain (a, b).
             delta = defaultdict(int)
             for wi in where.pop((a, b)):
-                w = words[wi]
-                nw = _merge_word(w, a, b, new)
-                if len(nw) == len(w):
-                    continue  # stale index entry: an earlier merge already used these bytes
-                f = freqs[wi]
-                for p in zip(w, w[1:]):
-                    delta[p] -= f
-                for p in zip(nw, nw[1:]):
-                    delta[p] += f
-                    if new in p:
-                        where[p].add(wi)
-                words[wi] = nw
+                # Chunks listed under (a, b) may no longer contain it (an earlier merge took
+                # those bytes); merging them then changes nothing and counts nothing.
+                words[wi] = _merge_word(words[wi], a, b, new, freqs[wi], delta, where, wi)
             for p, d in delta.items():
                 if d:
                     c = pair_counts[p] + d

