@@ -1,0 +1,217 @@
+"""gpt.py: the whole model's backward against finite differences for every variant,
+causality, overfitting, generation with and without the KV cache, and clear errors."""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import assert_close, assert_gradcheck, np_, on
+from minillm import gpt
+from minillm.backprop import check_dict_gradients
+from strategies import seeds
+
+# The four axes of variation, each covered by at least one named case below.
+VARIANTS = {
+    "gpt2": dict(),                                                          # learned, LayerNorm, GELU, MHA
+    "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, tie_embeddings=False),
+    "rope_gelu_gqa": dict(pos="rope", n_kv_head=2),
+    "learned_rms_swiglu": dict(norm="rmsnorm", mlp="swiglu", bias=False),
+    "untied_gqa": dict(n_kv_head=2, tie_embeddings=False),
+}
+
+
+@st.composite
+def tiny_case(draw, variant=None):
+    """A tiny GPT (float64, weights perturbed away from init so every gradient is sizable),
+    a batch of ids and next-token targets with some ignored positions."""
+    kw = dict(VARIANTS[variant] if variant is not None else {})
+    n_kv = kw.get("n_kv_head")
+    n_head = draw(st.sampled_from([2, 4]))
+    # Width >= 8: LayerNorm over 2 or 4 features is nearly a step function (x - mean is
+    # +-(x1 - x2)/2), whose huge higher derivatives would defeat any finite difference.
+    D = 4 if n_head == 2 else draw(st.sampled_from([2, 4]))
+    V = draw(st.integers(3, 9))
+    T = draw(st.integers(1, 5))
+    B = draw(st.integers(1, 2))
+    cfg = gpt.GPTConfig(vocab_size=V, block_size=draw(st.integers(T, T + 2)), n_layer=draw(st.integers(1, 2)),
+                        n_head=n_head, n_embd=n_head * D, **kw)
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    params = gpt.init_params(cfg, seed, dtype=np.float64)
+    params = {k: v + rng.standard_normal(v.shape) * 0.3 for k, v in params.items()}
+    idx = rng.integers(0, V, (B, T))
+    targets = rng.integers(0, V, (B, T))
+    targets[rng.random((B, T)) < 0.2] = -100
+    return cfg, params, idx, targets
+
+
+def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
+    params = {k: on(xp, v) for k, v in params.items()}
+    idx, targets = on(xp, idx, targets)
+
+    def rng():
+        return None if dropout_seed is None else np.random.default_rng(dropout_seed)
+
+    loss, grads = gpt.loss_and_grads(params, cfg, idx, targets, train=train, rng=rng())
+    assert set(grads) == set(params)
+    for k in params:
+        assert grads[k].shape == params[k].shape and grads[k].dtype == params[k].dtype, k
+
+    # The same dropout masks at every evaluation (a fresh generator with the same seed),
+    # so the function being differentiated is fixed.
+    def f(p):
+        logits, _ = gpt.forward(p, cfg, idx, train=train, rng=rng())
+        from minillm.backprop import softmax_cross_entropy_forward
+        return softmax_cross_entropy_forward(logits, targets)[0]
+
+    # eps 1e-3: the five-point stencil's truncation error is still ~1e-12 here, and
+    # round-off (~1e-16 |loss| / eps) stays small. atol 1e-5: entries below it are
+    # compared in absolute terms (the key bias's gradient is exactly 0 mathematically:
+    # softmax ignores a shift), where 1e-7 relative means 1e-12 absolute.
+    rep = check_dict_gradients(f, params, grads, eps=1e-3, atol=1e-5, max_checks_per_param=4)
+    assert_gradcheck(rep)
+    return loss
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@settings(max_examples=2)
+@given(data=st.data())
+def test_whole_model_gradients_match_finite_differences(xp, variant, data):
+    cfg, params, idx, targets = data.draw(tiny_case(variant))
+    _gradcheck(xp, cfg, params, idx, targets)
+
+
+@settings(max_examples=3)
+@given(case=tiny_case("gpt2"), seed=seeds, p=st.sampled_from([0.1, 0.5]))
+def test_gradients_with_dropout_for_fixed_masks(xp, case, seed, p):
+    cfg, params, idx, targets = case
+    _gradcheck(xp, cfg.replace(dropout=p), params, idx, targets, train=True, dropout_seed=seed)
+
+
+@settings(max_examples=6)
+@given(case=tiny_case(), variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(0, 4))
+def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
+    _, _, idx, _ = case
+    B, T = idx.shape
+    t = min(t, T - 1)
+    cfg = gpt.GPTConfig(vocab_size=9, block_size=T, n_layer=2, n_head=2, n_embd=8, **VARIANTS[variant])
+    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 1, dtype=np.float64).items()}
+    changed = idx.copy()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1 + np.arange(T - t - 1)) % 9
+    a, _ = gpt.forward(params, cfg, on(xp, idx % 9))
+    b, _ = gpt.forward(params, cfg, on(xp, changed % 9))
+    assert_close(a[:, :t + 1], b[:, :t + 1], rtol=1e-12, atol=1e-12)
+    if t + 1 < T:   # and the model does look at the past: later positions change
+        assert not np.allclose(np_(a[:, t + 1:]), np_(b[:, t + 1:]))
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_overfits_one_small_batch(xp, variant):
+    from minillm.optim import AdamW
+    cfg = gpt.GPTConfig(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16, **VARIANTS[variant])
+    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 0).items()}
+    rng = np.random.default_rng(0)
+    idx = on(xp, rng.integers(0, 12, (2, 8)))
+    targets = on(xp, rng.integers(0, 12, (2, 8)))      # random targets: only memorisation can fit them
+    opt = AdamW(params, lr=1e-2, weight_decay=0.0)
+    first = None
+    for _ in range(150):
+        loss, grads = gpt.loss_and_grads(params, cfg, idx, targets)
+        first = loss if first is None else first
+        opt.step(grads)
+    assert first > 2.0 and loss < 0.05, (first, loss)
+
+
+def test_init_follows_gpt2(xp):
+    cfg = gpt.GPTConfig(vocab_size=50, block_size=16, n_layer=8, n_head=4, n_embd=64)
+    p = gpt.init_params(cfg, 0)
+    assert all(v.dtype == np.float32 for v in p.values())
+    assert np.std(p["h.0.attn.w_qkv"]) == pytest.approx(0.02, rel=0.05)
+    assert np.std(p["h.3.attn.w_o"]) == pytest.approx(0.02 / 4, rel=0.05)     # 1/sqrt(2 * 8)
+    assert np.std(p["h.3.mlp.w2"]) == pytest.approx(0.02 / 4, rel=0.05)
+    assert np.all(p["h.1.ln_1.weight"] == 1) and np.all(p["h.1.attn.b_qkv"] == 0)
+    q = gpt.init_params(cfg, 0)
+    assert all(np.array_equal(p[k], q[k]) for k in p)                     # reproducible from the seed
+    assert gpt.num_params(p) == sum(v.size for v in p.values())
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "rope_gelu_gqa"])
+def test_greedy_generation_is_the_same_with_and_without_the_kv_cache(xp, variant):
+    cfg = gpt.GPTConfig(vocab_size=11, block_size=10, n_layer=2, n_head=4, n_embd=16, **VARIANTS[variant])
+    rng = np.random.default_rng(3)
+    params = {k: on(xp, (v + rng.standard_normal(v.shape) * 0.5).astype(np.float32))
+              for k, v in gpt.init_params(cfg, 3).items()}
+    # 4 + 12 tokens > block_size: the context window slides past the cache's end too.
+    a = gpt.generate(params, cfg, [1, 2, 3, 4], 12, temperature=0)
+    b = gpt.generate(params, cfg, [1, 2, 3, 4], 12, temperature=0, use_cache=False)
+    assert a == b and len(a) == 16 and a[:4] == [1, 2, 3, 4]
+    # sampling with a seed is reproducible and also cache-independent
+    s = gpt.generate(params, cfg, [5], 6, temperature=0.8, top_k=5, top_p=0.9, seed=7)
+    assert s == gpt.generate(params, cfg, [5], 6, temperature=0.8, top_k=5, top_p=0.9, seed=7, use_cache=False)
+    # a left-padded batch gives each row what it gets alone
+    batch = gpt.generate(params, cfg, [[1, 2], [3, 4, 5, 6]], 5, temperature=0)
+    assert batch == [gpt.generate(params, cfg, [1, 2], 5, temperature=0),
+                     gpt.generate(params, cfg, [3, 4, 5, 6], 5, temperature=0)]
+
+
+def test_cached_forward_equals_the_full_forward(xp):
+    from minillm.attention import KVCache
+    cfg = gpt.GPTConfig(vocab_size=13, block_size=9, n_layer=2, n_head=2, n_embd=8, pos="rope", n_kv_head=1)
+    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 2, dtype=np.float64).items()}
+    idx = on(xp, np.random.default_rng(0).integers(0, 13, (2, 9)))
+    full, _ = gpt.forward(params, cfg, idx)
+    dec = gpt.GPTDecoder(params, cfg)
+    cache = dec.new_cache(2, 9)
+    parts = [dec.logits(idx[:, :4], cache), dec.logits(idx[:, 4:5], cache), dec.logits(idx[:, 5:], cache)]
+    assert_close(xp.concatenate(parts, axis=1), full, rtol=1e-10, atol=1e-12)
+    assert isinstance(cache, KVCache) and cache.length(0) == 9
+
+
+def test_bad_input_gets_clear_errors(xp):
+    cfg = gpt.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 0).items()}
+    with pytest.raises(ValueError, match=r"idx: expected at most block_size=4 positions, got 5"):
+        gpt.forward(params, cfg, on(xp, np.zeros((1, 5), dtype=np.int64)))
+    with pytest.raises(ValueError, match=r"idx: expected ids in \[0, 10\).*got 10"):
+        gpt.forward(params, cfg, on(xp, np.array([[1, 10]])))
+    with pytest.raises(ValueError, match=r"idx: expected ids in \[0, 10\).*got -1"):
+        gpt.forward(params, cfg, on(xp, np.array([[-1, 2]])))
+    with pytest.raises(TypeError, match="idx"):
+        gpt.forward(params, cfg, on(xp, np.zeros((1, 2))))
+    with pytest.raises(ValueError, match=r"idx: expected shape \(B, T\)"):
+        gpt.forward(params, cfg, on(xp, np.zeros(3, dtype=np.int64)))
+    with pytest.raises(ValueError, match=r"targets: expected shape \(1, 2\)"):
+        gpt.loss_and_grads(params, cfg, on(xp, np.zeros((1, 2), dtype=np.int64)),
+                           on(xp, np.zeros((1, 3), dtype=np.int64)))
+    broken = dict(params)
+    del broken["h.0.attn.w_o"]
+    with pytest.raises(ValueError, match=r"params: .*missing \['h.0.attn.w_o'\]"):
+        gpt.forward(broken, cfg, on(xp, np.zeros((1, 2), dtype=np.int64)))
+    broken = dict(params, **{"h.0.mlp.w1": params["h.0.mlp.w1"][:, :5]})
+    with pytest.raises(ValueError, match=r"params\['h.0.mlp.w1'\]: expected shape \(8, 32\), got \(8, 5\)"):
+        gpt.forward(broken, cfg, on(xp, np.zeros((1, 2), dtype=np.int64)))
+    broken = dict(params, **{"ln_f.weight": params["ln_f.weight"].astype(np.float64)})
+    with pytest.raises(TypeError, match=r"params\['ln_f.weight'\]: expected dtype float32"):
+        gpt.forward(broken, cfg, on(xp, np.zeros((1, 2), dtype=np.int64)))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(n_embd=10, n_head=4), "n_head: expected a divisor of n_embd=10"),
+    (dict(n_kv_head=3), "n_kv_head: expected a divisor of n_head=4"),
+    (dict(norm="batchnorm"), "norm: expected one of"),
+    (dict(pos="alibi"), "pos: expected one of"),
+    (dict(mlp="relu"), "mlp: expected one of"),
+    (dict(dropout=1.0), "dropout: expected a probability"),
+    (dict(vocab_size=0), "vocab_size: expected a positive int"),
+    (dict(pos="rope", n_embd=12, n_head=4), "head size"),
+])
+def test_bad_configs_are_refused(kw, match):
+    base = dict(vocab_size=10, block_size=4, n_layer=1, n_head=4, n_embd=16)
+    with pytest.raises(ValueError, match=match):
+        gpt.GPTConfig(**{**base, **kw})
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = gpt.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=4, n_embd=16, pos="rope", n_kv_head=2)
+    assert gpt.GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown GPTConfig fields"):
+        gpt.GPTConfig.from_dict({**cfg.to_dict(), "n_ctx": 3})
