@@ -134,6 +134,8 @@ class Optimizer:
     _hparam_names: tuple = ()
 
     def __init__(self, params: dict, lr: float, weight_decay: float, no_decay=default_no_decay):
+        if not hasattr(self, "_update"):
+            raise TypeError("Optimizer is the shared base class: use SGD, Adam or AdamW")
         if not isinstance(params, dict) or not params:
             raise TypeError(f"params: expected a non-empty dict of float arrays, got "
                             f"{type(params).__name__}{' (empty)' if isinstance(params, dict) else ''}")
@@ -163,9 +165,6 @@ class Optimizer:
         self.t += 1
         for name, p in self.params.items():
             self._update(name, p, grads[name], self.decayed[name])
-
-    def _update(self, name, p, g, decay):  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def hparams(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay,

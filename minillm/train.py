@@ -381,7 +381,7 @@ def write_loss_svg(path, series: dict, title="loss") -> Path:
     else:
         xs = [s for s, _ in allpts]
         ys = [v for _, v in allpts]
-        x0, x1 = min(xs), max(xs)
+        x0, x1 = min(min(xs), 0.0), max(xs)  # steps from 0, so curves of different runs line up
         if x1 == x0:
             x1 = x0 + 1
         y0, y1 = min(ys), max(ys)
