@@ -205,36 +205,20 @@ def load_quantized(path):
 # Evaluation data
 # ---------------------------------------------------------------------------
 
-def _find(d, *keys):
-    """The first of ``keys`` present in the (possibly nested) dict ``d``."""
-    if not isinstance(d, dict):
-        return None
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    for v in d.values():
-        if isinstance(v, dict):
-            found = _find(v, *keys)
-            if found is not None:
-                return found
-    return None
-
-
 def validation_text(ck, data=None, val_fraction=None):
     """The validation text the checkpoint's model was *not* trained on, and a note saying
-    where it came from: the data file and split the checkpoint records, unless overridden."""
-    from minillm.data import load_documents, split_documents
-    meta = {"config": ck.get("config"), "model_config": ck.get("model_config"), "metrics": ck.get("metrics")}
-    data = data if data is not None else _find(meta, "data", "data_path")
-    vf = val_fraction if val_fraction is not None else _find(meta, "val_fraction")
+    where it came from: the data file and val_fraction its TrainConfig records (the split
+    is data.split_documents with seed 0, as training does), unless overridden."""
+    from minillm.data import join_documents, load_documents, split_documents
+    cfg = ck.get("config") or {}
+    data = data if data is not None else cfg.get("data")
+    vf = val_fraction if val_fraction is not None else cfg.get("val_fraction", 0.1)
     vf = 0.1 if vf is None else float(vf)
-    split_seed = _find(meta, "split_seed", "val_seed")
-    split_seed = 0 if split_seed is None else int(split_seed)
     docs = load_documents(data)
-    _, val = split_documents(docs, val_fraction=vf, seed=split_seed)
-    source = f"{data if data else 'Shakespeare'} (val_fraction={vf}, split seed {split_seed}; " \
+    _, val = split_documents(docs, val_fraction=vf, seed=0)
+    source = f"{data if data else 'Shakespeare'} (val_fraction={vf}; " \
              f"{len(val)} held-out document{'s' if len(val) != 1 else ''})"
-    return "\n\n".join(t.strip("\n") for _, t in val) + "\n", source
+    return join_documents(val), source
 
 
 def eval_windows(tokenizer, text, n_windows, block_size):
