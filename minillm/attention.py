@@ -70,11 +70,14 @@ def _check_qkv(q, k, v):
     return B, H, Hkv, Tq, Tk, D
 
 
-def _check_mask(mask, target):
-    """mask must be boolean and broadcastable to ``target`` = (B, H, Tq, Tk)."""
+def _check_mask(mask, target, like=None):
+    """mask must be boolean, on the device of ``like``, and broadcastable to ``target`` = (B, H, Tq, Tk)."""
     if mask is None:
         return
     xp = array_module(mask)
+    if like is not None and xp is not array_module(like):
+        raise TypeError(f"mask: expected a {array_module(like).__name__} array (where q lives), "
+                        f"got a {xp.__name__} array")
     if not (hasattr(mask, "dtype") and hasattr(mask, "shape")) or mask.dtype != xp.bool_:
         got = f"dtype {mask.dtype}" if hasattr(mask, "dtype") else type(mask).__name__
         raise TypeError(f"mask: expected a boolean array (True = may attend), got {got}")
@@ -155,7 +158,7 @@ def _masked_softmax_(s, may_be_empty):
     xp = array_module(s)
     m = xp.max(s, axis=-1, keepdims=True)
     if may_be_empty:
-        m = xp.where(xp.isneginf(m), s.dtype.type(0), m)
+        m = xp.where(m == -np.inf, s.dtype.type(0), m)
     s -= m
     xp.exp(s, out=s)
     l = xp.sum(s, axis=-1, keepdims=True)
@@ -192,7 +195,7 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     -> out: (B, H, Tq, D), cache
     """
     B, H, Hkv, Tq, Tk, D = _check_qkv(q, k, v)
-    _check_mask(mask, (B, H, Tq, Tk))
+    _check_mask(mask, (B, H, Tq, Tk), like=q)
     if causal and Tq > Tk:
         raise ValueError(f"causal: needs Tq <= Tk (queries are the last Tq of the Tk positions), "
                          f"got q with Tq={Tq} and k with Tk={Tk}")
@@ -204,13 +207,13 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     # ordered [G heads of K/V head 0, G heads of K/V head 1, ...], so (B, H, Tq, D) ->
     # (B, Hkv, G*Tq, D) is a plain reshape, and one matmul per K/V head serves its group.
     qs = (q * scale).reshape(B, Hkv, G * Tq, D)
-    s = xp.matmul(qs, k.swapaxes(-1, -2))            # (B, Hkv, G*Tq, Tk)
-    s4 = s.reshape(B, H, Tq, Tk)                     # the same memory, one row block per head
+    s = xp.matmul(qs, k.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)   # a view: one row block per head
     if causal:
-        s4 += _causal_bias(xp, Tq, Tk, q.dtype)
+        s += _causal_bias(xp, Tq, Tk, q.dtype)
     if mask is not None:
-        s4 += _mask_bias(mask, q.dtype)
+        s += _mask_bias(mask, q.dtype)
     p, _, _ = _masked_softmax_(s, may_be_empty=mask is not None)
+    p = p.reshape(B, Hkv, G * Tq, Tk)
     pd, drop = dropout_forward(p, dropout_p, rng) if dropout_p else (p, None)
     out = xp.matmul(pd, v)                           # (B, Hkv, G*Tq, D)
     cache = SDPACache(qs, k, v, p, out, drop, scale, (B, H, Tq, D))
@@ -307,7 +310,7 @@ def flash_attention_forward(q, k, v, causal=False, mask=None, scale=None, block_
     -> out: (B, H, Tq, D), cache
     """
     B, H, Hkv, Tq, Tk, D = _check_qkv(q, k, v)
-    _check_mask(mask, (B, H, Tq, Tk))
+    _check_mask(mask, (B, H, Tq, Tk), like=q)
     if causal and Tq > Tk:
         raise ValueError(f"causal: needs Tq <= Tk (queries are the last Tq of the Tk positions), "
                          f"got q with Tq={Tq} and k with Tk={Tk}")
@@ -329,30 +332,29 @@ def flash_attention_forward(q, k, v, causal=False, mask=None, scale=None, block_
         qb = (q5[:, :, :, i0:i1] * scale).reshape(B, Hkv, G * bq, D)
         m = xp.full((B, H, bq, 1), -inf, dtype=dt)
         l = xp.zeros((B, H, bq, 1), dtype=dt)
-        acc = xp.zeros((B, Hkv, G * bq, D), dtype=dt)
-        acc4 = acc.reshape(B, H, bq, D)
+        acc = xp.zeros((B, H, bq, D), dtype=dt)
         j_end = min(Tk, offset + i1) if causal else Tk   # keys after this are all masked
         for j0 in range(0, j_end, bs):
             j1 = min(j0 + bs, j_end)
-            s = xp.matmul(qb, k[:, :, j0:j1].swapaxes(-1, -2))   # (B, Hkv, G*bq, bk)
-            s4 = s.reshape(B, H, bq, j1 - j0)
+            bk = j1 - j0
+            s = xp.matmul(qb, k[:, :, j0:j1].swapaxes(-1, -2)).reshape(B, H, bq, bk)
             bias = _block_bias(xp, dt, i0, i1, j0, j1, offset, causal, mask4)
             if bias is not None:
-                s4 += bias
-            m_new = xp.maximum(m, xp.max(s4, axis=-1, keepdims=True))
+                s += bias
+            m_new = xp.maximum(m, xp.max(s, axis=-1, keepdims=True))
             # A row with no visible key so far has m_new = -inf; shift it by 0 (not
             # -inf) so exp gives 0 rather than NaN.
-            m_safe = xp.where(xp.isneginf(m_new), zero, m_new)
-            s4 -= m_safe
-            xp.exp(s4, out=s4)                                   # P_j, unnormalised
+            m_safe = xp.where(m_new == -inf, zero, m_new)
+            s -= m_safe
+            xp.exp(s, out=s)                                     # P_j, unnormalised
             alpha = xp.exp(m - m_safe)                           # rescales the old sums
             l *= alpha
-            l += xp.sum(s4, axis=-1, keepdims=True)
-            acc4 *= alpha
-            acc += xp.matmul(s, v[:, :, j0:j1])
+            l += xp.sum(s, axis=-1, keepdims=True)
+            acc *= alpha
+            acc += xp.matmul(s.reshape(B, Hkv, G * bq, bk), v[:, :, j0:j1]).reshape(B, H, bq, D)
             m = m_new
         empty = l == 0                                           # fully masked rows
-        out5[:, :, :, i0:i1] = (acc4 / xp.where(empty, one, l)).reshape(B, Hkv, G, bq, D)
+        out5[:, :, :, i0:i1] = (acc / xp.where(empty, one, l)).reshape(B, Hkv, G, bq, D)
         # logsumexp; +inf for an empty row makes every recomputed probability exp(s - inf) = 0.
         lse[:, :, i0:i1] = xp.where(empty, inf, m + xp.log(xp.where(empty, one, l)))
     return out, FlashCache(q, k, v, out, lse, mask, bool(causal), scale, bs)
@@ -379,7 +381,7 @@ def flash_attention_backward(dout, cache: FlashCache):
     delta = xp.sum(dout * out, axis=-1, keepdims=True)           # (B, H, Tq, 1)
     q5 = q.reshape(B, Hkv, G, Tq, D)
     do5 = dout.reshape(B, Hkv, G, Tq, D)
-    dq = xp.empty_like(q)
+    dq = xp.empty(q.shape, dtype=dt)                             # C-contiguous, so dq5 is a view
     dq5 = dq.reshape(B, Hkv, G, Tq, D)
     dk = xp.zeros_like(k)
     dv = xp.zeros_like(v)
@@ -395,18 +397,19 @@ def flash_attention_backward(dout, cache: FlashCache):
         for j0 in range(0, j_end, bs):
             j1 = min(j0 + bs, j_end)
             kj, vj = k[:, :, j0:j1], v[:, :, j0:j1]
-            p = xp.matmul(qb, kj.swapaxes(-1, -2))
-            p4 = p.reshape(B, H, bq, j1 - j0)
+            bk = j1 - j0
+            p = xp.matmul(qb, kj.swapaxes(-1, -2)).reshape(B, H, bq, bk)
             bias = _block_bias(xp, dt, i0, i1, j0, j1, offset, causal, mask4)
             if bias is not None:
-                p4 += bias
-            p4 -= lse_b
-            xp.exp(p4, out=p4)                                   # the probabilities again
+                p += bias
+            p -= lse_b
+            xp.exp(p, out=p)                                     # the probabilities again
+            p = p.reshape(B, Hkv, G * bq, bk)
             dv[:, :, j0:j1] += xp.matmul(p.swapaxes(-1, -2), dob)
-            ds = xp.matmul(dob, vj.swapaxes(-1, -2))
-            ds4 = ds.reshape(B, H, bq, j1 - j0)
-            ds4 -= delta_b
-            ds *= p
+            ds = xp.matmul(dob, vj.swapaxes(-1, -2)).reshape(B, H, bq, bk)
+            ds -= delta_b
+            ds = ds.reshape(B, Hkv, G * bq, bk)
+            ds *= p                                              # dS
             dqb += xp.matmul(ds, kj)
             dk[:, :, j0:j1] += xp.matmul(ds.swapaxes(-1, -2), qb)
         dqb *= scale

@@ -633,6 +633,9 @@ def test_bad_input_gets_a_clear_error(xp):
         A.sdpa_forward(q, z(2, 2, 5, 8), z(2, 2, 5, 8), mask=on(xp, np.ones((2, 1, 1, 3), dtype=bool)))
     with pytest.raises(TypeError, match="mask: expected a boolean array"):
         A.sdpa_forward(q, z(2, 2, 5, 8), z(2, 2, 5, 8), mask=z(2, 1, 1, 5))
+    if xp is not np:   # a mask left on the CPU while q is on the GPU
+        with pytest.raises(TypeError, match="mask: expected a cupy array"):
+            A.sdpa_forward(q, z(2, 2, 5, 8), z(2, 2, 5, 8), mask=np.ones((2, 1, 1, 5), dtype=bool))
     with pytest.raises(ValueError, match="causal: needs Tq <= Tk"):
         A.flash_attention_forward(q, z(2, 2, 2, 8), z(2, 2, 2, 8), causal=True)
     with pytest.raises(TypeError, match="k: expected dtype float64"):
