@@ -50,11 +50,13 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -503,6 +505,37 @@ class _Progress:
             self.live = False
 
 
+class _StopOnInterrupt:
+    """Turn the first Ctrl-C into a request to stop after the current step.
+
+    Stopping between steps means the parameters and the optimizer state are
+    consistent, so the loop can write a checkpoint and return; a run killed in
+    the middle of an update could not be saved safely. A second Ctrl-C raises
+    KeyboardInterrupt at once. Only the main thread can own signal handlers;
+    elsewhere Ctrl-C keeps its usual meaning.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
+
+
 # ---------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------
@@ -570,8 +603,10 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
 
     resume=True continues from ``cfg.out_dir/checkpoint.npz`` exactly where it was
     written. ``log`` receives every line of text (default print; on a terminal the
-    progress line is redrawn in place). Returns {"step", "train_loss", "val_loss",
-    "best_val_loss", "grad_norm", "tokens_per_s", "elapsed_s", "checkpoint", "out_dir"}.
+    progress line is redrawn in place). Ctrl-C (SIGINT) finishes the current step,
+    evaluates, writes a checkpoint and returns with "interrupted": True; a second
+    Ctrl-C stops at once. Returns {"step", "train_loss", "val_loss", "best_val_loss",
+    "grad_norm", "tokens_per_s", "elapsed_s", "checkpoint", "out_dir", "interrupted"}.
     """
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
@@ -630,7 +665,8 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
     tok_s = float("nan")
     ckpt_path = out / CHECKPOINT_FILE if resume else None
     start_step = step
-    with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics_file:
+    interrupted = False
+    with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics_file, _StopOnInterrupt() as stop:
 
         def record(rec):
             metrics_file.write(json.dumps(rec) + "\n")
@@ -657,7 +693,8 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
             win_steps += 1
             train_loss = loss_sum / G
             last["train_loss"], last["grad_norm"] = train_loss, grad_norm
-            final = step == cfg.max_steps
+            interrupted = stop.requested and step < cfg.max_steps
+            final = step == cfg.max_steps or interrupted  # Ctrl-C: log, evaluate, save, stop
 
             if step % cfg.log_interval == 0 or final or progress.tty:
                 now = time.perf_counter()
@@ -690,6 +727,10 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
                 spent = time.perf_counter() - t0
                 overhead += spent
                 win_t += spent  # keep evaluation and checkpoint time out of tokens/s and the ETA
+            if interrupted:
+                progress.line(f"interrupted: checkpoint written at step {step}/{cfg.max_steps}; "
+                              f"resume=True (--resume) continues from it")
+                break
     progress.close()
     elapsed_run = time.perf_counter() - t_start
     trained = step - start_step
@@ -697,7 +738,7 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
               "tokens_per_s": tokens_per_step * trained / max(elapsed_run - overhead, 1e-9) if trained else 0.0,
               "elapsed_s": elapsed_before + elapsed_run,
               "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
-              "out_dir": str(out)}
+              "out_dir": str(out), "interrupted": interrupted}
     if trained == 0:
         progress.line(f"nothing to do: the checkpoint is at step {step} and max_steps is {cfg.max_steps}")
     return result

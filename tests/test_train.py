@@ -155,6 +155,31 @@ def test_resume_after_a_crash_gives_the_same_losses_as_an_uninterrupted_run(xp, 
     assert a["rng"] == b["rng"]
 
 
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(xp, tmp_path):
+    import signal
+    tr.train(ToyTask(xp), config(tmp_path / "a"), log=quiet)
+    task = ToyTask(xp)
+    inner = task.loss_and_grads
+    calls = []
+
+    def press_ctrl_c_during_step_6(params, batch):
+        calls.append(1)
+        if len(calls) == 2 * 5 + 1:  # the first micro-batch of step 6
+            os.kill(os.getpid(), signal.SIGINT)
+        return inner(params, batch)
+
+    task.loss_and_grads = press_ctrl_c_during_step_6
+    lines = []
+    res = tr.train(task, config(tmp_path / "b"), log=lines.append)
+    assert res["interrupted"] and res["step"] == 6 and len(calls) == 12  # the step was completed
+    assert tr.load_checkpoint(tmp_path / "b")["step"] == 6               # off the checkpoint interval
+    assert any(ln.startswith("interrupted: checkpoint written at step 6/12") for ln in lines)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    res = tr.train(ToyTask(xp), config(tmp_path / "b"), resume=True, log=quiet)
+    assert not res["interrupted"] and res["step"] == 12
+    assert records(tmp_path / "b", "train") == records(tmp_path / "a", "train")
+
+
 def test_an_interrupted_checkpoint_write_never_corrupts_the_latest(xp, tmp_path, monkeypatch):
     task = ToyTask(xp)
     first = {k: np_(v).copy() for k, v in task.params.items()}
