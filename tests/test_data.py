@@ -218,6 +218,24 @@ def test_token_files_reject_bad_ids(tmp_path):
         data.load_tokens(tmp_path / "missing.npy")
 
 
+def test_tokenize_splits_writes_both_files(tmp_path):
+    class Chars:
+        vocab_size = 128
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    docs = [("a", "to be\n"), ("b", "or not\n"), ("c", "to be\n")]
+    train, val = data.split_documents(docs, 0.3, seed=1)
+    tt, vv = data.tokenize_splits(train, val, Chars(), tmp_path / "tok")
+    assert "".join(map(chr, tt)) == data.join_documents(train) and tt.dtype == np.uint16
+    assert "".join(map(chr, data.load_tokens(tmp_path / "tok" / "val.npy"))) == data.join_documents(val)
+    with pytest.raises(TypeError, match="tokenizer: expected an object with encode"):
+        data.tokenize_splits(train, val, object(), tmp_path)
+    with pytest.raises(ValueError, match="val_docs: expected at least one"):
+        data.tokenize_splits(train, [], Chars(), tmp_path)
+
+
 # --- batches -------------------------------------------------------------------------------
 
 @given(n=st.integers(2, 200), B=st.integers(1, 4), T=st.integers(1, 16), seed=seeds)
