@@ -141,6 +141,17 @@ def test_erf_float32_is_accurate_and_stays_float32(xp):
     assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30)) <= 1e-6
 
 
+def test_exact_gelu_is_the_same_in_blocks_and_whole(xp):
+    # big float32 arrays are processed block by block on NumPy; the split must not show
+    x = (np.random.default_rng(2).standard_normal(ffn._BLOCK + 1000) * 3).astype(np.float32)
+    whole = np_(ffn.gelu_forward(on(xp, x), "none")[0])
+    parts = np.concatenate([np_(ffn.gelu_forward(on(xp, x[i:i + 5000]), "none")[0])
+                            for i in range(0, x.size, 5000)])
+    assert np.array_equal(whole, parts)
+    ref = np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in x[:3000].astype(np.float64)])
+    assert np.max(np.abs(whole[:3000] - ref)) <= 1e-6
+
+
 @given(seed=seeds, scale=st.sampled_from([0.5, 2.0, 8.0]))
 def test_erf_is_odd_and_bounded(xp, seed, scale):
     z = randn(seed, 50, scale=scale)
