@@ -288,7 +288,7 @@ def _parse_class(pattern, i):
                 continue
             if e == "s":
                 raw.append(_WHITE_SPACE)
-            elif e in "PSdDwWUx":
+            elif e in "PSdDwWU":
                 raise ValueError(f"pattern: \\{e} inside a character class is not supported (position {k})")
             else:
                 raw.append(pattern[k:k + 2])
@@ -337,12 +337,13 @@ def translate_pattern(pattern):
                 out.append(pattern[i:i + 2])
             i += 2
             continue
+        if c in "?*+}" and pattern[i + 1:i + 2] == "+" and sys.version_info < (3, 11):
+            out.append(c)  # a possessive quantifier: keep it greedy, drop the '+' re < 3.11 rejects
+            i += 2
+            continue
         out.append(c)
         i += 1
-    result = "".join(out)
-    if sys.version_info < (3, 11):
-        result = re.sub(r"(?<=[?*+}])\+", "", result)
-    return result
+    return "".join(out)
 
 
 @lru_cache(maxsize=16)
