@@ -143,7 +143,8 @@ def test_schedule_is_continuous_monotone_and_hits_its_ends(max_lr, frac, warmup,
     for x in (s, float(warmup), float(max_steps)):
         for a in (max(x - h, 0.0), x):
             assert abs(f(a + h) - f(a)) <= 2 * slope * h + 1e-15, (a, f(a), f(a + h))
-    assert 0 < f(s) <= max_lr * (1 + 1e-12)
+    assert 0 <= f(s) <= max_lr * (1 + 1e-12)
+    assert f(s) >= min_lr if s >= warmup else f(s) > 0
 
 
 @given(seed=seeds, k=st.integers(1, 4))
