@@ -36,8 +36,9 @@ tokenizer, the RNG states and the metrics. Being one file, it is replaced in one
 moment leaves either the old checkpoint or the new one, never a mix or a torn
 file. ``checkpoint.json`` beside it is the same JSON for people to read; loading
 ignores it. Resuming restores every piece of state the next step depends on
-(parameters, optimizer buffers and step count, the data generator), so the
-losses continue exactly as in an uninterrupted run.
+(parameters, optimizer buffers and step count, the data generator, the task's
+own generator), so the losses continue exactly as in an uninterrupted run.
+Ctrl-C lets the current step finish, then evaluates, checkpoints and returns.
 
 Also in ``out_dir``: ``metrics.jsonl`` (one JSON object per logged step or
 evaluation, appended as training goes) and ``loss.svg`` (train and validation
