@@ -69,7 +69,7 @@ def float32_to_bfloat16(x):
     Adding 0x7FFF plus the lowest kept bit before dropping the low 16 bits rounds
     ties to the even neighbour, as hardware does. NaNs stay (quiet) NaNs.
     """
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    x = np.array(x, dtype=np.float32, order="C")   # a copy: .view needs contiguous memory
     u = x.view(np.uint32).astype(np.uint64)
     rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
@@ -128,7 +128,7 @@ def load_safetensors(path, names=None) -> dict:
             f.seek(base + begin)
             raw = np.frombuffer(f.read(end - begin), dtype=dt)
             a = bfloat16_to_float32(raw) if entry["dtype"] == "BF16" else raw.astype(dt.newbyteorder("="))
-            out[name] = a.reshape(entry["shape"])
+            out[name] = a.reshape(tuple(entry["shape"]))   # a tuple: () is a scalar
     return out
 
 
@@ -145,7 +145,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtype=No
     for name in tensors:  # keep the caller's order: readers do not care, humans do
         if not isinstance(name, str):
             raise TypeError(f"tensors: expected string names, got {name!r}")
-        a = np.ascontiguousarray(to_numpy(tensors[name]))
+        a = np.asarray(to_numpy(tensors[name]))    # (not ascontiguousarray: it turns a scalar into (1,))
         if a.dtype.kind == "f" and dtype is not None:
             if dtype == "bfloat16":
                 code, data = "BF16", float32_to_bfloat16(a.astype(np.float32))
@@ -156,7 +156,7 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtype=No
             if a.dtype.newbyteorder("=") not in _NP_TO_ST:
                 raise TypeError(f"tensors[{name!r}]: dtype {a.dtype} has no safetensors code")
             code, data = _NP_TO_ST[a.dtype.newbyteorder("=")], a
-        data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<")))
+        data = data.astype(data.dtype.newbyteorder("<"))   # tobytes() below writes row-major order
         nbytes = data.nbytes
         header[name] = {"dtype": code, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
         blobs.append(data)
@@ -319,6 +319,7 @@ def _gpt2_config_from_hf(h: dict):
                          f"(GPT-2's tanh GELU), got {act!r}")
     n_embd = int(h["n_embd"])
     n_inner = h.get("n_inner")
+    eps = float(h.get("layer_norm_epsilon", 1e-5))   # None below: the config's own default (same value)
     for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                     ("scale_attn_weights", True)):
         if key in h and bool(h[key]) != ok:
@@ -327,8 +328,8 @@ def _gpt2_config_from_hf(h: dict):
                      n_layer=int(h["n_layer"]), n_head=int(h["n_head"]), n_embd=n_embd,
                      dropout=0.0, bias=True, norm="layernorm", pos="learned", mlp="gelu",
                      tie_embeddings=bool(h.get("tie_word_embeddings", True)),
-                     norm_eps=float(h.get("layer_norm_epsilon", 1e-5)),
-                     mlp_hidden=int(n_inner) if n_inner and int(n_inner) != 4 * n_embd else None)
+                     mlp_hidden=int(n_inner) if n_inner and int(n_inner) != 4 * n_embd else None,
+                     norm_eps=None if eps == 1e-5 else eps)
 
 
 def _gpt2_check(config):
@@ -412,7 +413,7 @@ def _gpt2_from_hf(config, tensors) -> dict:
             raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {tuple(shapes[ours])} "
                              f"from config.json, got {tuple(a.shape)}")
         params[ours] = a
-    return params
+    return {k: params[k] for k in shapes}     # gpt's own order
 
 
 def _gpt2_mapping() -> HFMapping:
