@@ -47,12 +47,14 @@ def _load_corpus(data):
 
 
 def _best(fn, repeat):
-    best, out = float("inf"), None
+    """Best-of-``repeat`` (wall seconds, CPU seconds of this process, result) of ``fn()``."""
+    best, out = (float("inf"), 0.0), None
     for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+        t = (time.perf_counter() - w0, time.process_time() - c0)
+        best = min(best, t)
+    return best[0], best[1], out
 
 
 def _hf_train(text, vocab_size):
@@ -63,9 +65,7 @@ def _hf_train(text, vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     lines = text.splitlines(keepends=True)
-    t0 = time.perf_counter()
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
-    return time.perf_counter() - t0, tok
+    return _best(lambda: tok.train_from_iterator(lines, trainer=trainer, length=len(lines)), 1)[:2] + (tok,)
 
 
 def run(args):
@@ -85,48 +85,50 @@ def run(args):
     t0 = time.perf_counter()
     compile_pattern(args.pattern)  # a one-off per process (Unicode tables), not part of training
     print(f"pre-split pattern built in {time.perf_counter() - t0:.2f} s (once per process)")
-    t0 = time.perf_counter()
-    tok = BPETokenizer.train(text, args.vocab_size, pattern=args.pattern)
-    t_train = time.perf_counter() - t0
-    print(f"minillm BPE trained in {t_train:.2f} s ({len(tok.merges)} merges)")
+    w_train, c_train, tok = _best(lambda: BPETokenizer.train(text, args.vocab_size, pattern=args.pattern), 1)
+    print(f"minillm BPE trained in {w_train:.2f} s ({len(tok.merges)} merges)")
 
     def encode_cold():
         tok.clear_cache()
         return tok.encode_ordinary(text)
-    t_cold, ids = _best(encode_cold, args.repeat)
-    t_warm, _ = _best(lambda: tok.encode_ordinary(text), args.repeat)
+    w_cold, c_cold, ids = _best(encode_cold, args.repeat)
+    w_warm, c_warm, _ = _best(lambda: tok.encode_ordinary(text), args.repeat)
     assert tok.decode(ids) == text, "round trip failed"
     print(f"minillm encode: {len(ids):,} tokens ({len(text.encode('utf-8')) / len(ids):.2f} bytes/token), "
           "decode(encode(text)) == text")
 
-    rows = [["minillm", "train", f"{t_train:.2f} s", "", ""],
-            ["minillm", "encode (cold cache)", f"{t_cold:.2f} s", f"{mb / t_cold:.2f}", ""],
-            ["minillm", "encode (warm cache)", f"{t_warm:.2f} s", f"{mb / t_warm:.2f}", ""]]
+    def row(lib, what, wall, cpu, throughput=True, ratio=""):
+        return [lib, what, f"{wall:.2f}", f"{cpu:.2f}", f"{mb / wall:.2f}" if throughput else "", ratio]
+
+    rows = [row("minillm", "train", w_train, c_train, False),
+            row("minillm", "encode (cold cache)", w_cold, c_cold),
+            row("minillm", "encode (warm cache)", w_warm, c_warm)]
     if not args.skip_reference:
         try:
             import tiktoken
         except ImportError:
-            print("tiktoken not installed: no tiktoken column")
+            print("tiktoken not installed: no tiktoken rows")
         else:
             enc = tiktoken.Encoding(name="minillm-bench", pat_str=tok.pattern_str, mergeable_ranks=tok.ranks,
                                     special_tokens={})
-            t_tk, ids_tk = _best(lambda: enc.encode_ordinary(text), args.repeat)
+            w, c, ids_tk = _best(lambda: enc.encode_ordinary(text), args.repeat)
             print(f"tiktoken with our ranks: ids {'identical' if ids_tk == ids else 'DIFFERENT'} "
                   f"({len(ids_tk):,} tokens)")
-            rows.append(["tiktoken (our ranks)", "encode", f"{t_tk:.2f} s", f"{mb / t_tk:.2f}",
-                         f"tiktoken/minillm: cold {t_tk / t_cold:.2f}, warm {t_tk / t_warm:.2f}"])
+            rows.append(row("tiktoken (our ranks)", "encode", w, c,
+                            ratio=f"cold {w / w_cold:.2f}, warm {w / w_warm:.2f}"))
         try:
             import tokenizers  # noqa: F401
         except ImportError:
-            print("tokenizers not installed: no HF column")
+            print("tokenizers not installed: no HF rows")
         else:
-            t_hf, hf = _hf_train(text, args.vocab_size)
-            rows.append(["HF tokenizers", "train", f"{t_hf:.2f} s", "", f"HF/minillm: {t_hf / t_train:.2f}"])
+            w, c, hf = _hf_train(text, args.vocab_size)
+            rows.append(row("HF tokenizers", "train", w, c, False, ratio=f"{w / w_train:.2f}"))
             lines = text.splitlines(keepends=True)  # one huge string is HF's slow path; batches of lines are not
-            t_hfe, _ = _best(lambda: hf.encode_batch(lines, add_special_tokens=False), args.repeat)
-            rows.append(["HF tokenizers", "encode_batch(lines)", f"{t_hfe:.2f} s", f"{mb / t_hfe:.2f}",
-                         f"HF/minillm: cold {t_hfe / t_cold:.2f}, warm {t_hfe / t_warm:.2f}"])
+            w, c, _ = _best(lambda: hf.encode_batch(lines, add_special_tokens=False), args.repeat)
+            rows.append(row("HF tokenizers", "encode_batch(lines)", w, c,
+                            ratio=f"cold {w / w_cold:.2f}, warm {w / w_warm:.2f}"))
     print()
-    print_table(rows, ["library", "what", "time", "MB/s", "ratio (reference time / minillm time)"])
-    print("\nHF tokenizers trains on all CPU cores; minillm and tiktoken (encode_ordinary) use one.")
+    print_table(rows, ["library", "what", "wall s", "CPU s", "MB/s", "reference wall / minillm wall"])
+    print("\nHF tokenizers uses all CPU cores (its CPU s adds them up); minillm and tiktoken's "
+          "encode_ordinary use one.\nOn a busy machine wall times grow; CPU s is the steadier measure.")
     return 0
