@@ -279,7 +279,8 @@ _WHITE_SPACE = set("\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
 def test_unicode_classes_are_exact(c):
     cat = unicodedata.category(c)
     for pat, want in [(r"\p{L}", cat[0] == "L"), (r"\p{N}", cat[0] == "N"), (r"\s", c in _WHITE_SPACE),
-                      (r"\S", c not in _WHITE_SPACE), (r"[^\s\p{L}\p{N}]", cat[0] not in "LN" and c not in _WHITE_SPACE),
+                      (r"\S", c not in _WHITE_SPACE),
+                      (r"[^\s\p{L}\p{N}]", cat[0] not in "LN" and c not in _WHITE_SPACE),
                       (r"[^\r\n\p{L}\p{N}]", cat[0] not in "LN" and c not in "\r\n"),
                       (r"\P{L}", cat[0] != "L"), (r"[x\p{Lu}]", cat == "Lu" or c == "x")]:
         assert bool(compile_pattern(pat).fullmatch(c)) == want, (pat, c, cat)
@@ -430,7 +431,7 @@ def test_wordpiece_pieces_rejoin_to_normalised_words(text):
     alphabet = sorted(set("abx!,e"))
     vocab = SPECIALS + alphabet + ["##" + c for c in alphabet] + ["ab", "##ab", "ba"]
     tok = WordPieceTokenizer(vocab)
-    words, cur = [], None
+    words = []
     for piece in tok.tokenize(text):
         if piece.startswith("##"):
             words[-1] += piece[2:]

@@ -166,7 +166,8 @@ except ImportError:
 else:
     enc = tiktoken.Encoding(name="minillm", pat_str=bpe.pattern_str, mergeable_ranks=bpe.ranks,
                             special_tokens=bpe.special_tokens)
-    print(f"tiktoken.Encoding(mergeable_ranks=our ranks) gives the same ids: {enc.encode(corpus[:20000]) == bpe.encode(corpus[:20000])}")
+    same = enc.encode(corpus[:20000]) == bpe.encode(corpus[:20000])
+    print(f"tiktoken.Encoding(mergeable_ranks=our ranks) gives the same ids: {same}")
 
 # ---------------------------------------------------------------------------
 step(8, "WordPiece (BERT): normalise, split, then greedy longest match")
