@@ -403,7 +403,9 @@ class BPETokenizer:
     """Byte-level BPE with tiktoken-compatible ranks.
 
     ranks: dict token bytes -> rank (= id); must contain all 256 single bytes.
-    pattern: "gpt2", "gpt4", a tiktoken-syntax regex string, or None (no pre-split).
+    pattern: "gpt2", "gpt4", a tiktoken-syntax regex string, or None (no pre-split:
+        the whole text is one chunk, which suits small examples; training and
+        encoding then work on one long sequence, so megabytes take long).
     special_tokens: dict str -> id, ids distinct from the ranks.
     """
 
