@@ -1,11 +1,82 @@
-"""python -m minillm sample (not built yet: see the open issues)."""
+"""python -m minillm sample: generate text from a trained GPT (default: the latest run under runs/).
+
+Loads a run directory written by ``python -m minillm train`` (its checkpoint.npz
+holds the weights, the model config and the tokenizer) and continues a prompt,
+token by token, with the KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
 
 
 def add_arguments(parser):
-    parser.add_argument("rest", nargs="*", help="arguments, once this command exists")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter   # the help texts state their defaults
+    parser.description = __doc__
+    parser.add_argument("--checkpoint", default=None,
+                        help="a run directory (or its checkpoint.npz) from python -m minillm train "
+                             "(default: the most recent run under runs/)")
+    parser.add_argument("--prompt", default="\n",
+                        help="text to continue (default: a newline, i.e. start a fresh line)")
+    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="divide the logits by this; 0 means greedy (always the likeliest token) "
+                             "(default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample only among the k likeliest tokens (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample only among the likeliest tokens whose probabilities sum to p "
+                             "(nucleus sampling) (default: off)")
+    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for the draws; the same seed gives the same text (default: random)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="re-run the whole context at every step instead of using the KV cache "
+                             "(same output, slower: for comparison)")
+    parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
+                        help="where to run (default: $MINILLM_DEVICE, else cpu)")
+
+
+def load_run(path=None, device=None):
+    """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest)."""
+    from minillm import backend, gpt
+    from minillm.tokenizer import tokenizer_from_dict
+    from minillm.train import latest_run, load_checkpoint
+    ck = load_checkpoint(path if path is not None else latest_run("runs"))
+    mc, td = ck.get("model_config"), ck.get("tokenizer")
+    if not mc or not td:
+        raise ValueError(f"checkpoint: {ck['path']!r} has no model_config or tokenizer; expected a run "
+                         f"written by python -m minillm train")
+    try:
+        config = gpt.GPTConfig.from_dict(mc)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint: {ck['path']!r} does not hold a GPT ({e})") from None
+    params = backend.to_device(ck["params"], device)
+    return config, params, tokenizer_from_dict(td), ck
 
 
 def run(args):
-    print("minillm sample: not available yet. What exists today: the concept files under minillm/ "
-          "and their tests (python -m pytest).")
-    return 2
+    from minillm import gpt
+    config, params, tokenizer, ck = load_run(args.checkpoint, args.device)
+    prompt = tokenizer.encode(args.prompt)
+    if not prompt:
+        raise ValueError("prompt: expected text that encodes to at least one token, got an empty prompt")
+    if len(prompt) > config.block_size:
+        print(f"note: the prompt has {len(prompt)} tokens; keeping its last {config.block_size} "
+              f"(the model's context)")
+        prompt = prompt[-config.block_size:]
+    print(f"{ck['path']} (step {ck['step']}, {gpt.num_params(params):,} parameters); "
+          f"temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
+          f"{'no ' if args.no_cache else ''}KV cache")
+    for i in range(args.num_samples):
+        t0 = time.perf_counter()
+        seed = None if args.seed is None else args.seed + i
+        ids = gpt.generate(params, config, prompt, args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, use_cache=not args.no_cache, seed=seed)
+        dt = time.perf_counter() - t0
+        print("-" * 60)
+        print(tokenizer.decode(ids))
+        print("-" * 60)
+        print(f"{args.max_new_tokens} tokens in {dt:.2f} s ({args.max_new_tokens / max(dt, 1e-9):,.0f} tokens/s)")
+    return 0
