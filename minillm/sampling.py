@@ -160,12 +160,14 @@ def top_p_filter(logits, p):
 
     Sorting probabilities in decreasing order, token i (in that order) is kept
     iff the mass of the tokens before it is < p, so the most likely token is
-    always kept and p = 1 keeps every token of non-zero probability.
+    always kept and p = 1 keeps every token.
     Exact ties are broken by sort order (the kept count is always minimal).
     logits: (..., V); p in (0, 1] -> (..., V)
     """
     _check_logits(logits)
     _check_top_p(p)
+    if p >= 1.0:
+        return logits.copy()          # all the mass: keep every token (no rounding at the tail)
     xp = array_module(logits)
     order = xp.argsort(-logits, axis=-1, kind="stable") if xp is np else xp.argsort(-logits, axis=-1)
     sorted_logits = xp.take_along_axis(logits, order, axis=-1)
