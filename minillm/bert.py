@@ -1,0 +1,670 @@
+"""BERT: an encoder-only transformer, its masked-language-model and classification
+heads, every backward written out by hand.
+
+Where GPT reads left to right (a causal mask), BERT reads the whole sequence at
+once: every token attends to every other real token, and only padding is hidden
+(a key padding mask). It is pretrained by masked language modelling (MLM): hide
+15% of the tokens and predict them from both sides. A fine-tuned classifier reads
+the hidden state of the first token, [CLS], through a small "pooler".
+
+The forward pass, for input_ids (B, T):
+
+    x = LayerNorm(word[ids] + position[0..T-1] + token_type[types])      embeddings
+    for each layer (post-LN, as in the original BERT):
+        x = LayerNorm(x + Dropout(SelfAttention(x, key padding mask)))
+        x = LayerNorm(x + Dropout(W2 GELU(W1 x + b1) + b2))
+    hidden = x                                                              (B, T, C)
+
+    MLM head:            logits = LayerNorm(GELU(hidden W + b)) word^T + bias   (decoder tied to the embeddings)
+    pooler + classifier: logits = Dropout(tanh(hidden[:, 0] Wp + bp)) Wc + bc
+
+"Post-LN" means the LayerNorm comes after the residual addition (GPT-2 and most
+modern models put it before: pre-LN). Hugging Face checkpoints of BERT load with
+``minillm.checkpoint.load_hf`` (see the BERT section of checkpoint.py).
+
+Parameters are one flat dict (names below); ``backward`` and the ``*_loss_and_grads``
+functions return gradients with the same keys.
+
+    embeddings.word (V, C)  embeddings.position (P, C)  embeddings.token_type (S, C)
+    embeddings.ln.weight/bias (C,)
+    h.{i}.attn.w_qkv (C, 3C) [q | k | v]   h.{i}.attn.b_qkv (3C,)   h.{i}.attn.w_o (C, C)   h.{i}.attn.b_o (C,)
+    h.{i}.ln_1.weight/bias (C,)            (after attention)
+    h.{i}.mlp.w1 (C, I)  h.{i}.mlp.b1 (I,)  h.{i}.mlp.w2 (I, C)  h.{i}.mlp.b2 (C,)
+    h.{i}.ln_2.weight/bias (C,)            (after the MLP)
+    pooler.w (C, C)  pooler.b (C,)                                   (optional head)
+    mlm.dense.w (C, C)  mlm.dense.b (C,)  mlm.ln.weight/bias (C,)  mlm.bias (V,)   (optional head)
+    classifier.w (C, L)  classifier.b (L,)                           (optional head)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from .attention import self_attention_backward, self_attention_forward
+from .backend import (DEFAULT_DTYPE, array_module, check_array, check_float, check_int, check_ndim,
+                      make_rng, randn, scatter_add, to_device, to_numpy)
+from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
+                       softmax_cross_entropy_forward)
+from .embeddings import (embedding_backward, embedding_forward, segment_embedding_backward,
+                         segment_embedding_forward)
+from .ffn import ACTIVATIONS, linear_backward, linear_forward, mlp_backward, mlp_forward
+from .norm import layernorm_backward, layernorm_forward
+
+IGNORE_INDEX = -100  # label value that the MLM loss skips (PyTorch's and Hugging Face's convention)
+
+# Hugging Face's names for the activation -> the names minillm.ffn uses.
+# BERT's "gelu" is the exact one, x * Phi(x) with the error function; ffn's "gelu"
+# is GPT-2's tanh approximation.
+_ACTIVATIONS = {
+    "gelu": "gelu_exact",
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "relu": "relu",
+}
+
+HEADS = ("pooler", "mlm", "classifier")
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+@dataclass
+class BertConfig:
+    """The shape of a BERT model (Hugging Face's names in comments).
+
+    vocab_size          number of WordPiece tokens (vocab_size)
+    hidden_size         C, the width of the residual stream (hidden_size)
+    num_layers          encoder blocks (num_hidden_layers)
+    num_heads           attention heads; hidden_size must divide by it (num_attention_heads)
+    intermediate_size   I, the MLP's inner width, usually 4C (intermediate_size)
+    max_position        longest sequence: rows of the learned position table (max_position_embeddings)
+    type_vocab_size     segment ids: 2 for sentence A / sentence B (type_vocab_size)
+    layer_norm_eps      BERT uses 1e-12 (layer_norm_eps)
+    hidden_dropout      dropout on the embeddings, each sublayer's output and the pooled [CLS]
+    attention_dropout   dropout on the attention probabilities
+    initializer_range   std of the normal initialisation (initializer_range)
+    hidden_act          "gelu" (exact, erf), "gelu_new" (tanh approximation) or "relu"
+    pad_token_id        the [PAD] id; its word-embedding row starts at zero
+    num_labels          classes of the classification head
+    """
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position: int
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    initializer_range: float = 0.02
+    hidden_act: str = "gelu"
+    pad_token_id: int = 0
+    num_labels: int = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position", "type_vocab_size", "num_labels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads: expected a divisor of hidden_size={self.hidden_size}, "
+                             f"got {self.num_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act: expected one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps: expected a positive number, got {self.layer_norm_eps!r}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id: expected an id in [0, {self.vocab_size}), got {self.pad_token_id}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf(self) -> dict:
+        """A Hugging Face config.json dict (model_type "bert")."""
+        return {
+            "model_type": "bert", "architectures": ["BertForMaskedLM"],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "intermediate_size": self.intermediate_size, "max_position_embeddings": self.max_position,
+            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
+            "hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
+            "initializer_range": self.initializer_range, "hidden_act": self.hidden_act,
+            "pad_token_id": self.pad_token_id, "num_labels": self.num_labels,
+            "position_embedding_type": "absolute",
+        }
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "BertConfig":
+        """From a Hugging Face config.json dict. Only absolute position embeddings exist here."""
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"config: expected model_type 'bert', got {d.get('model_type')!r}")
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"config: expected position_embedding_type 'absolute', got {pet!r}")
+        num_labels = d.get("num_labels", len(d.get("id2label", {}) or {}) or 2)
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+                   intermediate_size=d["intermediate_size"], max_position=d["max_position_embeddings"],
+                   type_vocab_size=d.get("type_vocab_size", 2), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
+                   hidden_dropout=d.get("hidden_dropout_prob", 0.1),
+                   attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
+                   initializer_range=d.get("initializer_range", 0.02), hidden_act=d.get("hidden_act", "gelu"),
+                   pad_token_id=d.get("pad_token_id", 0) or 0, num_labels=num_labels)
+
+
+# ---------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------
+
+def param_shapes(config: BertConfig, heads=HEADS) -> dict:
+    """{name: shape} for the encoder plus the chosen heads (a subset of HEADS)."""
+    unknown = set(heads) - set(HEADS)
+    if unknown:
+        raise ValueError(f"heads: expected a subset of {HEADS}, got unknown {sorted(unknown)}")
+    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
+    s = {"embeddings.word": (V, C), "embeddings.position": (config.max_position, C),
+         "embeddings.token_type": (config.type_vocab_size, C),
+         "embeddings.ln.weight": (C,), "embeddings.ln.bias": (C,)}
+    for i in range(config.num_layers):
+        p = f"h.{i}."
+        s.update({p + "attn.w_qkv": (C, 3 * C), p + "attn.b_qkv": (3 * C,),
+                  p + "attn.w_o": (C, C), p + "attn.b_o": (C,),
+                  p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
+                  p + "mlp.w1": (C, I), p + "mlp.b1": (I,), p + "mlp.w2": (I, C), p + "mlp.b2": (C,),
+                  p + "ln_2.weight": (C,), p + "ln_2.bias": (C,)})
+    if "pooler" in heads:
+        s.update({"pooler.w": (C, C), "pooler.b": (C,)})
+    if "mlm" in heads:
+        s.update({"mlm.dense.w": (C, C), "mlm.dense.b": (C,), "mlm.ln.weight": (C,), "mlm.ln.bias": (C,),
+                  "mlm.bias": (V,)})
+    if "classifier" in heads:
+        s.update({"classifier.w": (C, config.num_labels), "classifier.b": (config.num_labels,)})
+    return s
+
+
+def init_params(config: BertConfig, seed=0, dtype=DEFAULT_DTYPE, device=None, heads=HEADS) -> dict:
+    """BERT's initialisation: weights ~ N(0, initializer_range^2), biases 0, LayerNorm 1 and 0,
+    the [PAD] row of the word embeddings 0. Drawn on the CPU from ``seed``, then moved to
+    ``device`` (default MINILLM_DEVICE), so a seed gives the same model everywhere."""
+    rng = make_rng(seed)
+    std = config.initializer_range
+    params = {}
+    for name, shape in param_shapes(config, heads).items():
+        if name.endswith(".weight") and ".ln" in name:
+            a = np.ones(shape, dtype=dtype)
+        elif len(shape) == 1:  # biases, LayerNorm shifts, the MLM output bias
+            a = np.zeros(shape, dtype=dtype)
+        else:
+            a = to_numpy(randn(rng, shape, std=std, dtype=dtype, device="cpu"))
+            if name == "embeddings.word":
+                a[config.pad_token_id] = 0
+        params[name] = to_device(a, device)
+    return params
+
+
+def num_params(params: dict) -> int:
+    return int(sum(int(np.prod(p.shape)) for p in params.values()))
+
+
+def _check_params(params, config, heads=()):
+    if not isinstance(params, dict):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    want = param_shapes(config, heads)
+    for name, shape in want.items():
+        if name not in params:
+            raise ValueError(f"params: missing {name!r} (expected shape {shape})")
+        p = params[name]
+        check_float(f"params[{name!r}]", p)
+        if tuple(p.shape) != shape:
+            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(p.shape)}")
+    dt = params["embeddings.word"].dtype
+    for name in want:
+        if params[name].dtype != dt:
+            raise TypeError(f"params[{name!r}]: expected dtype {dt} (the dtype of embeddings.word), "
+                            f"got {params[name].dtype}")
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+def _check_inputs(config, input_ids, token_type_ids, attention_mask):
+    """Validate the three (B, T) inputs; return (token_type_ids, attention_mask) with defaults filled in."""
+    check_int("input_ids", input_ids)
+    check_ndim("input_ids", input_ids, 2)
+    xp = array_module(input_ids)
+    B, T = input_ids.shape
+    if T < 1:
+        raise ValueError(f"input_ids: expected at least one token per sequence, got shape {(B, T)}")
+    if T > config.max_position:
+        raise ValueError(f"input_ids: sequence length {T} exceeds max_position={config.max_position} "
+                         "(the rows of the learned position table); truncate the input")
+    lo, hi = int(xp.min(input_ids)), int(xp.max(input_ids))
+    if lo < 0 or hi >= config.vocab_size:
+        raise ValueError(f"input_ids: expected ids in [0, {config.vocab_size}), got {lo if lo < 0 else hi}")
+    if token_type_ids is None:
+        token_type_ids = xp.zeros((B, T), dtype=input_ids.dtype)
+    else:
+        check_int("token_type_ids", token_type_ids)
+        if tuple(token_type_ids.shape) != (B, T):
+            raise ValueError(f"token_type_ids: expected shape {(B, T)} (the shape of input_ids), "
+                             f"got {tuple(token_type_ids.shape)}")
+        lo, hi = int(xp.min(token_type_ids)), int(xp.max(token_type_ids))
+        if lo < 0 or hi >= config.type_vocab_size:
+            raise ValueError(f"token_type_ids: expected ids in [0, {config.type_vocab_size}) "
+                             f"(type_vocab_size), got {lo if lo < 0 else hi}")
+    if attention_mask is None:
+        attention_mask = xp.ones((B, T), dtype=bool)
+    else:
+        check_array("attention_mask", attention_mask)
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask: expected shape {(B, T)} (the shape of input_ids), "
+                             f"got {tuple(attention_mask.shape)}")
+        if attention_mask.dtype != bool:
+            if not bool(xp.all((attention_mask == 0) | (attention_mask == 1))):
+                raise ValueError("attention_mask: expected 1 (a real token) or 0 (padding) everywhere, "
+                                 "got other values")
+            attention_mask = attention_mask != 0
+        # A sequence of nothing but padding has no key to attend to (softmax over an empty set).
+        empty = ~xp.any(attention_mask, axis=1)
+        if bool(xp.any(empty)):
+            raise ValueError(f"attention_mask: sequence {int(xp.argmax(empty))} has no token with mask 1; "
+                             "every sequence needs at least one real token")
+    return token_type_ids, attention_mask
+
+
+# ---------------------------------------------------------------------------
+# The encoder
+# ---------------------------------------------------------------------------
+
+class LayerCache(NamedTuple):
+    attn: object     # self-attention cache
+    drop_1: object   # dropout on the attention output
+    ln_1: object     # LayerNorm(x + attention)
+    mlp: object      # MLP cache
+    drop_2: object   # dropout on the MLP output
+    ln_2: object     # LayerNorm(x + mlp)
+
+
+class BertCache(NamedTuple):
+    word: object          # embedding cache for input_ids
+    token_type: object    # embedding cache for token_type_ids
+    T: int                # sequence length (rows 0..T-1 of the position table were used)
+    shapes: tuple         # (position table shape,)
+    ln: object            # embeddings LayerNorm
+    drop: object          # embeddings dropout
+    layers: tuple         # one LayerCache per block
+    keys: tuple           # the encoder parameter names, for the gradient dict
+
+
+def _activation(config):
+    return _ACTIVATIONS[config.hidden_act]
+
+
+def _dropout(x, p, train, rng):
+    if not train or p == 0:
+        return dropout_forward(x, 0.0, None)
+    if rng is None:
+        raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
+    return dropout_forward(x, p, rng)
+
+
+def forward(params, config: BertConfig, input_ids, token_type_ids=None, attention_mask=None,
+            train=False, rng=None):
+    """The encoder: hidden states of every token.
+
+    input_ids, token_type_ids: (B, T) ints; attention_mask: (B, T) 1 = real token, 0 = padding
+    (default: all 1). train=True applies dropout with ``rng`` (a numpy Generator).
+    -> hidden (B, T, C), cache for ``backward``.
+    Padding tokens still get hidden states (they attend to the real tokens), but no real
+    token ever attends to them, so appending padding changes nothing for the real tokens.
+    """
+    _check_params(params, config)
+    token_type_ids, attention_mask = _check_inputs(config, input_ids, token_type_ids, attention_mask)
+    if train and rng is not None and not hasattr(rng, "random"):
+        rng = make_rng(rng)  # an int seed is accepted too
+    B, T = input_ids.shape
+    eps = config.layer_norm_eps
+
+    e_word, c_word = embedding_forward(input_ids, params["embeddings.word"])
+    e_type, c_type = segment_embedding_forward(token_type_ids, params["embeddings.token_type"])
+    x = e_word + e_type + params["embeddings.position"][:T]  # positions 0..T-1 broadcast over the batch
+    x, c_ln = layernorm_forward(x, params["embeddings.ln.weight"], params["embeddings.ln.bias"], eps)
+    x, c_drop = _dropout(x, config.hidden_dropout, train, rng)
+
+    # Key padding mask: query i may attend to key j iff token j is real. (B, 1, 1, T)
+    mask = attention_mask[:, None, None, :]
+    act = _activation(config)
+    attn_p = config.attention_dropout if train else 0.0
+    if attn_p and rng is None:
+        raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
+    layers = []
+    for i in range(config.num_layers):
+        p = f"h.{i}."
+        a, c_attn = self_attention_forward(x, params[p + "attn.w_qkv"], params[p + "attn.b_qkv"],
+                                           params[p + "attn.w_o"], params[p + "attn.b_o"],
+                                           config.num_heads, causal=False, mask=mask,
+                                           dropout_p=attn_p, rng=rng if attn_p else None)
+        a, c_d1 = _dropout(a, config.hidden_dropout, train, rng)
+        x, c_ln1 = layernorm_forward(x + a, params[p + "ln_1.weight"], params[p + "ln_1.bias"], eps)
+        m, c_mlp = mlp_forward(x, params[p + "mlp.w1"], params[p + "mlp.b1"], params[p + "mlp.w2"],
+                               params[p + "mlp.b2"], activation=act)
+        m, c_d2 = _dropout(m, config.hidden_dropout, train, rng)
+        x, c_ln2 = layernorm_forward(x + m, params[p + "ln_2.weight"], params[p + "ln_2.bias"], eps)
+        layers.append(LayerCache(c_attn, c_d1, c_ln1, c_mlp, c_d2, c_ln2))
+    keys = tuple(param_shapes(config, heads=()))
+    return x, BertCache(c_word, c_type, T, (tuple(params["embeddings.position"].shape),), c_ln, c_drop,
+                        tuple(layers), keys)
+
+
+def backward(dhidden, cache: BertCache) -> dict:
+    """dL/d(encoder parameters) from dL/dhidden (B, T, C): the forward in reverse, block by block.
+    -> {name: grad} for every encoder parameter (the heads add their own)."""
+    g = {}
+    dx = dhidden
+    for i in reversed(range(len(cache.layers))):
+        c = cache.layers[i]
+        p = f"h.{i}."
+        # x_out = LN2(x_mid + drop(mlp(x_mid))): the residual sends ds to both x_mid and the MLP.
+        ds, g[p + "ln_2.weight"], g[p + "ln_2.bias"] = layernorm_backward(dx, c.ln_2)
+        dm = dropout_backward(ds, c.drop_2)
+        dmid, g[p + "mlp.w1"], g[p + "mlp.b1"], g[p + "mlp.w2"], g[p + "mlp.b2"] = mlp_backward(dm, c.mlp)
+        dmid = dmid + ds
+        # x_mid = LN1(x_in + drop(attn(x_in)))
+        ds, g[p + "ln_1.weight"], g[p + "ln_1.bias"] = layernorm_backward(dmid, c.ln_1)
+        da = dropout_backward(ds, c.drop_1)
+        dx_in, g[p + "attn.w_qkv"], g[p + "attn.b_qkv"], g[p + "attn.w_o"], g[p + "attn.b_o"] = \
+            self_attention_backward(da, c.attn)
+        dx = dx_in + ds
+    dx = dropout_backward(dx, cache.drop)
+    de, g["embeddings.ln.weight"], g["embeddings.ln.bias"] = layernorm_backward(dx, cache.ln)
+    # The three embeddings were summed, so each receives de unchanged.
+    g["embeddings.word"] = embedding_backward(de, cache.word)
+    g["embeddings.token_type"] = segment_embedding_backward(de, cache.token_type)
+    xp = array_module(de)
+    dpos = xp.zeros(cache.shapes[0], dtype=de.dtype)
+    dpos[:cache.T] = de.sum(axis=0)  # every sequence used the same rows 0..T-1
+    g["embeddings.position"] = dpos
+    return {k: g[k] for k in cache.keys}
+
+
+def _full_grads(params, grads):
+    """Gradients for every key of ``params``: zeros for parameters the loss does not reach
+    (e.g. the classifier during MLM), so the dict always matches the parameter dict."""
+    xp = array_module(next(iter(params.values())))
+    out = {}
+    for k, p in params.items():
+        out[k] = grads[k] if k in grads else xp.zeros_like(p)
+    return out
+
+
+def _add(grads, name, value):
+    grads[name] = grads[name] + value if name in grads else value
+
+
+# ---------------------------------------------------------------------------
+# Pooler: [CLS] -> dense -> tanh
+# ---------------------------------------------------------------------------
+
+class PoolerCache(NamedTuple):
+    lin: object       # linear cache
+    y: object         # (B, C) tanh output: tanh' = 1 - y^2
+    hidden_shape: tuple
+
+
+def pooler_forward(hidden, w, b):
+    """pooled = tanh(hidden[:, 0] w + b): the [CLS] token's state, squashed.
+    hidden: (B, T, C); w: (C, C); b: (C,) -> pooled (B, C)"""
+    check_float("hidden", hidden)
+    check_ndim("hidden", hidden, 3)
+    xp = array_module(hidden)
+    z, c_lin = linear_forward(hidden[:, 0], w, b)
+    y = xp.tanh(z)
+    return y, PoolerCache(c_lin, y, tuple(hidden.shape))
+
+
+def pooler_backward(dpooled, cache: PoolerCache):
+    """-> dhidden (B, T, C) (nonzero only at position 0), dw, db"""
+    xp = array_module(dpooled)
+    dz = dpooled * (1 - cache.y * cache.y)
+    dcls, dw, db = linear_backward(dz, cache.lin)
+    dhidden = xp.zeros(cache.hidden_shape, dtype=dcls.dtype)
+    dhidden[:, 0] = dcls
+    return dhidden, dw, db
+
+
+# ---------------------------------------------------------------------------
+# The MLM head: dense -> GELU -> LayerNorm -> decoder tied to the word embeddings
+# ---------------------------------------------------------------------------
+
+class MLMHeadCache(NamedTuple):
+    dense: object     # linear cache of the transform
+    act: object       # activation cache
+    act_name: str     # which activation (minillm.ffn name)
+    ln: object        # LayerNorm cache
+    dec: object       # linear cache of the tied decoder
+
+
+def mlm_head_forward(h, params, config: BertConfig):
+    """logits = LayerNorm(GELU(h W + b)) word^T + bias.
+    The decoder reuses the word-embedding table (weight tying): the same vector that
+    represents token v going in scores token v coming out. h: (N, C) -> logits (N, V)"""
+    act = _activation(config)
+    t, c_dense = linear_forward(h, params["mlm.dense.w"], params["mlm.dense.b"])
+    a, c_act = ACTIVATIONS[act][0](t)
+    n, c_ln = layernorm_forward(a, params["mlm.ln.weight"], params["mlm.ln.bias"], config.layer_norm_eps)
+    logits, c_dec = linear_forward(n, params["embeddings.word"].T, params["mlm.bias"])
+    return logits, MLMHeadCache(c_dense, c_act, act, c_ln, c_dec)
+
+
+def mlm_head_backward(dlogits, cache: MLMHeadCache):
+    """-> dh (N, C), {name: grad} for the head (the decoder's part goes to embeddings.word)."""
+    g = {}
+    dn, dwT, g["mlm.bias"] = linear_backward(dlogits, cache.dec)
+    g["embeddings.word"] = dwT.T  # the decoder used word^T
+    da, g["mlm.ln.weight"], g["mlm.ln.bias"] = layernorm_backward(dn, cache.ln)
+    dt = ACTIVATIONS[cache.act_name][1](da, cache.act)
+    dh, g["mlm.dense.w"], g["mlm.dense.b"] = linear_backward(dt, cache.dense)
+    return dh, g
+
+
+def _check_labels(name, labels, shape, n_classes, ignore=True):
+    check_int(name, labels)
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(labels.shape)}")
+    xp = array_module(labels)
+    bad = (labels < 0) | (labels >= n_classes)
+    if ignore:
+        bad &= labels != IGNORE_INDEX
+    if bool(xp.any(bad)):
+        extra = f" or {IGNORE_INDEX} (ignored)" if ignore else ""
+        raise ValueError(f"{name}: expected ids in [0, {n_classes}){extra}, got {int(labels[bad][0])}")
+
+
+def mlm_logits(params, config, input_ids, token_type_ids=None, attention_mask=None):
+    """Scores over the vocabulary at every position (inference: fill in [MASK]). -> (B, T, V)"""
+    _check_params(params, config, heads=("mlm",))
+    hidden, _ = forward(params, config, input_ids, token_type_ids, attention_mask)
+    B, T, C = hidden.shape
+    logits, _ = mlm_head_forward(hidden.reshape(B * T, C), params, config)
+    return logits.reshape(B, T, -1)
+
+
+def _mlm(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, need_grads):
+    _check_params(params, config, heads=("mlm",))
+    check_int("input_ids", input_ids)
+    _check_labels("labels", labels, input_ids.shape, config.vocab_size)
+    hidden, cache = forward(params, config, input_ids, token_type_ids, attention_mask, train, rng)
+    xp = array_module(hidden)
+    B, T, C = hidden.shape
+    # Only the masked positions are scored: the (N, V) logits are the costly part, and
+    # the other 85% of positions would contribute nothing to the loss anyway.
+    flat_labels = labels.reshape(-1)
+    rows = xp.nonzero(flat_labels != IGNORE_INDEX)[0]
+    h = hidden.reshape(B * T, C)[rows]
+    logits, c_head = mlm_head_forward(h, params, config)
+    loss, c_ce = softmax_cross_entropy_forward(logits, flat_labels[rows])
+    if not need_grads:
+        return float(loss), None
+    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)
+    dh, g_head = mlm_head_backward(dlogits, c_head)
+    dhidden = xp.zeros((B * T, C), dtype=dh.dtype)
+    scatter_add(dhidden, rows, dh)  # rows are distinct; scatter_add keeps the device code uniform
+    g = backward(dhidden.reshape(B, T, C), cache)
+    for k, v in g_head.items():
+        _add(g, k, v)
+    return float(loss), _full_grads(params, g)
+
+
+def mlm_loss(params, config, input_ids, labels, token_type_ids=None, attention_mask=None):
+    """The MLM loss alone (evaluation): mean cross-entropy over positions whose label is not -100."""
+    return _mlm(params, config, input_ids, labels, token_type_ids, attention_mask, False, None, False)[0]
+
+
+def mlm_loss_and_grads(params, config, input_ids, labels, token_type_ids=None, attention_mask=None,
+                       train=False, rng=None):
+    """Masked-language-model loss and its gradients.
+
+    labels (B, T): the original token where the input was masked (see ``mask_tokens``),
+    -100 elsewhere (ignored). loss = mean over labelled positions of -log p(label).
+    -> (loss as a float, grads with the keys of ``params``; zeros for parameters the
+    MLM loss does not use, such as the pooler)."""
+    return _mlm(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, True)
+
+
+# ---------------------------------------------------------------------------
+# Sequence classification: pooler -> dropout -> linear
+# ---------------------------------------------------------------------------
+
+def _classify(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, need_grads):
+    _check_params(params, config, heads=("pooler", "classifier"))
+    hidden, cache = forward(params, config, input_ids, token_type_ids, attention_mask, train, rng)
+    pooled, c_pool = pooler_forward(hidden, params["pooler.w"], params["pooler.b"])
+    pooled, c_drop = _dropout(pooled, config.hidden_dropout, train, rng)
+    logits, c_cls = linear_forward(pooled, params["classifier.w"], params["classifier.b"])
+    if labels is None:
+        return logits, None, None
+    _check_labels("labels", labels, (input_ids.shape[0],), config.num_labels, ignore=False)
+    loss, c_ce = softmax_cross_entropy_forward(logits, labels)
+    if not need_grads:
+        return logits, float(loss), None
+    xp = array_module(logits)
+    g = {}
+    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)
+    dpooled, g["classifier.w"], g["classifier.b"] = linear_backward(dlogits, c_cls)
+    dpooled = dropout_backward(dpooled, c_drop)
+    dhidden, g["pooler.w"], g["pooler.b"] = pooler_backward(dpooled, c_pool)
+    g.update(backward(dhidden, cache))
+    return logits, float(loss), _full_grads(params, g)
+
+
+def classify_logits(params, config, input_ids, token_type_ids=None, attention_mask=None):
+    """Class scores from the pooled [CLS] state. -> (B, num_labels)"""
+    return _classify(params, config, input_ids, None, token_type_ids, attention_mask, False, None, False)[0]
+
+
+def classification_loss_and_grads(params, config, input_ids, labels, token_type_ids=None,
+                                  attention_mask=None, train=False, rng=None):
+    """Cross-entropy of the classifier on labels (B,) in [0, num_labels), and its gradients.
+    -> (loss as a float, grads with the keys of ``params``; zeros for unused ones, e.g. the MLM head)."""
+    _, loss, g = _classify(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, True)
+    return loss, g
+
+
+# ---------------------------------------------------------------------------
+# BERT's masking recipe
+# ---------------------------------------------------------------------------
+
+def mask_tokens(input_ids, rng, *, vocab_size, mask_token_id, special_ids=(), attention_mask=None,
+                mlm_probability=0.15):
+    """Make an MLM training example, as in the BERT paper.
+
+    Each token that is neither special ([CLS], [SEP], [PAD], ...) nor padding is chosen
+    with probability ``mlm_probability`` (15%). A chosen token becomes [MASK] 80% of the
+    time, a random ordinary token 10% of the time, and stays itself 10% of the time; the
+    model must predict the original at every chosen position. (Keeping and randomising a
+    few stops the model from learning that only [MASK] positions matter, since at
+    fine-tuning time there is no [MASK].) Random replacements are drawn from the
+    non-special ids.
+
+    input_ids: (B, T) ints; rng: a numpy Generator (or seed) -> (masked_ids, labels) where
+    labels hold the original id at chosen positions and -100 elsewhere. The draws happen
+    on the CPU; the results come back on the device of ``input_ids``.
+    """
+    check_int("input_ids", input_ids)
+    if not 0.0 <= mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability: expected a number in [0, 1], got {mlm_probability!r}")
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id: expected an id in [0, {vocab_size}), got {mask_token_id}")
+    xp = array_module(input_ids)
+    rng = make_rng(rng)
+    ids = to_numpy(input_ids)
+    special = np.asarray(sorted({int(s) for s in special_ids}), dtype=np.int64)
+    eligible = ~np.isin(ids, special)
+    if attention_mask is not None:
+        check_array("attention_mask", attention_mask)
+        if tuple(attention_mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)} (the shape of input_ids), "
+                             f"got {tuple(attention_mask.shape)}")
+        eligible &= to_numpy(attention_mask) != 0
+    chosen = eligible & (rng.random(ids.shape) < mlm_probability)
+    labels = np.where(chosen, ids, IGNORE_INDEX).astype(ids.dtype)
+    u = rng.random(ids.shape)
+    to_mask = chosen & (u < 0.8)
+    to_random = chosen & (u >= 0.8) & (u < 0.9)
+    ordinary = np.setdiff1d(np.arange(vocab_size), special)
+    if len(ordinary) == 0:
+        raise ValueError("special_ids: every id is special; no ordinary token to draw at random")
+    random_ids = ordinary[rng.integers(0, len(ordinary), size=ids.shape)]
+    out = np.where(to_mask, mask_token_id, np.where(to_random, random_ids, ids)).astype(ids.dtype)
+    return xp.asarray(out), xp.asarray(labels)
+
+
+# ---------------------------------------------------------------------------
+# Sentence embeddings
+# ---------------------------------------------------------------------------
+
+def mean_pool(hidden, attention_mask, normalize=False):
+    """Mean of the real tokens' hidden states (sentence-transformers' mean pooling), optionally
+    scaled to unit length. hidden: (B, T, C); attention_mask: (B, T) -> (B, C)"""
+    check_float("hidden", hidden)
+    check_ndim("hidden", hidden, 3)
+    if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(f"attention_mask: expected shape {tuple(hidden.shape[:2])}, "
+                         f"got {tuple(attention_mask.shape)}")
+    xp = array_module(hidden)
+    m = (attention_mask != 0).astype(hidden.dtype)[:, :, None]
+    # sentence-transformers clamps the count at 1e-9; with at least one real token it is >= 1.
+    emb = (hidden * m).sum(axis=1) / xp.maximum(m.sum(axis=1), 1e-9)
+    if normalize:
+        emb = emb / xp.maximum(xp.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
+def cosine_similarity(a, b=None):
+    """Cosine similarity matrix between the rows of a (N, C) and b (M, C) (default: a). -> (N, M)"""
+    xp = array_module(a)
+    b = a if b is None else b
+    an = a / xp.maximum(xp.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / xp.maximum(xp.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return an @ bn.T
