@@ -350,7 +350,7 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 class GeluCache(NamedTuple):
     x: object            # (...) the input
-    t: object            # (...) tanh(u) for "tanh", Phi(x) for "none": the expensive part, reused
+    phi: object          # (...) Phi(x) ("none") or its tanh approximation ("tanh"): the costly part, reused
     approximate: str
 
 
@@ -360,22 +360,26 @@ def gelu_forward(x, approximate="tanh"):
     approximate="none":  y = 0.5 x (1 + erf(x / sqrt 2))   (BERT, PyTorch's default)
     approximate="tanh":  y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-2)
     The two differ by less than 1e-3 everywhere. x: (...) -> y: (...)
+
+    The tanh form is computed as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3),
+    using the identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)): the same function,
+    but exp is cheaper than tanh, and in the left tail 1 + tanh(u) is a difference
+    of nearly equal numbers while 1 / (1 + exp(-2u)) keeps full relative precision.
     """
     check_float("x", x)
     xp = array_module(x)
     t_ = x.dtype.type
     if approximate == "tanh":
-        c = t_(_SQRT_2_OVER_PI)
-        # u = c*x + c*a*x^3 = x * (c + c*a*x^2), built in one buffer in place.
-        t = x * x
-        t *= t_(_SQRT_2_OVER_PI * _GELU_A)
-        t += c
-        t *= x
-        xp.tanh(t, out=t)
-        y = t + t_(1)
-        y *= x
-        y *= t_(0.5)
-        return y, GeluCache(x, t, "tanh")
+        # -2u = x * (-2c - 2ca x^2), built in one buffer in place.
+        s = x * x
+        s *= t_(-2.0 * _SQRT_2_OVER_PI * _GELU_A)
+        s -= t_(2.0 * _SQRT_2_OVER_PI)
+        s *= x
+        with np.errstate(over="ignore"):    # exp(-2u) = inf for very negative x: then s = 0, exactly right
+            xp.exp(s, out=s)
+        s += t_(1)
+        xp.divide(t_(1), s, out=s)           # s = sigmoid(2u) = 0.5 (1 + tanh(u))
+        return x * s, GeluCache(x, s, "tanh")
     if approximate == "none":
         phi = _normal_cdf(x)
         return x * phi, GeluCache(x, phi, "none")
@@ -386,25 +390,23 @@ def gelu_backward(dy, cache: GeluCache):
     """dx = dy * GELU'(x).
 
     exact:  GELU'(x) = Phi(x) + x * phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)
-    tanh:   with t = tanh(u), u = c (x + a x^3), c = sqrt(2/pi):
-            GELU'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 a x^2)
-                     = 0.5 (1 + t) (1 + x (1 - t) c (1 + 3 a x^2))     (factor out 1 + t)
+    tanh:   with s = sigmoid(2u), u = c (x + a x^3), c = sqrt(2/pi), and sigmoid' = s (1 - s):
+            GELU'(x) = s + x s (1 - s) 2c (1 + 3 a x^2)
+                     = s (1 + x (1 - s) 2c (1 + 3 a x^2))
     """
-    x, t, approximate = cache
+    x, phi, approximate = cache
     _check_grad_shape("dy", dy, x.shape)
     xp = array_module(x)
     t_ = x.dtype.type
     if approximate == "tanh":
         g = x * x
-        g *= t_(3.0 * _GELU_A * _SQRT_2_OVER_PI)
-        g += t_(_SQRT_2_OVER_PI)
-        g *= x                      # x c (1 + 3 a x^2)
-        h = t_(1) - t
+        g *= t_(6.0 * _GELU_A * _SQRT_2_OVER_PI)
+        g += t_(2.0 * _SQRT_2_OVER_PI)
+        g *= x                      # x 2c (1 + 3 a x^2)
+        h = t_(1) - phi
         g *= h
         g += t_(1)
-        xp.add(t, t_(1), out=h)     # reuse the buffer: h = 1 + t
-        g *= h
-        g *= t_(0.5)
+        g *= phi
         g *= dy
         return g
     # exact: phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
@@ -413,7 +415,7 @@ def gelu_backward(dy, cache: GeluCache):
     xp.exp(g, out=g)
     g *= t_(_INV_SQRT_2PI)
     g *= x
-    g += t
+    g += phi
     g *= dy
     return g
 
