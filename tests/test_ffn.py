@@ -156,7 +156,10 @@ def test_exact_gelu_is_the_same_in_blocks_and_whole(xp):
 def test_erf_is_odd_and_bounded(xp, seed, scale):
     z = randn(seed, 50, scale=scale)
     e, em = np_(ffn.erf(on(xp, z))), np_(ffn.erf(on(xp, -z)))
-    assert np.array_equal(e, -em)
+    if xp is np:
+        assert np.array_equal(e, -em)     # ours is odd by construction; CUDA's need not be bit-exact
+    else:
+        assert_close(e, -em, rtol=1e-15, atol=1e-300)
     assert np.all(np.abs(e) <= 1.0)
     assert_close(np_(ffn.erfc(on(xp, z))) + e, np.ones_like(z), rtol=0, atol=6e-16)
 
