@@ -1,0 +1,215 @@
+"""Walkthrough 08: a GPT, assembled from the concept files, trained, and sampled.
+
+A GPT is a stack of identical blocks between an embedding and an LM head. Each
+block is two residual branches, attention then an MLP, each after a norm. We
+build a tiny one, run one block by hand and check it against minillm.gpt, write
+the backward pass of that block in reverse order and check it against gpt.backward,
+verify the whole gradient by finite differences, train on a sonnet, and sample.
+
+  1. the parameters             5. the backward, in reverse order
+  2. embeddings                 6. a finite-difference check of every parameter
+  3. one block, by hand         7. training steps on a small text
+  4. the LM head and the loss   8. sampling, with and without the KV cache
+
+Run: python walkthroughs/08_gpt.py   (MINILLM_FAST=1 for fewer training steps)
+"""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# The matrices here are tiny: one BLAS thread beats two that wait for each other (much more
+# so on a busy machine). Must be set before NumPy loads its BLAS; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+from minillm import backend, gpt  # noqa: E402
+from minillm.attention import self_attention_backward, self_attention_forward  # noqa: E402
+from minillm.backprop import (check_dict_gradients, softmax_cross_entropy_backward,  # noqa: E402
+                              softmax_cross_entropy_forward)
+from minillm.embeddings import embedding_backward, embedding_forward  # noqa: E402
+from minillm.ffn import mlp_backward, mlp_forward  # noqa: E402
+from minillm.norm import layernorm_backward, layernorm_forward  # noqa: E402
+from minillm.optim import AdamW  # noqa: E402
+from minillm.tokenizer import CharTokenizer  # noqa: E402
+
+FAST = os.environ.get("MINILLM_FAST") == "1"
+xp = backend.xp_default()
+np.set_printoptions(precision=4, suppress=True)
+
+
+def show(title):
+    print()
+    print(title)
+    print("-" * len(title))
+
+
+def maxdiff(a, b):
+    return float(xp.max(xp.abs(a - b)))
+
+
+TEXT = """Shall I compare thee to a summer's day?
+Thou art more lovely and more temperate:
+Rough winds do shake the darling buds of May,
+And summer's lease hath all too short a date;
+Sometime too hot the eye of heaven shines,
+And often is his gold complexion dimm'd;
+And every fair from fair sometime declines,
+By chance or nature's changing course untrimm'd;
+But thy eternal summer shall not fade,
+Nor lose possession of that fair thou ow'st;
+Nor shall death brag thou wander'st in his shade,
+When in eternal lines to time thou grow'st:
+So long as men can breathe or eyes can see,
+So long lives this, and this gives life to thee.
+"""
+
+print(__doc__.split("\n\n")[0])
+print(f"device: {backend.device_name()} ({xp.__name__})")
+
+# ---------------------------------------------------------------------------
+show("1. The parameters: a flat dict with GPT-2's names")
+# ---------------------------------------------------------------------------
+tok = CharTokenizer.from_text(TEXT)
+cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32)
+params = gpt.init_params(cfg, seed=0)
+print(cfg)
+for name, p in list(params.items())[:14]:
+    print(f"  {name:18s} {str(tuple(p.shape)):12s} std {float(p.std()):.4f}")
+print(f"  ... {len(params)} arrays, {gpt.num_params(params):,} numbers in all")
+print("Weights start N(0, 0.02^2); the two projections that write into the residual stream")
+print(f"(attn.w_o, mlp.w2) start 1/sqrt(2 n_layer) = {1 / np.sqrt(2 * cfg.n_layer):.2f} times smaller, so the")
+print("stream's variance does not grow with depth. Norm gains start at 1, biases at 0.")
+
+# ---------------------------------------------------------------------------
+show("2. Embeddings: a row per token plus a row per position")
+# ---------------------------------------------------------------------------
+one = cfg.replace(n_layer=1)                                    # one block is enough to see everything
+p1 = gpt.init_params(one, seed=1)
+ids = tok.encode(TEXT)
+idx = xp.asarray([ids[:16], ids[40:56]])                      # a batch of two windows, B=2, T=16
+B, T = idx.shape
+te, te_cache = embedding_forward(idx, p1["wte"])                # (B, T, C)
+pe, pe_cache = embedding_forward(xp.arange(T), p1["wpe"])       # (T, C), broadcast over the batch
+x0 = te + pe
+print(f"idx {tuple(idx.shape)} -> wte[idx] {tuple(te.shape)} + wpe[0..{T - 1}] {tuple(pe.shape)} = x {tuple(x0.shape)}")
+print("Attention by itself ignores order; the position rows are what tell 'ab' from 'ba'.")
+
+# ---------------------------------------------------------------------------
+show("3. One block, by hand: x + attn(ln_1(x)), then + mlp(ln_2(x))")
+# ---------------------------------------------------------------------------
+h1, ln1_c = layernorm_forward(x0, p1["h.0.ln_1.weight"], p1["h.0.ln_1.bias"])
+a, attn_c = self_attention_forward(h1, p1["h.0.attn.w_qkv"], p1["h.0.attn.b_qkv"], p1["h.0.attn.w_o"],
+                                   p1["h.0.attn.b_o"], one.n_head, causal=True)
+x1 = x0 + a                                                     # residual 1
+h2, ln2_c = layernorm_forward(x1, p1["h.0.ln_2.weight"], p1["h.0.ln_2.bias"])
+m, mlp_c = mlp_forward(h2, p1["h.0.mlp.w1"], p1["h.0.mlp.b1"], p1["h.0.mlp.w2"], p1["h.0.mlp.b2"])
+x2 = x1 + m                                                     # residual 2
+xf, lnf_c = layernorm_forward(x2, p1["ln_f.weight"], p1["ln_f.bias"])
+print("pre-norm: each branch reads a normalised copy, but adds to the raw stream, so the")
+print("stream is an identity path from the embedding to the head (gradients flow straight down).")
+print(f"|attention branch| / |stream| = {float(xp.linalg.norm(a) / xp.linalg.norm(x0)):.3f}, "
+      f"|MLP branch| / |stream| = {float(xp.linalg.norm(m) / xp.linalg.norm(x1)):.3f} (small at init)")
+
+# ---------------------------------------------------------------------------
+show("4. The LM head (tied to wte) and the loss")
+# ---------------------------------------------------------------------------
+targets = xp.asarray([ids[1:17], ids[41:57]])                  # the next character at every position
+logits = xf @ p1["wte"].T                                       # (B, T, V): one score per vocabulary entry
+loss, ce_c = softmax_cross_entropy_forward(logits, targets)
+ref, _ = gpt.forward(p1, one, idx)
+print(f"logits {tuple(logits.shape)}; max |by hand - gpt.forward| = {maxdiff(logits, ref):.1e}")
+print(f"loss {float(loss):.4f} vs ln(V) = ln({cfg.vocab_size}) = {np.log(cfg.vocab_size):.4f}: at init the model")
+print("is close to uniform, as it should be (a much larger loss would mean a bad initialisation).")
+
+# ---------------------------------------------------------------------------
+show("5. The backward pass: the forward, read from the bottom up")
+# ---------------------------------------------------------------------------
+g = {}
+dlogits = softmax_cross_entropy_backward(1.0, ce_c)            # (softmax - onehot) / N
+g["wte"] = dlogits.reshape(-1, cfg.vocab_size).T @ xf.reshape(-1, cfg.n_embd)   # the head's weight
+dxf = dlogits @ p1["wte"]
+dx2, g["ln_f.weight"], g["ln_f.bias"] = layernorm_backward(dxf, lnf_c)
+# x2 = x1 + m: the residual hands dx2 to both x1 and the MLP branch.
+dh2, g["h.0.mlp.w1"], g["h.0.mlp.b1"], g["h.0.mlp.w2"], g["h.0.mlp.b2"] = mlp_backward(dx2, mlp_c)
+dx1_branch, g["h.0.ln_2.weight"], g["h.0.ln_2.bias"] = layernorm_backward(dh2, ln2_c)
+dx1 = dx2 + dx1_branch
+# x1 = x0 + a: the same again for the attention branch.
+dh1, g["h.0.attn.w_qkv"], g["h.0.attn.b_qkv"], g["h.0.attn.w_o"], g["h.0.attn.b_o"] = \
+    self_attention_backward(dx1, attn_c)
+dx0_branch, g["h.0.ln_1.weight"], g["h.0.ln_1.bias"] = layernorm_backward(dh1, ln1_c)
+dx0 = dx1 + dx0_branch
+# x0 = wte[idx] + wpe[pos]: scatter-adds; wte also gets the head's gradient (it is tied).
+g["wpe"] = embedding_backward(dx0.sum(axis=0), pe_cache)
+g["wte"] = g["wte"] + embedding_backward(dx0, te_cache)
+_, grads = gpt.loss_and_grads(p1, one, idx, targets)
+worst = max(maxdiff(g[k], grads[k]) for k in grads)
+print("dlogits -> head -> ln_f -> [MLP branch + residual] -> ln_2 -> [attention branch + residual]")
+print(f"-> ln_1 -> embeddings. {len(g)} gradients by hand; max |by hand - gpt.backward| = {worst:.1e}")
+print("Every residual is a '+' in the backward too: the gradient reaching x1 is dx2 (the identity")
+print("path) plus what came back through the MLP branch.")
+
+# ---------------------------------------------------------------------------
+show("6. A finite-difference check of every parameter (float64)")
+# ---------------------------------------------------------------------------
+# Weights moved well away from their initial values, so that no gradient is trivially small.
+noise = np.random.default_rng(2)
+p64 = {k: v + xp.asarray(0.3 * noise.standard_normal(v.shape))
+       for k, v in gpt.init_params(cfg, seed=2, dtype=np.float64).items()}
+small_idx, small_t = idx[:, :8], targets[:, :8]
+_, g64 = gpt.loss_and_grads(p64, cfg, small_idx, small_t)
+t0 = time.perf_counter()
+rep = check_dict_gradients(lambda p: gpt.loss(p, cfg, small_idx, small_t), p64, g64, eps=1e-3, atol=1e-4,
+                           max_checks_per_param=3 if FAST else 8)
+print(f"{len(p64)} parameter arrays, a few entries each nudged by +-eps, +-2 eps ({time.perf_counter() - t0:.1f} s):")
+print(f"  {rep}")
+print("The bar is 1e-7 relative (1e-11 absolute for entries below 1e-4: the key bias's gradient")
+print("is exactly 0, since softmax ignores a shift of a query's scores, so there the numeric side")
+print("is pure round-off). A wrong term in a backward shows up as 1e-2 or worse.")
+changed = small_idx.copy()
+changed[:, 5:] = (changed[:, 5:] + 1) % cfg.vocab_size
+l1, _ = gpt.forward(p64, cfg, small_idx)
+l2, _ = gpt.forward(p64, cfg, changed)
+print(f"causality: changing tokens 5.. moves logits 0..4 by {maxdiff(l1[:, :5], l2[:, :5]):.1e} "
+      f"and logits 5.. by {maxdiff(l1[:, 5:], l2[:, 5:]):.2f}")
+
+# ---------------------------------------------------------------------------
+show("7. Training: AdamW on random windows of the sonnet")
+# ---------------------------------------------------------------------------
+data = np.asarray(ids)
+rng = np.random.default_rng(0)
+opt = AdamW(params, lr=5e-3, weight_decay=0.0)
+steps = 200 if FAST else 600
+t0 = time.perf_counter()
+for step in range(steps + 1):
+    starts = rng.integers(0, len(data) - cfg.block_size - 1, 8)
+    xb = xp.asarray(np.stack([data[s:s + cfg.block_size] for s in starts]))
+    yb = xp.asarray(np.stack([data[s + 1:s + cfg.block_size + 1] for s in starts]))
+    loss_value, grads = gpt.loss_and_grads(params, cfg, xb, yb)
+    if step % (steps // 5) == 0:
+        print(f"  step {step:4d}  loss {loss_value:.3f}")
+    if step < steps:
+        opt.step(grads)
+print(f"{steps} steps in {time.perf_counter() - t0:.1f} s. The loss falls from ln(V) as the model learns")
+print("which characters follow which; a sonnet is small enough to be memorised outright.")
+
+# ---------------------------------------------------------------------------
+show("8. Sampling, with and without the KV cache")
+# ---------------------------------------------------------------------------
+prompt = tok.encode("Shall I ")
+t0 = time.perf_counter()
+greedy = gpt.generate(params, cfg, prompt, 60, temperature=0)
+t_cache = time.perf_counter() - t0
+t0 = time.perf_counter()
+greedy_nc = gpt.generate(params, cfg, prompt, 60, temperature=0, use_cache=False)
+t_nocache = time.perf_counter() - t0
+print(f"greedy:  {tok.decode(greedy)!r}")
+print(f"identical without the cache: {greedy == greedy_nc} ({t_cache:.2f} s with, {t_nocache:.2f} s without)")
+print("The cache keeps every layer's keys and values, so each new token runs the model on one")
+print("position instead of the whole context; past block_size the window slides and both agree.")
+print("(At this size both are instant; python -m minillm bench generate measures the gap at scale.)")
+for temp in (0.5, 1.0):
+    s = gpt.generate(params, cfg, prompt, 60, temperature=temp, seed=1)
+    print(f"T={temp}:   {tok.decode(s)!r}")
+print("Higher temperature flattens the distribution: more variety, more mistakes.")
