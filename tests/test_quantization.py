@@ -420,3 +420,16 @@ def test_quantize_command_reports_a_bad_group_size(tmp_path, capsys):
                "--eval-windows", "2", "--data", str(tmp_path / "data.txt")])
     text = capsys.readouterr().out
     assert rc == 2 and "group_size: expected a divisor" in text and "while quantizing" in text
+
+
+def test_quantize_command_uses_the_runs_own_validation_tokens(tmp_path, capsys):
+    from minillm.__main__ import main
+    from minillm.data import write_tokens
+    cfg, _ = _tiny_run(tmp_path)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, size=200)
+    write_tokens(ids, tmp_path / "run" / "val.npy", vocab_size=cfg.vocab_size)
+    rc = main(["quantize", str(tmp_path / "run"), "--compare", "selected", "--eval-windows", "3",
+               "--out", str(tmp_path / "q.npz")])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "the run's own validation tokens" in text and "3 windows x 16 tokens" in text

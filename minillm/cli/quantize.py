@@ -64,9 +64,9 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None, help="where to write the quantized checkpoint")
     parser.add_argument("--compare", choices=["all", "selected"], default="all",
                         help="table rows: the standard set of schemes, or only float32 and the selected one")
-    parser.add_argument("--eval-windows", type=int, default=64,
+    parser.add_argument("--eval-windows", type=int, default=256,
                         help="validation windows of block_size tokens for the perplexity")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
     parser.add_argument("--threshold", type=float, default=6.0,
                         help="LLM.int8() outlier threshold for the matmul timing line")
     parser.add_argument("--data", default=None,
@@ -231,6 +231,11 @@ def eval_windows(tokenizer, text, n_windows, block_size):
         if len(ids) >= need or chars >= len(text):
             break
         chars = min(len(text), chars * 2)
+    return token_windows(ids, n_windows, block_size)
+
+
+def token_windows(ids, n_windows, block_size):
+    """(n, block_size + 1) consecutive non-overlapping windows of ``ids``, n <= n_windows."""
     if len(ids) < block_size + 1:
         raise ValueError(f"data: the validation text has {len(ids)} tokens, fewer than one window of "
                          f"block_size + 1 = {block_size + 1}")
@@ -323,17 +328,24 @@ def run(args):
         print(f"error: checkpoint: {ck['path']!r} has no model config or tokenizer; quantize needs a GPT "
               f"trained by python -m minillm train")
         return 2
-    known = {k: v for k, v in mc.items() if k in gpt.GPTConfig.__dataclass_fields__}
-    config = gpt.GPTConfig(**known)
+    config = gpt.GPTConfig.from_dict(mc)
     tokenizer = tokenizer_from_dict(ck["tokenizer"])
     device = device_name(args.device)
     xp = xp_for(device)
     params = to_device({k: v for k, v in ck["params"].items()}, device)
     order = list(params)
 
-    text, source = validation_text(ck, args.data, args.val_fraction)
     T = config.block_size
-    windows = eval_windows(tokenizer, text, args.eval_windows, T)
+    val_file = Path(ck["path"]).parent / "val.npy"
+    if args.data is None and args.val_fraction is None and val_file.is_file():
+        # the validation tokens training wrote: exactly what its val loss was measured on
+        from minillm.data import load_tokens
+        ids = np.asarray(load_tokens(val_file)[: args.eval_windows * T + 1], dtype=np.int64)
+        windows = token_windows(ids, args.eval_windows, T)
+        source = f"{val_file} (the run's own validation tokens)"
+    else:
+        text, source = validation_text(ck, args.data, args.val_fraction)
+        windows = eval_windows(tokenizer, text, args.eval_windows, T)
     n_tok = windows.shape[0] * T
     print(f"checkpoint  {ck['path']} (step {ck['step']}, {sum(int(p.size) for p in params.values()):,} "
           f"parameters, n_embd {config.n_embd}, vocab {config.vocab_size})")
