@@ -522,8 +522,8 @@ class SwigluCache(NamedTuple):
     gate: LinearCache   # x @ w_gate (holds x)
     up_w: object        # w_up (x is shared with the gate's cache)
     u: object           # (..., H) x @ w_up
-    act: SiluCache      # silu's cache (holds g = x @ w_gate and sigmoid(g))
-    s: object           # (..., H) silu(g)
+    act: SiluCache      # silu's cache (holds g = x @ w_gate and sigmoid(g); s = g * sigmoid(g)
+                        # is recomputed in backward rather than kept: one multiply saves an (..., H) array)
     down: LinearCache   # (s * u) @ w_down
 
 
@@ -536,19 +536,21 @@ def swiglu_forward(x, w_gate, w_up, w_down):
     if tuple(w_up.shape) != tuple(w_gate.shape):
         check_float("w_up", w_up)
         raise ValueError(f"w_up: expected shape {tuple(w_gate.shape)} (that of w_gate), got {tuple(w_up.shape)}")
-    u, up = _linear_forward(x, w_up, None, "x", "w_up")
+    u, _ = _linear_forward(x, w_up, None, "x", "w_up")
     s, act = silu_forward(g)
-    y, down = _linear_forward(s * u, w_down, None, "silu(x @ w_gate) * (x @ w_up)", "w_down")
-    return y, SwigluCache(gate, w_up, u, act, s, down)
+    s *= u                      # m = silu(g) * u, in silu's fresh output buffer
+    y, down = _linear_forward(s, w_down, None, "silu(x @ w_gate) * (x @ w_up)", "w_down")
+    return y, SwigluCache(gate, w_up, u, act, down)
 
 
 def swiglu_backward(dy, cache: SwigluCache):
     """Backward of swiglu_forward. With m = s * u: ds = dm * u, du = dm * s, and x
     feeds both branches, so its gradient is the sum of the two.
     -> dx, dw_gate, dw_up, dw_down"""
-    gate, w_up, u, act, s, down = cache
+    gate, w_up, u, act, down = cache
     dm, dw_down, _ = linear_backward(dy, down)
-    du = dm * s
+    du = act.x * act.sig        # s = silu(g), recomputed
+    du *= dm
     dm *= u                     # dm is ours (a fresh matmul result): reuse it as ds
     dg = silu_backward(dm, act)
     dx, dw_gate, _ = linear_backward(dg, gate)
