@@ -1,0 +1,415 @@
+"""Word vectors by skip-gram with negative sampling (SGNS, Mikolov et al. 2013).
+
+The idea: a word is known by the company it keeps. Give every word two vectors,
+v_w (as a centre word, table ``w_in``) and u_w (as a context word, table
+``w_out``), and train them so that the dot product u_o . v_c is large when o
+appears within a few words of c in real text, and small for random words.
+
+Negative sampling turns that into K + 1 logistic regressions per (centre, context)
+pair instead of a softmax over the whole vocabulary:
+
+    loss = -log sigma(u_o . v_c) - sum_k log sigma(-u_k . v_c),   k = 1..K
+
+where the "negative" words n_k are drawn from the unigram distribution raised to
+the power 3/4, P(w) ~ count(w)^0.75 (which gives rare words a little more weight
+than their frequency). The gradients, with sigma'(x) = sigma(x) sigma(-x):
+
+    d/dv_c = -sigma(-u_o.v_c) u_o + sum_k sigma(u_k.v_c) u_k
+    d/du_o = -sigma(-u_o.v_c) v_c        d/du_k = sigma(u_k.v_c) v_c
+
+Two more tricks from the paper: frequent words ("the", "and") are randomly
+dropped from the training text with probability 1 - sqrt(t / f(w)), f the word's
+relative frequency (they carry little information and dominate the pairs); and
+the context window is drawn uniformly in 1..window for each centre, so near
+neighbours count more often than far ones.
+
+After training, words used in the same contexts have nearby v vectors: the
+cosine similarity of ``w_in`` rows is the similarity of the words. An embedding
+table in a transformer (embeddings.py) is learned the same way, as a gather
+whose backward is a scatter-add; here the loss is just much simpler.
+
+    vocab = build_vocab(tokens, min_count=2)
+    model = Word2Vec(vocab, dim=50, seed=0)
+    model.train(encode(tokens, vocab), epochs=3, window=5, negatives=5)
+    model.most_similar("king", k=5)
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+
+from .backend import (DEFAULT_DTYPE, array_module, check_float, check_int, check_ndim,
+                      check_same_dtype, check_shape, make_rng, scatter_add, to_device, to_numpy)
+from .optim import Adam
+
+__all__ = ["Vocab", "build_vocab", "encode", "keep_probabilities", "subsample", "noise_distribution",
+           "sample_negatives", "skipgram_pairs", "log_sigmoid", "sigmoid", "SGNSCache", "sgns_forward",
+           "sgns_backward", "sgns_loss_and_grads", "Word2Vec"]
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary, subsampling, noise distribution
+# ---------------------------------------------------------------------------
+
+class Vocab(NamedTuple):
+    words: list          # id -> word, most frequent first (ties: first appearance)
+    counts: np.ndarray   # (V,) int64 counts in the text the vocabulary was built from
+    index: dict          # word -> id
+
+    def __len__(self):
+        return len(self.words)
+
+
+def build_vocab(tokens, min_count=1, max_size=None) -> Vocab:
+    """The words seen at least ``min_count`` times, most frequent first (at most ``max_size``)."""
+    if isinstance(tokens, str):
+        raise TypeError("tokens: expected a list of words, got a str (split it first, e.g. text.split())")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count: expected an int >= 1, got {min_count!r}")
+    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer))
+                                 or max_size < 1):
+        raise ValueError(f"max_size: expected an int >= 1 or None, got {max_size!r}")
+    counts = Counter(tokens)  # dicts keep insertion order, so equal counts stay in order of appearance
+    kept = sorted(((w, c) for w, c in counts.items() if c >= min_count), key=lambda wc: -wc[1])
+    if max_size is not None:
+        kept = kept[:max_size]
+    if not kept:
+        raise ValueError(f"tokens: no word occurs at least min_count={min_count} times "
+                         f"({len(counts)} distinct words in {sum(counts.values())} tokens)")
+    words = [w for w, _ in kept]
+    return Vocab(words, np.array([c for _, c in kept], dtype=np.int64), {w: i for i, w in enumerate(words)})
+
+
+def encode(tokens, vocab: Vocab) -> np.ndarray:
+    """Token list -> int64 ids; words not in the vocabulary are dropped (as word2vec does)."""
+    index = vocab.index
+    return np.array([index[t] for t in tokens if t in index], dtype=np.int64)
+
+
+def keep_probabilities(counts, t=1e-5) -> np.ndarray:
+    """P(keep w) = min(1, sqrt(t / f(w))), f(w) = count(w) / total: the paper's subsampling rule.
+
+    Words rarer than t are always kept; a word with frequency 100 t is kept 10 % of
+    the time. (The released C code uses a slightly different formula; this is the
+    paper's.) counts: (V,) -> (V,) float64
+    """
+    counts = np.asarray(to_numpy(counts), dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"counts: expected a non-empty 1-D array of non-negative counts with a positive "
+                         f"sum, got shape {counts.shape}")
+    if not (isinstance(t, (int, float)) and t > 0):
+        raise ValueError(f"t: expected a positive threshold (1e-5 in the paper), got {t!r}")
+    f = counts / counts.sum()
+    with np.errstate(divide="ignore"):
+        return np.minimum(1.0, np.sqrt(t / f))
+
+
+def subsample(ids, counts, t=1e-5, rng=None) -> np.ndarray:
+    """ids with each occurrence of word w dropped with probability 1 - keep_probabilities(counts)[w]."""
+    check_int("ids", ids)
+    ids = to_numpy(ids)
+    keep = keep_probabilities(counts, t)
+    if ids.size and int(ids.max()) >= len(keep):
+        raise ValueError(f"ids: expected ids in [0, {len(keep)}) (the vocabulary), got {int(ids.max())}")
+    rng = make_rng(rng)
+    return ids[rng.random(ids.shape) < keep[ids]]
+
+
+def noise_distribution(counts, power=0.75) -> np.ndarray:
+    """P_n(w) = count(w)^power / sum_v count(v)^power: where negative words are drawn from.
+
+    power 1 is the unigram distribution, 0 the uniform one; 0.75 (the paper's
+    choice) sits between, giving rare words more chances to be a negative.
+    """
+    counts = np.asarray(to_numpy(counts), dtype=np.float64)
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"counts: expected a non-empty 1-D array of non-negative counts with a positive "
+                         f"sum, got shape {counts.shape}")
+    p = counts ** float(power)
+    return p / p.sum()
+
+
+def sample_negatives(noise, shape, rng) -> np.ndarray:
+    """int64 ids of ``shape`` drawn from the distribution ``noise`` (V,), on the CPU.
+
+    Inverse-CDF sampling: one uniform number per draw and a binary search in the
+    cumulative distribution (the C code's big lookup table does the same job).
+    """
+    cdf = np.cumsum(noise)
+    u = make_rng(rng).random(shape) * cdf[-1]
+    return np.minimum(np.searchsorted(cdf, u, side="right"), len(noise) - 1).astype(np.int64)
+
+
+def skipgram_pairs(ids, window, rng=None, segments=None):
+    """All (centre, context) pairs with the context within ``window`` positions of the centre.
+
+    With ``rng``, each centre gets its own window b ~ Uniform{1..window} (the paper's
+    dynamic window: a neighbour at distance d is used with probability
+    (window - d + 1) / window); with rng=None every centre uses the full window.
+    ``segments`` (N,) labels sentences: a pair never crosses from one label to another.
+    ids: (N,) int -> (centres, contexts): two int64 arrays of equal length, grouped by offset.
+    """
+    check_int("ids", ids)
+    check_ndim("ids", ids, 1)
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"window: expected an int >= 1, got {window!r}")
+    ids = to_numpy(ids).astype(np.int64, copy=False)
+    n = len(ids)
+    if segments is not None:
+        check_int("segments", segments)
+        check_shape("segments", segments, (n,))
+        segments = to_numpy(segments)
+    reach = (np.full(n, window) if rng is None else make_rng(rng).integers(1, window + 1, size=n))
+    centres, contexts = [], []
+    for d in range(1, min(window, n - 1) + 1):
+        same = np.ones(n - d, bool) if segments is None else segments[: n - d] == segments[d:]
+        # centre i, context i + d (to the right) and centre i + d, context i (to the left)
+        right = np.flatnonzero((reach[: n - d] >= d) & same)
+        centres.append(ids[right]); contexts.append(ids[right + d])
+        left = np.flatnonzero((reach[d:] >= d) & same)
+        centres.append(ids[left + d]); contexts.append(ids[left])
+    if not centres:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(centres), np.concatenate(contexts)
+
+
+# ---------------------------------------------------------------------------
+# The loss and its gradient
+# ---------------------------------------------------------------------------
+
+def log_sigmoid(x):
+    """log sigma(x) = -log(1 + e^-x), computed as min(x, 0) - log1p(e^-|x|).
+
+    The naive form overflows e^-x for x << 0 (and log(sigma) hits log 0 = -inf);
+    this one never exponentiates a positive number, so it is finite for any finite x.
+    """
+    xp = array_module(x)
+    return xp.minimum(x, 0) - xp.log1p(xp.exp(-xp.abs(x)))
+
+
+def sigmoid(x):
+    """sigma(x) = 1 / (1 + e^-x) without overflow: e^(min(x,0)) / (1 + e^-|x|)."""
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, xp.ones_like(e), e) / (1 + e)
+
+
+class SGNSCache(NamedTuple):
+    center: object      # (B, D) v_c
+    context: object     # (B, D) u_o
+    negative: object    # (B, K, D) u_k
+    g_pos: object       # (B,) d loss_b / d(u_o.v_c) = -sigma(-u_o.v_c)
+    g_neg: object       # (B, K) d loss_b / d(u_k.v_c) = sigma(u_k.v_c)
+
+
+def sgns_forward(center_vecs, context_vecs, negative_vecs):
+    """loss = mean_b [ -log sigma(u_o . v_c) - sum_k log sigma(-u_k . v_c) ].
+
+    center_vecs v_c: (B, D), context_vecs u_o: (B, D), negative_vecs u_k: (B, K, D)
+    -> loss: 0-d array, cache
+    """
+    for name, a in (("center_vecs", center_vecs), ("context_vecs", context_vecs),
+                    ("negative_vecs", negative_vecs)):
+        check_float(name, a)
+    check_same_dtype(center_vecs=center_vecs, context_vecs=context_vecs, negative_vecs=negative_vecs)
+    check_ndim("center_vecs", center_vecs, 2)
+    b, d = center_vecs.shape
+    check_shape("context_vecs", context_vecs, (b, d))
+    check_ndim("negative_vecs", negative_vecs, 3)
+    check_shape("negative_vecs", negative_vecs, (b, None, d))
+    if b == 0:
+        raise ValueError("center_vecs: expected at least one pair (B >= 1), got B = 0")
+    pos = (center_vecs * context_vecs).sum(axis=-1)                   # (B,)
+    neg = (negative_vecs @ center_vecs[:, :, None])[..., 0]           # (B, K): u_k . v_c
+    loss = -(log_sigmoid(pos).sum() + log_sigmoid(-neg).sum()) / b
+    # d/dx [-log sigma(x)] = -sigma(-x);  d/dx [-log sigma(-x)] = sigma(x)
+    return loss, SGNSCache(center_vecs, context_vecs, negative_vecs, -sigmoid(-pos), sigmoid(neg))
+
+
+def sgns_backward(dloss, cache: SGNSCache):
+    """-> (d_center (B, D), d_context (B, D), d_negative (B, K, D)) for the mean loss.
+
+    d_center = (g_pos u_o + sum_k g_neg_k u_k) / B,  d_context = g_pos v_c / B,
+    d_negative_k = g_neg_k v_c / B,  times dloss.
+    """
+    v, u_o, u_k, g_pos, g_neg = cache
+    if hasattr(dloss, "shape") and dloss.ndim != 0:
+        raise ValueError(f"dloss: expected a scalar (the loss is a mean), got shape {tuple(dloss.shape)}")
+    c = v.dtype.type(float(dloss) / v.shape[0])
+    gp = (c * g_pos)[:, None]                                         # (B, 1)
+    gn = c * g_neg                                                    # (B, K)
+    d_center = gp * u_o + (gn[:, None, :] @ u_k)[:, 0, :]             # (B,1,K) @ (B,K,D)
+    d_context = gp * v
+    d_negative = gn[:, :, None] * v[:, None, :]
+    return d_center, d_context, d_negative
+
+
+def sgns_loss_and_grads(params: dict, centers, contexts, negatives):
+    """The SGNS loss for a batch of pairs, with gradients for the two whole tables.
+
+    Gathers v_c = w_in[centers], u_o = w_out[contexts], u_k = w_out[negatives], runs
+    sgns_forward/backward, then scatter-adds the row gradients back into zero
+    tables: a word that appears several times in the batch (as a centre, a
+    context or a negative) gets the sum of its rows' gradients.
+    params: {"w_in": (V, D), "w_out": (V, D)}; centers, contexts: (B,) int;
+    negatives: (B, K) int -> (loss: float, {"w_in": (V, D), "w_out": (V, D)})
+    """
+    w_in, w_out = params["w_in"], params["w_out"]
+    xp = array_module(w_in)
+    v_size = w_in.shape[0]
+    centers, contexts, negatives = (xp.asarray(a) for a in (centers, contexts, negatives))
+    for name, ids in (("centers", centers), ("contexts", contexts), ("negatives", negatives)):
+        check_int(name, ids)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= v_size):
+            raise ValueError(f"{name}: expected ids in [0, {v_size}), got "
+                             f"{int(ids.min()) if int(ids.min()) < 0 else int(ids.max())}")
+    loss, cache = sgns_forward(w_in[centers], w_out[contexts], w_out[negatives])
+    d_c, d_o, d_k = sgns_backward(1.0, cache)
+    g_in = xp.zeros_like(w_in)
+    g_out = xp.zeros_like(w_out)
+    scatter_add(g_in, centers, d_c)
+    scatter_add(g_out, contexts, d_o)
+    scatter_add(g_out, negatives.reshape(-1), d_k.reshape(-1, w_out.shape[1]))
+    return float(loss), {"w_in": g_in, "w_out": g_out}
+
+
+# ---------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------
+
+class Word2Vec:
+    """Two embedding tables trained with SGNS, and cosine-similarity queries.
+
+    params: {"w_in": (V, D) centre vectors (the word vectors you keep),
+             "w_out": (V, D) context vectors}
+    Initialised as the C code does: w_in ~ Uniform(-0.5/D, 0.5/D), w_out = 0 (the
+    first updates then move w_out towards the centres, and w_in follows).
+    """
+
+    def __init__(self, vocab: Vocab, dim=50, seed=0, dtype=DEFAULT_DTYPE, device=None):
+        if not isinstance(vocab, Vocab):
+            raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+        self.vocab = vocab
+        self.dim = int(dim)
+        self.rng = make_rng(seed)
+        w_in = ((self.rng.random((len(vocab), dim)) - 0.5) / dim).astype(dtype)
+        self.params = to_device({"w_in": w_in, "w_out": np.zeros((len(vocab), dim), dtype=dtype)}, device)
+
+    def train(self, ids, epochs=1, window=5, negatives=5, batch_size=256, lr=None, optimizer="sgd",
+              subsample_t=1e-3, min_lr_fraction=1e-4, log_every=0) -> list:
+        """Train on word ids, (N,) or a list of sentences; returns the mean loss of each batch.
+
+        Each epoch subsamples frequent words (``subsample_t``; None to skip), makes
+        the skip-gram pairs with dynamic windows, shuffles them, and for each batch
+        draws ``negatives`` noise words per pair from the unigram^0.75 distribution.
+
+        optimizer "sgd": word2vec's own rule. Each pair's gradient is applied with
+        rate lr (default 0.025; the batch-mean gradient times the batch size), lr
+        decaying linearly to lr * min_lr_fraction; only the touched rows change,
+        via scatter-add. "adam": dense table gradients and :class:`minillm.optim.Adam`
+        (default lr 0.01); simpler to tune, more memory.
+        """
+        if isinstance(ids, (list, tuple)):  # sentences: pairs stay inside each one
+            for i, sent in enumerate(ids):
+                check_int(f"ids[{i}]", sent)
+                check_ndim(f"ids[{i}]", sent, 1)
+            segments = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)] or [np.zeros(0, np.int64)])
+            ids = np.concatenate([to_numpy(a).astype(np.int64) for a in ids] or [np.zeros(0, np.int64)])
+        else:
+            check_int("ids", ids)
+            check_ndim("ids", ids, 1)
+            ids = to_numpy(ids)
+            segments = None
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self.vocab)):
+            raise ValueError(f"ids: expected ids in [0, {len(self.vocab)}), got "
+                             f"{int(ids.min()) if int(ids.min()) < 0 else int(ids.max())}")
+        for name, v in (("epochs", epochs), ("negatives", negatives), ("batch_size", batch_size)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
+        if optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer: expected 'sgd' or 'adam', got {optimizer!r}")
+        lr0 = (0.025 if optimizer == "sgd" else 0.01) if lr is None else lr
+        if not (isinstance(lr0, (int, float)) and lr0 > 0):
+            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        noise = noise_distribution(self.vocab.counts)
+        opt = Adam(self.params, lr=lr0) if optimizer == "adam" else None
+        w_in, w_out = self.params["w_in"], self.params["w_out"]
+        xp = array_module(w_in)
+        losses = []
+        step = 0
+        total_steps = None
+        for epoch in range(epochs):
+            seq, seg = ids, segments
+            if subsample_t:
+                keep = self.rng.random(ids.shape) < keep_probabilities(self.vocab.counts, subsample_t)[ids]
+                seq, seg = ids[keep], (None if segments is None else segments[keep])
+            centres, contexts = skipgram_pairs(seq, window, self.rng, segments=seg)
+            if len(centres) == 0:
+                raise ValueError(f"ids: too short to make a skip-gram pair (got {len(seq)} ids after subsampling)")
+            order = self.rng.permutation(len(centres))
+            centres, contexts = centres[order], contexts[order]
+            if total_steps is None:  # pairs are only known after subsampling: epoch 1 sets the lr decay's length
+                total_steps = math.ceil(len(centres) / batch_size) * epochs
+            for start in range(0, len(centres), batch_size):
+                c = centres[start:start + batch_size]
+                o = contexts[start:start + batch_size]
+                k = sample_negatives(noise, (len(c), negatives), self.rng)
+                frac = min(step / max(total_steps, 1), 1.0)
+                if opt is None:
+                    rate = lr0 * max(1.0 - frac, min_lr_fraction)
+                    c_d, o_d, k_d = (xp.asarray(a) for a in (c, o, k))
+                    loss, cache = sgns_forward(w_in[c_d], w_out[o_d], w_out[k_d])
+                    d_c, d_o, d_k = sgns_backward(1.0, cache)
+                    step_size = w_in.dtype.type(-rate * len(c))  # per-pair rate: undo the batch mean
+                    scatter_add(w_in, c_d, step_size * d_c)
+                    scatter_add(w_out, o_d, step_size * d_o)
+                    scatter_add(w_out, k_d.reshape(-1), step_size * d_k.reshape(-1, self.dim))
+                    loss = float(loss)
+                else:
+                    loss, grads = sgns_loss_and_grads(self.params, c, o, k)
+                    opt.step(grads)
+                losses.append(loss)
+                step += 1
+                if log_every and step % log_every == 0:
+                    print(f"  step {step:6d}  loss {np.mean(losses[-log_every:]):.4f}")
+        return losses
+
+    # -- queries --------------------------------------------------------------
+
+    def vector(self, word) -> np.ndarray:
+        """The centre vector of ``word`` (a NumPy copy)."""
+        return to_numpy(self.params["w_in"][self._id(word)]).copy()
+
+    def _id(self, word) -> int:
+        if word not in self.vocab.index:
+            raise ValueError(f"word: {word!r} is not in the vocabulary ({len(self.vocab)} words; "
+                             f"rare words are dropped by min_count)")
+        return self.vocab.index[word]
+
+    def _unit_vectors(self):
+        w = to_numpy(self.params["w_in"]).astype(np.float64)
+        norms = np.linalg.norm(w, axis=1, keepdims=True)
+        return w / np.maximum(norms, 1e-12)
+
+    def similarity(self, a, b) -> float:
+        """Cosine similarity of two words' centre vectors."""
+        u = self._unit_vectors()
+        return float(u[self._id(a)] @ u[self._id(b)])
+
+    def most_similar(self, word, k=5) -> list:
+        """The ``k`` words with the highest cosine similarity to ``word`` (itself excluded):
+        [(word, cosine)], best first."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        u = self._unit_vectors()
+        i = self._id(word)
+        sims = u @ u[i]
+        sims[i] = -np.inf
+        top = np.argsort(-sims, kind="stable")[: min(k, len(sims) - 1)]
+        return [(self.vocab.words[j], float(sims[j])) for j in top]
