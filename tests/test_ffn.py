@@ -258,6 +258,13 @@ def test_float32_stays_float32_through_every_forward_and_backward(xp, activation
         y, cache = ffn.gelu_forward(big, approximate)
         assert y.dtype == np.float32 and ffn.gelu_backward(big, cache).dtype == np.float32
     assert ffn.erfc(big).dtype == np.float32
+    h16 = big[:50].astype(np.float16)
+    for approximate in ("tanh", "none"):
+        y, cache = ffn.gelu_forward(h16, approximate)
+        assert y.dtype == np.float16 and ffn.gelu_backward(h16, cache).dtype == np.float16
+    e16 = ffn.erf(h16)
+    ref = np.array([math.erf(float(v)) for v in np_(h16)])
+    assert e16.dtype == np.float16 and np.max(np.abs(np_(e16).astype(float) - ref)) < 2e-3
 
 
 def test_mlp_equals_its_parts(xp):
