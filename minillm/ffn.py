@@ -243,10 +243,13 @@ def _exp_minus_square(xp, z):
 
 
 def _special(xp, name):
+    """cupyx.scipy.special's erf/erfc on CuPy (None on NumPy), returning the input's dtype:
+    CuPy computes float16 in float32 or float64, and we never change dtype silently."""
     if xp is np:
         return None
     import cupyx.scipy.special  # type: ignore
-    return getattr(cupyx.scipy.special, name)
+    f = getattr(cupyx.scipy.special, name)
+    return lambda x: f(x).astype(x.dtype, copy=False)
 
 
 def _inner_and_tails(xp, z):
