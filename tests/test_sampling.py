@@ -473,7 +473,8 @@ def test_generate_bad_input_names_the_argument(xp):
              (dict(prompt_ids=[[0], []]), "prompt_ids"),
              (dict(max_new_tokens=-1), "max_new_tokens"), (dict(temperature=-0.5), "temperature"),
              (dict(top_p=0.0), "top_p"), (dict(top_p=1.01), "top_p"), (dict(top_k=0), "top_k"),
-             (dict(eos_id=5), "eos_id"), (dict(stop=[[]]), "stop"), (dict(seed=1, rng=np.random.default_rng()), "seed")]
+             (dict(eos_id=5), "eos_id"), (dict(stop=[[]]), "stop"),
+             (dict(seed=1, rng=np.random.default_rng()), "seed")]
     for kw, name in cases:
         args = dict(prompt_ids=[0, 1], max_new_tokens=3)
         args.update(kw)

@@ -134,8 +134,9 @@ def _part_cache(args, gpt):
     dec = gpt.GPTDecoder(params, cfg)
     rng = np.random.default_rng(args.seed)
     prompt = rng.integers(0, cfg.vocab_size, (args.batch_size, args.prompt_len)).tolist()
+    device = args.device or os.environ.get("MINILLM_DEVICE", "cpu")
     print(f"model: {cfg.n_layer} layers, {cfg.n_embd} wide, {cfg.n_head} heads, vocab {cfg.vocab_size}, "
-          f"{gpt.num_params(params):,} parameters, device {args.device or os.environ.get('MINILLM_DEVICE', 'cpu')}; "
+          f"{gpt.num_params(params):,} parameters, device {device}; "
           f"batch {args.batch_size} x prompt {args.prompt_len}, {args.new_tokens} new tokens")
     sync = params["wte"]
     sampling.generate(dec, prompt, 4, temperature=0)                  # warm-up (allocations, kernels)
