@@ -267,6 +267,37 @@ def test_float32_stays_float32_through_every_forward_and_backward(xp, activation
     assert e16.dtype == np.float16 and np.max(np.abs(np_(e16).astype(float) - ref)) < 2e-3
 
 
+_SCALAR_ACTS = {
+    "gelu": lambda v: 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))),
+    "gelu_exact": lambda v: 0.5 * v * math.erfc(-v / math.sqrt(2)),
+    "relu": lambda v: max(v, 0.0),
+    "silu": lambda v: v / (1 + math.exp(-v)),
+}
+
+
+@given(case=linear_case(), hidden=st.integers(1, 4), activation=st.sampled_from(ACTS))
+def test_mlp_and_swiglu_match_a_naive_loop(xp, case, hidden, activation):
+    # an independent reference that needs no torch: one scalar at a time
+    lead, n_in, n_out, seed = case
+    x, w1, b1, w2, b2 = (randn(seed, *lead, n_in), randn(seed + 1, n_in, hidden), randn(seed + 2, hidden),
+                         randn(seed + 3, hidden, n_out), randn(seed + 4, n_out))
+    wu = randn(seed + 5, n_in, hidden)
+    act = _SCALAR_ACTS[activation]
+    silu = _SCALAR_ACTS["silu"]
+    mlp_ref, glu_ref = [], []
+    for row in x.reshape(-1, n_in):
+        h = [sum(row[i] * w1[i, j] for i in range(n_in)) + b1[j] for j in range(hidden)]
+        u = [sum(row[i] * wu[i, j] for i in range(n_in)) for j in range(hidden)]
+        a = [act(v) for v in h]
+        m = [silu(h[j] - b1[j]) * u[j] for j in range(hidden)]     # the gate has no bias
+        mlp_ref.append([sum(a[j] * w2[j, k] for j in range(hidden)) + b2[k] for k in range(n_out)])
+        glu_ref.append([sum(m[j] * w2[j, k] for j in range(hidden)) for k in range(n_out)])
+    y, _ = ffn.mlp_forward(*on(xp, x, w1, b1, w2, b2), activation=activation)
+    assert_close(y, np.array(mlp_ref).reshape(*lead, n_out), rtol=1e-12, atol=1e-12)
+    y, _ = ffn.swiglu_forward(*on(xp, x, w1, wu, w2))
+    assert_close(y, np.array(glu_ref).reshape(*lead, n_out), rtol=1e-12, atol=1e-12)
+
+
 def test_mlp_equals_its_parts(xp):
     rng = np.random.default_rng(3)
     x, w1, b1, w2, b2 = (on(xp, rng.standard_normal(s)) for s in [(2, 3, 4), (4, 6), (6,), (6, 5), (5,)])
