@@ -413,3 +413,51 @@ def test_minilm_sentence_embeddings_match_sentence_transformers(minilm):
     np.testing.assert_allclose(ours, ref, atol=2e-5)
     sims = bert.cosine_similarity(ours)
     assert sims[0, 1] > sims[0, 2] and sims[0, 1] > sims[0, 3]  # the two fox sentences are closest
+
+
+# --- python -m minillm train bert ----------------------------------------------------
+
+def test_folio_genres_and_the_split_by_play():
+    from minillm.cli import train_bert as tb
+    counts = {g: sum(v == g for v in tb.FOLIO_GENRES.values()) for g in tb.GENRES}
+    assert counts == {"comedy": 14, "history": 10, "tragedy": 12}  # the First Folio's 36 plays
+    titles = list(tb.FOLIO_GENRES) + ["Sonnets", "Pericles"]
+    train, test = tb.genre_split(titles)
+    assert not set(train) & set(test)
+    assert set(train) | set(test) == set(tb.FOLIO_GENRES)  # poems and Pericles get no label
+    for g in tb.GENRES:
+        n_test = sum(tb.FOLIO_GENRES[t] == g for t in test)
+        assert 1 <= n_test <= counts[g] // 2
+    assert tb.genre_split(titles) == (train, test)  # fixed, whatever the training seed
+    assert tb.play_body("HAMLET\n\nPersons Represented.\nHORATIO\n\nACT I.\nScene I.\n").startswith("ACT I.")
+
+
+def test_train_bert_runs_end_to_end_on_a_small_corpus(tmp_path, monkeypatch):
+    """The whole command on fake 'plays' (the real corpus is a download): pretraining, the
+    Hugging Face export, fine-tuning and the report, with the tiny preset."""
+    import argparse
+    import json
+    from minillm import checkpoint, data
+    from minillm.cli import train_bert as tb
+    rng = np.random.default_rng(0)
+    words = {"comedy": "love jest wedding merry fool song kiss", "history": "king crown war england france duke",
+             "tragedy": "death blood grief murder ghost tomb"}
+    docs = []
+    for title, genre in tb.FOLIO_GENRES.items():
+        vocab = words[genre].split() + "the and of to my lord".split()
+        body = " ".join(rng.choice(vocab, size=400))
+        docs.append((title, f"{title.upper()}\n\nPERSONS REPRESENTED\n\nACT I.\n\n{body}\n"))
+    docs.append(("Sonnets", "shall i compare thee to a summer's day " * 20))
+    monkeypatch.setattr(data, "load_documents", lambda path=None, cache_dir=None: docs)
+    monkeypatch.setattr(tb, "_minilm_vocab", lambda: None)  # exercise the self-built vocabulary
+    lines = []
+    args = argparse.Namespace(preset="tiny", out=str(tmp_path / "run"), seed=3, device="cpu", data=None,
+                              max_steps=None, resume=False, batch_size=None, block_size=None, lr=None)
+    assert tb.run(args, log=lines.append) == 0
+    text = "\n".join(lines)
+    assert "majority-class baseline" in text and "plays classified correctly" in text
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["plays"] == 9
+    config, params = checkpoint.load_hf(tmp_path / "run" / "hf-classifier", device="cpu")
+    assert "classifier.w" in params and config.num_labels == 3
+    assert (tmp_path / "run" / "hf-mlm" / "vocab.txt").exists()
