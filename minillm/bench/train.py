@@ -1,0 +1,178 @@
+"""Training step speed of the GPT: ms per step and tokens/s, side by side with the same model in PyTorch.
+
+One step = forward, loss, the whole backward, and an AdamW update, on a batch of
+random token ids (the data pipeline is not timed). The PyTorch reference is the
+same architecture written with torch ops (eager mode: explicit attention
+matmuls, as minillm does; plus F.scaled_dot_product_attention as a second
+column), loaded with the *same* weights, and its loss is checked against ours
+before anything is timed, so both sides provably compute the same thing.
+
+Runs alternate (minillm step, torch step, minillm step, ...) so that both meet the
+same machine load; the table shows the median and the best of --repeat steps.
+On a shared machine compare the CPU seconds too: wall time includes waiting for
+a core. NumPy's BLAS threads are set by OPENBLAS_NUM_THREADS / OMP_NUM_THREADS
+before Python starts; torch is given the same count.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import numpy as np
+
+from minillm.bench._util import print_table
+
+
+def add_arguments(parser):
+    parser.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    parser.add_argument("--n-embd", type=int, default=192, help="model width C")
+    parser.add_argument("--n-head", type=int, default=6, help="attention heads")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--vocab-size", type=int, default=65, help="vocabulary (65: Shakespeare's characters)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed steps per implementation")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
+                        help="minillm's device (default: $MINILLM_DEVICE); torch runs on the CPU or CUDA to match")
+    parser.add_argument("--skip-reference", action="store_true", help="do not time PyTorch")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print a cProfile of minillm's step (the hot spots, by own time)")
+
+
+def _blas_threads():
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            return int(os.environ[var]), var
+    return os.cpu_count() or 1, "default: one per core"
+
+
+def _torch_model(torch, cfg, params, device):
+    """The same GPT in torch ops, holding copies of ``params`` (float32)."""
+    F = torch.nn.functional
+    P = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(torch.tensor(np.asarray(v), device=device))
+                                for k, v in params.items()})
+    H, D = cfg.n_head, cfg.head_dim
+
+    def forward(idx, fused):
+        B, T = idx.shape
+        x = P["wte"][idx] + P["wpe"][:T]
+        mask = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+        for i in range(cfg.n_layer):
+            g = lambda n: P[f"h__{i}__{n}"]  # noqa: E731
+            h = F.layer_norm(x, (cfg.n_embd,), g("ln_1__weight"), g("ln_1__bias"), cfg.eps)
+            q, k, v = (h @ g("attn__w_qkv") + g("attn__b_qkv")).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+            if fused:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                s = (q @ k.transpose(-1, -2)) / D ** 0.5
+                a = s.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+            x = x + a.transpose(1, 2).reshape(B, T, H * D) @ g("attn__w_o") + g("attn__b_o")
+            h = F.layer_norm(x, (cfg.n_embd,), g("ln_2__weight"), g("ln_2__bias"), cfg.eps)
+            x = x + F.gelu(h @ g("mlp__w1") + g("mlp__b1"), approximate="tanh") @ g("mlp__w2") + g("mlp__b2")
+        x = F.layer_norm(x, (cfg.n_embd,), P["ln_f__weight"], P["ln_f__bias"], cfg.eps)
+        return x @ P["wte"].T
+
+    return P, forward
+
+
+def run(args):
+    from minillm import backend, gpt
+    from minillm.optim import AdamW
+
+    device = backend.device_name(args.device)
+    xp = backend.xp_for(device)
+    cfg = gpt.GPTConfig(vocab_size=args.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                        n_head=args.n_head, n_embd=args.n_embd)
+    params = gpt.init_params(cfg, seed=0, device=device)
+    rng = np.random.default_rng(0)
+    B, T = args.batch_size, args.block_size
+    idx_np = rng.integers(0, cfg.vocab_size, (B, T))
+    tgt_np = rng.integers(0, cfg.vocab_size, (B, T))
+    idx, tgt = xp.asarray(idx_np), xp.asarray(tgt_np)
+    threads, how = _blas_threads()
+    print(f"GPT {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}: "
+          f"{gpt.num_params(params):,} parameters; batch {B} x {T} = {B * T:,} tokens; float32; "
+          f"device {device}; BLAS threads {threads} ({how})")
+
+    opt = AdamW(params, lr=1e-4, weight_decay=0.1)
+
+    def ours():
+        loss, grads = gpt.loss_and_grads(params, cfg, idx, tgt)
+        opt.step(grads)
+        backend.synchronize(params["wte"])
+        return loss
+
+    impls = [("minillm (numpy)" if xp is np else "minillm (cupy)", ours)]
+    torch = None
+    if not args.skip_reference:
+        try:
+            import torch
+        except ImportError:
+            print("torch is not installed: the PyTorch reference is skipped")
+    if torch is not None:
+        tdev = "cuda" if device == "gpu" else "cpu"
+        if tdev == "cpu":
+            torch.set_num_threads(threads)
+        P, tforward = _torch_model(torch, cfg, {k: backend.to_numpy(v) for k, v in params.items()}, tdev)
+        topt = torch.optim.AdamW(P.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+        tidx = torch.tensor(idx_np, device=tdev)
+        ttgt = torch.tensor(tgt_np, device=tdev)
+
+        def ref(fused):
+            def step():
+                topt.zero_grad(set_to_none=True)
+                logits = tforward(tidx, fused)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ttgt.reshape(-1))
+                loss.backward()
+                topt.step()
+                if tdev == "cuda":
+                    torch.cuda.synchronize()
+                return loss.item()
+            return step
+
+        # Same weights, same batch: the losses must agree before any update.
+        with torch.no_grad():
+            tl = torch.nn.functional.cross_entropy(tforward(tidx, False).reshape(-1, cfg.vocab_size),
+                                                   ttgt.reshape(-1)).item()
+        ml = gpt.loss(params, cfg, idx, tgt)
+        print(f"check: loss before training, minillm {ml:.6f} vs torch {tl:.6f} (|diff| {abs(ml - tl):.1e})")
+        impls += [(f"torch {torch.__version__} eager", ref(False)), ("torch, fused SDPA", ref(True))]
+
+    for _ in range(args.warmup):
+        for _, fn in impls:
+            fn()
+    wall = {name: [] for name, _ in impls}
+    cpu = {name: [] for name, _ in impls}
+    for _ in range(args.repeat):
+        for name, fn in impls:     # interleaved: every implementation meets the same load
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+
+    base = statistics.median(wall[impls[0][0]])
+    rows = []
+    for name, _ in impls:
+        med, best = statistics.median(wall[name]), min(wall[name])
+        rows.append([name, f"{med * 1e3:.1f}", f"{best * 1e3:.1f}", f"{statistics.median(cpu[name]) * 1e3:.0f}",
+                     f"{B * T / med:,.0f}", f"{base / med:.2f}"])
+    print()
+    print_table(rows, ["implementation", "ms/step (median)", "ms/step (best)", "CPU ms/step",
+                       "tokens/s", "minillm time / this"])
+    if torch is not None:
+        ratio = statistics.median(wall[impls[0][0]]) / statistics.median(wall[impls[1][0]])
+        print(f"\nminillm's step takes {ratio:.2f}x PyTorch eager's (median wall time; goal <= 1.5x, then <= 1.0x)")
+
+    if args.profile:
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(max(1, args.repeat // 2)):
+            ours()
+        pr.disable()
+        print("\ncProfile of minillm's step (own time):")
+        pstats.Stats(pr).sort_stats("tottime").print_stats(15)
+    return 0
