@@ -301,7 +301,7 @@ class Word2Vec:
         w_in = ((self.rng.random((len(vocab), dim)) - 0.5) / dim).astype(dtype)
         self.params = to_device({"w_in": w_in, "w_out": np.zeros((len(vocab), dim), dtype=dtype)}, device)
 
-    def train(self, ids, epochs=1, window=5, negatives=5, batch_size=256, lr=None, optimizer="sgd",
+    def train(self, ids, epochs=1, window=5, negatives=5, batch_size=256, lr=None, optimizer="adam",
               subsample_t=1e-3, min_lr_fraction=1e-4, log_every=0) -> list:
         """Train on word ids, (N,) or a list of sentences; returns the mean loss of each batch.
 
@@ -309,11 +309,16 @@ class Word2Vec:
         the skip-gram pairs with dynamic windows, shuffles them, and for each batch
         draws ``negatives`` noise words per pair from the unigram^0.75 distribution.
 
-        optimizer "sgd": word2vec's own rule. Each pair's gradient is applied with
-        rate lr (default 0.025; the batch-mean gradient times the batch size), lr
-        decaying linearly to lr * min_lr_fraction; only the touched rows change,
-        via scatter-add. "adam": dense table gradients and :class:`minillm.optim.Adam`
-        (default lr 0.01); simpler to tune, more memory.
+        optimizer "adam" (the default): dense table gradients from
+        :func:`sgns_loss_and_grads` and :class:`minillm.optim.Adam` (default lr 0.01).
+        "sgd": word2vec's own rule, each pair's gradient applied with rate lr
+        (default 0.025, i.e. the batch-mean gradient times the batch size), decaying
+        linearly to lr * min_lr_fraction; only the touched rows change, by scatter-add.
+        Caveat: word2vec applies its pairs one after another, so a frequent word's
+        row is corrected between its updates; a batch sums them all into one step,
+        and with large batches on real text that step is too big for frequent
+        words (the vectors collapse onto one direction). Use small batches with
+        "sgd", or Adam, whose step size does not grow with the number of repeats.
         """
         if isinstance(ids, (list, tuple)):  # sentences: pairs stay inside each one
             for i, sent in enumerate(ids):
