@@ -216,3 +216,44 @@ def test_config_round_trips_through_a_dict():
     assert gpt.GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="unknown GPTConfig fields"):
         gpt.GPTConfig.from_dict({**cfg.to_dict(), "n_ctx": 3})
+
+
+# --- the command line: train, resume, sample ------------------------------------
+
+def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys, monkeypatch):
+    from minillm.__main__ import main
+    from minillm.train import load_checkpoint
+    monkeypatch.setenv("MINILLM_DEVICE", "cpu")
+    text = tmp_path / "poem.txt"
+    text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 20)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--data", str(text), "--out", str(out), "--max-steps", "3",
+                 "--eval-interval", "2", "--sample-tokens", "20"]) == 0
+    said = capsys.readouterr().out
+    for words in ("corpus:", "tokenizer: CharTokenizer", "parameters", "device: cpu", "final:", "checkpoint:",
+                  "loss.svg", "sample"):
+        assert words in said, words
+    assert load_checkpoint(out)["step"] == 3 and (out / "loss.svg").is_file()
+    assert main(["train", "--resume", "--out", str(out), "--max-steps", "5", "--sample-tokens", "0"]) == 0
+    assert "resuming" in capsys.readouterr().out and load_checkpoint(out)["step"] == 5
+    args = ["sample", "--checkpoint", str(out), "--prompt", "Thou", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == first.splitlines()[:3]   # same seed, same text
+    assert "Thou" in first
+
+
+@pytest.mark.parametrize("command, options", [
+    ("train", ["--preset", "--tokenizer", "--data", "--device", "--max-steps", "--out", "--resume", "--seed",
+               "--eval-interval", "--batch-size", "--block-size", "--lr", "shakespeare-char"]),
+    ("sample", ["--checkpoint", "--prompt", "--max-new-tokens", "--temperature", "--top-k", "--seed"]),
+])
+def test_every_option_has_help(command, options, capsys):
+    from minillm.__main__ import main
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for o in options:
+        assert o in text, o

@@ -172,6 +172,7 @@ def run_gpt(args, log=print):
         tk = {**train_kw, **over}
         if "lr" in over and tk["min_lr"] > tk["lr"]:
             tk["min_lr"] = tk["lr"] / 10
+        tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])   # a short run: warm up for all of it
         out = Path(args.out or _default_out("gpt", args.preset))
         tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1)
         log(f"preset {args.preset!r}: {what}")
