@@ -10,11 +10,16 @@ installed (CPU, or CUDA when the run is on the GPU and torch sees one).
 Peak memory: on NumPy with tracemalloc (NumPy reports its buffers to it); on CuPy
 from the default memory pool (emptied first, so what it holds afterwards is the
 peak of what the call needed at once).
+
+On a shared machine with more busy processes than cores, a multithreaded BLAS can
+make CPU timings erratic (threads wait for each other); OPENBLAS_NUM_THREADS=1
+(or OMP_NUM_THREADS=1) before the command gives steadier numbers.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import tracemalloc
 
 import numpy as np
@@ -73,6 +78,11 @@ def _torch_timer(q, k, v, causal, repeat, on_gpu):
     if on_gpu and not torch.cuda.is_available():
         return None
     dev = "cuda" if on_gpu else "cpu"
+    # The same thread budget as NumPy's BLAS when one was set, for a like-for-like comparison.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            torch.set_num_threads(int(os.environ[var]))
+            break
     from minillm.backend import to_numpy
     tq, tk, tv = (torch.tensor(to_numpy(a), device=dev, requires_grad=True) for a in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
