@@ -13,6 +13,11 @@ from minillm import checkpoint as ck
 from minillm import gpt
 from strategies import seeds, shapes
 
+
+def init_cpu(cfg, seed, dtype=np.float32):
+    """Parameters on the CPU (tests move them with on(xp, ...) where the device matters)."""
+    return gpt.init_params(cfg, seed, dtype=dtype, device="cpu")
+
 FLOATS = ["float64", "float32", "float16"]
 INTS = ["int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64"]
 
@@ -120,7 +125,7 @@ def _tiny(**kw):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_save_hf_then_load_hf_is_bit_exact(tmp_path, kw, dtype):
     cfg = _tiny(**kw)
-    params = gpt.init_params(cfg, 4, dtype=dtype)
+    params = init_cpu(cfg, 4, dtype=dtype)
     ck.save_hf(tmp_path, cfg, params)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     cfg2, back = ck.load_hf(tmp_path, dtype=None, device="cpu")
@@ -132,7 +137,7 @@ def test_save_hf_then_load_hf_is_bit_exact(tmp_path, kw, dtype):
 
 def test_a_bias_free_model_saves_as_gpt2_with_zero_biases(tmp_path):
     cfg = _tiny(bias=False)
-    params = gpt.init_params(cfg, 5)
+    params = init_cpu(cfg, 5)
     ck.save_hf(tmp_path, cfg, params)
     cfg2, back = ck.load_hf(tmp_path, device="cpu")
     assert cfg2 == cfg.replace(bias=True)
@@ -143,7 +148,7 @@ def test_a_bias_free_model_saves_as_gpt2_with_zero_biases(tmp_path):
 @pytest.mark.parametrize("dtype, tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
 def test_half_precision_files_load(tmp_path, dtype, tol):
     cfg = _tiny()
-    params = gpt.init_params(cfg, 6)
+    params = init_cpu(cfg, 6)
     params = {k: v + np.float32(0.5) * np.random.default_rng(1).standard_normal(v.shape).astype(np.float32)
               for k, v in params.items()}
     ck.save_hf(tmp_path, cfg, params, dtype=dtype)
@@ -163,7 +168,7 @@ def test_half_precision_files_load(tmp_path, dtype, tol):
 
 def test_hf_state_dict_names_params_and_grads(xp):
     cfg = _tiny(tie_embeddings=False)
-    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 0).items()}
+    params = {k: on(xp, v) for k, v in init_cpu(cfg, 0).items()}
     sd = ck.hf_state_dict(cfg, params)
     assert sd["transformer.h.1.attn.c_attn.weight"] is params["h.1.attn.w_qkv"]
     assert sd["lm_head.weight"] is params["lm_head"] and sd["transformer.wte.weight"] is params["wte"]
@@ -175,7 +180,7 @@ def test_hf_state_dict_names_params_and_grads(xp):
 
 def test_checkpoint_problems_name_the_tensor(tmp_path):
     cfg = _tiny()
-    params = gpt.init_params(cfg, 0)
+    params = init_cpu(cfg, 0)
     sd = {k: np_(v) for k, v in ck.hf_state_dict(cfg, params).items()}
     ck.save_hf(tmp_path, cfg, params)
     missing = dict(sd)
@@ -200,7 +205,7 @@ def test_checkpoint_problems_name_the_tensor(tmp_path):
 
 def test_hub_style_names_without_the_transformer_prefix_load(tmp_path):
     cfg = _tiny()
-    params = gpt.init_params(cfg, 0)
+    params = init_cpu(cfg, 0)
     ck.save_hf(tmp_path, cfg, params)
     sd = {k.replace("transformer.", ""): np_(v) for k, v in ck.hf_state_dict(cfg, params).items()}
     sd["h.0.attn.bias"] = np.ones((1, 1, 12, 12), np.float32)     # old files carry the causal-mask buffer
@@ -212,7 +217,7 @@ def test_hub_style_names_without_the_transformer_prefix_load(tmp_path):
 def test_non_gpt2_variants_are_refused_by_save_hf(tmp_path):
     cfg = _tiny(pos="rope", norm="rmsnorm")
     with pytest.raises(ValueError, match=r"GPT-2 needs norm='layernorm' \(got 'rmsnorm'\), pos='learned'"):
-        ck.save_hf(tmp_path, cfg, gpt.init_params(cfg, 0))
+        ck.save_hf(tmp_path, cfg, init_cpu(cfg, 0))
     with pytest.raises(TypeError, match="config: expected a config of one of"):
         ck.save_hf(tmp_path, {"n_layer": 1}, {})
 
@@ -274,7 +279,7 @@ def test_save_hf_output_loads_into_transformers_with_the_same_logits(tmp_path):
         cfg = _tiny(**kw)
         rng = np.random.default_rng(3)
         params = {k: v + rng.standard_normal(v.shape).astype(np.float32) * 0.2
-                  for k, v in gpt.init_params(cfg, 3).items()}
+                  for k, v in init_cpu(cfg, 3).items()}
         d = tmp_path / str(len(kw))
         ck.save_hf(d, cfg, params)
         model = transformers.GPT2LMHeadModel.from_pretrained(str(d)).eval()

@@ -9,6 +9,11 @@ from minillm import gpt
 from minillm.backprop import check_dict_gradients
 from strategies import seeds
 
+
+def init_cpu(cfg, seed, dtype=np.float32):
+    """Parameters on the CPU (tests move them with on(xp, ...) where the device matters)."""
+    return gpt.init_params(cfg, seed, dtype=dtype, device="cpu")
+
 # The four axes of variation, each covered by at least one named case below.
 VARIANTS = {
     "gpt2": dict(),                                                          # learned, LayerNorm, GELU, MHA
@@ -36,7 +41,7 @@ def tiny_case(draw, variant=None):
                         n_head=n_head, n_embd=n_head * D, **kw)
     seed = draw(seeds)
     rng = np.random.default_rng(seed)
-    params = gpt.init_params(cfg, seed, dtype=np.float64)
+    params = init_cpu(cfg, seed, dtype=np.float64)
     params = {k: v + rng.standard_normal(v.shape) * 0.3 for k, v in params.items()}
     idx = rng.integers(0, V, (B, T))
     targets = rng.integers(0, V, (B, T))
@@ -95,7 +100,7 @@ def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
     B, T = idx.shape
     t = min(t, T - 1)
     cfg = gpt.GPTConfig(vocab_size=9, block_size=T, n_layer=2, n_head=2, n_embd=8, **VARIANTS[variant])
-    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 1, dtype=np.float64).items()}
+    params = {k: on(xp, v) for k, v in init_cpu(cfg, 1, dtype=np.float64).items()}
     changed = idx.copy()
     changed[:, t + 1:] = (changed[:, t + 1:] + 1 + np.arange(T - t - 1)) % 9
     a, _ = gpt.forward(params, cfg, on(xp, idx % 9))
@@ -109,7 +114,7 @@ def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
 def test_overfits_one_small_batch(xp, variant):
     from minillm.optim import AdamW
     cfg = gpt.GPTConfig(vocab_size=12, block_size=8, n_layer=2, n_head=2, n_embd=16, **VARIANTS[variant])
-    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 0).items()}
+    params = {k: on(xp, v) for k, v in init_cpu(cfg, 0).items()}
     rng = np.random.default_rng(0)
     idx = on(xp, rng.integers(0, 12, (2, 8)))
     targets = on(xp, rng.integers(0, 12, (2, 8)))      # random targets: only memorisation can fit them
@@ -124,13 +129,13 @@ def test_overfits_one_small_batch(xp, variant):
 
 def test_init_follows_gpt2(xp):
     cfg = gpt.GPTConfig(vocab_size=50, block_size=16, n_layer=8, n_head=4, n_embd=64)
-    p = gpt.init_params(cfg, 0)
+    p = init_cpu(cfg, 0)
     assert all(v.dtype == np.float32 for v in p.values())
     assert np.std(p["h.0.attn.w_qkv"]) == pytest.approx(0.02, rel=0.05)
     assert np.std(p["h.3.attn.w_o"]) == pytest.approx(0.02 / 4, rel=0.05)     # 1/sqrt(2 * 8)
     assert np.std(p["h.3.mlp.w2"]) == pytest.approx(0.02 / 4, rel=0.05)
     assert np.all(p["h.1.ln_1.weight"] == 1) and np.all(p["h.1.attn.b_qkv"] == 0)
-    q = gpt.init_params(cfg, 0)
+    q = init_cpu(cfg, 0)
     assert all(np.array_equal(p[k], q[k]) for k in p)                     # reproducible from the seed
     assert gpt.num_params(p) == sum(v.size for v in p.values())
 
@@ -140,7 +145,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_kv_cache(xp, variant
     cfg = gpt.GPTConfig(vocab_size=11, block_size=10, n_layer=2, n_head=4, n_embd=16, **VARIANTS[variant])
     rng = np.random.default_rng(3)
     params = {k: on(xp, (v + rng.standard_normal(v.shape) * 0.5).astype(np.float32))
-              for k, v in gpt.init_params(cfg, 3).items()}
+              for k, v in init_cpu(cfg, 3).items()}
     # 4 + 12 tokens > block_size: the context window slides past the cache's end too.
     a = gpt.generate(params, cfg, [1, 2, 3, 4], 12, temperature=0)
     b = gpt.generate(params, cfg, [1, 2, 3, 4], 12, temperature=0, use_cache=False)
@@ -157,7 +162,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_kv_cache(xp, variant
 def test_cached_forward_equals_the_full_forward(xp):
     from minillm.attention import KVCache
     cfg = gpt.GPTConfig(vocab_size=13, block_size=9, n_layer=2, n_head=2, n_embd=8, pos="rope", n_kv_head=1)
-    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 2, dtype=np.float64).items()}
+    params = {k: on(xp, v) for k, v in init_cpu(cfg, 2, dtype=np.float64).items()}
     idx = on(xp, np.random.default_rng(0).integers(0, 13, (2, 9)))
     full, _ = gpt.forward(params, cfg, idx)
     dec = gpt.GPTDecoder(params, cfg)
@@ -169,7 +174,7 @@ def test_cached_forward_equals_the_full_forward(xp):
 
 def test_bad_input_gets_clear_errors(xp):
     cfg = gpt.GPTConfig(vocab_size=10, block_size=4, n_layer=1, n_head=2, n_embd=8)
-    params = {k: on(xp, v) for k, v in gpt.init_params(cfg, 0).items()}
+    params = {k: on(xp, v) for k, v in init_cpu(cfg, 0).items()}
     with pytest.raises(ValueError, match=r"idx: expected at most block_size=4 positions, got 5"):
         gpt.forward(params, cfg, on(xp, np.zeros((1, 5), dtype=np.int64)))
     with pytest.raises(ValueError, match=r"idx: expected ids in \[0, 10\).*got 10"):
