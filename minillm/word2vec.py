@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -55,7 +56,9 @@ __all__ = ["Vocab", "build_vocab", "encode", "keep_probabilities", "subsample", 
 # Vocabulary, subsampling, noise distribution
 # ---------------------------------------------------------------------------
 
-class Vocab(NamedTuple):
+@dataclass(frozen=True)
+class Vocab:
+    """A word list with counts: len(vocab) is the number of words."""
     words: list          # id -> word, most frequent first (ties: first appearance)
     counts: np.ndarray   # (V,) int64 counts in the text the vocabulary was built from
     index: dict          # word -> id
