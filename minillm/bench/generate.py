@@ -60,7 +60,7 @@ def add_arguments(parser):
     parser.add_argument("--k", type=int, default=4, help="draft tokens proposed per speculative round")
     parser.add_argument("--spec-tokens", type=int, default=128, help="tokens generated in part 2")
     parser.add_argument("--train-steps", type=int, default=200, help="training steps for the target trained here")
-    parser.add_argument("--draft-train-steps", type=int, default=200, help="training steps for the draft")
+    parser.add_argument("--draft-train-steps", type=int, default=400, help="training steps for the draft")
     parser.add_argument("--train-lr", type=float, default=1e-2, help="AdamW learning rate for these short runs")
     parser.add_argument("--train-batch", type=int, default=8, help="training batch size (sequences)")
     parser.add_argument("--train-block", type=int, default=64, help="training sequence length")
