@@ -327,8 +327,9 @@ class Word2Vec:
             for i, sent in enumerate(ids):
                 check_int(f"ids[{i}]", sent)
                 check_ndim(f"ids[{i}]", sent, 1)
-            segments = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)] or [np.zeros(0, np.int64)])
-            ids = np.concatenate([to_numpy(a).astype(np.int64) for a in ids] or [np.zeros(0, np.int64)])
+            empty = [np.zeros(0, np.int64)]
+            segments = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)] or empty)
+            ids = np.concatenate([to_numpy(a).astype(np.int64) for a in ids] or empty)
         else:
             check_int("ids", ids)
             check_ndim("ids", ids, 1)
@@ -352,7 +353,7 @@ class Word2Vec:
         losses = []
         step = 0
         total_steps = None
-        for epoch in range(epochs):
+        for _ in range(epochs):
             seq, seg = ids, segments
             if subsample_t:
                 keep = self.rng.random(ids.shape) < keep_probabilities(self.vocab.counts, subsample_t)[ids]

@@ -59,7 +59,8 @@ w, b = rng.standard_normal((n_in, n_out)), rng.standard_normal(n_out)
 a_init = lora.init_lora({"w": w}, ["w"], rank=r, alpha=alpha, seed=0)
 a, b_lora = a_init["w.lora_a"], a_init["w.lora_b"]
 y, _ = lora.lora_linear_forward(x, w, b, a, b_lora, alpha)
-print(f"""init: A ~ Uniform(+-1/sqrt(in)) {a.shape}, B = 0 {b_lora.shape}, s = alpha / r = {alpha} / {r} = {lora.lora_scale(alpha, r)}
+s = lora.lora_scale(alpha, r)
+print(f"""init: A ~ Uniform(+-1/sqrt(in)) {a.shape}, B = 0 {b_lora.shape}, s = alpha / r = {alpha} / {r} = {s}
 with B = 0 the layer is exactly the base layer: max |y - (x W + b)| = {np.abs(y - (x @ w + b)).max():.1e}
 A is random so that B's gradient s (xA)^T dy is not zero: training can start.
 (If both were zero, both gradients would be zero and nothing would ever move.)""")
@@ -67,9 +68,10 @@ b_lora = rng.standard_normal((r, n_out))
 rep = bp.gradcheck(lora.lora_linear_forward, lora.lora_linear_backward, [x, w, b, a, b_lora],
                    wrt=[0, 3, 4], kwargs=dict(alpha=alpha))
 print(f"\nlora_linear_backward -> (dx, dA, dB), checked by finite differences: {rep}")
-print("""No dW and no db: they are frozen, so the backward skips those two matmuls. The
-scale s = alpha / r means that doubling r does not double the size of the update
-at initialisation, so alpha can stay put while you try different ranks.""")
+print("""No dW and no db: they are frozen, so the backward skips those two matmuls. Why
+s = alpha / r: with Adam every entry of A and B moves by about lr per step,
+whatever r is, so the product A B (a sum of r terms) grows with r; dividing by r
+keeps the update's size roughly fixed, and alpha can stay put while you try ranks.""")
 
 
 # ---------------------------------------------------------------------------
