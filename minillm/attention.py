@@ -660,7 +660,8 @@ def self_attention_forward(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head=None, ca
     w_o: (H D, C); b_o: (C,) or None; D = C // n_head; n_kv_head: None = n_head (MHA),
     1 = MQA, otherwise GQA.
     causal / mask: as sdpa_forward, mask broadcastable to (B, n_head, T, Tk) (e.g. a key
-    padding mask (B, 1, 1, Tk)). rope_base: None = no RoPE; else RoPE(base) on q and k
+    padding mask (B, 1, 1, Tk)); Tk = T, or with kv_cache the cached length after this
+    block is appended. rope_base: None = no RoPE; else RoPE(base) on q and k
     at ``positions`` ((T,) or (B, T) int; default arange(T) + the kv_cache's length).
     kv_cache (inference only): this block's k, v are appended to layer ``layer`` and the
     queries attend over everything cached. dropout_p, rng: attention-probability dropout.
