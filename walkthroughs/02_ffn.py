@@ -67,6 +67,11 @@ for name, vals in rows.items():
 print("GELU(x) = x * Phi(x): the input, scaled by the probability that a standard normal")
 print("is below it. Unlike ReLU it is smooth and lets small negative values through.")
 
+print("minillm evaluates the tanh form as x * sigmoid(2u), u = sqrt(2/pi)(x + 0.044715 x^3): the")
+print("same function, since 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)), but with no cancellation:")
+u10 = math.sqrt(2 / math.pi) * (-10 + 0.044715 * (-10) ** 3)
+print(f"  at x = -10: 0.5 x (1 + tanh(u)) = {0.5 * -10 * (1 + math.tanh(u10)):.3e},"
+      f"  x * sigmoid(2u) = {float(backend.to_numpy(ffn.gelu_forward(xp.asarray([-10.0]), 'tanh')[0])[0]):.3e}")
 dense = xp.linspace(-10, 10, 20001)
 gap = float(xp.abs(ffn.gelu_forward(dense, "tanh")[0] - ffn.gelu_forward(dense, "none")[0]).max())
 print(f"max |gelu_tanh - gelu_exact| on [-10, 10]: {gap:.2e}  (the tanh form is an approximation)")
