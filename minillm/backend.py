@@ -213,7 +213,8 @@ def check_shape(name: str, x, shape) -> None:
     """ValueError unless ``x.shape`` matches ``shape`` (None entries match any size)."""
     got = tuple(x.shape)
     if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
-        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        parts = ["*" if s is None else str(s) for s in shape]
+        want = "(" + ", ".join(parts) + ("," if len(parts) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {want}, got {got}")
 
 
