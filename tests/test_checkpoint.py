@@ -287,3 +287,21 @@ def test_save_hf_output_loads_into_transformers_with_the_same_logits(tmp_path):
         with torch.no_grad():
             ref = model(torch.from_numpy(idx)).logits.numpy()
         assert_close(gpt.forward(params, cfg, idx)[0], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_checkpoints_saved_by_transformers_load(tmp_path, half):
+    torch, _, model = _hf_tiny(tmp_path / "f32", seed=4)
+    model = model.to(getattr(torch, half))
+    model.save_pretrained(str(tmp_path / half))
+    header, _, _ = ck.read_safetensors_header(tmp_path / half / "model.safetensors")
+    assert {e["dtype"] for e in header.values()} == {"F16" if half == "float16" else "BF16"}
+    cfg, params = ck.load_hf(tmp_path / half, device="cpu")
+    named = dict(model.named_parameters())
+    for hf_name, ours in ck.hf_state_dict(cfg, params).items():   # widened exactly to float32
+        assert ours.dtype == np.float32
+        assert np.array_equal(ours, named[hf_name].detach().float().numpy()), hf_name
+    idx = np.random.default_rng(5).integers(0, 37, (2, 9))
+    with torch.no_grad():
+        ref = model.float()(torch.from_numpy(idx)).logits.numpy()
+    assert_close(gpt.forward(params, cfg, idx)[0], ref, rtol=1e-4, atol=1e-5)
