@@ -625,3 +625,37 @@ def test_speculative_stops_at_eos_and_checks_input(xp):
             S.speculative_generate(small, small, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)
     with pytest.raises(ValueError, match="draft"):
         S.speculative_generate(dec, _bigram(xp, 5, 0), [0], 3)
+
+
+# ---------------------------------------------------------------------------
+# The real model behind the protocol: gpt.GPTDecoder with attention.KVCache
+# ---------------------------------------------------------------------------
+
+def _tiny_gpt_pair(xp, pos):
+    """A 2-layer GPT and, as its draft, its own first layer (layer-skip self-speculation)."""
+    from minillm import gpt
+    cfg = gpt.GPTConfig(vocab_size=11, block_size=24, n_layer=2, n_head=2, n_embd=16, pos=pos,
+                        tie_embeddings=False)
+    params = gpt.init_params(cfg, seed=0, dtype=np.float64, device="gpu" if xp is not np else "cpu")
+    # GPT-2's init gives nearly uniform logits; larger weights make the choices context-dependent.
+    params = {k: v * 10 if v.ndim == 2 else v for k, v in params.items()}
+    draft = {k: v for k, v in params.items() if not k.startswith("h.1.")}
+    return gpt.GPTDecoder(params, cfg), gpt.GPTDecoder(draft, cfg.replace(n_layer=1))
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_gpt_speculative_and_beam_search_use_the_kv_cache_correctly(xp, pos):
+    # Speculative decoding rolls the KVCache back (crop) after rejections and beam
+    # search reorders its rows: both must give exactly what cache-free runs give.
+    target, draft = _tiny_gpt_pair(xp, pos)
+    prompt = [3, 1, 4, 1, 5]
+    want = S.generate(target, prompt, 12, temperature=0, use_cache=False)[0]
+    assert len(set(want[5:])) > 2                                # not a degenerate repetition
+    for use_cache in (True, False):
+        ids, st_ = S.speculative_generate(target, draft, prompt, 12, k=3, temperature=0, use_cache=use_cache)
+        assert ids == want and st_.used_cache == (use_cache, use_cache)
+    assert S.beam_search(target, [prompt, [2]], 10, num_beams=3) == \
+        S.beam_search(target, [prompt, [2]], 10, num_beams=3, use_cache=False)
+    a, st_ = S.speculative_generate(target, draft, prompt, 12, k=3, seed=7)
+    assert 0 < st_.acceptance_rate < 1                           # some rollbacks happened
+    assert a == S.speculative_generate(target, draft, prompt, 12, k=3, seed=7, use_cache=False)[0]
