@@ -245,7 +245,8 @@ def _mapping_for_config(config) -> tuple[str, HFMapping]:
     for mt, m in HF_MAPPINGS.items():
         if isinstance(config, m.config_class):
             return mt, m
-    raise TypeError(f"config: expected a config of one of {[m.config_class.__name__ for m in HF_MAPPINGS.values()]}, "
+    known = [m.config_class.__name__ for m in HF_MAPPINGS.values()]
+    raise TypeError(f"config: expected a config of one of {known}, "
                     f"got {type(config).__name__}")
 
 

@@ -65,7 +65,8 @@ def test_bfloat16_rounding_is_round_to_nearest_even(seed):
     up = ((u & 0xFFFF0000) + 0x10000).astype(np.uint32).view(np.float32)
     finite = np.isfinite(x) & np.isfinite(up)
     err = np.abs(r[finite].astype(np.float64) - x[finite])
-    best = np.minimum(np.abs(down[finite].astype(np.float64) - x[finite]), np.abs(up[finite].astype(np.float64) - x[finite]))
+    xf = x[finite].astype(np.float64)
+    best = np.minimum(np.abs(down[finite] - xf), np.abs(up[finite] - xf))
     assert np.all(err <= best)
     # exactly halfway goes to the even neighbour: 1 + 2^-8 lies between 1 and 1 + 2^-7
     assert ck.bfloat16_to_float32(ck.float32_to_bfloat16(np.float32([1 + 2**-8, 1 + 3 * 2**-8]))).tolist() == \
@@ -97,7 +98,8 @@ def test_broken_safetensors_files_are_refused_clearly(tmp_path):
     ck.save_safetensors(p, {"w": np.ones((4, 4), np.float32)})
     raw = p.read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(raw[:-10])
-    with pytest.raises(ValueError, match=r"tensor 'w': data ends at byte \d+ but the file has \d+ bytes \(truncated"):
+    with pytest.raises(ValueError, match=r"tensor 'w': data ends at byte \d+ but the file has \d+ bytes "
+                                         r"\(truncated"):
         ck.load_safetensors(tmp_path / "trunc.safetensors")
     (tmp_path / "short.safetensors").write_bytes(b"abc")
     with pytest.raises(ValueError, match="not a safetensors file"):

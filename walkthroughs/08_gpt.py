@@ -93,7 +93,8 @@ B, T = idx.shape
 te, te_cache = embedding_forward(idx, p1["wte"])                # (B, T, C)
 pe, pe_cache = embedding_forward(xp.arange(T), p1["wpe"])       # (T, C), broadcast over the batch
 x0 = te + pe
-print(f"idx {tuple(idx.shape)} -> wte[idx] {tuple(te.shape)} + wpe[0..{T - 1}] {tuple(pe.shape)} = x {tuple(x0.shape)}")
+print(f"idx {tuple(idx.shape)} -> wte[idx] {tuple(te.shape)} + wpe[0..{T - 1}] {tuple(pe.shape)} "
+      f"= x {tuple(x0.shape)}")
 print("Attention by itself ignores order; the position rows are what tell 'ab' from 'ba'.")
 
 # ---------------------------------------------------------------------------
@@ -162,7 +163,8 @@ _, g64 = gpt.loss_and_grads(p64, cfg, small_idx, small_t)
 t0 = time.perf_counter()
 rep = check_dict_gradients(lambda p: gpt.loss(p, cfg, small_idx, small_t), p64, g64, eps=1e-3, atol=1e-4,
                            max_checks_per_param=3 if FAST else 8)
-print(f"{len(p64)} parameter arrays, a few entries each nudged by +-eps, +-2 eps ({time.perf_counter() - t0:.1f} s):")
+print(f"{len(p64)} parameter arrays, a few entries each nudged by +-eps, +-2 eps "
+      f"({time.perf_counter() - t0:.1f} s):")
 print(f"  {rep}")
 print("The bar is 1e-7 relative (1e-11 absolute for entries below 1e-4: the key bias's gradient")
 print("is exactly 0, since softmax ignores a shift of a query's scores, so there the numeric side")

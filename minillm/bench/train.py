@@ -51,7 +51,8 @@ def _blas_threads():
 def _torch_model(torch, cfg, params, device):
     """The same GPT in torch ops, holding copies of ``params`` (float32)."""
     F = torch.nn.functional
-    P = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(torch.tensor(np.asarray(v), device=device))
+    P = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(torch.tensor(np.asarray(v),
+                                                                                       device=device))
                                 for k, v in params.items()})
     H, D = cfg.n_head, cfg.head_dim
 
@@ -163,7 +164,8 @@ def run(args):
                        "tokens/s", "minillm time / this"])
     if torch is not None:
         ratio = statistics.median(wall[impls[0][0]]) / statistics.median(wall[impls[1][0]])
-        print(f"\nminillm's step takes {ratio:.2f}x PyTorch eager's (median wall time; goal <= 1.5x, then <= 1.0x)")
+        print(f"\nminillm's step takes {ratio:.2f}x PyTorch eager's (median wall time; "
+              f"goal <= 1.5x, then <= 1.0x)")
 
     if args.profile:
         import cProfile

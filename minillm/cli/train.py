@@ -24,14 +24,14 @@ PRESETS = {
     "default": (
         "the 5-minute CPU run: 4 layers x 128, context 64 (val loss <= 2.0 on 2 cores)",
         dict(n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=True),
-        dict(block_size=64, batch_size=32, max_steps=600, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-             eval_interval=100, eval_iters=20, betas=(0.9, 0.99), weight_decay=0.1, checkpoint_interval=200)),
+        dict(block_size=64, batch_size=32, max_steps=700, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+             eval_interval=100, eval_iters=10, betas=(0.9, 0.99), weight_decay=0.1, checkpoint_interval=200)),
     "llama": (
         "the default's size with RoPE, RMSNorm, SwiGLU and grouped-query attention (2 K/V heads)",
         dict(n_layer=4, n_head=4, n_embd=128, n_kv_head=2, dropout=0.0, bias=False, norm="rmsnorm",
              pos="rope", mlp="swiglu"),
-        dict(block_size=64, batch_size=32, max_steps=600, lr=3e-3, min_lr=3e-4, warmup_steps=50,
-             eval_interval=100, eval_iters=20, betas=(0.9, 0.99), weight_decay=0.1, checkpoint_interval=200)),
+        dict(block_size=64, batch_size=32, max_steps=700, lr=3e-3, min_lr=3e-4, warmup_steps=50,
+             eval_interval=100, eval_iters=10, betas=(0.9, 0.99), weight_decay=0.1, checkpoint_interval=200)),
     "shakespeare-char": (
         "nanoGPT's config/train_shakespeare_char.py: 6 layers x 384, 6 heads, context 256, dropout 0.2",
         dict(n_layer=6, n_head=6, n_embd=384, dropout=0.2, bias=False),
