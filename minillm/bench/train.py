@@ -37,8 +37,20 @@ def add_arguments(parser):
     parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
                         help="minillm's device (default: $MINILLM_DEVICE); torch runs on the CPU or CUDA to match")
     parser.add_argument("--skip-reference", action="store_true", help="do not time PyTorch")
+    parser.add_argument("--threads", default=None,
+                        help="comma-separated thread counts to measure, e.g. 1,2: NumPy's BLAS through "
+                             "threadpoolctl (when installed) and torch.set_num_threads (default: as started)")
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of minillm's step (the hot spots, by own time)")
+
+
+def _limit_threads(n):
+    """A context that runs NumPy's BLAS with n threads (threadpoolctl), or None if it cannot."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _blas_threads():
@@ -141,31 +153,19 @@ def run(args):
         print(f"check: loss before training, minillm {ml:.6f} vs torch {tl:.6f} (|diff| {abs(ml - tl):.1e})")
         impls += [(f"torch {torch.__version__} eager", ref(False)), ("torch, fused SDPA", ref(True))]
 
-    for _ in range(args.warmup):
-        for _, fn in impls:
-            fn()
-    wall = {name: [] for name, _ in impls}
-    cpu = {name: [] for name, _ in impls}
-    for _ in range(args.repeat):
-        for name, fn in impls:     # interleaved: every implementation meets the same load
-            w0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall[name].append(time.perf_counter() - w0)
-            cpu[name].append(time.process_time() - c0)
-
-    base = statistics.median(wall[impls[0][0]])
-    rows = []
-    for name, _ in impls:
-        med, best = statistics.median(wall[name]), min(wall[name])
-        rows.append([name, f"{med * 1e3:.1f}", f"{best * 1e3:.1f}", f"{statistics.median(cpu[name]) * 1e3:.0f}",
-                     f"{B * T / med:,.0f}", f"{base / med:.2f}"])
-    print()
-    print_table(rows, ["implementation", "ms/step (median)", "ms/step (best)", "CPU ms/step",
-                       "tokens/s", "minillm time / this"])
-    if torch is not None:
-        ratio = statistics.median(wall[impls[0][0]]) / statistics.median(wall[impls[1][0]])
-        print(f"\nminillm's step takes {ratio:.2f}x PyTorch eager's (median wall time; "
-              f"goal <= 1.5x, then <= 1.0x)")
+    counts = [int(t) for t in args.threads.split(",")] if args.threads else [threads]
+    for n_threads in counts:
+        limiter = _limit_threads(n_threads) if args.threads else None
+        if args.threads and limiter is None:
+            print(f"threadpoolctl is not installed: NumPy's BLAS keeps {threads} thread(s); set "
+                  f"OPENBLAS_NUM_THREADS={n_threads} before starting to change it")
+        if torch is not None and tdev == "cpu":
+            torch.set_num_threads(n_threads)
+        try:
+            _time_all(impls, args, B * T, f"{n_threads} thread(s)", torch is not None)
+        finally:
+            if limiter is not None:
+                limiter.restore_original_limits()
 
     if args.profile:
         import cProfile
@@ -178,3 +178,30 @@ def run(args):
         print("\ncProfile of minillm's step (own time):")
         pstats.Stats(pr).sort_stats("tottime").print_stats(15)
     return 0
+
+
+def _time_all(impls, args, tokens, label, with_reference):
+    for _ in range(args.warmup):
+        for _, fn in impls:
+            fn()
+    wall = {name: [] for name, _ in impls}
+    cpu = {name: [] for name, _ in impls}
+    for _ in range(args.repeat):
+        for name, fn in impls:     # interleaved: every implementation meets the same load
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn()
+            wall[name].append(time.perf_counter() - w0)
+            cpu[name].append(time.process_time() - c0)
+    base = statistics.median(wall[impls[0][0]])
+    rows = []
+    for name, _ in impls:
+        med, best = statistics.median(wall[name]), min(wall[name])
+        rows.append([name, f"{med * 1e3:.1f}", f"{best * 1e3:.1f}", f"{statistics.median(cpu[name]) * 1e3:.0f}",
+                     f"{tokens / med:,.0f}", f"{base / med:.2f}"])
+    print(f"\n{label}:")
+    print_table(rows, ["implementation", "ms/step (median)", "ms/step (best)", "CPU ms/step",
+                       "tokens/s", "minillm time / this"])
+    if with_reference:
+        ratio = base / statistics.median(wall[impls[1][0]])
+        print(f"minillm's step takes {ratio:.2f}x PyTorch eager's (median wall time; "
+              f"goal <= 1.5x, then <= 1.0x)")
