@@ -583,6 +583,11 @@ def classify_logits(params, config, input_ids, token_type_ids=None, attention_ma
     return _classify(params, config, input_ids, None, token_type_ids, attention_mask, False, None, False)[0]
 
 
+def classification_loss(params, config, input_ids, labels, token_type_ids=None, attention_mask=None):
+    """The classifier's cross-entropy alone (evaluation: no dropout, no gradients). -> float"""
+    return _classify(params, config, input_ids, labels, token_type_ids, attention_mask, False, None, False)[1]
+
+
 def classification_loss_and_grads(params, config, input_ids, labels, token_type_ids=None,
                                   attention_mask=None, train=False, rng=None):
     """Cross-entropy of the classifier on labels (B,) in [0, num_labels), and its gradients.

@@ -363,6 +363,16 @@ def test_saved_checkpoint_matches_transformers(tmp_path):
     real = mask == 1
     np.testing.assert_allclose(hidden[real], out.hidden_states[-1].numpy()[real], atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(logits[real], out.logits.numpy()[real], atol=2e-5, rtol=1e-4)
+    # The classification head too: BertForSequenceClassification reads pooler + classifier.
+    cparams = bert.init_params(config, seed=8, device="cpu", heads=("pooler", "classifier"))
+    cparams["classifier.b"] += np.float32(0.5)
+    checkpoint.save_hf(tmp_path / "cls", config, cparams)
+    cmodel = _torch_bert(tmp_path / "cls", "BertForSequenceClassification")
+    with torch.no_grad():
+        cout = cmodel(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types),
+                      attention_mask=torch.tensor(mask))
+    np.testing.assert_allclose(bert.classify_logits(cparams, config, ids, types, mask), cout.logits.numpy(),
+                               atol=2e-5, rtol=1e-4)
 
 
 # --- the real all-MiniLM-L6-v2 ---------------------------------------------------------
