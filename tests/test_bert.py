@@ -471,6 +471,12 @@ def test_train_bert_runs_end_to_end_on_a_small_corpus(tmp_path, monkeypatch):
     config, params = checkpoint.load_hf(tmp_path / "run" / "hf-classifier", device="cpu")
     assert "classifier.w" in params and config.num_labels == 3
     assert (tmp_path / "run" / "hf-mlm" / "vocab.txt").exists()
+    # --resume on a finished run: both phases find their checkpoints and have nothing left to do.
+    lines.clear()
+    args.resume = True
+    assert tb.run(args, log=lines.append) == 0
+    assert sum("nothing to do" in ln for ln in lines) == 2
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["accuracy"] == res["accuracy"]
 
 
 # --- python -m minillm embed --------------------------------------------------------

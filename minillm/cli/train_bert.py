@@ -465,3 +465,5 @@ def _show_fill_mask(params, config, tok, xp, log):
         logits = to_numpy(bert.mlm_logits(params, config, xp.asarray(ids)))[0, pos]
         top = np.argsort(-logits)[:5]
         log(f"  {s!r:45s} -> {', '.join(tok.vocab[i] for i in top)}")
+    log("(a model whose loss is still near the unigram entropy mostly guesses the commonest tokens;")
+    log(" more steps, --max-steps, make the guesses fit the context)")
