@@ -254,8 +254,8 @@ def _check_inputs(config, input_ids, token_type_ids, attention_mask):
     check_ndim("input_ids", input_ids, 2)
     xp = array_module(input_ids)
     B, T = input_ids.shape
-    if T < 1:
-        raise ValueError(f"input_ids: expected at least one token per sequence, got shape {(B, T)}")
+    if B < 1 or T < 1:
+        raise ValueError(f"input_ids: expected at least one sequence of at least one token, got shape {(B, T)}")
     if T > config.max_position:
         raise ValueError(f"input_ids: sequence length {T} exceeds max_position={config.max_position} "
                          "(the rows of the learned position table); truncate the input")

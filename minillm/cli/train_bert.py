@@ -30,6 +30,16 @@ Shakespeare, then fine-tune it to tell which genre a passage comes from.
    held-out plays' passages against the majority-class baseline (always guess the
    genre most common in training), per genre, and per play (majority vote).
 
+What to expect from the default preset (measured on the shared 2-core machine, about
+3 CPU-minutes, single-threaded BLAS): the MLM loss falls from ln V = 9.4 to 6.2 on the
+held-out plays, just under the unigram entropy of 6.38, so the model has only begun to
+use context; genre accuracy on held-out passages is about 0.50 against a majority
+baseline of 0.33 (6 of 9 held-out plays right by majority vote). A run this short is
+not long enough for pretraining to pay: fine-tuning from an untrained encoder
+(``--max-steps 1``) scored 0.54 in the same setting. Our reading, not measured further:
+genre words (kings, wars, love) carry much of the signal and a classifier learns them
+from scratch; pretraining would have to get well past the unigram plateau to add to it.
+
 Outputs under --out: pretrain/ and finetune/ (training-loop checkpoints, metrics,
 loss.svg), hf-mlm/ and hf-classifier/ (Hugging Face directories with vocab.txt:
 ``python -m minillm embed --model OUT/hf-mlm TEXT...`` reads them).
