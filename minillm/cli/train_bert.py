@@ -314,7 +314,11 @@ def run(args, log=print):
     if _arg(args, "preset", "default") != preset_name:
         log(f"note: preset {args.preset!r} is a GPT preset; BERT uses its {preset_name!r} preset")
     device = _arg(args, "device")
-    xp = xp_for(device)
+    try:
+        xp = xp_for(device)
+    except (RuntimeError, ValueError) as e:
+        log(f"minillm train bert: {e}")
+        return 2
     seed = int(_arg(args, "seed", 1337))
     T = int(_arg(args, "block_size", train_kw["block_size"]))
     B = int(_arg(args, "batch_size", train_kw["batch_size"]))
@@ -381,8 +385,8 @@ def run(args, log=print):
     log(f"reference points: uniform guessing ln V = {np.log(config.vocab_size):.2f}; guessing by token "
         f"frequency alone (the unigram entropy) = {unigram:.2f}; below that, the model uses context")
     res = train(task, cfg, resume=resume and (out / "pretrain" / "checkpoint.npz").exists(), log=log)
-    log(f"MLM loss after {res['step']} steps: train {res['train_loss']:.3f}, held-out plays "
-        f"{res['val_loss']:.3f} (unigram entropy {unigram:.2f})")
+    log(f"MLM loss after {res['step']} steps: train {res['train_loss']:.3f}, held-out "
+        f"{'plays' if labelled else 'text'} {res['val_loss']:.3f} (unigram entropy {unigram:.2f})")
     _save_hf_dir(out / "hf-mlm", config, task.params, tok, log)
     if res.get("interrupted"):
         return 130
@@ -473,6 +477,7 @@ def _show_fill_mask(params, config, tok, xp, log):
         ids = enc["input_ids"]
         pos = int(np.flatnonzero(ids[0] == tok.mask_id)[0])
         logits = to_numpy(bert.mlm_logits(params, config, xp.asarray(ids)))[0, pos]
+        logits[[tok.token_to_id[t] for t in SPECIALS]] = -np.inf  # only real words as answers
         top = np.argsort(-logits)[:5]
         log(f"  {s!r:45s} -> {', '.join(tok.vocab[i] for i in top)}")
     log("(a model whose loss is still near the unigram entropy mostly guesses the commonest tokens;")
