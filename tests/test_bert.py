@@ -171,7 +171,7 @@ def test_attention_is_bidirectional(xp, seed, T):
 @given(seed=seeds)
 def test_post_ln_output_is_normalised_and_dropout_only_in_training(xp, seed):
     config = tiny_config()
-    params = init = bert.init_params(config, seed=seed, dtype=np.float64, device="cpu")
+    init = bert.init_params(config, seed=seed, dtype=np.float64, device="cpu")
     params = {k: on(xp, v) for k, v in init.items()}
     ids, types, mask = random_batch(config, seed, 2, 5, 2)
     h, _ = bert.forward(params, config, *on(xp, ids, types, mask))
@@ -202,8 +202,11 @@ def test_overfits_one_batch(xp):
     config = tiny_config(hidden_dropout=0.0, attention_dropout=0.0, initializer_range=0.2)
     params = {k: on(xp, v) for k, v in bert.init_params(config, seed=0, dtype=np.float64, device="cpu").items()}
     ids, types, mask = random_batch(config, 1, 2, 6, 1)
-    labels = np.where(mask == 1, ids, -100)
-    batch = on(xp, ids, labels, types, mask)
+    # One fixed masked batch: half the real tokens hidden, to be recalled from the rest.
+    masked, labels = bert.mask_tokens(ids, 0, vocab_size=config.vocab_size, mask_token_id=4,
+                                      special_ids=(0, 4), attention_mask=mask, mlm_probability=0.5)
+    assert np.sum(labels != -100) >= 2
+    batch = on(xp, masked, labels, types, mask)
     m = {k: 0 * v for k, v in params.items()}
     v2 = {k: 0 * v for k, v in params.items()}
     first = None
