@@ -104,14 +104,24 @@ class GPTTask:
         self.tokens_per_batch = self.batches.tokens_per_batch
         self.model_config = config.to_dict()
         self.rng = np.random.default_rng([int(seed), 99])   # dropout masks; checkpointed by the loop
+        self.xp = xp
 
     def get_batch(self, split, rng):
         return self.batches.get_batch(split, rng)
 
+    def _dropout_rng(self):
+        """The generator for this step's dropout masks. On a GPU, masks drawn on the CPU would
+        cross the bus every step (attention's alone are B*H*T*T numbers per layer), so a device
+        generator is seeded from the checkpointed CPU one: resuming stays exact."""
+        make = getattr(getattr(self.xp, "random", None), "default_rng", None)
+        if self.xp is np or self.config.dropout == 0 or make is None:
+            return self.rng
+        return make(int(self.rng.integers(2**63)))
+
     def loss_and_grads(self, params, batch):
         from minillm import gpt
         x, y = batch
-        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self.rng)
+        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng())
 
     def eval_loss(self, params, batch):
         from minillm import gpt
