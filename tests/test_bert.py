@@ -345,7 +345,9 @@ def test_load_hf_rejects_a_wrong_or_missing_tensor(tmp_path):
 def _torch_bert(path, cls_name="BertForMaskedLM"):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("torch")
-    model = getattr(transformers, cls_name).from_pretrained(str(path))
+    model, info = getattr(transformers, cls_name).from_pretrained(str(path), output_loading_info=True)
+    # Every tensor the model wants is in the file, and nothing else is.
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     return model.eval()
 
 
