@@ -14,6 +14,11 @@ from minillm import gpt
 from strategies import seeds, shapes
 
 
+def scaled(n):
+    """n examples under the default `ci` profile (12), proportionally more under `thorough`."""
+    return max(1, n * settings.default.max_examples // 12)
+
+
 def init_cpu(cfg, seed, dtype=np.float32):
     """Parameters on the CPU (tests move them with on(xp, ...) where the device matters)."""
     return gpt.init_params(cfg, seed, dtype=dtype, device="cpu")
@@ -24,7 +29,7 @@ INTS = ["int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64"
 
 # --- safetensors --------------------------------------------------------------
 
-@settings(max_examples=8)
+@settings(max_examples=scaled(8))
 @given(shape_list=st.lists(shapes(0, 3, 0, 4), min_size=1, max_size=4), seed=seeds,
        dtypes=st.lists(st.sampled_from(FLOATS + INTS + ["bool"]), min_size=4, max_size=4))
 def test_safetensors_round_trip_is_bit_exact(tmp_path_factory, shape_list, seed, dtypes):
@@ -52,7 +57,7 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path_factory, shape_list, seed,
     assert meta == {"format": "pt"} and base % 8 == 0       # the byte buffer starts 8-aligned
 
 
-@settings(max_examples=10)
+@settings(max_examples=scaled(10))
 @given(seed=seeds)
 def test_bfloat16_rounding_is_round_to_nearest_even(seed):
     rng = np.random.default_rng(seed)

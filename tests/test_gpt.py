@@ -10,6 +10,11 @@ from minillm.backprop import check_dict_gradients
 from strategies import seeds
 
 
+def scaled(n):
+    """n examples under the default `ci` profile (12), proportionally more under `thorough`."""
+    return max(1, n * settings.default.max_examples // 12)
+
+
 def init_cpu(cfg, seed, dtype=np.float32):
     """Parameters on the CPU (tests move them with on(xp, ...) where the device matters)."""
     return gpt.init_params(cfg, seed, dtype=dtype, device="cpu")
@@ -79,21 +84,21 @@ def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@settings(max_examples=2)
+@settings(max_examples=scaled(2))
 @given(data=st.data())
 def test_whole_model_gradients_match_finite_differences(xp, variant, data):
     cfg, params, idx, targets = data.draw(tiny_case(variant))
     _gradcheck(xp, cfg, params, idx, targets)
 
 
-@settings(max_examples=3)
+@settings(max_examples=scaled(3))
 @given(case=tiny_case("gpt2"), seed=seeds, p=st.sampled_from([0.1, 0.5]))
 def test_gradients_with_dropout_for_fixed_masks(xp, case, seed, p):
     cfg, params, idx, targets = case
     _gradcheck(xp, cfg.replace(dropout=p), params, idx, targets, train=True, dropout_seed=seed)
 
 
-@settings(max_examples=6)
+@settings(max_examples=scaled(6))
 @given(case=tiny_case(), variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(0, 4))
 def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
     _, _, idx, _ = case
