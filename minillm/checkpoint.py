@@ -393,7 +393,7 @@ def _gpt2_fill(config, params) -> dict:
     full = param_shapes(config.replace(bias=True))
     for k, shape in full.items():
         if k not in out:
-            out[k] = np.zeros(shape, dtype=to_numpy(params["wte"]).dtype)
+            out[k] = np.zeros(shape, dtype=params["wte"].dtype)
     return out
 
 
