@@ -252,6 +252,16 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys, monkeyp
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines()[:3] == first.splitlines()[:3]   # same seed, same text
     assert "Thou" in first
+    # Without --checkpoint: the newest GPT run under ./runs, even when a newer non-GPT run sits there.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    out.rename(tmp_path / "runs" / "gpt-a")
+    other = tmp_path / "runs" / "bert-b"
+    other.mkdir()
+    (other / "checkpoint.npz").write_bytes(b"not a GPT")
+    (other / "checkpoint.json").write_text('{"model_config": {"hidden_size": 8}}')
+    assert main(["sample", "--max-new-tokens", "3", "--seed", "1"]) == 0
+    assert "gpt-a" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("command, options", [

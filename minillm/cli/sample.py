@@ -8,6 +8,7 @@ token by token, with the KV cache.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 
@@ -38,12 +39,30 @@ def add_arguments(parser):
                         help="where to run (default: $MINILLM_DEVICE, else cpu)")
 
 
+def latest_gpt_run(root="runs"):
+    """The most recently written run under ``root`` that holds a GPT (BERT runs live there too)."""
+    from pathlib import Path
+
+    from minillm import gpt
+    from minillm.train import CHECKPOINT_FILE, latest_run
+    root = Path(root)
+    runs = [d for d in (root.iterdir() if root.is_dir() else []) if (d / CHECKPOINT_FILE).is_file()]
+    for d in sorted(runs, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime_ns, reverse=True):
+        try:   # checkpoint.json is the checkpoint's metadata in readable form: no need to load weights
+            with open(d / "checkpoint.json", encoding="utf-8") as f:
+                gpt.GPTConfig.from_dict(json.load(f)["model_config"])
+            return d
+        except (OSError, ValueError, TypeError, KeyError):
+            continue
+    return latest_run(root)    # none recognisable: let the loader explain what it finds
+
+
 def load_run(path=None, device=None):
     """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest)."""
     from minillm import backend, gpt
     from minillm.tokenizer import tokenizer_from_dict
-    from minillm.train import latest_run, load_checkpoint
-    ck = load_checkpoint(path if path is not None else latest_run("runs"))
+    from minillm.train import load_checkpoint
+    ck = load_checkpoint(path if path is not None else latest_gpt_run("runs"))
     mc, td = ck.get("model_config"), ck.get("tokenizer")
     if not mc or not td:
         raise ValueError(f"checkpoint: {ck['path']!r} has no model_config or tokenizer; expected a run "
