@@ -72,7 +72,8 @@ def add_arguments(parser):
                              "files (default: runs/<model>-<preset>-<date>-<time>)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (default: the latest run under runs/) from its "
-                             "checkpoint, exactly where it stopped")
+                             "checkpoint, exactly where it stopped; the run keeps its own model, tokenizer "
+                             "and settings, and only --max-steps (and --device) may change")
     parser.add_argument("--seed", type=int, default=1337,
                         help="seed for the initialisation, the batches and dropout (default: 1337)")
     parser.add_argument("--eval-interval", type=int, default=None,
