@@ -161,7 +161,8 @@ def run(args):
 def run_gpt(args, log=print):
     from minillm import backend, gpt
     from minillm import data as corpus
-    from minillm.train import TrainConfig, latest_run, load_checkpoint, train
+    from minillm.cli.sample import latest_gpt_run
+    from minillm.train import TrainConfig, load_checkpoint, train
     from minillm.tokenizer import tokenizer_from_dict
 
     xp = backend.xp_for(args.device)
@@ -169,7 +170,7 @@ def run_gpt(args, log=print):
     what, model_kw, train_kw = PRESETS[args.preset]
     ck = None
     if args.resume:
-        out = Path(args.out) if args.out else latest_run("runs")
+        out = Path(args.out) if args.out else latest_gpt_run("runs")
         ck = load_checkpoint(out)
         tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
                                       **({"max_steps": args.max_steps} if args.max_steps else {})})
