@@ -34,11 +34,13 @@ What to expect from the default preset (measured on the shared 2-core machine, a
 3 CPU-minutes, single-threaded BLAS): the MLM loss falls from ln V = 9.4 to 6.2 on the
 held-out plays, just under the unigram entropy of 6.38, so the model has only begun to
 use context; genre accuracy on held-out passages is about 0.50 against a majority
-baseline of 0.33 (6 of 9 held-out plays right by majority vote). A run this short is
-not long enough for pretraining to pay: fine-tuning from an untrained encoder
-(``--max-steps 1``) scored 0.54 in the same setting. Our reading, not measured further:
-genre words (kings, wars, love) carry much of the signal and a classifier learns them
-from scratch; pretraining would have to get well past the unigram plateau to add to it.
+baseline of 0.33 (6 of 9 held-out plays right by majority vote). At this scale the
+pretraining does not pay: fine-tuning an untrained encoder (``--max-steps 1``) scored
+0.54 in the same setting, and 1200 pretraining steps (held-out MLM loss 6.02) gave 0.49.
+We did not measure the spread across seeds, so read differences of a few points with
+care. Our reading: genre words (kings, wars, love) carry much of the signal and a
+classifier learns them from scratch; pretraining would have to get well past the
+unigram plateau to add to that.
 
 Outputs under --out: pretrain/ and finetune/ (training-loop checkpoints, metrics,
 loss.svg), hf-mlm/ and hf-classifier/ (Hugging Face directories with vocab.txt:
