@@ -382,7 +382,7 @@ def _tiny_run(tmp_path):
     (tmp_path / "data.txt").write_text(text)
     tok = CharTokenizer.from_text(text)
     cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    params = gpt.init_params(cfg, seed=0)
+    params = gpt.init_params(cfg, seed=0, device="cpu")  # compared with NumPy below, on any device
     train.save_checkpoint(tmp_path / "run", params, step=0, model_config=dataclasses.asdict(cfg), tokenizer=tok)
     return cfg, params
 
