@@ -50,6 +50,17 @@ __all__ = [
 # Argument checks shared by the attention functions
 # ---------------------------------------------------------------------------
 
+def _check_attention_inputs(q, k, v, mask, causal):
+    """The checks plain and tiled attention share: q/k/v shapes, the mask, and causal
+    needing Tq <= Tk. -> (B, H, Hkv, Tq, Tk, D)"""
+    B, H, Hkv, Tq, Tk, D = _check_qkv(q, k, v)
+    _check_mask(mask, (B, H, Tq, Tk), like=q)
+    if causal and Tq > Tk:
+        raise ValueError(f"causal: needs Tq <= Tk (queries are the last Tq of the Tk positions), "
+                         f"got q with Tq={Tq} and k with Tk={Tk}")
+    return B, H, Hkv, Tq, Tk, D
+
+
 def _check_qkv(q, k, v):
     """Validate q: (B, H, Tq, D), k, v: (B, Hkv, Tk, D); return (B, H, Hkv, Tq, Tk, D)."""
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -194,11 +205,7 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     A fully masked query row gets output 0 and gradient 0.
     -> out: (B, H, Tq, D), cache
     """
-    B, H, Hkv, Tq, Tk, D = _check_qkv(q, k, v)
-    _check_mask(mask, (B, H, Tq, Tk), like=q)
-    if causal and Tq > Tk:
-        raise ValueError(f"causal: needs Tq <= Tk (queries are the last Tq of the Tk positions), "
-                         f"got q with Tq={Tq} and k with Tk={Tk}")
+    B, H, Hkv, Tq, Tk, D = _check_attention_inputs(q, k, v, mask, causal)
     xp = array_module(q)
     G = H // Hkv
     scale = _scale_for(scale, D, q.dtype)
@@ -309,11 +316,7 @@ def flash_attention_forward(q, k, v, causal=False, mask=None, scale=None, block_
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D); mask bool broadcastable to (B, H, Tq, Tk)
     -> out: (B, H, Tq, D), cache
     """
-    B, H, Hkv, Tq, Tk, D = _check_qkv(q, k, v)
-    _check_mask(mask, (B, H, Tq, Tk), like=q)
-    if causal and Tq > Tk:
-        raise ValueError(f"causal: needs Tq <= Tk (queries are the last Tq of the Tk positions), "
-                         f"got q with Tq={Tq} and k with Tk={Tk}")
+    B, H, Hkv, Tq, Tk, D = _check_attention_inputs(q, k, v, mask, causal)
     bs = _check_block_size(block_size)
     xp = array_module(q)
     dt = q.dtype

@@ -229,6 +229,23 @@ def check_same_dtype(**arrays) -> None:
             raise TypeError(f"{k}: expected dtype {v0.dtype} (the dtype of {k0}), got {v.dtype}")
 
 
+def check_like(what: str, params: dict, arrays) -> None:
+    """``arrays`` is a dict with exactly the keys of ``params`` and arrays of the same
+    shapes (gradients, optimizer state), else TypeError/ValueError naming the entry."""
+    if not isinstance(arrays, dict):
+        raise TypeError(f"{what}: expected a dict of arrays keyed like params, got {type(arrays).__name__}")
+    if arrays.keys() != params.keys():
+        missing = sorted(set(params) - set(arrays))
+        extra = sorted(set(arrays) - set(params))
+        raise ValueError(f"{what}: expected the same keys as params, missing {missing}, extra {extra}")
+    for name, p in params.items():
+        a = arrays[name]
+        check_array(f"{what}[{name!r}]", a)
+        if tuple(a.shape) != tuple(p.shape):
+            raise ValueError(f"{what}[{name!r}]: expected shape {tuple(p.shape)} (the parameter's), "
+                             f"got {tuple(a.shape)}")
+
+
 def check_ids(name: str, ids, vocab_size: int) -> None:
     """Integer ids in [0, vocab_size), else TypeError/ValueError naming the offender."""
     check_int(name, ids)

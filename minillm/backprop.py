@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .backend import array_module, check_array, check_float, check_int, make_rng
+from .backend import array_module, check_float, check_int, check_like, make_rng
 
 
 # ---------------------------------------------------------------------------
@@ -238,15 +238,9 @@ def check_dict_gradients(f: Callable[[dict], float], params: dict, grads: dict, 
     rng = make_rng(seed)
     worst = (-1.0, ("", ()), 0.0, 0.0)
     per_input = {}
-    if set(grads) != set(params):
-        missing = sorted(set(params) - set(grads))
-        extra = sorted(set(grads) - set(params))
-        raise ValueError(f"grads: expected the same keys as params, missing {missing}, extra {extra}")
+    check_like("grads", params, grads)
     for name, p in params.items():
         g = grads[name]
-        check_array(f"grads[{name!r}]", g)
-        if tuple(g.shape) != tuple(p.shape):
-            raise ValueError(f"grads[{name!r}]: expected shape {tuple(p.shape)}, got {tuple(g.shape)}")
         if p.dtype != np.float64:
             raise TypeError(f"params[{name!r}]: gradient checks need float64, got {p.dtype}")
         g = _host(g)

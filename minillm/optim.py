@@ -44,7 +44,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import array_module, check_array, check_float
+from .backend import array_module, check_float, check_like
 
 __all__ = ["default_no_decay", "Optimizer", "SGD", "Adam", "AdamW", "make_optimizer",
            "global_norm", "clip_grad_norm", "lr_schedule", "accumulate"]
@@ -104,18 +104,9 @@ def _check_betas(betas):
 
 def _check_grads(params: dict, grads, what="grads"):
     """Same keys, shapes, dtypes and array module as params, else a clear error."""
-    if not isinstance(grads, dict):
-        raise TypeError(f"{what}: expected a dict of arrays keyed like params, got {type(grads).__name__}")
-    if grads.keys() != params.keys():
-        missing = sorted(set(params) - set(grads))
-        extra = sorted(set(grads) - set(params))
-        raise ValueError(f"{what}: expected the same keys as params, missing {missing}, extra {extra}")
+    check_like(what, params, grads)
     for name, p in params.items():
         g = grads[name]
-        check_array(f"{what}[{name!r}]", g)
-        if tuple(g.shape) != tuple(p.shape):
-            raise ValueError(f"{what}[{name!r}]: expected shape {tuple(p.shape)} (the parameter's), "
-                             f"got {tuple(g.shape)}")
         if g.dtype != p.dtype:
             raise TypeError(f"{what}[{name!r}]: expected dtype {p.dtype} (the parameter's), got {g.dtype}")
         if array_module(g) is not array_module(p):
