@@ -197,7 +197,8 @@ class HFMapping(NamedTuple):
 
     config_class: our config type (save_hf picks the mapping by isinstance).
     config_from_hf(hf_config: dict) -> our config
-    config_to_hf(config) -> dict for config.json (must include "model_type")
+    config_to_hf(config, params) -> dict for config.json (must include "model_type");
+        params says which heads are saved, so "architectures" can name the right class
     to_hf(config, params) -> {hf_name: array}: a pure renaming/re-layout, which
         therefore also works on a grads dict
     from_hf(config, tensors) -> params: checks that every tensor is there with the
@@ -289,7 +290,7 @@ def save_hf(directory, config, params, dtype=None) -> None:
     ``dtype`` None keeps the params' dtype; "float16"/"bfloat16"/"float32" casts on write.
     """
     model_type, mapping = _mapping_for_config(config)
-    hf_cfg = mapping.config_to_hf(config)
+    hf_cfg = mapping.config_to_hf(config, params)
     hf_cfg.setdefault("model_type", model_type)
     tensors = mapping.to_hf(config, mapping.fill_for_save(config, params))
     directory = os.fspath(directory)
@@ -344,7 +345,7 @@ def _gpt2_check(config):
                          ", ".join(f"{k}={w!r} (got {g!r})" for k, g, w in bad))
 
 
-def _gpt2_config_to_hf(config) -> dict:
+def _gpt2_config_to_hf(config, params=None) -> dict:
     _gpt2_check(config)
     return {
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
@@ -496,8 +497,14 @@ def _bert_config_from_hf(h: dict):
     return BertConfig.from_hf(h)
 
 
-def _bert_config_to_hf(config) -> dict:
-    return config.to_hf()
+def _bert_config_to_hf(config, params=None) -> dict:
+    """config.json for the heads in params: a classifier makes it a BertForSequenceClassification,
+    else an MLM head a BertForMaskedLM, else (encoder, maybe pooler) a BertModel."""
+    h = config.to_hf()
+    heads = _bert_heads_in(params) if params is not None else ("mlm",)
+    h["architectures"] = ["BertForSequenceClassification" if "classifier" in heads
+                          else "BertForMaskedLM" if "mlm" in heads else "BertModel"]
+    return h
 
 
 def _bert_hf_name(name: str, prefix: str) -> str:

@@ -302,6 +302,24 @@ def test_bad_input_names_the_argument(xp):
         bert.forward(params, config, ids, train=True)
 
 
+@pytest.mark.parametrize("heads, architecture", [
+    (("pooler", "classifier"), "BertForSequenceClassification"),
+    (("mlm",), "BertForMaskedLM"),
+    (("pooler",), "BertModel"),
+    ((), "BertModel"),
+])
+def test_save_hf_names_the_architecture_of_the_heads_saved(tmp_path, heads, architecture):
+    # transformers' AutoModel picks the class from "architectures": a fine-tuned classifier
+    # written as BertForMaskedLM would load with a fresh, random classifier.
+    import json
+    from minillm import checkpoint
+    config = tiny_config(num_labels=3)
+    checkpoint.save_hf(tmp_path, config, bert.init_params(config, seed=5, device="cpu", heads=heads))
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["architectures"] == [architecture]
+    assert written["num_labels"] == 3
+
+
 # --- Hugging Face checkpoints ------------------------------------------------------
 
 def test_save_hf_load_hf_round_trip(tmp_path):
