@@ -433,3 +433,30 @@ def test_quantize_command_uses_the_runs_own_validation_tokens(tmp_path, capsys):
     text = capsys.readouterr().out
     assert rc == 0, text
     assert "the run's own validation tokens" in text and "3 windows x 16 tokens" in text
+
+
+def test_sample_reads_a_quantized_checkpoint(tmp_path, capsys):
+    # Sampling from the quantized file runs the dequantized weights: greedy text equals
+    # generate() on load_quantized's params, and differs from nothing we could silently fall
+    # back to (the float run is a different file, recognised as not quantized).
+    from minillm import gpt
+    from minillm.__main__ import main
+    from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
+    from minillm.tokenizer import CharTokenizer
+    cfg, _ = _tiny_run(tmp_path)
+    out = tmp_path / "q.npz"
+    assert main(["quantize", str(tmp_path / "run"), "--bits", "4", "--scheme", "nf4", "--group-size", "16",
+                 "--compare", "selected", "--eval-windows", "2", "--data", str(tmp_path / "data.txt"),
+                 "--out", str(out)]) == 0
+    assert is_quantized_checkpoint(out)
+    assert not is_quantized_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert not is_quantized_checkpoint(tmp_path / "data.txt")
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(out), "--prompt", "line", "--max-new-tokens", "12",
+                 "--temperature", "0", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    q = load_quantized(out)
+    tok = CharTokenizer.from_dict(q["meta"]["tokenizer"])
+    want = gpt.generate(q["params"], cfg, tok.encode("line"), 12, temperature=0.0)
+    assert "nf4 4-bit, group" in text
+    assert tok.decode(want) in text

@@ -175,6 +175,20 @@ def save_quantized(path, qparams, float_params, meta) -> Path:
     return path
 
 
+def is_quantized_checkpoint(path) -> bool:
+    """Whether ``path`` is a file written by :func:`save_quantized` (reads only its metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "__meta__" not in z.files:
+                return False
+            return json.loads(bytes(z["__meta__"]).decode("utf-8")).get("format") == QUANTIZED_FORMAT
+    except (ValueError, OSError, EOFError, AttributeError, UnicodeDecodeError):
+        return False
+
+
 def load_quantized(path):
     """-> {"qparams", "float_params", "params" (dequantized, ready to run), "meta"}."""
     from minillm.quantization import QuantizedTensor

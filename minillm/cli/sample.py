@@ -2,7 +2,9 @@
 
 Loads a run directory written by ``python -m minillm train`` (its checkpoint.npz
 holds the weights, the model config and the tokenizer) and continues a prompt,
-token by token, with the KV cache.
+token by token, with the KV cache. A quantized checkpoint written by
+``python -m minillm quantize`` works too: its weights are dequantized on load, so
+the text shows what the quantization kept.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ def add_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter   # the help texts state their defaults
     parser.description = __doc__
     parser.add_argument("--checkpoint", default=None,
-                        help="a run directory (or its checkpoint.npz) from python -m minillm train "
+                        help="a run directory (or its checkpoint.npz) from python -m minillm train, "
+                             "or a quantized .npz from python -m minillm quantize "
                              "(default: the most recent run under runs/)")
     parser.add_argument("--prompt", default="\n",
                         help="text to continue (default: a newline, i.e. start a fresh line)")
@@ -58,11 +61,20 @@ def latest_gpt_run(root="runs"):
 
 
 def load_run(path=None, device=None):
-    """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest)."""
+    """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest),
+    or of a quantized checkpoint (params dequantized to float32)."""
     from minillm import backend, gpt
+    from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
     from minillm.tokenizer import tokenizer_from_dict
     from minillm.train import load_checkpoint
-    ck = load_checkpoint(path if path is not None else latest_gpt_run("runs"))
+    if path is not None and is_quantized_checkpoint(path):
+        q = load_quantized(path)
+        s = q["meta"]["settings"]
+        ck = {"path": f"{path} ({s['scheme']} {s['bits']}-bit, {s['granularity']})", "step": q["meta"]["step"],
+              "params": q["params"], "model_config": q["meta"]["model_config"],
+              "tokenizer": q["meta"]["tokenizer"]}
+    else:
+        ck = load_checkpoint(path if path is not None else latest_gpt_run("runs"))
     mc, td = ck.get("model_config"), ck.get("tokenizer")
     if not mc or not td:
         raise ValueError(f"checkpoint: {ck['path']!r} has no model_config or tokenizer; expected a run "
