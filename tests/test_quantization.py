@@ -1,4 +1,5 @@
 """quantization.py: float formats, int8/int4/NF4 quantization, LLM.int8(), fake quant (STE)."""
+import math
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -460,3 +461,23 @@ def test_sample_reads_a_quantized_checkpoint(tmp_path, capsys):
     want = gpt.generate(q["params"], cfg, tok.encode("line"), 12, temperature=0.0)
     assert "nf4 4-bit, group" in text
     assert tok.decode(want) in text
+
+
+def test_bench_quantization_splits_the_cost_into_systematic_and_first_order(tmp_path, capsys):
+    # The two columns are half the sum and half the difference of the quantized and the
+    # mirrored loss changes, so they must add back up to the quantized row's log change.
+    from minillm.__main__ import main
+    from minillm.data import write_tokens
+    cfg, _ = _tiny_run(tmp_path)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=300)
+    write_tokens(ids, tmp_path / "run" / "val.npy", vocab_size=cfg.vocab_size)
+    assert main(["bench", "quantization", "--checkpoint", str(tmp_path / "run"), "--group-sizes", "16,32",
+                 "--eval-windows", "4", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    rows = [line.split() for line in text.splitlines() if line.startswith(("int4 group", "nf4 group"))]
+    assert [r[0] + r[2] for r in rows] == ["int416", "nf416", "int432", "nf432"]
+    for r in rows:
+        quantized, systematic, first = (float(r[i].rstrip("%")) for i in (5, 7, 8))
+        assert math.isclose(math.log1p(quantized / 100), (systematic + first) / 100, abs_tol=2e-4)
+    assert main(["bench", "quantization", "--checkpoint", str(tmp_path / "run"), "--group-sizes", "12"]) == 2
+    assert "group_size: expected a divisor" in capsys.readouterr().out

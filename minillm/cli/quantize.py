@@ -258,6 +258,21 @@ def token_windows(ids, n_windows, block_size):
     return ids[starts[:, None] + np.arange(block_size + 1)[None, :]]
 
 
+def checkpoint_windows(ck, tokenizer, block_size, n_windows, data=None, val_fraction=None):
+    """-> (windows (n, block_size + 1) int64, a note on where they came from).
+
+    The run's own val.npy when it has one and neither ``data`` nor ``val_fraction``
+    overrides it: exactly the tokens its validation loss was measured on. Otherwise
+    the held-out text of :func:`validation_text`, tokenized here."""
+    val_file = Path(ck["path"]).parent / "val.npy"
+    if data is None and val_fraction is None and val_file.is_file():
+        from minillm.data import load_tokens
+        ids = np.asarray(load_tokens(val_file)[: n_windows * block_size + 1], dtype=np.int64)
+        return token_windows(ids, n_windows, block_size), f"{val_file} (the run's own validation tokens)"
+    text, source = validation_text(ck, data, val_fraction)
+    return eval_windows(tokenizer, text, n_windows, block_size), source
+
+
 def mean_loss(params, config, windows, batch_size, xp):
     """Mean next-token cross-entropy over all windows (every token counts once)."""
     from minillm.gpt import loss
@@ -350,16 +365,7 @@ def run(args):
     order = list(params)
 
     T = config.block_size
-    val_file = Path(ck["path"]).parent / "val.npy"
-    if args.data is None and args.val_fraction is None and val_file.is_file():
-        # the validation tokens training wrote: exactly what its val loss was measured on
-        from minillm.data import load_tokens
-        ids = np.asarray(load_tokens(val_file)[: args.eval_windows * T + 1], dtype=np.int64)
-        windows = token_windows(ids, args.eval_windows, T)
-        source = f"{val_file} (the run's own validation tokens)"
-    else:
-        text, source = validation_text(ck, args.data, args.val_fraction)
-        windows = eval_windows(tokenizer, text, args.eval_windows, T)
+    windows, source = checkpoint_windows(ck, tokenizer, T, args.eval_windows, args.data, args.val_fraction)
     n_tok = windows.shape[0] * T
     print(f"checkpoint  {ck['path']} (step {ck['step']}, {sum(int(p.size) for p in params.values()):,} "
           f"parameters, n_embd {config.n_embd}, vocab {config.vocab_size})")
