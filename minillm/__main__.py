@@ -22,6 +22,19 @@ COMMANDS = {
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps a description's own line breaks (module docstrings hold tables), and appends
+    "(default: X)" to an option's help unless the help already states its default in
+    words, the default is None (which would only say "None"), or the option is an on/off
+    flag (off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minillm",
@@ -31,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         # Only the chosen command's module is imported (argv decides which).
         if name in sys.argv[1:2]:

@@ -31,13 +31,13 @@ from minillm.bench._util import print_table, time_call
 
 def add_arguments(parser):
     parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
-                        help="where to run: cpu (NumPy) or gpu (CuPy); default MINILLM_DEVICE or cpu")
+                        help="where to run: cpu (NumPy) or gpu (CuPy) (default: MINILLM_DEVICE, else cpu)")
     parser.add_argument("--sizes", default="256,512,1024,2048",
                         help="comma-separated sequence lengths T, queries = keys = T (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=1, help="batch size B (default: %(default)s)")
     parser.add_argument("--heads", type=int, default=8, help="query heads H (default: %(default)s)")
     parser.add_argument("--kv-heads", type=int, default=None,
-                        help="key/value heads Hkv (GQA; 1 = MQA); default = --heads")
+                        help="key/value heads Hkv (GQA; 1 = MQA) (default: --heads, i.e. plain multi-head)")
     parser.add_argument("--dim", type=int, default=64, help="head size D (default: %(default)s)")
     parser.add_argument("--block-size", type=int, default=64, help="tile size of the tiled version (default: %(default)s)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32", help="data type")

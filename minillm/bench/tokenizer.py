@@ -29,7 +29,7 @@ def add_arguments(parser):
                              "Shakespeare corpus, downloaded on first use)")
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (256 bytes + merges)")
     parser.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2", help="pre-split pattern")
-    parser.add_argument("--mb", type=float, default=None, help="use only the first MB megabytes of the corpus")
+    parser.add_argument("--mb", type=float, default=None, help="use only the first MB megabytes of the corpus (default: all of it)")
     parser.add_argument("--repeat", type=int, default=3, help="timed encode runs (best is kept)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time tiktoken / HF tokenizers")
 

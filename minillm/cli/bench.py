@@ -16,11 +16,13 @@ def targets():
 
 
 def add_arguments(parser):
+    from minillm.__main__ import HelpFormatter
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     for name in targets():
         mod = importlib.import_module(f"minillm.bench.{name}")
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name,
-                           description=mod.__doc__)
+                           description=mod.__doc__,
+                           formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(_bench=mod)
 

@@ -34,8 +34,6 @@ def _default_model():
 
 
 def add_arguments(parser):
-    import argparse
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the helps below state their defaults
     parser.description = __doc__.split("\n\n", 1)[1]
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="the texts to embed")
     parser.add_argument("--model", default=None,
@@ -46,7 +44,7 @@ def add_arguments(parser):
     parser.add_argument("--max-length", type=int, default=None,
                         help="truncate texts to this many tokens (default: the model's max_seq_length)")
     parser.add_argument("--full", action="store_true", help="print every value of each embedding")
-    parser.add_argument("--save", default=None, metavar="FILE.npy", help="also write the embeddings here")
+    parser.add_argument("--save", default=None, metavar="FILE.npy", help="also write the embeddings to this .npy file (default: only print them)")
     parser.add_argument("--check", action="store_true",
                         help="compare with sentence-transformers (if installed) and print the difference")
 

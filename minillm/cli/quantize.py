@@ -61,7 +61,8 @@ def add_arguments(parser):
                         help="rows per group (must divide every matrix's input dimension)")
     parser.add_argument("--embeddings", choices=["quantize", "float"], default="quantize",
                         help="quantize the (tied) embeddings as the LM head, or keep them float32")
-    parser.add_argument("--out", default=None, help="where to write the quantized checkpoint")
+    parser.add_argument("--out", default=None, help="where to write the quantized checkpoint "
+                             "(default: <run>/quantized-int<bits>-<scheme>-<granularity>.npz)")
     parser.add_argument("--compare", choices=["all", "selected"], default="all",
                         help="table rows: the standard set of schemes, or only float32 and the selected one")
     parser.add_argument("--eval-windows", type=int, default=256,

@@ -9,13 +9,11 @@ the text shows what the quantization kept.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 
 def add_arguments(parser):
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter   # the help texts state their defaults
     parser.description = __doc__
     parser.add_argument("--checkpoint", default=None,
                         help="a run directory (or its checkpoint.npz) from python -m minillm train, "

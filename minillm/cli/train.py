@@ -12,7 +12,6 @@ dropout generator, and answers loss_and_grads / eval_loss / get_batch.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -46,7 +45,6 @@ PRESETS = {
 
 
 def add_arguments(parser):
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = __doc__.split("\n\n")[1] + "\n\npresets:\n" + "\n".join(
         f"  {name:17s} {what}" for name, (what, _, _) in PRESETS.items())
     parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert"],
