@@ -185,9 +185,12 @@ def residual_backward(dy, cache=None):
 class GradCheckReport(NamedTuple):
     """The outcome of a gradient check.
 
-    max_rel_error: the worst elementwise relative error |a - n| / max(|a|, |n|, floor),
-        where floor = 1e-5 * (largest |gradient| of that input) so that entries which
-        are zero in both cannot blow the ratio up.
+    max_rel_error: the worst elementwise relative error |a - n| / max(|a|, |n|, floor).
+        The floor is the larger of 1e-5 * (largest |gradient| of that input) and the
+        smallest gradient a float64 finite difference can resolve to 1e-7 (see
+        _resolution_floor); below it an entry is judged on its absolute error, so that
+        entries that are (nearly) zero in both cannot blow the ratio up. Entries below
+        ``atol`` in both count as agreeing.
     where: (input name, index tuple) of that worst element.
     analytic, numeric: the two gradients at that element.
     per_input: {name: worst relative error for that input}.
@@ -204,12 +207,39 @@ class GradCheckReport(NamedTuple):
                 f"(analytic {self.analytic:.10g}, numeric {self.numeric:.10g})")
 
 
-def _rel_errors(a, n, atol):
+RESOLUTION = 1e-7   # the relative error the checks are held to (smooth functions, float64)
+ROUNDINGS = 10      # rounding errors, in machine epsilons of a term's size, that each term carries
+
+
+def _resolution_floor(values, eps):
+    """The smallest gradient whose five-point difference from ``values`` is known to RESOLUTION.
+
+    Each term f_i of the objective comes out of a chain of rounded operations
+    (matmuls, exp, sums), so it carries an error of a few machine epsilons of its
+    size; we take ROUNDINGS of them. The stencil divides differences of such values
+    by eps, so the numeric derivative carries an absolute error of about
+    ROUNDINGS * eps_mach * sum |f_i| / eps over the terms that moved, whatever the
+    true gradient.
+    A gradient smaller than that error / RESOLUTION cannot be checked to RESOLUTION
+    relative by any float64 difference with this eps: it is judged on its absolute
+    error instead. Terms that did not move cancel exactly and add nothing.
+    """
+    f2, f1, fm1, fm2 = (np.asarray(v, dtype=np.float64) for v in values)
+    moved = (f2 != fm2) | (f1 != fm1)
+    total = float(np.sum(np.abs(np.where(moved, f1, 0.0))))
+    return ROUNDINGS * np.finfo(np.float64).eps * total / eps / RESOLUTION
+
+
+def _rel_errors(a, n, atol, floor=0.0):
+    """|a - n| / max(|a|, |n|, floor), floor at least 1e-5 * the largest |a|, |n| and atol;
+    0 where both are below atol. ``floor`` may be per entry (the resolution floor)."""
     a = np.asarray(a, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     scale = max(np.max(np.abs(a), initial=0.0), np.max(np.abs(n), initial=0.0))
-    floor = max(1e-5 * scale, atol)
-    return np.abs(a - n) / np.maximum(np.maximum(np.abs(a), np.abs(n)), floor)
+    floor = np.maximum(max(1e-5 * scale, atol), floor)
+    big = np.maximum(np.abs(a), np.abs(n))
+    errs = np.abs(a - n) / np.maximum(big, floor)
+    return np.where(big < atol, 0.0, errs)
 
 
 def _stencil(values, eps):
@@ -251,6 +281,7 @@ def check_dict_gradients(f: Callable[[dict], float], params: dict, grads: dict, 
             per_input[name] = 0.0
             continue
         num = np.empty(len(flat_idx))
+        floor = np.empty(len(flat_idx))
         for j, fi in enumerate(flat_idx):
             idx = np.unravel_index(int(fi), p.shape)
             old = float(p[idx])
@@ -260,8 +291,9 @@ def check_dict_gradients(f: Callable[[dict], float], params: dict, grads: dict, 
                 vals.append(_host(f(params)))
             p[idx] = old
             num[j] = _stencil(vals, eps)
+            floor[j] = _resolution_floor(vals, eps)
         ana = g.reshape(-1)[flat_idx].astype(np.float64)
-        errs = _rel_errors(ana, num, atol)
+        errs = _rel_errors(ana, num, atol, floor)
         k = int(np.argmax(errs))
         per_input[name] = float(errs[k])
         if errs[k] > worst[0]:

@@ -184,3 +184,31 @@ def test_gradcheck_catches_an_error_that_sums_to_zero():
 def test_gradcheck_refuses_float32():
     with pytest.raises(TypeError, match="float64"):
         bp.gradcheck(bp.softmax_forward, bp.softmax_backward, [randn(0, 3).astype(np.float32)])
+
+
+def test_gradcheck_resolves_a_one_in_a_million_error():
+    # The resolution floor must leave ordinary gradients judged relatively: an error of
+    # 1e-6 (ten times the bar) on softmax's gradient is found, on an input and its scaled copy.
+    def off_by_a_millionth(dy, cache):
+        return bp.softmax_backward(dy, cache) * (1 + 1e-6)
+    for scale in (1.0, 1e-3):
+        rep = bp.gradcheck(bp.softmax_forward, off_by_a_millionth, [randn(2, 3, 4) * scale])
+        assert rep.max_rel_error > 3e-7, (scale, str(rep))
+
+
+def test_gradcheck_judges_gradients_below_float64_resolution_on_absolute_error():
+    # y = x * w with w ~ 1e-12: dL/dx = dy * w is far below what a float64 difference of
+    # terms of size |x w| / eps resolves, so round-off in the numeric value must not
+    # count as a relative error; a wrong factor on the large gradient still does.
+    x, w = randn(3, 2, 3), randn(4, 2, 3) * 1e-12
+
+    def forward(x, w):
+        return x * w, (x, w)
+
+    def backward(dy, cache):
+        x, w = cache
+        return dy * w, dy * x
+
+    assert bp.gradcheck(forward, backward, [x, w]).max_rel_error <= 1e-7
+    rep = bp.gradcheck(forward, lambda dy, c: (backward(dy, c)[0], backward(dy, c)[1] * 1.01), [x, w])
+    assert rep.max_rel_error > 1e-3 and rep.where[0] == "input1"
