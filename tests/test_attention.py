@@ -51,14 +51,6 @@ def sdpa_case(draw, max_t=4, allow_empty=True):
     return q, k, v, dict(mask=mask, causal=causal, scale=scale)
 
 
-def grad_check(*args, **kwargs):
-    """gradcheck with atol=1e-8: an input whose true gradient is exactly 0 everywhere (q when
-    there is a single key: the softmax is constant) gets analytic round-off of ~1e-16, which
-    the default floor of 1e-9 would count as a 1e-7 relative error. Real mistakes are many
-    orders of magnitude larger than 1e-8."""
-    return gradcheck(*args, atol=1e-8, **kwargs)
-
-
 def on_kw(xp, kw):
     return {k: (on(xp, v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
@@ -100,7 +92,7 @@ def test_sdpa_matches_the_textbook_formula(xp, case):
 @given(case=sdpa_case())
 def test_sdpa_backward_matches_finite_differences(xp, case):
     q, k, v, kw = case
-    rep = grad_check(A.sdpa_forward, A.sdpa_backward, list(on(xp, q, k, v)), kwargs=on_kw(xp, kw))
+    rep = gradcheck(A.sdpa_forward, A.sdpa_backward, list(on(xp, q, k, v)), kwargs=on_kw(xp, kw))
     assert_gradcheck(rep)
 
 
@@ -111,7 +103,7 @@ def test_sdpa_dropout_backward_matches_finite_differences(xp, case, p):
     def fwd(q, k, v):  # a fresh generator with the same seed: the same dropout mask every call
         return A.sdpa_forward(q, k, v, dropout_p=p, rng=np.random.default_rng(7), **on_kw(xp, kw))
 
-    assert_gradcheck(grad_check(fwd, A.sdpa_backward, list(on(xp, q, k, v))))
+    assert_gradcheck(gradcheck(fwd, A.sdpa_backward, list(on(xp, q, k, v))))
 
 
 def test_sdpa_fully_masked_row_gives_zero_output_and_zero_gradient(xp):
@@ -227,7 +219,7 @@ def test_tiled_equals_plain_for_every_block_size(xp, case, data):
 def test_flash_backward_matches_finite_differences(xp, case, bs):
     q, k, v, kw = case
     kw = dict(on_kw(xp, kw), block_size=bs)
-    rep = grad_check(A.flash_attention_forward, A.flash_attention_backward, list(on(xp, q, k, v)), kwargs=kw)
+    rep = gradcheck(A.flash_attention_forward, A.flash_attention_backward, list(on(xp, q, k, v)), kwargs=kw)
     assert_gradcheck(rep)
 
 
@@ -278,7 +270,7 @@ def test_rope_matches_an_independent_formula_and_preserves_norms(xp, case):
 @given(case=rope_case())
 def test_rope_backward_matches_finite_differences(xp, case):
     x, pos, base, inter = case
-    rep = grad_check(A.rope_forward, A.rope_backward, [on(xp, x), on(xp, pos)], wrt=[0],
+    rep = gradcheck(A.rope_forward, A.rope_backward, [on(xp, x), on(xp, pos)], wrt=[0],
                     kwargs=dict(base=base, interleaved=inter))
     assert_gradcheck(rep)
 
@@ -375,7 +367,7 @@ def split_bias_check(xp, fwd, bwd, inputs, bias_at, sizes, key_part, keys_matter
         g = grads_of(dy, cache)
         return tuple(g[i] for i in wrt)
 
-    assert_gradcheck(grad_check(f, b2, flat, wrt=wrt))
+    assert_gradcheck(gradcheck(f, b2, flat, wrt=wrt))
     if not keys_matter:
         y, cache = f(*flat)
         g = grads_of(on(xp, np.random.default_rng(1).standard_normal(y.shape)), cache)
@@ -402,7 +394,7 @@ def test_self_attention_backward_matches_finite_differences(xp, case):
 
     if b_qkv is None:
         wrt = [i for i in range(5) if inputs[i] is not None]
-        assert_gradcheck(grad_check(fwd, lambda dy, c: tuple(g for g in bwd(dy, c) if g is not None),
+        assert_gradcheck(gradcheck(fwd, lambda dy, c: tuple(g for g in bwd(dy, c) if g is not None),
                                     inputs, wrt=wrt))
     else:
         Hkv = kw["n_kv_head"] or H
@@ -538,7 +530,7 @@ def test_cross_attention_backward_matches_finite_differences(xp, case):
     if inputs[5] is None:
         wrt = [i for i in range(8) if inputs[i] is not None]
         bwd = lambda dy, c: tuple(g for g in A.cross_attention_backward(dy, c) if g is not None)  # noqa: E731
-        assert_gradcheck(grad_check(fwd, bwd, inputs, wrt=wrt))
+        assert_gradcheck(gradcheck(fwd, bwd, inputs, wrt=wrt))
     else:
         half = inputs[5].shape[0] // 2
         split_bias_check(xp, fwd, A.cross_attention_backward, inputs, 5, [half, half], 0, False)
