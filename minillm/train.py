@@ -440,19 +440,23 @@ def plot_metrics(out_dir) -> Path:
 # Evaluation
 # ---------------------------------------------------------------------------
 
-def evaluate(task, eval_iters: int, seed: int = 0, splits=("train", "val")) -> dict:
+def evaluate(task, eval_iters: int, seed: int = 0, splits=("train", "val"), on_batch=None) -> dict:
     """{split: mean of task.eval_loss over eval_iters batches}, always the same batches for a seed.
 
     A generator made afresh from (seed, split) draws the batches, so two
     evaluations at different steps see identical data (their difference is the
     model's doing, not the sample's) and the training stream is untouched.
+    ``on_batch(done, total)``, if given, is called after each batch (progress).
     """
     out = {}
+    n_total = eval_iters * len(splits)
     for k, split in enumerate(splits):
         rng = np.random.default_rng([int(seed), 7919, k])
         total = 0.0
-        for _ in range(eval_iters):
+        for i in range(eval_iters):
             total += float(task.eval_loss(task.params, task.get_batch(split, rng)))
+            if on_batch is not None:
+                on_batch(k * eval_iters + i + 1, n_total)
         out[split] = total / eval_iters
     return out
 
@@ -714,7 +718,14 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
             t0 = time.perf_counter()
             did_eval = final or (cfg.eval_interval and step % cfg.eval_interval == 0)
             if did_eval:
-                ev = evaluate(task, cfg.eval_iters, cfg.seed)
+                def eval_progress(done, total, step=step, t_eval=time.perf_counter()):
+                    # a live line on a terminal: nanoGPT-sized evaluations take minutes on a CPU
+                    left = (time.perf_counter() - t_eval) * (total - done) / done
+                    progress.update(f"eval step {step}: batch {done}/{total} | ETA {_fmt_duration(left)}",
+                                    step, force=done == total)
+
+                ev = evaluate(task, cfg.eval_iters, cfg.seed,
+                              on_batch=eval_progress if progress.tty else None)
                 last["val_loss"] = ev["val"]
                 if last["best_val_loss"] is None or ev["val"] < last["best_val_loss"]:
                     last["best_val_loss"] = ev["val"]
