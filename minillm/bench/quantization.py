@@ -5,6 +5,7 @@ one group size they are the same number of bytes. This benchmark quantizes every
 matrix of a trained GPT both ways (as ``python -m minillm quantize`` does) for each
 --group-sizes entry and reports, against float32 on the run's validation tokens:
 
+  quantized MiB  bytes of the quantized matrices: codes and scales
   weight error   sum |w_q - w|^2 / sum |w|^2 over the quantized matrices
   quantized      the perplexity change of the quantized model (what you get)
   mirrored       the change when every error is flipped: w - (w_q - w)
@@ -117,7 +118,7 @@ def run(args):
                          f"{100 * ((lq + lm) / 2 - base):.3f}%", f"{100 * (lq - lm) / 2:+.3f}%"])
             print(f"  {rows[-1][0]}: done", flush=True)
     print()
-    print_table(rows, ["scheme", "MiB", "weight error", "quantized", "mirrored", "systematic", "first order"])
+    print_table(rows, ["scheme", "quantized MiB", "weight error", "quantized", "mirrored", "systematic", "first order"])
     print("\nquantized/mirrored: perplexity change vs float32; systematic and first order: the loss "
           "change's curvature and gradient parts, in % of nats (see python -m minillm bench quantization -h)")
     return 0
