@@ -119,6 +119,11 @@ for scheme in ("symmetric", "asymmetric", "nf4"):
     d = Q.quantize(Wn, 4, scheme, "group", group_size=64)
     print(f"  4-bit {scheme:<10}: RMS error {np.sqrt(((d.dequantize() - Wn) ** 2).mean()):.4f}, {d.nbytes} bytes")
 print("Same bytes as symmetric int4, less error: that is QLoRA's NF4.")
+print("Less weight error is not automatically less perplexity. With d = w_q - w the loss moves by")
+print("g.d + d'Hd/2: the curvature part grows with the error, but the gradient part g.d has a sign")
+print("set by which way each weight happened to round. On a tiny model that luck can outweigh")
+print("NF4's edge; on a 10.7M-parameter one NF4 wins (BENCHMARKS.md). `python -m minillm bench")
+print("quantization` measures both parts by also running the mirrored error w - d.")
 
 # ---------------------------------------------------------------------------
 step(6, "outliers and LLM.int8()")
