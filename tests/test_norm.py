@@ -38,10 +38,10 @@ def test_layernorm_backward_matches_finite_differences(xp, case, bias, scale, sh
     # The random upstream gradient makes the check sensitive to every direction of x,
     # including the ones LayerNorm is blind to (a constant shift of a row): a backward
     # that got those wrong would be caught through the other coordinates' mismatch.
-    # The finite-difference step scales with x's spread: LN sees x only through
-    # (x - mean) / std, so a fixed step would be too coarse for a narrow row (truncation)
-    # or lost in the rounding of x - mean for a row far from 0 (cancellation).
-    h = 1e-3 * scale
+    # The finite-difference step scales with the narrowest row's spread: LN sees x only
+    # through (x - mean) / std, so a fixed step would be too coarse for a narrow row
+    # (truncation) or lost in the rounding of x - mean for a row far from 0 (cancellation).
+    h = 1e-3 * float(np.min(x.std(axis=-1)))
     if bias:
         rep = bp.gradcheck(norm.layernorm_forward, norm.layernorm_backward, list(on(xp, x, w, b)), eps=h)
     else:
@@ -55,8 +55,12 @@ def test_rmsnorm_backward_matches_finite_differences(xp, case, scale, eps):
     # C >= 2: with C = 1 the output is sign(x) * weight up to eps and dx is ~eps-sized
     lead, C, seed = case
     x, w, _ = _data(seed, lead, C, scale)
+    # A step proportional to the smallest row's RMS, as for LayerNorm: RMSNorm sees x only
+    # through x / rms(x), whose curvature grows as 1 / rms^2 (a step of 1e-3 x's overall
+    # scale reached 8e-7 error on a row 5x smaller than the rest).
+    h = 1e-3 * float(np.min(np.sqrt((x * x).mean(axis=-1))))
     rep = bp.gradcheck(norm.rmsnorm_forward, norm.rmsnorm_backward, list(on(xp, x, w)), kwargs=dict(eps=eps),
-                       eps=1e-3 * scale)   # a step proportional to x's scale, as for LayerNorm
+                       eps=h)
     assert_gradcheck(rep)
 
 
