@@ -261,3 +261,115 @@ def check_positive(name: str, value) -> None:
     """ValueError unless ``value`` is a finite number > 0."""
     if not (isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value) and value > 0):
         raise ValueError(f"{name}: expected a positive number, got {value!r}")
+
+
+def is_int(value) -> bool:
+    """True for a Python or NumPy integer, False for bool (True is not a count)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int_arg(name: str, value, lo=None, hi=None, optional=False):
+    """``value`` is an int in [lo, hi) (either bound may be None), else ValueError naming it.
+
+    ``optional=True`` lets None through. Returns ``int(value)`` (or None). The
+    message says what was expected: "a positive int" (lo=1), "a non-negative int"
+    (lo=0), "an int >= lo", or "an int in [lo, hi)".
+    """
+    if optional and value is None:
+        return None
+    if hi is not None:
+        want = f"an int in [{lo if lo is not None else '-inf'}, {hi})"
+    elif lo == 1:
+        want = "a positive int"
+    elif lo == 0:
+        want = "a non-negative int"
+    elif lo is not None:
+        want = f"an int >= {lo}"
+    else:
+        want = "an int"
+    if optional:
+        want = "None or " + want
+    if not is_int(value) or (lo is not None and value < lo) or (hi is not None and value >= hi):
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value, lo=None, hi=None, lo_open=False, hi_open=False) -> float:
+    """``value`` is a finite real number in the interval lo..hi (closed unless *_open),
+    else TypeError (not a number) or ValueError naming it. Returns ``float(value)``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok:
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    if not np.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo))) \
+            or (hi is not None and (v > hi or (hi_open and v == hi))):
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise ValueError(f"{name}: expected a finite number in {left}{lo_s}, {hi_s}{right}, got {value!r}")
+    return v
+
+
+def check_probability(name: str, value, include_one=False) -> float:
+    """``value`` is a probability in [0, 1) ([0, 1] with include_one), else ValueError."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not ok or not (0.0 <= value <= 1.0) or (value == 1.0 and not include_one):
+        right = "]" if include_one else ")"
+        raise ValueError(f"{name}: expected a probability in [0, 1{right}, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, options) -> None:
+    """ValueError unless ``value`` is one of ``options``."""
+    if value not in tuple(options):
+        raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
+
+
+def check_same_device(name: str, x, like, like_name: str) -> None:
+    """TypeError unless ``x`` lives on the same device (NumPy vs CuPy) as ``like``."""
+    if array_module(x) is not array_module(like):
+        raise TypeError(f"{name}: expected an array on the same device as {like_name} "
+                        f"({array_module(like).__name__}), got {type(x).__module__}.{type(x).__name__}")
+
+
+# ---------------------------------------------------------------------------
+# Files: written whole or not at all
+# ---------------------------------------------------------------------------
+
+def atomic_write(path, write, mode="wb") -> None:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder,
+    which is flushed, fsynced and then renamed over ``path`` (``os.replace``), so a crash
+    leaves either the old file or the new one, never half of one."""
+    import tempfile
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder) -> None:
+    # Makes the rename itself durable; not every OS allows it, and it is harmless to skip there.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -5,6 +5,12 @@ Profiles (choose with HYPOTHESIS_PROFILE=...):
             minutes on 2 CPU cores.
   thorough  many more examples, for a local hunt for counterexamples.
 
+References: comparisons with PyTorch, transformers, tiktoken, tokenizers, gensim,
+sacrebleu and sentence-transformers skip cleanly where those are not installed, so
+the two-package test command works anywhere. With MINILLM_REQUIRE_REFERENCES=1
+(what CI sets) every skip is a failure instead, except a skip for a missing GPU:
+a comparison that did not run has proved nothing.
+
 Device: tests take the ``xp`` fixture, the array module chosen by MINILLM_DEVICE
 (cpu by default). ``MINILLM_DEVICE=gpu python -m pytest`` runs the very same tests
 on CuPy; without a GPU those tests are skipped, never failed.
@@ -37,3 +43,19 @@ def xp():
         import cupy
         return cupy
     return np
+
+
+REQUIRE_REFERENCES = os.environ.get("MINILLM_REQUIRE_REFERENCES", "") not in ("", "0")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under MINILLM_REQUIRE_REFERENCES=1 a skipped test fails, naming why it skipped."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_REFERENCES and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "GPU" not in reason:
+            report.outcome = "failed"
+            report.longrepr = (f"skipped under MINILLM_REQUIRE_REFERENCES=1 (a reference comparison "
+                               f"must run in CI): {reason}")
