@@ -86,9 +86,9 @@ step(4, "sinusoidal positions: no parameters at all")
 print("PE[p, 2i] = sin(p / 10000^(2i/C)),  PE[p, 2i+1] = cos(p / 10000^(2i/C))")
 pe_s = E.sinusoidal_positions(6, 8, dtype=f64)
 print("first 6 positions, C = 8 (columns come in sin/cos pairs, fast to slow):\n   ", show(pe_s))
-p_, i_ = np.arange(6)[:, None], np.arange(0, 8, 2)[None, :]
-expect_close("sinusoidal_positions(6, 8) vs the formula", pe_s[:, 0::2], xp.asarray(np.sin(p_ / 10000 ** (i_ / 8))), 1e-12)
-expect_close("sinusoidal_positions(6, 8) vs the formula", pe_s[:, 1::2], xp.asarray(np.cos(p_ / 10000 ** (i_ / 8))), 1e-12)
+angle = np.arange(6)[:, None] / 10000 ** (np.arange(0, 8, 2)[None, :] / 8)     # p / 10000^(2i/C)
+expect_close("sinusoidal_positions' sin columns vs the formula", pe_s[:, 0::2], xp.asarray(np.sin(angle)), 1e-12)
+expect_close("sinusoidal_positions' cos columns vs the formula", pe_s[:, 1::2], xp.asarray(np.cos(angle)), 1e-12)
 print("Each sin/cos pair rotates at its own frequency, so PE[p + k] is a fixed rotation of")
 print("PE[p], the same for every p. Checked live for k = 3:")
 Cs, k = 16, 3

@@ -92,7 +92,7 @@ moved_past = float(np.abs(host(out2 - out)[0, 0, :3]).max())
 moved_future = float(np.abs(host(out2 - out)[0, 0, 3:]).max())
 print("change keys/values at positions 3..4: outputs at 0..2 move by", moved_past, "and at 3..4 by",
       round(moved_future, 3))
-check(moved_past == 0 and moved_future > 0.1, "changing later tokens must not move earlier outputs (and should "
+check(moved_past <= 1e-12 and moved_future > 0.1, "changing later tokens must not move earlier outputs (and should "
       f"move the later ones): {moved_past}, {moved_future}")
 print("With a KV cache the queries are the last Tq of Tk positions, so the diagonal\n"
       "shifts right: causal_mask(2, 5) =")
@@ -260,8 +260,9 @@ for name, fwd, bwd in (("plain", A.sdpa_forward, A.sdpa_backward),
         msg = f", peak extra memory {peak / 2**20:6.1f} MiB"
     del o, c, g
     print(f"  {name}: T={T}, forward+backward {dt * 1e3:7.1f} ms{msg}")
-print("  max |out_plain - out_tiled| =", expect_close("tiled vs plain attention, float32", *[outs[n][0] for n in outs], 1e-5),
-      " max |dq_plain - dq_tiled| =", expect_close("tiled vs plain dq, float32", *[outs[n][1] for n in outs], 1e-5))
+d_out = expect_close("tiled vs plain attention output (float32)", outs["plain"][0], outs["tiled"][0], 1e-5)
+d_dq = expect_close("tiled vs plain dq (float32)", outs["plain"][1], outs["tiled"][1], 1e-5)
+print(f"  max |out_plain - out_tiled| = {d_out:.1e}, max |dq_plain - dq_tiled| = {d_dq:.1e}  (float32 rounding)")
 print(f"  one (B, H, T, T) float32 probability matrix alone is {Bm * Hm * T * T * 4 / 2**20:.1f} MiB;"
       " `python -m minillm bench attention` shows how the gap grows with T.")
 

@@ -53,7 +53,7 @@ runs = {
     "Adam lr=0.05": lambda p: optim.Adam(p, lr=0.05),
 }
 checkpoints = [1, 10, 30, STEPS]
-print(f"\ndistance to the minimum |w| after k steps:")
+print("\ndistance to the minimum |w| after k steps:")
 print(f"{'':20s}" + "".join(f"{'k=' + str(k):>12s}" for k in checkpoints))
 final = {}
 for name, make in runs.items():
@@ -70,7 +70,7 @@ Plain SGD is held to the pace of the flattest direction. With the same lr,
 momentum and Nesterov get orders of magnitude closer in the same number of
 steps. Adam rescales each coordinate by the RMS of its own gradient, so it needs
 no lr tuned to the curvature; its steps are measured in units of lr rather than
-of the gradient, which is one reason its lr is decayed by a schedule (section 4).""")
+of the gradient, which is one reason its lr is decayed by a schedule (step 4).""")
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +165,7 @@ step(4, "Learning-rate schedule: linear warmup, then cosine decay to a floor")
 print("""Adam's first steps move every weight by about lr whatever the gradient (m/sqrt(v)
 is about +-1 while the averages are young), so we start small and ramp up over
 warmup_steps. Then a cosine brings lr down to min_lr, letting the weights settle
-instead of hovering (section 1). max_lr=1e-3, warmup 10, max_steps 100, min_lr 1e-4:""")
+instead of hovering (step 1). max_lr=1e-3, warmup 10, max_steps 100, min_lr 1e-4:""")
 max_steps, warm = 100, 10
 values = [optim.lr_schedule(s, 1e-3, warm, max_steps, 1e-4) for s in range(max_steps + 1)]
 for s in list(range(0, 12, 2)) + list(range(20, max_steps + 1, 10)):

@@ -220,7 +220,7 @@ sonnet_loss = gpt.loss(params, cfg, xp.asarray(np.stack([data[s:s + cfg.block_si
 freq = np.bincount(data, minlength=cfg.vocab_size) / len(data)
 unigram = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
 print(f"Loss over {len(starts)} windows covering the sonnet: {sonnet_loss:.3f}. A model that knew only how often")
-print(f"each character occurs (no context) could do no better than their entropy, {unigram:.3f};")
+print(f"each character occurs (no context) could do no better than about their entropy, {unigram:.3f};")
 print(f"one that knew nothing, ln(V) = {np.log(cfg.vocab_size):.3f}. Beating the first means it reads its context.")
 expect_below("the trained GPT's loss on the sonnet", sonnet_loss, unigram, "the unigram entropy")
 

@@ -58,7 +58,7 @@ print("bf16 keeps float32's range but only ~3 significant digits: 1 + 2^-9 round
 print("That range is why bf16 trains without loss scaling and fp16 needs it.")
 
 tie = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8], dtype=np.float32)
-print(f"\nTies go to the even neighbour: bf16 steps near 1 are 2^-7, so 1 + 2^-8 and 1 + 3*2^-8")
+print("\nTies go to the even neighbour: bf16 steps near 1 are 2^-7, so 1 + 2^-8 and 1 + 3*2^-8")
 print(f"are exactly halfway, and round to {Q.bf16_round(tie)[0]} and {Q.bf16_round(tie)[1]} "
       "(last mantissa bits 0 and 0: the even neighbours).")
 print("The trick in float32_to_bf16_bits: add 0x7FFF + (lowest kept bit), then drop 16 bits.")

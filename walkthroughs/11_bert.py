@@ -262,7 +262,8 @@ else:
     print("paraphrases score high ([0]~[1], [2]~[3]) though they share few words; unrelated pairs low.")
     cross = max(sims[i, j] for i in (0, 1) for j in (2, 3))
     check(min(sims[0, 1], sims[2, 3]) > cross + 0.3,
-          f"paraphrases should be far more similar than unrelated pairs: {sims[0, 1]:.3f}, {sims[2, 3]:.3f} vs {cross:.3f}")
+          f"paraphrases should be far more similar than unrelated pairs: {sims[0, 1]:.3f}, {sims[2, 3]:.3f} "
+          f"vs {cross:.3f}")
     if not FAST:
         try:
             from sentence_transformers import SentenceTransformer
