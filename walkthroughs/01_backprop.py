@@ -11,22 +11,13 @@ We run it forward, then walk the chain rule backwards by hand, one local
 derivative per line, and check every gradient against finite differences with
 minillm.backprop's checker. Run:  python walkthroughs/01_backprop.py
 """
-import os
-import sys
+import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from _narrate import FAST, check, expect_below, expect_close, expect_gradcheck, step
+from minillm import backend
+from minillm import backprop as bp
 
-import numpy as np  # noqa: E402
-
-from minillm import backend  # noqa: E402
-from minillm import backprop as bp  # noqa: E402
-
-FAST = os.environ.get("MINILLM_FAST") == "1"
 xp = backend.xp_default()          # numpy, or cupy under MINILLM_DEVICE=gpu
-
-
-def step(n, title):
-    print(f"\n=== Step {n}: {title} ===")
 
 
 def shape(a):
@@ -94,18 +85,18 @@ print(f"db1 = sum_n dh                 {shape(grads['b1'])}")
 # Check by hand that the cross-entropy gradient is what we said it is.
 probs = ce_cache.probs             # the cache kept softmax(logits)
 onehot = xp.eye(V)[targets]
-print("check: dlogits == (probs - onehot) / N ?",
-      bool(xp.allclose(dlogits, (probs - onehot) / N, rtol=0, atol=1e-15)))
+d = expect_close("dlogits vs (probs - onehot) / N", dlogits, (probs - onehot) / N, 1e-14)
+print(f"check: dlogits == (probs - onehot) / N, up to rounding: max |difference| {d:.1e}")
 
 # ---------------------------------------------------------------------------
 step(4, "trust, but verify: finite differences")
 print("For each parameter entry p: (8 (L(p+e) - L(p-e)) - (L(p+2e) - L(p-2e))) / 12e,")
 print("a five-point central difference whose error is O(e^4), compared with our gradient.")
-report = bp.check_dict_gradients(lambda p: forward(p)[0], params, grads)
+report = expect_gradcheck("the by-hand backward", bp.check_dict_gradients(lambda p: forward(p)[0], params, grads))
 print("whole network:", report)
 for name, err in report.per_input.items():
     print(f"  {name}: worst relative error {err:.2e}")
-assert report.max_rel_error < 1e-7, report
+print("Every entry agrees to better than 1e-7 relative: the bar every backward in minillm meets.")
 
 # ---------------------------------------------------------------------------
 step(5, "a checker that cannot fail proves nothing")
@@ -133,14 +124,18 @@ good = bp.gradcheck(bp.softmax_forward, bp.softmax_backward, [z])
 bad = bp.gradcheck(bp.softmax_forward, wrong_backward, [z])
 print(f"  correct backward, random dy:    {good.max_rel_error:.2e}")
 print(f"  wrong backward, random dy:      {bad.max_rel_error:.2e}   <- caught")
-assert float(xp.abs(wrong_ones).max()) < 1e-12 and abs(naive.numeric) < 1e-9
-assert good.max_rel_error < 1e-7 < bad.max_rel_error
+check(float(xp.abs(wrong_ones).max()) < 1e-12 and abs(naive.numeric) < 1e-9,
+      "with an all-ones dy both the wrong backward and the numeric gradient should be ~0")
+expect_gradcheck("the correct softmax backward", good)
+check(bad.max_rel_error > 1e-2, f"the random dy should expose the wrong backward, but: {bad}")
 
 # ---------------------------------------------------------------------------
 step(6, "use the gradients: a few steps of gradient descent")
 lr, steps = 0.5, (30 if FAST else 200)
+first = None
 for i in range(steps + 1):
     loss, (a, ce_cache) = forward(params)
+    first = float(loss) if first is None else first
     if i % (steps // 5) == 0:
         print(f"  step {i:4d}   loss {float(loss):.5f}")
     dlogits = bp.softmax_cross_entropy_backward(1.0, ce_cache)
@@ -148,5 +143,7 @@ for i in range(steps + 1):
     g = {"W2": a.T @ dlogits, "b2": dlogits.sum(0), "W1": x.T @ dh, "b1": dh.sum(0)}
     for k in params:
         params[k] -= lr * g[k]
+expect_below("the loss after training", float(loss), first / 4, "a quarter of the starting loss")
+expect_below("the loss after training", float(loss), np.log(V), "log V, a uniform guess")
 print("The loss falls: six examples are easy to memorise. Every model in minillm is")
 print("trained exactly like this, with longer chains of the same forward/backward pairs.")

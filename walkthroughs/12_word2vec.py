@@ -15,23 +15,21 @@ built-in text generated from a few topics, so the script runs offline in seconds
 
 Run: python walkthroughs/12_word2vec.py      (MINILLM_FAST=1 for the small text)
 """
-import os
 import re
 import time
 
 import numpy as np
 
+from _narrate import FAST, check, expect_below, expect_close, expect_gradcheck, step
 from minillm import backprop as bp
 from minillm import word2vec as w2v
 
-FAST = os.environ.get("MINILLM_FAST") == "1"
-
-
-def section(title):
-    print()
-    print("=" * 78)
-    print(title)
-    print("=" * 78)
+TOPICS = {
+    "court": "king queen prince princess crown throne lord lady palace duke".split(),
+    "sea": "ship sea waves sail storm captain sailor harbour tide anchor".split(),
+    "farm": "farmer field wheat plough harvest cow barn sheep orchard meadow".split(),
+    "war": "soldier sword battle army general shield spear siege enemy fort".split(),
+}
 
 
 def builtin_text(seed=0, n_sentences=3000):
@@ -40,12 +38,7 @@ def builtin_text(seed=0, n_sentences=3000):
     Words of one topic only meet each other and the filler, so after training a
     topic word's nearest neighbours should be its own topic's words.
     """
-    topics = {
-        "court": "king queen prince princess crown throne lord lady palace duke".split(),
-        "sea": "ship sea waves sail storm captain sailor harbour tide anchor".split(),
-        "farm": "farmer field wheat plough harvest cow barn sheep orchard meadow".split(),
-        "war": "soldier sword battle army general shield spear siege enemy fort".split(),
-    }
+    topics = TOPICS
     filler = "the a of and to in with was is his her their".split()
     rng = np.random.default_rng(seed)
     names = list(topics)
@@ -60,7 +53,7 @@ def builtin_text(seed=0, n_sentences=3000):
 
 
 # ---------------------------------------------------------------------------
-section("1. The text and its vocabulary")
+step(1, "The text and its vocabulary")
 # ---------------------------------------------------------------------------
 source = "built-in topic text"
 text = None
@@ -84,10 +77,12 @@ print(f"source: {source}; {len(tokens):,} tokens, {len(set(tokens)):,} distinct 
 print(f"vocabulary: words seen at least {MIN_COUNT} times -> {len(vocab):,} words, "
       f"covering {len(ids) / len(tokens):.1%} of the tokens (the rest are dropped, as word2vec does)")
 print("most frequent:", ", ".join(f"{w} ({c})" for w, c in zip(vocab.words[:8], vocab.counts[:8])))
+check(all(c >= MIN_COUNT for c in vocab.counts) and list(vocab.counts) == sorted(vocab.counts, reverse=True),
+      f"the vocabulary should hold words seen at least {MIN_COUNT} times, most frequent first")
 
 
 # ---------------------------------------------------------------------------
-section("2. Subsampling: frequent words are dropped at random")
+step(2, "Subsampling: frequent words are dropped at random")
 # ---------------------------------------------------------------------------
 T = 1e-4 if source.startswith("Shakespeare") else 1e-3   # the paper suggests about 1e-5 for billions of words
 keep = w2v.keep_probabilities(vocab.counts, T)
@@ -99,12 +94,18 @@ print(f"\n{'word':>12s} {'frequency':>10s} {'P(keep)':>8s}")
 for i in list(range(4)) + [len(vocab) // 2, len(vocab) - 1]:
     f = vocab.counts[i] / vocab.counts.sum()
     print(f"{vocab.words[i]:>12s} {f:10.5f} {keep[i]:8.3f}")
+freqs = np.asarray(vocab.counts) / np.sum(vocab.counts)
+expect_close("keep_probabilities vs min(1, sqrt(t / f))", keep, np.minimum(1.0, np.sqrt(T / freqs)), 1e-12)
 thinned = w2v.subsample(ids, vocab.counts, T, rng=0)
 print(f"one subsampled pass keeps {len(thinned):,} of {len(ids):,} tokens ({len(thinned) / len(ids):.0%})")
+# Each token is a coin flip: the kept count is within 4 standard deviations of its expectation.
+p_keep = keep[np.asarray(ids)]
+check(abs(len(thinned) - p_keep.sum()) <= 4 * np.sqrt((p_keep * (1 - p_keep)).sum()) + 1,
+      f"subsample kept {len(thinned)} tokens, expected about {p_keep.sum():.0f}")
 
 
 # ---------------------------------------------------------------------------
-section("3. The noise distribution: unigram^0.75")
+step(3, "The noise distribution: unigram^0.75")
 # ---------------------------------------------------------------------------
 noise = w2v.noise_distribution(vocab.counts)
 unigram = vocab.counts / vocab.counts.sum()
@@ -115,10 +116,12 @@ print(f"\n{'word':>12s} {'unigram':>9s} {'^0.75':>9s}")
 for i in (0, 1, len(vocab) // 2, len(vocab) - 1):
     print(f"{vocab.words[i]:>12s} {unigram[i]:9.5f} {noise[i]:9.5f}")
 print("the frequent words lose share and the rare ones gain it.")
+c75 = np.asarray(vocab.counts, dtype=np.float64) ** 0.75
+expect_close("noise_distribution vs count^0.75 / sum", noise, c75 / c75.sum(), 1e-12)
 
 
 # ---------------------------------------------------------------------------
-section("4. Skip-gram pairs")
+step(4, "Skip-gram pairs")
 # ---------------------------------------------------------------------------
 sample = ids[:6]
 c, o = w2v.skipgram_pairs(sample, 2)
@@ -126,15 +129,21 @@ print("text:", " ".join(vocab.words[i] for i in sample))
 print("pairs (centre -> context) within 2 words, the first eight:")
 for a, b in list(zip(c, o))[:8]:
     print(f"   {vocab.words[a]:>10s} -> {vocab.words[b]}")
+by_hand = sorted((int(sample[i]), int(sample[j])) for i in range(len(sample)) for j in range(len(sample))
+                 if 0 < abs(i - j) <= 2)
+check(sorted(zip(map(int, c), map(int, o))) == by_hand, "skipgram_pairs should give every pair within 2 words")
 c_dyn, _ = w2v.skipgram_pairs(ids, 5, rng=np.random.default_rng(0))
 c_full, _ = w2v.skipgram_pairs(ids, 5)
 print(f"""With window 5 every token has up to 10 contexts: {len(c_full):,} pairs. word2vec draws a
 window b in 1..5 for each centre, so a neighbour d words away is used with
 probability (5 - d + 1) / 5: near words count more. That leaves {len(c_dyn):,} pairs.""")
+check(len(c_full) == 10 * len(ids) - 30, f"window 5: 10 contexts per token but the first and last 5 ({len(c_full)})")
+check(abs(len(c_dyn) / len(c_full) - 0.6) < 0.01,
+      f"a dynamic window keeps (5 + 4 + 3 + 2 + 1) / 25 = 0.6 of the pairs, kept {len(c_dyn) / len(c_full):.3f}")
 
 
 # ---------------------------------------------------------------------------
-section("5. The loss and its gradient, checked")
+step(5, "The loss and its gradient, checked")
 # ---------------------------------------------------------------------------
 print("""loss = -log sigma(u_o . v_c) - sum_k log sigma(-u_k . v_c), averaged over the batch:
 push the true context's score up and the K negatives' scores down. log sigma is
@@ -145,17 +154,18 @@ with np.errstate(over="ignore", divide="ignore"):
 print(f"   {'x':>8s} {'log(1/(1+e^-x))':>18s} {'log_sigmoid(x)':>18s}")
 for xi, ni, si in zip(x, naive, w2v.log_sigmoid(x)):
     print(f"   {xi:8.0f} {ni:18.10g} {si:18.10g}")
+expect_close("log_sigmoid vs -logaddexp(0, -x)", w2v.log_sigmoid(x), -np.logaddexp(0, -x), 1e-12)
 rng = np.random.default_rng(0)
 B, K, D = 3, 4, 5
 args = [rng.uniform(-1, 1, (B, D)), rng.uniform(-1, 1, (B, D)), rng.uniform(-1, 1, (B, K, D))]
-rep = bp.gradcheck(w2v.sgns_forward, w2v.sgns_backward, args)
+rep = expect_gradcheck("sgns", bp.gradcheck(w2v.sgns_forward, w2v.sgns_backward, args))
 print(f"\nsgns_backward vs finite differences (float64, B={B}, K={K}, D={D}): {rep}")
 print("""The tables' gradient is then a scatter-add of these row gradients: a word used
 twice in a batch (as centre, context or negative) gets both contributions.""")
 
 
 # ---------------------------------------------------------------------------
-section("6. Training")
+step(6, "Training")
 # ---------------------------------------------------------------------------
 if source.startswith("Shakespeare"):
     DIM, EPOCHS, BATCH, LR = 64, 3, 1024, 0.005
@@ -174,10 +184,12 @@ print("mean loss per eighth of training:", " ".join(f"{np.mean(part):.3f}"
                                                     for part in np.array_split(np.array(losses), 8)))
 print(f"({len(losses)} batches in {time.time() - t0:.1f} s; the loss starts at (K + 1) log 2 = "
       f"{6 * np.log(2):.3f}, where every score is 0)")
+expect_below("the mean loss over the last eighth of training", np.mean(np.array_split(np.array(losses), 8)[-1]),
+             6 * np.log(2) - 1, "(K + 1) log 2 - 1, a nat under the untrained model")
 
 
 # ---------------------------------------------------------------------------
-section("7. Nearest neighbours by cosine similarity")
+step(7, "Nearest neighbours by cosine similarity")
 # ---------------------------------------------------------------------------
 if source.startswith("Shakespeare"):
     queries = ["king", "love", "sword", "night", "father", "good"]
@@ -187,6 +199,9 @@ for q in queries:
     if q in vocab.index:
         near = model.most_similar(q, k=6)
         print(f"{q:>8s}: " + ", ".join(f"{w} ({s:.2f})" for w, s in near))
+        if not source.startswith("Shakespeare"):
+            topic = next(words for words in TOPICS.values() if q in words)
+            check(all(w in topic for w, _ in near), f"{q!r}'s neighbours should be its topic's words: {near}")
 if not source.startswith("Shakespeare"):
     print("""
 Each topic word's neighbours are its own topic's words: nothing told the model
