@@ -447,6 +447,11 @@ def _check_token_splits(splits, block_size):
                              f"{block_size + 1} tokens, got shape {tuple(toks.shape)}")
 
 
+def _check_split(split, splits):
+    if split not in splits:
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+
+
 class TokenBatches:
     """Train/validation token streams with the ``get_batch(split, rng)`` the training loop calls.
 
@@ -466,6 +471,6 @@ class TokenBatches:
         return self.batch_size * self.block_size
 
     def get_batch(self, split, rng):
-        if split not in self.splits:
-            raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+        """(x, y) for ``split`` ("train" or "val"): see :func:`get_batch`."""
+        _check_split(split, self.splits)
         return get_batch(self.splits[split], self.batch_size, self.block_size, rng, self.xp)

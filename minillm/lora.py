@@ -172,7 +172,7 @@ def lora_linear_backward(dy, cache: LoraLinearCache):
 # Adapters for a whole parameter dict
 # ---------------------------------------------------------------------------
 
-def _select_targets(params, targets) -> list:
+def _check_targets(params, targets) -> list:
     """The names ``targets`` selects (a regex searched in each name, or a list of names), checked."""
     if isinstance(targets, str):
         try:
@@ -202,7 +202,7 @@ def _check_init_lora(params, targets, rank, alpha) -> list:
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
     _check_rank(rank)
     _check_finite("alpha", alpha)
-    names = _select_targets(params, targets)
+    names = _check_targets(params, targets)
     for t in names:
         check_float(f"params[{t!r}]", params[t])
         if params[t].ndim != 2:

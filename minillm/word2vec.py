@@ -331,6 +331,12 @@ def _check_has_pairs(centres, seq):
         raise ValueError(f"ids: too short to make a skip-gram pair (got {len(seq)} ids after subsampling)")
 
 
+def _check_word2vec(vocab, dim):
+    if not isinstance(vocab, Vocab):
+        raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
+    check_int_arg("dim", dim, lo=1)
+
+
 class Word2Vec:
     """Two embedding tables trained with SGNS, and cosine-similarity queries.
 
@@ -341,10 +347,9 @@ class Word2Vec:
     """
 
     def __init__(self, vocab: Vocab, dim=50, seed=0, dtype=DEFAULT_DTYPE, device=None):
-        if not isinstance(vocab, Vocab):
-            raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
+        _check_word2vec(vocab, dim)
         self.vocab = vocab
-        self.dim = check_int_arg("dim", dim, lo=1)
+        self.dim = int(dim)
         self.rng = make_rng(seed)
         w_in = ((self.rng.random((len(vocab), dim)) - 0.5) / dim).astype(dtype)
         self.params = to_device({"w_in": w_in, "w_out": np.zeros((len(vocab), dim), dtype=dtype)}, device)
