@@ -27,7 +27,6 @@ nothing until a window is read.
 from __future__ import annotations
 
 import configparser
-import io
 import os
 import re
 import shutil

@@ -155,6 +155,19 @@ def test_swiglu_backward_matches_finite_differences(xp, case, hidden):
     assert_gradcheck(bp.gradcheck(ffn.swiglu_forward, ffn.swiglu_backward, list(inputs), eps=1e-3))
 
 
+def test_swiglu_backward_uses_the_caches_its_forward_made(xp):
+    # the up projection's LinearCache comes from the forward (no cache rebuilt in backward),
+    # and the backward leaves every cached array as the forward made it
+    rng = np.random.default_rng(4)
+    x, wg, wu, wd = (on(xp, rng.standard_normal(s)) for s in [(2, 3, 4), (4, 6), (4, 6), (6, 5)])
+    y, cache = ffn.swiglu_forward(x, wg, wu, wd)
+    assert cache.up.x is x and cache.gate.x is x and cache.up.w is wu and cache.gate.w is wg
+    before = [np_(a).copy() for a in (cache.u, cache.act.x, cache.act.sig, cache.down.x)]
+    ffn.swiglu_backward(on(xp, rng.standard_normal(y.shape)), cache)
+    after = [np_(a) for a in (cache.u, cache.act.x, cache.act.sig, cache.down.x)]
+    assert all(np.array_equal(b, a) for b, a in zip(before, after))
+
+
 # --- erf ----------------------------------------------------------------------------
 
 def _erf_points():
