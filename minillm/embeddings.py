@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import (DEFAULT_DTYPE, array_module, check_float, check_ids, check_ndim, make_rng,
-                      randn, scatter_add, to_device, xp_for)
+from .backend import (DEFAULT_DTYPE, array_module, check_float, check_ids, check_int_arg, check_ndim,
+                      check_same_device, make_rng, randn, scatter_add, to_device, xp_for)
 
 __all__ = ["embedding_forward", "embedding_backward", "position_ids", "sinusoidal_positions",
            "segment_embedding_forward", "segment_embedding_backward", "init_embedding"]
@@ -33,28 +33,36 @@ class EmbeddingCache(NamedTuple):
     dtype: object       # the table's dtype, for the gradient
 
 
-def _embedding_forward(ids, table, ids_name, table_name):
+def _check_lookup(ids, table, ids_name, table_name):
     check_float(table_name, table)
     check_ndim(table_name, table, 2)
     check_ids(ids_name, ids, table.shape[0])
+    check_same_device(ids_name, ids, table, table_name)
+
+
+def _check_dout(dout, cache: EmbeddingCache, dout_name):
+    want = (*cache.ids.shape, cache.table_shape[1])
+    if tuple(dout.shape) != want:
+        raise ValueError(f"{dout_name}: expected shape {want} (the forward output's), got {tuple(dout.shape)}")
+
+
+def _embedding_forward(ids, table, ids_name, table_name):
+    """The row lookup every public forward here shares; errors name ``ids_name`` and ``table_name``."""
+    _check_lookup(ids, table, ids_name, table_name)
     xp = array_module(table)
-    if array_module(ids) is not xp:
-        raise TypeError(f"{ids_name}: expected an array on the same device as {table_name} "
-                        f"({xp.__name__}), got {type(ids).__module__}.{type(ids).__name__}")
     # take() along axis 0 is a plain row gather; same values as table[ids], a bit faster on NumPy.
-    out = xp.take(table, ids, axis=0)
+    out = xp.take(table, ids, axis=0)                                   # (..., C)
     return out, EmbeddingCache(ids, tuple(table.shape), table.dtype)
 
 
 def _embedding_backward(dout, cache: EmbeddingCache, dout_name):
+    """The scatter-add every public backward here shares."""
+    _check_dout(dout, cache, dout_name)
     ids, (V, C), dtype = cache
-    if tuple(dout.shape) != (*ids.shape, C):
-        raise ValueError(f"{dout_name}: expected shape {(*ids.shape, C)} (the forward output's), "
-                         f"got {tuple(dout.shape)}")
     xp = array_module(dout)
     dtable = xp.zeros((V, C), dtype=dtype)
     # Repeated ids must accumulate, which plain dtable[ids] += dout would not do.
-    scatter_add(dtable, ids.reshape(-1), dout.reshape(-1, C))
+    scatter_add(dtable, ids.reshape(-1), dout.reshape(-1, C))           # (V, C)
     return dtable
 
 
@@ -62,6 +70,7 @@ def embedding_forward(ids, table):
     """out[..., :] = table[ids[...], :], a row lookup.
 
     ids: (...) int in [0, V), table: (V, C) float -> out: (..., C)
+    Example: table = [[0, 0], [1, 1], [2, 2]], ids = [2, 0, 2] -> out = [[2, 2], [0, 0], [2, 2]]
     """
     return _embedding_forward(ids, table, "ids", "table")
 
@@ -71,8 +80,16 @@ def embedding_backward(dout, cache: EmbeddingCache):
 
     Equivalent to one_hot(ids)^T @ dout, without building the one-hot matrix.
     dout: (..., C) -> dtable: (V, C)
+    Example: ids = [2, 0, 2], dout = [[1, 1], [5, 5], [3, 3]] -> dtable = [[5, 5], [0, 0], [4, 4]]
     """
     return _embedding_backward(dout, cache, "dout")
+
+
+def _check_sinusoidal(T, C, base):
+    check_int_arg("T", T, lo=0)
+    check_int_arg("C", C, lo=0)
+    if not (isinstance(base, (int, float, np.integer, np.floating)) and math.isfinite(base) and base > 1):
+        raise ValueError(f"base: expected a number > 1, got {base!r}")
 
 
 def position_ids(T, offset=0, xp=None):
@@ -84,11 +101,9 @@ def position_ids(T, offset=0, xp=None):
     tokens already in a KV cache during generation. ``xp`` chooses the array
     module (default: MINILLM_DEVICE's), so the ids can sit next to the table.
     """
-    for name, v in (("T", T), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+    T, offset = check_int_arg("T", T, lo=0), check_int_arg("offset", offset, lo=0)
     xp = xp if xp is not None else xp_for(None)
-    return xp.arange(int(offset), int(offset) + int(T), dtype=np.int64)
+    return xp.arange(offset, offset + T, dtype=np.int64)                # (T,)
 
 
 def sinusoidal_positions(T, C, base=10000.0, dtype=DEFAULT_DTYPE, device=None):
@@ -103,14 +118,10 @@ def sinusoidal_positions(T, C, base=10000.0, dtype=DEFAULT_DTYPE, device=None):
     then cast to ``dtype`` and moved to ``device``. An odd C ends with a sine.
     -> (T, C)
     """
-    for name, v in (("T", T), ("C", C)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
-    if not (isinstance(base, (int, float, np.integer, np.floating)) and math.isfinite(base) and base > 1):
-        raise ValueError(f"base: expected a number > 1, got {base!r}")
-    pos = np.arange(T, dtype=np.float64)[:, None]
-    two_i = np.arange(0, C, 2, dtype=np.float64)          # 0, 2, 4, ...: one frequency per pair
-    angle = pos * np.exp(-two_i / C * math.log(base))      # p / base^(2i/C)
+    _check_sinusoidal(T, C, base)
+    pos = np.arange(T, dtype=np.float64)[:, None]                       # (T, 1)
+    two_i = np.arange(0, C, 2, dtype=np.float64)                        # (ceil(C/2),) 0, 2, 4, ...: one frequency per pair
+    angle = pos * np.exp(-two_i / C * math.log(base))                   # (T, ceil(C/2)) p / base^(2i/C)
     pe = np.empty((T, C), dtype=np.float64)
     pe[:, 0::2] = np.sin(angle)
     pe[:, 1::2] = np.cos(angle[:, : C // 2])

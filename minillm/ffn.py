@@ -7,40 +7,48 @@ Every operation is a forward/backward pair (see backprop.py for the convention):
 
 A linear layer is the only place a transformer learns mixing *across* features;
 activations are elementwise, so their backward is an elementwise product with
-the local derivative. GPT-2 and BERT use GELU in a 4x-wide MLP; LLaMA-style
-models use SwiGLU, a gated MLP with three matrices and no biases.
+the local derivative:
+
+    ReLU(x) = max(x, 0)              GELU(x) = x Phi(x)  (Phi: the standard normal CDF)
+    SiLU(x) = x sigmoid(x)           SwiGLU(x) = (SiLU(x Wg) * (x Wu)) Wd
+
+GPT-2 and BERT use GELU in a 4x-wide MLP; LLaMA-style models use SwiGLU, a gated
+MLP with three matrices and no biases. GELU comes twice: as its formula
+(``gelu_forward_plain``), then as the fast form the models run (``gelu_forward``);
+a test holds them equal. Exact GELU needs erf, which NumPy lacks: ours is in erf.py.
 
 Speed notes (this is the hot path of training):
 - linear reshapes (..., in) to one 2-D matrix so that forward and backward are
   each a single BLAS/cuBLAS matmul, whatever the number of leading axes;
 - activations keep constants in the input's dtype (a float64 constant would
-  silently upcast float32 arrays under NumPy 2) and update temporaries in place.
+  silently upcast float32 arrays under NumPy 2); the fast GELU updates one
+  buffer in place.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import numpy as np
 
-from .backend import (DEFAULT_DTYPE, array_module, check_float, check_ndim, check_same_dtype,
+from .backend import (DEFAULT_DTYPE, array_module, check_choice, check_float, check_ndim, check_shape,
                       make_rng, randn, to_device)
+from .erf import erf, erfc, normal_cdf
 
 __all__ = [
     "linear_forward", "linear_backward", "init_linear",
     "relu_forward", "relu_backward",
-    "erf", "erfc", "gelu_forward", "gelu_backward",
+    "erf", "erfc", "gelu_forward", "gelu_backward", "gelu_forward_plain", "gelu_backward_plain",
     "sigmoid", "silu_forward", "silu_backward",
     "mlp_forward", "mlp_backward", "ACTIVATIONS",
     "swiglu_forward", "swiglu_backward",
 ]
 
 
-def _check_grad_shape(name, dy, shape):
+def _check_dy(dy, shape):
     if tuple(dy.shape) != tuple(shape):
-        raise ValueError(f"{name}: expected shape {tuple(shape)} (the forward output's), got {tuple(dy.shape)}")
+        raise ValueError(f"dy: expected shape {tuple(shape)} (the forward output's), got {tuple(dy.shape)}")
 
 
 # ---------------------------------------------------------------------------
@@ -53,32 +61,43 @@ class LinearCache(NamedTuple):
     has_bias: bool  # whether to return db or None
 
 
-def _linear_forward(x, w, b, xname="x", wname="w", bname="b"):
+def _check_linear(x, w, b, xname="x", wname="w", bname="b"):
     check_float(xname, x)
+    _check_weight(w, b, x.shape, x.dtype, xname, wname, bname)
+
+
+def _check_weight(w, b, x_shape, x_dtype, xname, wname, bname):
+    """w (in, out) and b (out,) or None fit an input of ``x_shape`` and ``x_dtype``."""
     check_float(wname, w)
     check_ndim(wname, w, 2)
-    if x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"{wname}: expected shape ({x.shape[-1] if x.ndim else '?'}, *) to match "
-                         f"{xname}'s last axis {tuple(x.shape)}, got {tuple(w.shape)}")
+    if len(x_shape) < 1 or x_shape[-1] != w.shape[0]:
+        raise ValueError(f"{wname}: expected shape ({x_shape[-1] if len(x_shape) else '?'}, *) to match "
+                         f"{xname}'s last axis {tuple(x_shape)}, got {tuple(w.shape)}")
     if b is not None:
         check_float(bname, b)
-        if tuple(b.shape) != (w.shape[1],):
-            raise ValueError(f"{bname}: expected shape ({w.shape[1]},), got {tuple(b.shape)}")
-    check_same_dtype(**{xname: x, wname: w, bname: b})
+        check_shape(bname, b, (w.shape[1],))
+    for name, a in ((wname, w), (bname, b)):
+        if a is not None and a.dtype != x_dtype:
+            raise TypeError(f"{name}: expected dtype {x_dtype} (the dtype of {xname}), got {a.dtype}")
+
+
+def _linear(x, w, b):
+    """linear_forward's math, for callers that have checked the arguments."""
     n_in, n_out = w.shape
-    # One 2-D matmul whatever the leading axes: (N, in) @ (in, out) with N = prod(...).
-    y = x.reshape(-1, n_in) @ w
+    y = x.reshape(-1, n_in) @ w              # (N, out), N = prod(...): one 2-D matmul whatever the leading axes
     if b is not None:
-        y += b
-    return y.reshape(*x.shape[:-1], n_out), LinearCache(x, w, b is not None)
+        y += b                               # y is a fresh matmul result: add b in place
+    return y.reshape(*x.shape[:-1], n_out), LinearCache(x, w, b is not None)    # (..., out)
 
 
 def linear_forward(x, w, b=None):
     """y = x @ w + b.
 
     x: (..., in), w: (in, out), b: (out,) or None -> y: (..., out)
+    Example: x = [[1, 2]], w = [[1, 0, 1], [0, 1, 1]], b = [0, 0, 10] -> y = [[1, 2, 13]]
     """
-    return _linear_forward(x, w, b)
+    _check_linear(x, w, b)
+    return _linear(x, w, b)
 
 
 def linear_backward(dy, cache: LinearCache):
@@ -88,11 +107,11 @@ def linear_backward(dy, cache: LinearCache):
     """
     x, w, has_bias = cache
     n_in, n_out = w.shape
-    _check_grad_shape("dy", dy, (*x.shape[:-1], n_out))
-    dy2 = dy.reshape(-1, n_out)
-    x2 = x.reshape(-1, n_in)
-    dx = (dy2 @ w.T).reshape(x.shape)
-    dw = x2.T @ dy2          # (in, N) @ (N, out): the sum over every position in one GEMM
+    _check_dy(dy, (*x.shape[:-1], n_out))
+    dy2 = dy.reshape(-1, n_out)              # (N, out)
+    x2 = x.reshape(-1, n_in)                 # (N, in)
+    dx = (dy2 @ w.T).reshape(x.shape)        # (..., in)
+    dw = x2.T @ dy2                          # (in, N) @ (N, out): the sum over every position in one GEMM
     db = dy2.sum(axis=0) if has_bias else None
     return dx, dw, db
 
@@ -126,229 +145,20 @@ def relu_forward(x):
 
 def relu_backward(dy, cache: ReluCache):
     """dx = dy where x > 0, else 0 (the subgradient 0 is taken at x == 0)."""
-    _check_grad_shape("dy", dy, cache.mask.shape)
+    _check_dy(dy, cache.mask.shape)
     xp = array_module(dy)
     return xp.where(cache.mask, dy, dy.dtype.type(0))
 
 
 # ---------------------------------------------------------------------------
-# erf: NumPy has none, so here is one
-# ---------------------------------------------------------------------------
-#
-# Two regions, split at |z| = 2:
-#
-# |z| < 2, float64: the everywhere-convergent series
-#     erf(z) = 2/sqrt(pi) * exp(-z^2) * sum_n 2^n z^(2n+1) / (1*3*5*...*(2n+1)),
-#   whose terms are all positive (no cancellation, unlike the alternating Taylor
-#   series, which loses a digit near z = 2): 32 terms reach ~1e-16 relative.
-# |z| < 2, float32/float16: speed matters more (BERT's GELU runs on every hidden
-#   unit), so we use a degree-10 (float32) polynomial in z^2, erf(z) = z P(z^2),
-#   obtained by Chebyshev interpolation of the float64 series above at import
-#   time (no magic constants): ~4e-7 relative, with a third of the work.
-# |z| >= 2: the continued fraction for erfc (in its even, faster-converging form)
-#     erfc(z) = 2z exp(-z^2)/sqrt(pi) / (2z^2+1 - 1*2/(2z^2+5 - 3*4/(2z^2+9 - ...))),
-#   evaluated bottom-up at a fixed depth; erf = 1 - erfc. It keeps erfc's tiny
-#   values to full relative precision (erfc(10) ~ 2e-45), which 1 - erf cannot.
-#
-# Arrays are evaluated with the |z| < 2 method everywhere (on z clipped to +-2,
-# so nothing overflows) and then the few entries with |z| >= 2 are recomputed:
-# index lists (flatnonzero/take/put) touch only those entries, where boolean
-# masks would cost several passes over the whole array.
-# The term counts were chosen by measuring against math.erf / math.erfc; at
-# z = 2, where both expansions converge slowest, they reach rounding level.
-
-_SERIES_TERMS = 32
-_CF_DEPTH = {np.dtype(np.float64): 30, np.dtype(np.float32): 8, np.dtype(np.float16): 5}
-_POLY_DEGREE = {np.dtype(np.float32): 10, np.dtype(np.float16): 5}
-_ERF_SPLIT = 2.0
-_TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
-
-
-def _series_coeffs(n_terms):
-    c = [1.0]
-    for n in range(1, n_terms):
-        c.append(c[-1] * 2.0 / (2 * n + 1))
-    return c
-
-
-def _erf_series(xp, z):
-    """erf(z) for |z| <= 2 by the positive series (Horner in z^2), in z's dtype."""
-    t = z.dtype.type
-    c = _series_coeffs(_SERIES_TERMS)
-    s = z * z
-    acc = xp.full_like(z, t(c[-1]))
-    for ck in reversed(c[:-1]):
-        acc *= s
-        acc += t(ck)
-    acc *= z
-    xp.negative(s, out=s)
-    xp.exp(s, out=s)     # |z| <= 2 keeps z*z's rounding below an ulp of exp(-z^2)
-    acc *= s
-    acc *= t(_TWO_OVER_SQRT_PI)
-    return acc
-
-
-@functools.lru_cache(maxsize=None)
-def _erf_poly_coeffs(dtype):
-    """Power-basis coefficients of P(s) = erf(sqrt s) / sqrt s on s in [0, 4], by Chebyshev
-    interpolation of the float64 series (then rounded to ``dtype``)."""
-    from numpy.polynomial import Chebyshev, Polynomial
-
-    def p(s):                       # Chebyshev nodes are interior: s > 0
-        z = np.sqrt(s)
-        return _erf_series(np, z) / z
-    cheb = Chebyshev.interpolate(p, _POLY_DEGREE[np.dtype(dtype)], domain=[0.0, 4.0])
-    return tuple(np.dtype(dtype).type(c) for c in cheb.convert(kind=Polynomial).coef)
-
-
-def _erf_poly(xp, z):
-    """erf(z) = z P(z^2) for |z| <= 2 in float32/float16."""
-    c = _erf_poly_coeffs(z.dtype)
-    s = z * z
-    acc = xp.full_like(z, c[-1])
-    for ck in reversed(c[:-1]):
-        acc *= s
-        acc += ck
-    acc *= z
-    return acc
-
-
-def _erf_inner(xp, z):
-    """erf(z) for |z| <= 2 with the dtype's method."""
-    if z.dtype == np.float64 or z.dtype not in _POLY_DEGREE:
-        return _erf_series(xp, z)
-    return _erf_poly(xp, z)
-
-
-def _erfc_large(xp, z):
-    """erfc(z) for z >= 2 by the continued fraction (fixed depth, bottom-up)."""
-    t = z.dtype.type
-    depth = _CF_DEPTH.get(z.dtype, 30)
-    z = xp.minimum(z, t(30))    # erfc(30) ~ 1e-393 is 0 in every dtype; keeps inf and 1e30 finite here
-    s = 2 * z * z
-    d = s + t(4 * depth + 1)
-    for k in range(depth, 0, -1):
-        d = s + t(4 * k - 3) - t((2 * k - 1) * (2 * k)) / d
-    return t(_TWO_OVER_SQRT_PI) * z * _exp_minus_square(xp, z) / d
-
-
-def _exp_minus_square(xp, z):
-    """exp(-z^2) without the rounding error of z*z: for z ~ 20, z*z is off by ~4e-14
-    relative, and exp turns that into a relative error of ~4e-14 * z^2. Split
-    z = hi + lo with hi on a 1/256 grid, so hi*hi is exact, and z^2 = hi^2 + (2 hi + lo) lo."""
-    t = z.dtype.type
-    hi = xp.floor(z * t(256)) / t(256)
-    lo = z - hi
-    return xp.exp(-hi * hi) * xp.exp(-(hi + hi + lo) * lo)
-
-
-def _special(xp, name):
-    """cupyx.scipy.special's erf/erfc on CuPy (None on NumPy), returning the input's dtype:
-    CuPy computes float16 in float32 or float64, and we never change dtype silently."""
-    if xp is np:
-        return None
-    import cupyx.scipy.special  # type: ignore
-    f = getattr(cupyx.scipy.special, name)
-    return lambda x: f(x).astype(x.dtype, copy=False)
-
-
-def _inner_and_tails(xp, z):
-    """(erf of z clipped to [-2, 2], flat indices where z >= 2, where z <= -2)."""
-    split = z.dtype.type(_ERF_SPLIT)
-    inner = _erf_inner(xp, xp.clip(z, -split, split))
-    flat = z.reshape(-1)
-    return inner, xp.flatnonzero(flat >= split), xp.flatnonzero(flat <= -split)
-
-
-def _patch(out, idx, values):
-    """out.flat[idx] = values, for the few entries outside |z| < 2."""
-    if idx.size:
-        out.reshape(-1)[idx] = values
-
-
-def erf(x):
-    """The error function erf(x) = 2/sqrt(pi) * int_0^x exp(-t^2) dt, elementwise.
-
-    NumPy arrays: our own series / polynomial / continued fraction (about 1e-16
-    relative in float64, ~4e-7 in float32; the dtype of x is kept). CuPy arrays:
-    cupyx.scipy.special.erf. x: (...) float -> (...)
-    """
-    check_float("x", x)
-    xp = array_module(x)
-    f = _special(xp, "erf")
-    if f is not None:
-        return f(x)
-    out, hi, lo = _inner_and_tails(xp, x)
-    flat = x.reshape(-1)
-    _patch(out, hi, 1 - _erfc_large(xp, flat[hi]))
-    _patch(out, lo, _erfc_large(xp, -flat[lo]) - 1)
-    return out
-
-
-def erfc(x):
-    """The complementary error function erfc(x) = 1 - erf(x), accurate in the tail.
-
-    1 - erf(x) would lose every digit once erf(x) rounds to 1 (x > ~6 in
-    float64); erfc keeps them: erfc(10) ~ 2.1e-45 to full relative precision.
-    (Between 0.5 and 2 it is 1 - erf, good to ~1e-13 relative in float64.)
-    x: (...) float -> (...)
-    """
-    check_float("x", x)
-    xp = array_module(x)
-    f = _special(xp, "erfc")
-    if f is not None:
-        return f(x)
-    out, hi, lo = _inner_and_tails(xp, x)
-    xp.subtract(x.dtype.type(1), out, out=out)
-    flat = x.reshape(-1)
-    _patch(out, hi, _erfc_large(xp, flat[hi]))
-    _patch(out, lo, 2 - _erfc_large(xp, -flat[lo]))
-    return out
-
-
-def _normal_cdf(x):
-    """Phi(x) = 0.5 * erfc(-x / sqrt 2), accurate in the far left tail too."""
-    xp = array_module(x)
-    t = x.dtype.type
-    z = x * t(-1.0 / math.sqrt(2.0))
-    f = _special(xp, "erfc")
-    if f is not None:
-        z = f(z)
-        z *= t(0.5)
-        return z
-    if z.size > _BLOCK:
-        # The polynomial is a long chain of elementwise passes; running it block by
-        # block keeps each block in the CPU cache (measured ~1.5-2x on 3M float32s).
-        phi = np.empty_like(z)
-        zf, pf = z.reshape(-1), phi.reshape(-1)
-        for i in range(0, zf.size, _BLOCK):
-            pf[i:i + _BLOCK] = _normal_cdf_of_minus_sqrt2(xp, zf[i:i + _BLOCK])
-        return phi
-    return _normal_cdf_of_minus_sqrt2(xp, z)
-
-
-_BLOCK = 1 << 17
-
-
-def _normal_cdf_of_minus_sqrt2(xp, z):
-    """Phi(x) from z = -x / sqrt 2 on NumPy: 0.5 erfc(z)."""
-    t = z.dtype.type
-    phi, hi, lo = _inner_and_tails(xp, z)
-    phi *= t(-0.5)
-    phi += t(0.5)                                              # 0.5 (1 - erf(z)) = 0.5 erfc(z)
-    flat = z.reshape(-1)
-    _patch(phi, hi, t(0.5) * _erfc_large(xp, flat[hi]))        # x <= -2.83: the left tail
-    _patch(phi, lo, 1 - t(0.5) * _erfc_large(xp, -flat[lo]))   # x >= 2.83
-    return phi
-
-
-# ---------------------------------------------------------------------------
-# GELU
+# GELU: the formula first, then the fast form the models run
 # ---------------------------------------------------------------------------
 
 _GELU_A = 0.044715
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_APPROXIMATIONS = ("tanh", "none")
 
 
 class GeluCache(NamedTuple):
@@ -357,66 +167,128 @@ class GeluCache(NamedTuple):
     approximate: str
 
 
-def gelu_forward(x, approximate="tanh"):
-    """GELU(x) = x * Phi(x), Phi the standard normal CDF.
-
-    approximate="none":  y = 0.5 x (1 + erf(x / sqrt 2))   (BERT, PyTorch's default)
-    approximate="tanh":  y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-2)
-    The two differ by less than 1e-3 everywhere. x: (...) -> y: (...)
-
-    The tanh form is computed as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3),
-    using the identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)): the same function,
-    but exp is cheaper than tanh, and in the left tail 1 + tanh(u) is a difference
-    of nearly equal numbers while 1 / (1 + exp(-2u)) keeps full relative precision.
-    """
+def _check_gelu(x, approximate):
     check_float("x", x)
+    if approximate not in _APPROXIMATIONS:
+        raise ValueError(f"approximate: expected 'tanh' or 'none', got {approximate!r}")
+
+
+def gelu_forward_plain(x, approximate="tanh"):
+    """GELU(x) = x * Phi(x), Phi the standard normal CDF, written as its formula.
+
+    approximate="tanh":  y = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-2)
+    approximate="none":  y = 0.5 x (1 + erf(x / sqrt 2))                        (BERT, PyTorch's default)
+
+        >>> gelu_forward_plain(np.array([-1.0, 0.0, 1.0, 2.0]))[0]
+        array([-0.15880801,  0.        ,  0.84119199,  1.95459769])
+
+    The same function as :func:`gelu_forward` (the tests hold them within a few
+    float64 roundings of each other), but in the far left tail 1 + tanh(u) and
+    1 + erf(x / sqrt 2) are differences of nearly equal numbers: at x = -10 both
+    give 0 where gelu_forward gives the tiny true values. x: (...) -> y: (...)
+    """
+    _check_gelu(x, approximate)
     xp = array_module(x)
-    t_ = x.dtype.type
+    t = x.dtype.type
     if approximate == "tanh":
-        # -2u = x * (-2c - 2ca x^2), built in one buffer in place.
-        s = x * x
-        s *= t_(-2.0 * _SQRT_2_OVER_PI * _GELU_A)
-        s -= t_(2.0 * _SQRT_2_OVER_PI)
-        s *= x
-        with np.errstate(over="ignore"):    # exp(-2u) = inf for very negative x: then s = 0, exactly right
-            xp.exp(s, out=s)
-        s += t_(1)
-        xp.divide(t_(1), s, out=s)           # s = sigmoid(2u) = 0.5 (1 + tanh(u))
-        return x * s, GeluCache(x, s, "tanh")
-    if approximate == "none":
-        phi = _normal_cdf(x)
-        return x * phi, GeluCache(x, phi, "none")
-    raise ValueError(f"approximate: expected 'tanh' or 'none', got {approximate!r}")
+        u = t(_SQRT_2_OVER_PI) * (x + t(_GELU_A) * x ** 3)
+        phi = t(0.5) * (1 + xp.tanh(u))        # approximately Phi(x)
+    else:
+        phi = t(0.5) * (1 + erf(x * t(_INV_SQRT_2)))
+    return x * phi, GeluCache(x, phi, approximate)
+
+
+def gelu_backward_plain(dy, cache: GeluCache):
+    """dx = dy * GELU'(x) = dy * (phi + x * dphi/dx), written as its formula.
+
+    tanh:  phi = 0.5 (1 + tanh(u)), u = c (x + a x^3), c = sqrt(2/pi), a = 0.044715:
+           dphi/dx = 0.5 (1 - tanh(u)^2) du/dx = 2 phi (1 - phi) c (1 + 3 a x^2)
+    exact: dphi/dx = the normal density exp(-x^2 / 2) / sqrt(2 pi)
+    Works on the cache of either forward (both keep x and phi).
+    """
+    x, phi, approximate = cache
+    _check_dy(dy, x.shape)
+    xp = array_module(x)
+    t = x.dtype.type
+    if approximate == "tanh":
+        du_dx = t(_SQRT_2_OVER_PI) * (1 + t(3 * _GELU_A) * x * x)
+        dphi_dx = 2 * phi * (1 - phi) * du_dx
+    else:
+        dphi_dx = t(_INV_SQRT_2PI) * xp.exp(-(x * x) / 2)
+    return dy * (phi + x * dphi_dx)
+
+
+def gelu_forward(x, approximate="tanh"):
+    """GELU(x) = x * Phi(x), as the models compute it: the formula of
+    :func:`gelu_forward_plain`, with phi evaluated in fewer passes and accurately
+    in the tails. x: (...) -> y: (...)
+
+    approximate="none":  phi = Phi(x) = 0.5 erfc(-x / sqrt 2)   (erf.normal_cdf: no cancellation)
+    approximate="tanh":  phi = 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u)),
+                         u = sqrt(2/pi) (x + 0.044715 x^3)
+    The two differ by less than 1e-3 everywhere. The sigmoid identity is the same
+    function, but exp is cheaper than tanh, and in the left tail 1 / (1 + exp(-2u))
+    keeps full relative precision where 1 + tanh(u) cancels.
+    """
+    _check_gelu(x, approximate)
+    phi = _tanh_phi_fast(x) if approximate == "tanh" else normal_cdf(x)
+    return x * phi, GeluCache(x, phi, approximate)
 
 
 def gelu_backward(dy, cache: GeluCache):
-    """dx = dy * GELU'(x).
+    """dx = dy * GELU'(x), the formulas of :func:`gelu_backward_plain` in fewer passes.
 
-    exact:  GELU'(x) = Phi(x) + x * phi(x), phi(x) = exp(-x^2/2) / sqrt(2 pi)
+    exact:  GELU'(x) = Phi(x) + x * pdf(x), pdf(x) = exp(-x^2/2) / sqrt(2 pi)
     tanh:   with s = sigmoid(2u), u = c (x + a x^3), c = sqrt(2/pi), and sigmoid' = s (1 - s):
             GELU'(x) = s + x s (1 - s) 2c (1 + 3 a x^2)
                      = s (1 + x (1 - s) 2c (1 + 3 a x^2))
     """
     x, phi, approximate = cache
-    _check_grad_shape("dy", dy, x.shape)
-    xp = array_module(x)
-    t_ = x.dtype.type
+    _check_dy(dy, x.shape)
     if approximate == "tanh":
-        g = x * x
-        g *= t_(6.0 * _GELU_A * _SQRT_2_OVER_PI)
-        g += t_(2.0 * _SQRT_2_OVER_PI)
-        g *= x                      # x 2c (1 + 3 a x^2)
-        h = t_(1) - phi
-        g *= h
-        g += t_(1)
-        g *= phi
-        g *= dy
-        return g
-    # exact: phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+        return _gelu_backward_tanh_fast(dy, x, phi)
+    return _gelu_backward_exact_fast(dy, x, phi)
+
+
+# The fast bodies: each builds its result in one buffer, updated in place (no
+# temporaries of the input's size beyond it), with constants in x's dtype.
+
+def _tanh_phi_fast(x):
+    """sigmoid(2u) = 0.5 (1 + tanh(u)), u = c (x + a x^3), in one buffer."""
+    xp = array_module(x)
+    t = x.dtype.type
+    s = x * x                                   # -2u = x * (-2c - 2ca x^2)
+    s *= t(-2.0 * _SQRT_2_OVER_PI * _GELU_A)
+    s -= t(2.0 * _SQRT_2_OVER_PI)
+    s *= x
+    with np.errstate(over="ignore"):            # exp(-2u) = inf for very negative x: then s = 0, exactly right
+        xp.exp(s, out=s)
+    s += t(1)
+    xp.divide(t(1), s, out=s)
+    return s
+
+
+def _gelu_backward_tanh_fast(dy, x, s):
+    t = x.dtype.type
     g = x * x
-    g *= t_(-0.5)
+    g *= t(6.0 * _GELU_A * _SQRT_2_OVER_PI)
+    g += t(2.0 * _SQRT_2_OVER_PI)
+    g *= x                      # x 2c (1 + 3 a x^2)
+    h = t(1) - s
+    g *= h
+    g += t(1)
+    g *= s
+    g *= dy
+    return g
+
+
+def _gelu_backward_exact_fast(dy, x, phi):
+    xp = array_module(x)
+    t = x.dtype.type
+    g = x * x
+    g *= t(-0.5)
     xp.exp(g, out=g)
-    g *= t_(_INV_SQRT_2PI)
+    g *= t(_INV_SQRT_2PI)       # the normal density
     g *= x
     g += phi
     g *= dy
@@ -438,12 +310,8 @@ def sigmoid(x):
     """
     check_float("x", x)
     xp = array_module(x)
-    e = xp.negative(x)
     with np.errstate(over="ignore"):
-        xp.exp(e, out=e)
-    e += x.dtype.type(1)
-    xp.divide(x.dtype.type(1), e, out=e)
-    return e
+        return 1 / (1 + xp.exp(-x))
 
 
 class SiluCache(NamedTuple):
@@ -452,7 +320,10 @@ class SiluCache(NamedTuple):
 
 
 def silu_forward(x):
-    """SiLU(x) = x * sigmoid(x) (also called swish). x: (...) -> y: (...)"""
+    """SiLU(x) = x * sigmoid(x) (also called swish). x: (...) -> y: (...)
+
+    Example: silu_forward(np.array([-1.0, 0.0, 1.0]))[0] -> [-0.26894142, 0, 0.73105858]
+    """
     s = sigmoid(x)
     return x * s, SiluCache(x, s)
 
@@ -460,14 +331,8 @@ def silu_forward(x):
 def silu_backward(dy, cache: SiluCache):
     """dx = dy * s (1 + x (1 - s)), s = sigmoid(x), from (x s)' = s + x s (1 - s)."""
     x, s = cache
-    _check_grad_shape("dy", dy, x.shape)
-    t_ = x.dtype.type
-    g = t_(1) - s
-    g *= x
-    g += t_(1)
-    g *= s
-    g *= dy
-    return g
+    _check_dy(dy, x.shape)
+    return dy * (s * (1 + x * (1 - s)))
 
 
 # ---------------------------------------------------------------------------
@@ -491,6 +356,13 @@ class MlpCache(NamedTuple):
     activation: str
 
 
+def _check_mlp(x, w1, b1, w2, b2, activation):
+    check_choice("activation", activation, sorted(ACTIVATIONS))
+    _check_linear(x, w1, b1, "x", "w1", "b1")
+    h_shape = (*x.shape[:-1], w1.shape[1])
+    _check_weight(w2, b2, h_shape, x.dtype, "act(x @ w1 + b1)", "w2", "b2")
+
+
 def mlp_forward(x, w1, b1, w2, b2, activation="gelu"):
     """y = act(x W1 + b1) W2 + b2.
 
@@ -498,12 +370,11 @@ def mlp_forward(x, w1, b1, w2, b2, activation="gelu"):
     activation: "gelu" (tanh approximation), "gelu_exact", "relu" or "silu"
     -> y: (..., C_out)
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    _check_mlp(x, w1, b1, w2, b2, activation)
     act_forward, _ = ACTIVATIONS[activation]
-    h, fc = _linear_forward(x, w1, b1, "x", "w1", "b1")
-    a, act = act_forward(h)
-    y, proj = _linear_forward(a, w2, b2, "act(x @ w1 + b1)", "w2", "b2")
+    h, fc = _linear(x, w1, b1)               # (..., H)
+    a, act = act_forward(h)                  # (..., H)
+    y, proj = _linear(a, w2, b2)             # (..., C_out)
     return y, MlpCache(fc, act, proj, activation)
 
 
@@ -511,9 +382,9 @@ def mlp_backward(dy, cache: MlpCache):
     """Backward of mlp_forward, in reverse order. -> dx, dw1, db1, dw2, db2"""
     fc, act, proj, activation = cache
     _, act_backward = ACTIVATIONS[activation]
-    da, dw2, db2 = linear_backward(dy, proj)
-    dh = act_backward(da, act)
-    dx, dw1, db1 = linear_backward(dh, fc)
+    da, dw2, db2 = linear_backward(dy, proj)     # (..., H)
+    dh = act_backward(da, act)                   # (..., H)
+    dx, dw1, db1 = linear_backward(dh, fc)       # (..., C)
     return dx, dw1, db1, dw2, db2
 
 
@@ -522,12 +393,22 @@ def mlp_backward(dy, cache: MlpCache):
 # ---------------------------------------------------------------------------
 
 class SwigluCache(NamedTuple):
-    gate: LinearCache   # x @ w_gate (holds x)
-    up_w: object        # w_up (x is shared with the gate's cache)
+    gate: LinearCache   # g = x @ w_gate (holds x)
+    up: LinearCache     # u = x @ w_up (holds the same x, by reference)
     u: object           # (..., H) x @ w_up
-    act: SiluCache      # silu's cache (holds g = x @ w_gate and sigmoid(g); s = g * sigmoid(g)
+    act: SiluCache      # silu's cache (holds g and sigmoid(g); silu(g) = g * sigmoid(g)
                         # is recomputed in backward rather than kept: one multiply saves an (..., H) array)
-    down: LinearCache   # (s * u) @ w_down
+    down: LinearCache   # m @ w_down, m = silu(g) * u
+
+
+def _check_swiglu(x, w_gate, w_up, w_down):
+    _check_linear(x, w_gate, None, "x", "w_gate")
+    check_float("w_up", w_up)
+    if tuple(w_up.shape) != tuple(w_gate.shape):
+        raise ValueError(f"w_up: expected shape {tuple(w_gate.shape)} (that of w_gate), got {tuple(w_up.shape)}")
+    _check_weight(w_up, None, x.shape, x.dtype, "x", "w_up", "b")
+    m_shape = (*x.shape[:-1], w_gate.shape[1])
+    _check_weight(w_down, None, m_shape, x.dtype, "silu(x @ w_gate) * (x @ w_up)", "w_down", "b")
 
 
 def swiglu_forward(x, w_gate, w_up, w_down):
@@ -535,28 +416,25 @@ def swiglu_forward(x, w_gate, w_up, w_down):
 
     x: (..., C), w_gate, w_up: (C, H), w_down: (H, C_out) -> y: (..., C_out)
     """
-    g, gate = _linear_forward(x, w_gate, None, "x", "w_gate")
-    if tuple(w_up.shape) != tuple(w_gate.shape):
-        check_float("w_up", w_up)
-        raise ValueError(f"w_up: expected shape {tuple(w_gate.shape)} (that of w_gate), got {tuple(w_up.shape)}")
-    u, _ = _linear_forward(x, w_up, None, "x", "w_up")
-    s, act = silu_forward(g)
-    s *= u                      # m = silu(g) * u, in silu's fresh output buffer
-    y, down = _linear_forward(s, w_down, None, "silu(x @ w_gate) * (x @ w_up)", "w_down")
-    return y, SwigluCache(gate, w_up, u, act, down)
+    _check_swiglu(x, w_gate, w_up, w_down)
+    g, gate = _linear(x, w_gate, None)       # (..., H) the gate's pre-activation
+    u, up = _linear(x, w_up, None)           # (..., H) the value it gates
+    a, act = silu_forward(g)                 # (..., H)
+    m = a * u                                # (..., H)
+    y, down = _linear(m, w_down, None)       # (..., C_out)
+    return y, SwigluCache(gate, up, u, act, down)
 
 
 def swiglu_backward(dy, cache: SwigluCache):
-    """Backward of swiglu_forward. With m = s * u: ds = dm * u, du = dm * s, and x
-    feeds both branches, so its gradient is the sum of the two.
-    -> dx, dw_gate, dw_up, dw_down"""
-    gate, w_up, u, act, down = cache
-    dm, dw_down, _ = linear_backward(dy, down)
-    du = act.x * act.sig        # s = silu(g), recomputed
-    du *= dm
-    dm *= u                     # dm is ours (a fresh matmul result): reuse it as ds
-    dg = silu_backward(dm, act)
-    dx, dw_gate, _ = linear_backward(dg, gate)
-    dx_up, dw_up, _ = linear_backward(du, LinearCache(gate.x, w_up, False))
-    dx += dx_up
-    return dx, dw_gate, dw_up, dw_down
+    """Backward of swiglu_forward, in reverse order. With m = a * u, a = silu(g):
+    da = dm * u and du = dm * a; x feeds both branches, so its gradient is the sum
+    of the two. -> dx, dw_gate, dw_up, dw_down"""
+    gate, up, u, act, down = cache
+    dm, dw_down, _ = linear_backward(dy, down)       # (..., H)
+    a = act.x * act.sig                              # silu(g), recomputed
+    du = dm * a                                      # (..., H)
+    da = dm * u                                      # (..., H)
+    dg = silu_backward(da, act)                      # (..., H)
+    dx_gate, dw_gate, _ = linear_backward(dg, gate)  # (..., C)
+    dx_up, dw_up, _ = linear_backward(du, up)        # (..., C)
+    return dx_gate + dx_up, dw_gate, dw_up, dw_down

@@ -47,8 +47,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .backend import (array_module, check_array, check_float, check_ndim, check_same_dtype,
-                      check_shape, make_rng)
+from .backend import (array_module, check_array, check_choice, check_float, check_ndim, check_same_dtype,
+                      check_shape, is_int, make_rng)
 from .backprop import dropout_backward, dropout_forward
 
 __all__ = ["lora_scale", "lora_linear_forward", "lora_linear_backward", "LoraLinearCache",
@@ -57,6 +57,7 @@ __all__ = ["lora_scale", "lora_linear_forward", "lora_linear_backward", "LoraLin
 
 SUFFIX_A = ".lora_a"
 SUFFIX_B = ".lora_b"
+_RANK_SCALES = (None, "linear", "sqrt")
 
 
 # ---------------------------------------------------------------------------
@@ -64,24 +65,33 @@ SUFFIX_B = ".lora_b"
 # ---------------------------------------------------------------------------
 
 def _check_rank(rank):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"rank: expected an int >= 1, got {rank!r}")
+
+
+def _check_finite(name, value, what="a finite number"):
+    """ValueError (this module's contract, also for a non-number) unless ``value`` is a finite real."""
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not (is_number and np.isfinite(value)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+
+
+def _check_lora_scale(alpha, rank, rank_scale):
+    _check_rank(rank)
+    _check_finite("alpha", alpha)
+    check_choice("rank_scale", rank_scale, _RANK_SCALES)
 
 
 def lora_scale(alpha, rank, rank_scale=None) -> float:
     """s = alpha / r (Hu et al.), or alpha / sqrt(r) with ``rank_scale="sqrt"`` (rsLoRA).
 
-    ``rank_scale=None`` or ``"linear"`` gives alpha / r.
+    ``rank_scale=None`` or ``"linear"`` gives alpha / r. Example: lora_scale(16, 4) = 4.0,
+    lora_scale(16, 4, "sqrt") = 8.0.
     """
-    _check_rank(rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(alpha):
-        raise ValueError(f"alpha: expected a finite number, got {alpha!r}")
-    if rank_scale is None or rank_scale == "linear":
-        return float(alpha) / int(rank)
+    _check_lora_scale(alpha, rank, rank_scale)
     if rank_scale == "sqrt":
         return float(alpha) / math.sqrt(int(rank))
-    raise ValueError(f"rank_scale: expected None, 'linear' or 'sqrt', got {rank_scale!r}")
+    return float(alpha) / int(rank)
 
 
 # ---------------------------------------------------------------------------
@@ -99,15 +109,7 @@ class LoraLinearCache(NamedTuple):
     x_shape: tuple     # (..., in)
 
 
-def lora_linear_forward(x, w, b, a, b_lora, alpha, rank_scale=None, dropout_p=0.0, rng=None):
-    """y = x W + b + s (dropout(x) A) B, with s = alpha / r (see :func:`lora_scale`).
-
-    W and b are the frozen base layer; A and B the adapter. Dropout (training
-    only, as in the paper's code) touches just the adapter's input, so the base
-    layer sees x unchanged.
-    x: (..., in), w: (in, out), b: (out,) or None, a: (in, r), b_lora: (r, out)
-    -> y: (..., out)
-    """
+def _check_lora_linear(x, w, b, a, b_lora):
     for name, arr in (("x", x), ("w", w), ("a", a), ("b_lora", b_lora)):
         check_float(name, arr)
     if b is not None:
@@ -122,14 +124,26 @@ def lora_linear_forward(x, w, b, a, b_lora, alpha, rank_scale=None, dropout_p=0.
     if b is not None:
         check_shape("b", b, (n_out,))
     check_shape("a", a, (n_in, None))
-    r = a.shape[1]
-    check_shape("b_lora", b_lora, (r, n_out))
-    scale = lora_scale(alpha, r, rank_scale)
-    x2 = x.reshape(-1, n_in)
-    h, drop = dropout_forward(x2, dropout_p, rng)
+    check_shape("b_lora", b_lora, (a.shape[1], n_out))
+
+
+def lora_linear_forward(x, w, b, a, b_lora, alpha, rank_scale=None, dropout_p=0.0, rng=None):
+    """y = x W + b + s (dropout(x) A) B, with s = alpha / r (see :func:`lora_scale`).
+
+    W and b are the frozen base layer; A and B the adapter. Dropout (training
+    only, as in the paper's code) touches just the adapter's input, so the base
+    layer sees x unchanged.
+    x: (..., in), w: (in, out), b: (out,) or None, a: (in, r), b_lora: (r, out)
+    -> y: (..., out)
+    """
+    _check_lora_linear(x, w, b, a, b_lora)
+    n_in, n_out = w.shape
+    scale = lora_scale(alpha, a.shape[1], rank_scale)
+    x2 = x.reshape(-1, n_in)                     # (N, in)
+    h, drop = dropout_forward(x2, dropout_p, rng)    # (N, in)
     u = h @ a                                    # (N, r): cheap, r is small
     # Never form A @ B here: (N, r) @ (r, out) costs r * out per row, W + s A B costs in * out once.
-    y = x2 @ w + x.dtype.type(scale) * (u @ b_lora)
+    y = x2 @ w + x.dtype.type(scale) * (u @ b_lora)   # (N, out)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], n_out), LoraLinearCache(h, u, w, a, b_lora, scale, drop, tuple(x.shape))
@@ -145,12 +159,12 @@ def lora_linear_backward(dy, cache: LoraLinearCache):
     h, u, w, a, b_lora, scale, drop, x_shape = cache
     n_in, n_out = w.shape
     check_shape("dy", dy, (*x_shape[:-1], n_out))
-    dy2 = dy.reshape(-1, n_out)
+    dy2 = dy.reshape(-1, n_out)                  # (N, out)
     s = dy2.dtype.type(scale)
-    db_lora = s * (u.T @ dy2)
+    db_lora = s * (u.T @ dy2)                    # (r, out)
     du = s * (dy2 @ b_lora.T)                    # (N, r)
-    da = h.T @ du
-    dx = dy2 @ w.T + dropout_backward(du @ a.T, drop)
+    da = h.T @ du                                # (in, r)
+    dx = dy2 @ w.T + dropout_backward(du @ a.T, drop)    # (N, in)
     return dx.reshape(x_shape), da, db_lora
 
 
@@ -158,7 +172,8 @@ def lora_linear_backward(dy, cache: LoraLinearCache):
 # Adapters for a whole parameter dict
 # ---------------------------------------------------------------------------
 
-def _select_targets(params, targets) -> list:
+def _check_targets(params, targets) -> list:
+    """The names ``targets`` selects (a regex searched in each name, or a list of names), checked."""
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
@@ -178,11 +193,24 @@ def _select_targets(params, targets) -> list:
     else:
         raise TypeError(f"targets: expected a regular expression (str) or a list of names, "
                         f"got {type(targets).__name__}")
+    return names
+
+
+def _check_init_lora(params, targets, rank, alpha) -> list:
+    """Checks init_lora's arguments; returns the names of the weights to adapt."""
+    if not isinstance(params, dict):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    _check_rank(rank)
+    _check_finite("alpha", alpha)
+    names = _check_targets(params, targets)
     for t in names:
         check_float(f"params[{t!r}]", params[t])
         if params[t].ndim != 2:
             raise ValueError(f"targets: LoRA adapts 2-D weights (in, out); params[{t!r}] has shape "
                              f"{tuple(params[t].shape)}")
+        if rank > min(params[t].shape):
+            raise ValueError(f"rank: expected at most min(in, out) = {min(params[t].shape)} for "
+                             f"params[{t!r}] of shape {tuple(params[t].shape)}, got {rank}")
     return names
 
 
@@ -195,43 +223,39 @@ def init_lora(params: dict, targets, rank=8, alpha=16, seed=0) -> dict:
     target's dtype and device; A is drawn on the CPU from ``seed``. ``alpha`` is not
     stored; it is checked here and must be passed again to merge/grads.
     """
-    if not isinstance(params, dict):
-        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    _check_rank(rank)
-    lora_scale(alpha, rank)  # validates alpha
+    names = _check_init_lora(params, targets, rank, alpha)
     rng = make_rng(seed)
     lora = {}
-    for name in _select_targets(params, targets):
+    for name in names:
         w = params[name]
         n_in, n_out = w.shape
-        if rank > min(n_in, n_out):
-            raise ValueError(f"rank: expected at most min(in, out) = {min(n_in, n_out)} for "
-                             f"params[{name!r}] of shape {(n_in, n_out)}, got {rank}")
         xp = array_module(w)
         bound = 1.0 / math.sqrt(n_in)
-        a = rng.uniform(-bound, bound, size=(n_in, rank)).astype(w.dtype)
+        a = rng.uniform(-bound, bound, size=(n_in, rank)).astype(w.dtype)      # (in, r)
         lora[name + SUFFIX_A] = xp.asarray(a)
-        lora[name + SUFFIX_B] = xp.zeros((rank, n_out), dtype=w.dtype)
+        lora[name + SUFFIX_B] = xp.zeros((rank, n_out), dtype=w.dtype)        # (r, out)
     return lora
+
+
+def _check_lora_dict(lora):
+    """Every key ends in .lora_a or .lora_b, and every A has its B and vice versa."""
+    if not isinstance(lora, dict):
+        raise TypeError(f"lora: expected a dict of adapter arrays, got {type(lora).__name__}")
+    for k in lora:
+        if not (k.endswith(SUFFIX_A) or k.endswith(SUFFIX_B)):
+            raise ValueError(f"lora: expected keys ending in {SUFFIX_A!r} or {SUFFIX_B!r}, got {k!r}")
+    for k in lora:
+        if k.endswith(SUFFIX_A) and k[: -len(SUFFIX_A)] + SUFFIX_B not in lora:
+            raise ValueError(f"lora: {k!r} has no matching {k[: -len(SUFFIX_A)] + SUFFIX_B!r}")
+    for k in lora:
+        if k.endswith(SUFFIX_B) and k[: -len(SUFFIX_B)] + SUFFIX_A not in lora:
+            raise ValueError(f"lora: {k!r} has no matching {k[: -len(SUFFIX_B)] + SUFFIX_A!r}")
 
 
 def lora_targets(lora: dict) -> list:
     """The names of the adapted weights, checking that every A has its B and vice versa."""
-    if not isinstance(lora, dict):
-        raise TypeError(f"lora: expected a dict of adapter arrays, got {type(lora).__name__}")
-    names = []
-    for k in lora:
-        if k.endswith(SUFFIX_A):
-            names.append(k[: -len(SUFFIX_A)])
-        elif not k.endswith(SUFFIX_B):
-            raise ValueError(f"lora: expected keys ending in {SUFFIX_A!r} or {SUFFIX_B!r}, got {k!r}")
-    for n in names:
-        if n + SUFFIX_B not in lora:
-            raise ValueError(f"lora: {n + SUFFIX_A!r} has no matching {n + SUFFIX_B!r}")
-    for k in lora:
-        if k.endswith(SUFFIX_B) and k[: -len(SUFFIX_B)] + SUFFIX_A not in lora:
-            raise ValueError(f"lora: {k!r} has no matching {k[: -len(SUFFIX_B)] + SUFFIX_A!r}")
-    return names
+    _check_lora_dict(lora)
+    return [k[: -len(SUFFIX_A)] for k in lora if k.endswith(SUFFIX_A)]
 
 
 def _checked_pairs(params, lora, rank):
@@ -264,9 +288,10 @@ def merge_lora(params: dict, lora: dict, alpha, rank, rank_scale=None) -> dict:
     exactly what the base model costs.
     """
     s = lora_scale(alpha, rank, rank_scale)
+    pairs = _checked_pairs(params, lora, rank)
     merged = dict(params)
-    for name, w, a, b in _checked_pairs(params, lora, rank):
-        merged[name] = w + w.dtype.type(s) * (a @ b)
+    for name, w, a, b in pairs:
+        merged[name] = w + w.dtype.type(s) * (a @ b)         # (in, out)
     return merged
 
 
@@ -278,16 +303,31 @@ def unmerge_lora(params: dict, lora: dict, alpha, rank, rank_scale=None) -> dict
     them bit for bit.
     """
     s = lora_scale(alpha, rank, rank_scale)
+    pairs = _checked_pairs(params, lora, rank)
     out = dict(params)
-    for name, w, a, b in _checked_pairs(params, lora, rank):
-        out[name] = w - w.dtype.type(s) * (a @ b)
+    for name, w, a, b in pairs:
+        out[name] = w - w.dtype.type(s) * (a @ b)            # (in, out)
     return out
 
 
 def lora_param_count(lora: dict) -> int:
     """Number of trainable adapter numbers: sum of r (in + out) over the adapted weights."""
-    lora_targets(lora)
+    _check_lora_dict(lora)
     return int(sum(int(np.prod(v.shape)) for v in lora.values()))
+
+
+def _check_grads_from_full(grads, params_lora, scale):
+    if not isinstance(grads, dict):
+        raise TypeError(f"grads: expected a dict of arrays, got {type(grads).__name__}")
+    _check_finite("scale", scale, "a finite number (alpha / rank)")
+    for name in lora_targets(params_lora):
+        if name not in grads:
+            raise ValueError(f"grads: no gradient for the adapted weight {name!r}")
+        dw, a, b = grads[name], params_lora[name + SUFFIX_A], params_lora[name + SUFFIX_B]
+        check_array(f"grads[{name!r}]", dw)
+        check_shape(f"grads[{name!r}]", dw, (a.shape[0], b.shape[1]))
+        if dw.dtype != a.dtype:
+            raise TypeError(f"grads[{name!r}]: expected dtype {a.dtype} (the adapter's), got {dw.dtype}")
 
 
 def lora_grads_from_full(grads: dict, params_lora: dict, scale) -> dict:
@@ -310,23 +350,13 @@ def lora_grads_from_full(grads: dict, params_lora: dict, scale) -> dict:
     params_lora: the adapters; scale: s (see :func:`lora_scale`)
     -> {key: gradient} with exactly params_lora's keys.
     """
-    if not isinstance(grads, dict):
-        raise TypeError(f"grads: expected a dict of arrays, got {type(grads).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
-            or not np.isfinite(scale):
-        raise ValueError(f"scale: expected a finite number (alpha / rank), got {scale!r}")
+    _check_grads_from_full(grads, params_lora, scale)
     out = {}
     for name in lora_targets(params_lora):
-        if name not in grads:
-            raise ValueError(f"grads: no gradient for the adapted weight {name!r}")
         dw, a, b = grads[name], params_lora[name + SUFFIX_A], params_lora[name + SUFFIX_B]
-        check_array(f"grads[{name!r}]", dw)
-        check_shape(f"grads[{name!r}]", dw, (a.shape[0], b.shape[1]))
-        if dw.dtype != a.dtype:
-            raise TypeError(f"grads[{name!r}]: expected dtype {a.dtype} (the adapter's), got {dw.dtype}")
         s = dw.dtype.type(scale)
-        out[name + SUFFIX_A] = s * (dw @ b.T)
-        out[name + SUFFIX_B] = s * (a.T @ dw)
+        out[name + SUFFIX_A] = s * (dw @ b.T)                # (in, r)
+        out[name + SUFFIX_B] = s * (a.T @ dw)                # (r, out)
     return {k: out[k] for k in params_lora}
 
 

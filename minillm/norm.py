@@ -5,10 +5,14 @@ learned per-feature gain. LayerNorm first removes the mean; RMSNorm skips that
 step and divides by the root mean square alone, which is cheaper and works as
 well in practice.
 
+    LayerNorm:  xhat = (x - mean(x)) / sqrt(var(x) + eps),   y = xhat * weight + bias
+    RMSNorm:    xhat = x / sqrt(mean(x^2) + eps),            y = xhat * weight
+
 The caches follow llm.c: keep the input (a reference, not a copy), the per-row
 statistics (mean, rstd = 1/std: one number per row) and the gain; backward
 recomputes the normalised x from them instead of holding a second full-size
-array in memory.
+array in memory. Every step has its own name (xc, xhat, dxhat), so a debugger
+shows each quantity as the formula defines it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ __all__ = ["layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnor
            "init_norm"]
 
 
-def _check_norm_args(x, weight, bias, eps):
+def _check_norm(x, weight, bias, eps):
     check_float("x", x)
     if x.ndim < 1:
         raise ValueError(f"x: expected at least 1 dimension (..., C), got shape {tuple(x.shape)}")
@@ -67,27 +71,27 @@ def layernorm_forward(x, weight, bias, eps=1e-5):
 
     var is the biased (1/C) variance, as in PyTorch. bias may be None.
     x: (..., C), weight, bias: (C,) -> y: (..., C)
+    Example: x = [1, 2, 3], weight = [1, 1, 1], bias = [0, 0, 0], eps -> 0:
+    mean 2, var 2/3, y = [-1.2247, 0, 1.2247].
     """
-    _check_norm_args(x, weight, bias, eps)
+    _check_norm(x, weight, bias, eps)
     xp = array_module(x)
     t = x.dtype.type
-    mean = xp.mean(x, axis=-1, keepdims=True)
-    y = x - mean
+    mean = xp.mean(x, axis=-1, keepdims=True)            # (..., 1)
+    xc = x - mean                                         # (..., C) centred
     # Two passes (mean first, then the mean of squared deviations): the one-pass
     # E[x^2] - E[x]^2 cancels catastrophically when |mean| >> std.
-    var = xp.mean(y * y, axis=-1, keepdims=True)
-    rstd = t(1) / xp.sqrt(var + t(eps))
-    y *= rstd            # y is now the normalised x
-    y *= weight
-    if bias is not None:
-        y += bias
+    var = xp.mean(xc * xc, axis=-1, keepdims=True)       # (..., 1)
+    rstd = t(1) / xp.sqrt(var + t(eps))                  # (..., 1)
+    xhat = xc * rstd                                      # (..., C) the normalised x
+    y = xhat * weight if bias is None else xhat * weight + bias
     return y, LayerNormCache(x, mean, rstd, weight, bias is not None)
 
 
 def layernorm_backward(dy, cache: LayerNormCache):
-    """With xhat = (x - mean) * rstd and g = dy * weight:
+    """With xhat = (x - mean) * rstd and dxhat = dy * weight (the gradient at xhat):
 
-        dx      = rstd * (g - mean(g) - xhat * mean(g * xhat))     (means over the last axis)
+        dx      = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (means over the last axis)
         dweight = sum over rows of dy * xhat
         dbias   = sum over rows of dy   (None when there was no bias)
 
@@ -97,18 +101,14 @@ def layernorm_backward(dy, cache: LayerNormCache):
     x, mean, rstd, weight, has_bias = cache
     _check_dy(dy, x)
     xp = array_module(x)
-    xhat = x - mean
-    xhat *= rstd
-    dweight = _sum_leading(dy * xhat)
-    dbias = _sum_leading(dy) if has_bias else None
-    g = dy * weight
-    a = xp.mean(g, axis=-1, keepdims=True)
-    b = xp.mean(g * xhat, axis=-1, keepdims=True)
-    g -= a
-    xhat *= b            # reuse the buffer: xhat is not needed after this
-    g -= xhat
-    g *= rstd
-    return g, dweight, dbias
+    xhat = (x - mean) * rstd                                         # (..., C), recomputed
+    dweight = _sum_leading(dy * xhat)                                # (C,)
+    dbias = _sum_leading(dy) if has_bias else None                   # (C,)
+    dxhat = dy * weight                                              # (..., C)
+    mean_dxhat = xp.mean(dxhat, axis=-1, keepdims=True)              # (..., 1)
+    mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=-1, keepdims=True)  # (..., 1)
+    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd       # (..., C)
+    return dx, dweight, dbias
 
 
 # ---------------------------------------------------------------------------
@@ -125,20 +125,20 @@ def rmsnorm_forward(x, weight, eps=1e-6):
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis.
 
     x: (..., C), weight: (C,) -> y: (..., C)
+    Example: x = [3, 4], weight = [1, 1], eps -> 0: rms = sqrt(12.5), y = [0.8485, 1.1314].
     """
-    _check_norm_args(x, weight, None, eps)
+    _check_norm(x, weight, None, eps)
     xp = array_module(x)
     t = x.dtype.type
-    rstd = t(1) / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + t(eps))
-    y = x * rstd
-    y *= weight
-    return y, RMSNormCache(x, rstd, weight)
+    rstd = t(1) / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + t(eps))   # (..., 1)
+    xhat = x * rstd                                                         # (..., C)
+    return xhat * weight, RMSNormCache(x, rstd, weight)
 
 
 def rmsnorm_backward(dy, cache: RMSNormCache):
-    """With xhat = x * rstd and g = dy * weight:
+    """With xhat = x * rstd and dxhat = dy * weight:
 
-        dx      = rstd * (g - xhat * mean(g * xhat))
+        dx      = rstd * (dxhat - xhat * mean(dxhat * xhat))
         dweight = sum over rows of dy * xhat
 
     (LayerNorm's formula without the mean term.) -> dx: (..., C), dweight: (C,)
@@ -146,14 +146,12 @@ def rmsnorm_backward(dy, cache: RMSNormCache):
     x, rstd, weight = cache
     _check_dy(dy, x)
     xp = array_module(x)
-    xhat = x * rstd
-    dweight = _sum_leading(dy * xhat)
-    g = dy * weight
-    b = xp.mean(g * xhat, axis=-1, keepdims=True)
-    xhat *= b
-    g -= xhat
-    g *= rstd
-    return g, dweight
+    xhat = x * rstd                                                  # (..., C), recomputed
+    dweight = _sum_leading(dy * xhat)                                # (C,)
+    dxhat = dy * weight                                              # (..., C)
+    mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=-1, keepdims=True)  # (..., 1)
+    dx = (dxhat - xhat * mean_dxhat_xhat) * rstd                    # (..., C)
+    return dx, dweight
 
 
 def init_norm(C, bias=True, dtype=DEFAULT_DTYPE, device=None):

@@ -42,9 +42,7 @@ import math
 import re
 from typing import Callable
 
-import numpy as np
-
-from .backend import array_module, check_float, check_like
+from .backend import array_module, check_float, check_like, check_number, is_int
 
 __all__ = ["default_no_decay", "Optimizer", "SGD", "Adam", "AdamW", "make_optimizer",
            "global_norm", "clip_grad_norm", "lr_schedule", "accumulate"]
@@ -78,28 +76,28 @@ def _decay_predicate(no_decay) -> Callable[[str], bool]:
                     f"got {type(no_decay).__name__}")
 
 
-def _check_number(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
-    """ValueError unless value is a finite real number in the given interval."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok:
-        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or (lo is not None and (v < lo or (lo_open and v == lo))) \
-            or (hi is not None and (v > hi or (hi_open and v == hi))):
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
-        lo_s = "-inf" if lo is None else f"{lo:g}"
-        hi_s = "inf" if hi is None else f"{hi:g}"
-        raise ValueError(f"{name}: expected a finite number in {left}{lo_s}, {hi_s}{right}, got {value!r}")
-    return v
-
-
 def _check_betas(betas):
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"betas: expected a pair (beta1, beta2) in [0, 1), got {betas!r}")
-    b1 = _check_number("betas[0]", betas[0], 0.0, 1.0, hi_open=True)
-    b2 = _check_number("betas[1]", betas[1], 0.0, 1.0, hi_open=True)
+    b1 = check_number("betas[0]", betas[0], 0.0, 1.0, hi_open=True)
+    b2 = check_number("betas[1]", betas[1], 0.0, 1.0, hi_open=True)
     return (b1, b2)
+
+
+def _check_params(params):
+    if not isinstance(params, dict) or not params:
+        raise TypeError(f"params: expected a non-empty dict of float arrays, got "
+                        f"{type(params).__name__}{' (empty)' if isinstance(params, dict) else ''}")
+    for name, p in params.items():
+        check_float(f"params[{name!r}]", p)
+
+
+def _check_grad_dict(grads):
+    """A non-empty dict of float arrays (a fresh gradient sum, or what global_norm measures)."""
+    if not isinstance(grads, dict) or not grads:
+        raise TypeError(f"grads: expected a non-empty dict of arrays, got {type(grads).__name__}")
+    for name, g in grads.items():
+        check_float(f"grads[{name!r}]", g)
 
 
 def _check_grads(params: dict, grads, what="grads"):
@@ -127,14 +125,10 @@ class Optimizer:
     def __init__(self, params: dict, lr: float, weight_decay: float, no_decay=default_no_decay):
         if not hasattr(self, "_update"):
             raise TypeError("Optimizer is the shared base class: use SGD, Adam or AdamW")
-        if not isinstance(params, dict) or not params:
-            raise TypeError(f"params: expected a non-empty dict of float arrays, got "
-                            f"{type(params).__name__}{' (empty)' if isinstance(params, dict) else ''}")
-        for name, p in params.items():
-            check_float(f"params[{name!r}]", p)
+        _check_params(params)
         self.params = params
         self.lr = lr
-        self.weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        self.weight_decay = check_number("weight_decay", weight_decay, 0.0)
         self._no_decay = _decay_predicate(no_decay)
         self.decayed = {name: (self.weight_decay > 0 and not self._no_decay(name)) for name in params}
         self.t = 0  # number of steps taken: Adam's bias correction needs it
@@ -148,7 +142,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _check_number("lr", value, 0.0)
+        self._lr = check_number("lr", value, 0.0)
 
     def step(self, grads: dict) -> None:
         """Update every parameter in place from ``grads`` (a dict with params' keys and shapes)."""
@@ -178,18 +172,10 @@ class Optimizer:
         Buffers are copied into this optimizer's arrays (so they land on the
         parameters' device); names, shapes and the optimizer type must match.
         """
-        if not isinstance(sd, dict) or not {"type", "t", "hparams", "buffers"} <= set(sd):
-            raise ValueError("state_dict: expected a dict with keys type, t, hparams, buffers "
-                             f"(from Optimizer.state_dict()), got {sorted(sd) if isinstance(sd, dict) else type(sd).__name__}")
-        if sd["type"] != type(self).__name__:
-            raise ValueError(f"state_dict: expected the state of a {type(self).__name__}, got {sd['type']}")
-        if set(sd["buffers"]) != set(self._buffers):
-            raise ValueError(f"state_dict: expected buffers {sorted(self._buffers)}, got {sorted(sd['buffers'])}")
-        for b in self._buffers:
-            _check_loaded(self.params, sd["buffers"][b], f"state_dict['buffers'][{b!r}]")
+        _check_state_dict(self, sd)
         hp = dict(sd["hparams"])
         self.lr = hp.pop("lr")
-        self.weight_decay = _check_number("weight_decay", hp.pop("weight_decay"), 0.0)
+        self.weight_decay = check_number("weight_decay", hp.pop("weight_decay"), 0.0)
         for k in self._hparam_names:
             v = hp[k]
             setattr(self, k, tuple(v) if k == "betas" else v)
@@ -198,6 +184,18 @@ class Optimizer:
         for b in self._buffers:
             for name, dst in self.state[b].items():
                 dst[...] = array_module(dst).asarray(sd["buffers"][b][name])
+
+
+def _check_state_dict(opt: Optimizer, sd):
+    if not isinstance(sd, dict) or not {"type", "t", "hparams", "buffers"} <= set(sd):
+        raise ValueError("state_dict: expected a dict with keys type, t, hparams, buffers "
+                         f"(from Optimizer.state_dict()), got {sorted(sd) if isinstance(sd, dict) else type(sd).__name__}")
+    if sd["type"] != type(opt).__name__:
+        raise ValueError(f"state_dict: expected the state of a {type(opt).__name__}, got {sd['type']}")
+    if set(sd["buffers"]) != set(opt._buffers):
+        raise ValueError(f"state_dict: expected buffers {sorted(opt._buffers)}, got {sorted(sd['buffers'])}")
+    for b in opt._buffers:
+        _check_loaded(opt.params, sd["buffers"][b], f"state_dict['buffers'][{b!r}]")
 
 
 def _check_loaded(params, arrays, what):
@@ -213,6 +211,15 @@ def _check_loaded(params, arrays, what):
             raise TypeError(f"{what}[{name!r}]: expected dtype {p.dtype}, got {a.dtype}")
 
 
+def _check_sgd(momentum, nesterov) -> float:
+    momentum = check_number("momentum", momentum, 0.0)
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov: expected a bool, got {type(nesterov).__name__}")
+    if nesterov and momentum == 0:
+        raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+    return momentum
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 weight decay.
 
@@ -224,11 +231,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0,
                  no_decay=default_no_decay):
-        self.momentum = _check_number("momentum", momentum, 0.0)
-        if not isinstance(nesterov, bool):
-            raise TypeError(f"nesterov: expected a bool, got {type(nesterov).__name__}")
-        if nesterov and self.momentum == 0:
-            raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0")
+        self.momentum = _check_sgd(momentum, nesterov)
         self.nesterov = nesterov
         self._buffers = ("momentum_buffer",) if self.momentum > 0 else ()
         super().__init__(params, lr, weight_decay, no_decay)
@@ -259,7 +262,7 @@ class Adam(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  no_decay=default_no_decay):
         self.betas = _check_betas(betas)
-        self.eps = _check_number("eps", eps, 0.0)
+        self.eps = check_number("eps", eps, 0.0)
         super().__init__(params, lr, weight_decay, no_decay)
 
     def _update(self, name, p, g, decay):
@@ -301,13 +304,17 @@ class AdamW(Adam):
 _OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 
 
+def _check_optimizer_name(name):
+    if str(name).lower() not in _OPTIMIZERS:
+        raise ValueError(f"name: expected one of {sorted(_OPTIMIZERS)}, got {name!r}")
+
+
 def make_optimizer(name: str, params: dict, lr: float, weight_decay: float = 0.0,
                    betas=(0.9, 0.999), eps=1e-8, momentum=0.0, nesterov=False,
                    no_decay=default_no_decay) -> Optimizer:
     """Build an optimizer by name ("sgd", "adam", "adamw"); arguments that do not apply are ignored."""
+    _check_optimizer_name(name)
     key = str(name).lower()
-    if key not in _OPTIMIZERS:
-        raise ValueError(f"name: expected one of {sorted(_OPTIMIZERS)}, got {name!r}")
     if key == "sgd":
         return SGD(params, lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                    no_decay=no_decay)
@@ -321,10 +328,7 @@ def make_optimizer(name: str, params: dict, lr: float, weight_decay: float = 0.0
 
 def global_norm(grads: dict) -> float:
     """sqrt(sum over every array of sum(g^2)): the length of all gradients as one vector."""
-    if not isinstance(grads, dict) or not grads:
-        raise TypeError(f"grads: expected a non-empty dict of arrays, got {type(grads).__name__}")
-    for name, g in grads.items():
-        check_float(f"grads[{name!r}]", g)
+    _check_grad_dict(grads)
     xp = array_module(*grads.values())
     # Accumulate in float64 so a float32 model's norm does not lose digits (without
     # a float64 copy of each array), and sum on the device first: one transfer
@@ -342,7 +346,7 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
     non-finite norm is returned as is and the gradients are left alone (the
     training loop refuses non-finite losses before this matters).
     """
-    max_norm = _check_number("max_norm", max_norm, 0.0, lo_open=True)
+    max_norm = check_number("max_norm", max_norm, 0.0, lo_open=True)
     total = global_norm(grads)
     if math.isfinite(total) and total > max_norm:
         scale = max_norm / (total + 1e-6)
@@ -355,6 +359,18 @@ def clip_grad_norm(grads: dict, max_norm: float) -> float:
 # Learning-rate schedule
 # ---------------------------------------------------------------------------
 
+def _check_lr_schedule(step, max_lr, warmup_steps, max_steps, min_lr):
+    """-> (step, max_lr, min_lr) as floats, after checking every argument."""
+    step = check_number("step", step, 0.0)
+    max_lr = check_number("max_lr", max_lr, 0.0)
+    min_lr = check_number("min_lr", min_lr, 0.0, max_lr)
+    if not is_int(warmup_steps) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+    if not is_int(max_steps) or max_steps < warmup_steps:
+        raise ValueError(f"max_steps: expected an int >= warmup_steps ({warmup_steps}), got {max_steps!r}")
+    return step, max_lr, min_lr
+
+
 def lr_schedule(step, max_lr, warmup_steps, max_steps, min_lr=0.0) -> float:
     """Linear warmup to max_lr, then cosine decay to min_lr at max_steps, then min_lr.
 
@@ -365,15 +381,11 @@ def lr_schedule(step, max_lr, warmup_steps, max_steps, min_lr=0.0) -> float:
     schedule is continuous, and step 0 already gets a small non-zero rate (a
     zero first step would waste a batch). Warmup matters for Adam: its first
     steps move every weight by about lr, whatever the gradient's size.
-    ``step`` may be fractional; the result is a Python float.
+    ``step`` may be fractional; the result is a Python float. Example, with
+    max_lr 1e-3, warmup_steps 9, max_steps 100, min_lr 0: step 0 -> 1e-4 (the
+    first of ten warmup steps), step 9 -> 1e-3, step 54.5 -> 5e-4, step 100 -> 0.
     """
-    step = _check_number("step", step, 0.0)
-    max_lr = _check_number("max_lr", max_lr, 0.0)
-    min_lr = _check_number("min_lr", min_lr, 0.0, max_lr)
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)) or warmup_steps < 0:
-        raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, (int, np.integer)) or max_steps < warmup_steps:
-        raise ValueError(f"max_steps: expected an int >= warmup_steps ({warmup_steps}), got {max_steps!r}")
+    step, max_lr, min_lr = _check_lr_schedule(step, max_lr, warmup_steps, max_steps, min_lr)
     if step < warmup_steps:
         return max_lr * (step + 1.0) / (warmup_steps + 1.0)
     if step >= max_steps:
@@ -386,6 +398,15 @@ def lr_schedule(step, max_lr, warmup_steps, max_steps, min_lr=0.0) -> float:
 # Gradient accumulation
 # ---------------------------------------------------------------------------
 
+def _check_accumulate(acc, grads, scale) -> float:
+    scale = check_number("scale", scale)
+    if acc is None:
+        _check_grad_dict(grads)
+    else:
+        _check_grads(acc, grads)
+    return scale
+
+
 def accumulate(acc, grads: dict, scale: float = 1.0) -> dict:
     """acc += scale * grads, key by key; ``acc=None`` starts a new sum (a copy).
 
@@ -394,16 +415,9 @@ def accumulate(acc, grads: dict, scale: float = 1.0) -> dict:
     gradient of the mean loss over the whole batch, the same update a single big
     batch would give. Returns ``acc``.
     """
-    scale = _check_number("scale", scale)
+    scale = _check_accumulate(acc, grads, scale)
     if acc is None:
-        if not isinstance(grads, dict) or not grads:
-            raise TypeError(f"grads: expected a non-empty dict of arrays, got {type(grads).__name__}")
-        out = {}
-        for name, g in grads.items():
-            check_float(f"grads[{name!r}]", g)
-            out[name] = g * g.dtype.type(scale) if scale != 1.0 else g.copy()
-        return out
-    _check_grads(acc, grads)
+        return {name: g * g.dtype.type(scale) if scale != 1.0 else g.copy() for name, g in grads.items()}
     for name, g in grads.items():
         if scale == 1.0:
             acc[name] += g

@@ -49,7 +49,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module, check_array, check_float, check_int
+from .backend import array_module, check_array, check_choice, check_float, check_int, check_int_arg, check_shape
 
 BITS = (4, 8)
 SCHEMES = ("symmetric", "asymmetric", "nf4")
@@ -134,24 +134,14 @@ def float32_to_fp16_bits(x):
     mant = u & 0x7FFFFF
     E = e32.astype(xp.int32) - 127
 
-    def round_shift(value, shift):
-        # value >> shift, rounded to nearest with ties to even
-        # shift is a uint32 array of value's shape (array << array works alike on NumPy and CuPy)
-        one = xp.ones_like(shift)
-        kept = value >> shift
-        rem = value & ((one << shift) - one)
-        half = one << (shift - one)
-        up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
-        return kept + up.astype(xp.uint32)
-
     # normal fp16: the fp16 exponent E + 15 sits just above the 23 mantissa bits;
     # dropping the low 13 bits (rounded) leaves exponent << 10 | top 10 mantissa bits
     he = xp.clip(E + 15, 0, 31).astype(xp.uint32)
-    normal = round_shift((he << 23) | mant, xp.full(u.shape, 13, dtype=xp.uint32))
+    normal = _round_shift(xp, (he << 23) | mant, xp.full(u.shape, 13, dtype=xp.uint32))
     # subnormal fp16: shift the 24-bit significand right by -E-1 (14..24 here)
     sig = mant | 0x800000
     sub_shift = xp.clip(-E - 1, 1, 31).astype(xp.uint32)
-    subnormal = round_shift(sig, sub_shift)
+    subnormal = _round_shift(xp, sig, sub_shift)
 
     out = xp.where(E >= -14, normal, subnormal)
     out = xp.where(E < -25, 0, out)                       # includes float32 zeros and subnormals
@@ -159,6 +149,17 @@ def float32_to_fp16_bits(x):
     is_nan = (e32 == 0xFF) & (mant != 0)
     out = xp.where(is_nan, 0x7E00 | (mant >> 13), out)
     return (out | sign).astype(xp.uint16)
+
+
+def _round_shift(xp, value, shift):
+    """value >> shift, rounded to nearest with ties to even (uint32 arrays of one shape:
+    array << array works alike on NumPy and CuPy). Example: 13 >> 2 = 3.25 -> 3; 14 >> 2 = 3.5 -> 4."""
+    one = xp.ones_like(shift)
+    kept = value >> shift                           # the bits that stay
+    rem = value & ((one << shift) - one)            # the bits that fall off
+    half = one << (shift - one)
+    up = (rem > half) | ((rem == half) & ((kept & 1) == 1))
+    return kept + up.astype(xp.uint32)
 
 
 def fp16_bits_to_float32(h):
@@ -189,6 +190,21 @@ def fp16_round(x):
 # int4 packing: two 4-bit codes per byte
 # ---------------------------------------------------------------------------
 
+def _check_pack_int4(q, signed):
+    check_int("q", q)
+    lo, hi = (-8, 7) if signed else (0, 15)
+    if q.size and (int(q.min()) < lo or int(q.max()) > hi):
+        raise ValueError(f"q: expected values in [{lo}, {hi}] (signed={signed}), "
+                         f"got values in [{int(q.min())}, {int(q.max())}]")
+
+
+def _check_unpack_int4(packed, size):
+    check_array("packed", packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise TypeError(f"packed: expected a 1-D uint8 array, got {packed.dtype} of shape {tuple(packed.shape)}")
+    check_int_arg("size", size, lo=0, hi=2 * packed.size + 1)
+
+
 def pack_int4(q, signed=True):
     """Pack 4-bit codes two per byte: element 2i in the low nibble, 2i+1 in the high.
 
@@ -196,12 +212,8 @@ def pack_int4(q, signed=True):
     signed=False values in [0, 15]. An odd count is padded with a zero nibble.
     q: (...) integer -> (ceil(q.size / 2),) uint8
     """
-    check_int("q", q)
+    _check_pack_int4(q, signed)
     xp = array_module(q)
-    lo, hi = (-8, 7) if signed else (0, 15)
-    if q.size and (int(q.min()) < lo or int(q.max()) > hi):
-        raise ValueError(f"q: expected values in [{lo}, {hi}] (signed={signed}), "
-                         f"got values in [{int(q.min())}, {int(q.max())}]")
     nib = (q.reshape(-1).astype(xp.int16) & 0xF).astype(xp.uint8)
     if nib.size % 2:
         nib = xp.concatenate([nib, xp.zeros(1, dtype=xp.uint8)])
@@ -211,11 +223,7 @@ def pack_int4(q, signed=True):
 def unpack_int4(packed, size, signed=True):
     """Inverse of pack_int4: the first ``size`` 4-bit codes, as int8.
     packed: (n,) uint8 -> (size,) int8 (sign-extended when signed)"""
-    check_array("packed", packed)
-    if packed.dtype != np.uint8 or packed.ndim != 1:
-        raise TypeError(f"packed: expected a 1-D uint8 array, got {packed.dtype} of shape {tuple(packed.shape)}")
-    if not (isinstance(size, (int, np.integer)) and 0 <= size <= 2 * packed.size):
-        raise ValueError(f"size: expected an int in [0, {2 * packed.size}], got {size!r}")
+    _check_unpack_int4(packed, size)
     xp = array_module(packed)
     nib = xp.stack([packed & 0xF, packed >> 4], axis=1).reshape(-1)[:size].astype(xp.int8)
     if signed:
@@ -336,31 +344,74 @@ def _blocked_scale_shape(block_shape):
     return (block_shape[0], 1, block_shape[2])
 
 
-def _check_quantize_args(w, bits, scheme, granularity, group_size):
-    check_float("w", w)
+def _check_bits(bits):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
-    if scheme == "nf4" and bits != 4:
-        raise ValueError(f"bits: the nf4 scheme has 16 levels, so bits must be 4, got {bits}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    if w.size == 0:
-        raise ValueError(f"w: expected a non-empty array, got shape {tuple(w.shape)}")
+
+
+def _check_blocks(w, granularity, group_size):
+    """w's shape fits the granularity: 2-D for "channel", 1-D/2-D with group_size | in for "group"."""
     if granularity == "channel" and w.ndim != 2:
         raise ValueError(f"w: channel granularity needs a 2-D weight (in, out), got shape {tuple(w.shape)}")
     if granularity == "group":
         if w.ndim not in (1, 2):
             raise ValueError(f"w: group granularity needs a 1-D or 2-D weight, got shape {tuple(w.shape)}")
-        if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-            raise ValueError(f"group_size: expected a positive int, got {group_size!r}")
+        check_int_arg("group_size", group_size, lo=1)
         if w.shape[0] % group_size:
             raise ValueError(f"group_size: expected a divisor of w.shape[0] = {w.shape[0]} "
                              f"(groups run along the input dimension), got {group_size}")
+
+
+def _check_quantize(w, bits, scheme, granularity, group_size):
+    check_float("w", w)
+    _check_bits(bits)
+    check_choice("scheme", scheme, SCHEMES)
+    if scheme == "nf4" and bits != 4:
+        raise ValueError(f"bits: the nf4 scheme has 16 levels, so bits must be 4, got {bits}")
+    check_choice("granularity", granularity, GRANULARITIES)
+    if w.size == 0:
+        raise ValueError(f"w: expected a non-empty array, got shape {tuple(w.shape)}")
+    _check_blocks(w, granularity, group_size)
     xp = array_module(w)
     if not bool(xp.all(xp.isfinite(w))):
         raise ValueError("w: expected finite values, got inf or nan")
+
+
+# Each scheme maps blocks (groups, rows per group, columns), whose axis 1 shares a
+# scale, to (codes of the blocks' shape, scale (groups, 1, columns), zero point or None).
+
+def _quantize_symmetric(blocks, bits):
+    xp = array_module(blocks)
+    qmin, qmax = _qrange(bits, "symmetric")
+    absmax = xp.abs(blocks).max(axis=1, keepdims=True)                     # (groups, 1, columns)
+    scale = xp.where(absmax > 0, absmax / qmax, 1).astype(blocks.dtype)
+    q = xp.clip(xp.rint(blocks / scale), qmin, qmax).astype(xp.int8)
+    return q, scale, None
+
+
+def _quantize_asymmetric(blocks, bits):
+    xp = array_module(blocks)
+    qmin, qmax = _qrange(bits, "asymmetric")
+    lo = xp.minimum(blocks.min(axis=1, keepdims=True), 0)                  # (groups, 1, columns)
+    hi = xp.maximum(blocks.max(axis=1, keepdims=True), 0)
+    span = hi - lo
+    scale = xp.where(span > 0, span / qmax, 1).astype(blocks.dtype)
+    zp = xp.clip(xp.rint(-lo / scale), qmin, qmax)
+    q = xp.clip(xp.rint(blocks / scale) + zp, qmin, qmax).astype(xp.uint8)
+    return q, scale, zp.astype(xp.uint8)
+
+
+def _quantize_nf4(blocks, bits):
+    xp = array_module(blocks)
+    absmax = xp.abs(blocks).max(axis=1, keepdims=True)                     # (groups, 1, columns)
+    scale = xp.where(absmax > 0, absmax, 1).astype(blocks.dtype)
+    # nearest level = how many midpoints between adjacent levels lie below w / scale
+    mids = xp.asarray((_NF4[1:] + _NF4[:-1]) / 2, dtype=blocks.dtype)
+    q = xp.searchsorted(mids, (blocks / scale).reshape(-1)).reshape(blocks.shape).astype(xp.uint8)
+    return q, scale, None
+
+
+_QUANTIZERS = {"symmetric": _quantize_symmetric, "asymmetric": _quantize_asymmetric, "nf4": _quantize_nf4}
 
 
 def quantize(w, bits=8, scheme="symmetric", granularity="tensor", group_size=128) -> QuantizedTensor:
@@ -378,44 +429,31 @@ def quantize(w, bits=8, scheme="symmetric", granularity="tensor", group_size=128
     "group" (``group_size`` consecutive rows of each column; must divide in).
     w: float (in, out), or any shape for "tensor", or 1-D for "group".
     """
-    _check_quantize_args(w, bits, scheme, granularity, group_size)
+    _check_quantize(w, bits, scheme, granularity, group_size)
     xp = array_module(w)
     gs = int(group_size) if granularity == "group" else None
-    blocks = _blocked(w, granularity, gs)
-    zero_point = None
-    if scheme == "asymmetric":
-        qmin, qmax = _qrange(bits, scheme)
-        lo = xp.minimum(blocks.min(axis=1, keepdims=True), 0)
-        hi = xp.maximum(blocks.max(axis=1, keepdims=True), 0)
-        span = hi - lo
-        scale = xp.where(span > 0, span / qmax, 1).astype(w.dtype)
-        zp = xp.clip(xp.rint(-lo / scale), qmin, qmax)
-        q = xp.clip(xp.rint(blocks / scale) + zp, qmin, qmax).astype(xp.uint8)
-        zero_point = zp.astype(xp.uint8).reshape(_scale_shape(w.shape, granularity, gs))
-    else:
-        absmax = xp.abs(blocks).max(axis=1, keepdims=True)
-        if scheme == "nf4":
-            scale = xp.where(absmax > 0, absmax, 1).astype(w.dtype)
-            # nearest level = how many midpoints between adjacent levels lie below w / scale
-            mids = xp.asarray((_NF4[1:] + _NF4[:-1]) / 2, dtype=w.dtype)
-            q = xp.searchsorted(mids, (blocks / scale).reshape(-1)).reshape(blocks.shape).astype(xp.uint8)
-        else:
-            qmin, qmax = _qrange(bits, scheme)
-            scale = xp.where(absmax > 0, absmax / qmax, 1).astype(w.dtype)
-            q = xp.clip(xp.rint(blocks / scale), qmin, qmax).astype(xp.int8)
+    blocks = _blocked(w, granularity, gs)                   # (groups, rows per group, columns)
+    q, scale, zero_point = _QUANTIZERS[scheme](blocks, bits)
     q = q.reshape(w.shape)
     if bits == 4:
         data = pack_int4(q.astype(xp.int8) if scheme == "symmetric" else q, signed=(scheme == "symmetric"))
     else:
         data = q
-    return QuantizedTensor(data, scale.reshape(_scale_shape(w.shape, granularity, gs)), zero_point,
+    scale_shape = _scale_shape(w.shape, granularity, gs)
+    if zero_point is not None:
+        zero_point = zero_point.reshape(scale_shape)
+    return QuantizedTensor(data, scale.reshape(scale_shape), zero_point,
                            tuple(w.shape), w.dtype, int(bits), scheme, granularity, gs)
+
+
+def _check_quantized_tensor(name, qt):
+    if not isinstance(qt, QuantizedTensor):
+        raise TypeError(f"{name}: expected a QuantizedTensor, got {type(qt).__name__}")
 
 
 def dequantize(qt: QuantizedTensor):
     """The floats a QuantizedTensor stands for (same as qt.dequantize())."""
-    if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"qt: expected a QuantizedTensor, got {type(qt).__name__}")
+    _check_quantized_tensor("qt", qt)
     return qt.dequantize()
 
 
@@ -437,6 +475,16 @@ def quantization_error_bound(qt: QuantizedTensor):
 # LLM.int8(): int8 matmul with outlier features in floating point
 # ---------------------------------------------------------------------------
 
+def _check_int8_matmul(a, b):
+    check_int("a", a)
+    check_int("b", b)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"b: expected shape ({a.shape[1] if a.ndim == 2 else '*'}, *) to multiply a of "
+                         f"shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    if a.shape[1] * 127 * 127 >= 2 ** 31:
+        raise ValueError(f"a: K = {a.shape[1]} is too long for an int32 accumulator of int8 products")
+
+
 def int8_matmul_exact(a, b):
     """Integer matmul of int8 codes with exact int32 accumulation. a: (N, K), b: (K, M) -> (N, M) int32.
 
@@ -446,15 +494,9 @@ def int8_matmul_exact(a, b):
     represents all integers up to 2^24, float64 up to 2^53. The answer is then
     bit-for-bit the int32 accumulator's. (K * 127^2 must stay below 2^31 anyway.)
     """
-    check_int("a", a)
-    check_int("b", b)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"b: expected shape ({a.shape[1] if a.ndim == 2 else '*'}, *) to multiply a of "
-                         f"shape {tuple(a.shape)}, got {tuple(b.shape)}")
+    _check_int8_matmul(a, b)
     xp = array_module(a, b)
     K = a.shape[1]
-    if K * 127 * 127 >= 2 ** 31:
-        raise ValueError(f"a: K = {K} is too long for an int32 accumulator of int8 products")
     ftype = xp.float32 if K * 127 * 127 < 2 ** 24 else xp.float64
     return (a.astype(ftype) @ b.astype(ftype)).astype(xp.int32)
 
@@ -467,16 +509,28 @@ def outlier_features(x, threshold=6.0):
     return xp.abs(x.reshape(-1, x.shape[-1])).max(axis=0) > threshold
 
 
-def _as_int8_weight(w):
+def _is_int8_channel(qt: QuantizedTensor) -> bool:
+    """The LLM.int8() weight format: 8-bit symmetric codes, one scale per column."""
+    return qt.bits == 8 and qt.scheme == "symmetric" and qt.granularity == "channel"
+
+
+def _check_llm_int8_matmul(x, w, threshold):
+    check_float("x", x)
+    if x.ndim != 2:
+        raise ValueError(f"x: expected 2-D (N, K), got shape {tuple(x.shape)}")
     if isinstance(w, QuantizedTensor):
-        if not (w.bits == 8 and w.scheme == "symmetric" and w.granularity == "channel"):
+        if not _is_int8_channel(w):
             raise ValueError("w: expected an 8-bit symmetric per-channel QuantizedTensor (LLM.int8() "
                              f"weights), got bits={w.bits}, scheme={w.scheme!r}, granularity={w.granularity!r}")
-        return w
-    check_float("w", w)
-    if w.ndim != 2:
-        raise ValueError(f"w: expected a 2-D weight (in, out), got shape {tuple(w.shape)}")
-    return quantize(w, bits=8, scheme="symmetric", granularity="channel")
+    else:
+        check_float("w", w)
+        if w.ndim != 2:
+            raise ValueError(f"w: expected a 2-D weight (in, out), got shape {tuple(w.shape)}")
+    if w.shape[0] != x.shape[1]:
+        raise ValueError(f"w: expected shape ({x.shape[1]}, *) to match x's {x.shape[1]} features, "
+                         f"got {tuple(w.shape)}")
+    if not (isinstance(threshold, (int, float, np.floating)) and threshold > 0):
+        raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
 
 
 def llm_int8_matmul(x, w, threshold=6.0):
@@ -490,31 +544,33 @@ def llm_int8_matmul(x, w, threshold=6.0):
     threshold=inf gives plain vector-wise int8.
     x: (N, K) float; w: (K, M) float or an 8-bit symmetric channel QuantizedTensor -> (N, M)
     """
-    check_float("x", x)
-    if x.ndim != 2:
-        raise ValueError(f"x: expected 2-D (N, K), got shape {tuple(x.shape)}")
-    wq = _as_int8_weight(w)
-    if wq.shape[0] != x.shape[1]:
-        raise ValueError(f"w: expected shape ({x.shape[1]}, *) to match x's {x.shape[1]} features, "
-                         f"got {wq.shape}")
-    if not (isinstance(threshold, (int, float, np.floating)) and threshold > 0):
-        raise ValueError(f"threshold: expected a positive number, got {threshold!r}")
+    _check_llm_int8_matmul(x, w, threshold)
     xp = array_module(x)
-    out_mask = outlier_features(x, threshold)
+    wq = w if isinstance(w, QuantizedTensor) else quantize(w, bits=8, scheme="symmetric", granularity="channel")
+    out_mask = outlier_features(x, threshold)           # (K,) bool
     codes = wq.data                                      # (K, M) int8
     sw = wq.scale.astype(x.dtype)                        # (M,)
-    inl = ~out_mask
-    x_in = xp.where(inl[None, :], x, 0)
+    x_in = xp.where(~out_mask[None, :], x, 0)            # (N, K), outlier features zeroed
     absmax = xp.abs(x_in).max(axis=1, keepdims=True)     # (N, 1), outliers excluded
     sx = xp.where(absmax > 0, absmax / 127, 1).astype(x.dtype)
     xq = xp.clip(xp.rint(x_in / sx), -127, 127).astype(xp.int8)
     acc = int8_matmul_exact(xq, codes)                   # int32, outlier columns of xq are 0
-    y = acc.astype(x.dtype) * sx * sw[None, :]
+    y = acc.astype(x.dtype) * sx * sw[None, :]          # (N, M)
     if bool(xp.any(out_mask)):
         idx = xp.nonzero(out_mask)[0]
         w_out = codes[idx].astype(x.dtype) * sw[None, :]  # dequantized outlier rows of W
         y = y + x[:, idx] @ w_out
     return y
+
+
+def _check_quantized_linear(x, qweight, bias):
+    check_float("x", x)
+    _check_quantized_tensor("qweight", qweight)
+    if len(qweight.shape) != 2 or qweight.shape[0] != x.shape[-1]:
+        raise ValueError(f"qweight: expected shape ({x.shape[-1]}, *), got {qweight.shape}")
+    if bias is not None:
+        check_float("bias", bias)
+        check_shape("bias", bias, (qweight.shape[1],))
 
 
 def quantized_linear(x, qweight: QuantizedTensor, bias=None, threshold=6.0):
@@ -525,23 +581,15 @@ def quantized_linear(x, qweight: QuantizedTensor, bias=None, threshold=6.0):
     dequantized and multiplied in x's dtype (what 4-bit kernels do tile by tile).
     x: (..., in); qweight: (in, out); bias: (out,) or None -> (..., out)
     """
-    check_float("x", x)
-    if not isinstance(qweight, QuantizedTensor):
-        raise TypeError(f"qweight: expected a QuantizedTensor, got {type(qweight).__name__}")
-    if len(qweight.shape) != 2 or qweight.shape[0] != x.shape[-1]:
-        raise ValueError(f"qweight: expected shape ({x.shape[-1]}, *), got {qweight.shape}")
-    if bias is not None:
-        check_float("bias", bias)
-        if tuple(bias.shape) != (qweight.shape[1],):
-            raise ValueError(f"bias: expected shape ({qweight.shape[1]},), got {tuple(bias.shape)}")
-    x2 = x.reshape(-1, x.shape[-1])
-    if qweight.bits == 8 and qweight.scheme == "symmetric" and qweight.granularity == "channel":
-        y = llm_int8_matmul(x2, qweight, threshold=threshold)
+    _check_quantized_linear(x, qweight, bias)
+    x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
+    if _is_int8_channel(qweight):
+        y = llm_int8_matmul(x2, qweight, threshold=threshold)       # (N, out)
     else:
         y = x2 @ qweight.dequantize().astype(x.dtype)
     if bias is not None:
         y = y + bias
-    return y.reshape(x.shape[:-1] + (qweight.shape[1],))
+    return y.reshape(x.shape[:-1] + (qweight.shape[1],))            # (..., out)
 
 
 # ---------------------------------------------------------------------------
@@ -564,6 +612,17 @@ def _check_scale_like(name, s, x):
                          f"x's {tuple(x.shape)} (keepdims style), got {tuple(s.shape)}")
 
 
+def _check_fake_quant(x, scale, bits, zero_point):
+    check_float("x", x)
+    _check_bits(bits)
+    _check_scale_like("scale", scale, x)
+    xp = array_module(x)
+    if not bool(xp.all(xp.asarray(scale) > 0)):
+        raise ValueError("scale: expected positive values")
+    if zero_point is not None:
+        _check_scale_like("zero_point", zero_point, x)
+
+
 def fake_quant_forward(x, scale, bits=8, zero_point=None):
     """y = scale * (clip(round(x / scale) + z, qmin, qmax) - z): quantize then dequantize.
 
@@ -574,24 +633,14 @@ def fake_quant_forward(x, scale, bits=8, zero_point=None):
     or group). The clipping range is [lo, hi] = [scale (qmin - z), scale (qmax - z)].
     x: (...) float -> y: (...), cache
     """
-    check_float("x", x)
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
-    _check_scale_like("scale", scale, x)
+    _check_fake_quant(x, scale, bits, zero_point)
     xp = array_module(x)
-    if not bool(xp.all(xp.asarray(scale) > 0)):
-        raise ValueError("scale: expected positive values")
-    if zero_point is None:
-        qmin, qmax = _qrange(bits, "symmetric")
-        z = 0
-    else:
-        _check_scale_like("zero_point", zero_point, x)
-        qmin, qmax = _qrange(bits, "asymmetric")
-        z = xp.asarray(zero_point).astype(x.dtype)
-    scale = xp.asarray(scale).astype(x.dtype)
-    q = xp.clip(xp.rint(x / scale) + z, qmin, qmax)
-    y = ((q - z) * scale).astype(x.dtype)
-    lo, hi = (qmin - z) * scale, (qmax - z) * scale
+    qmin, qmax = _qrange(bits, "symmetric" if zero_point is None else "asymmetric")
+    z = 0 if zero_point is None else xp.asarray(zero_point).astype(x.dtype)
+    s = xp.asarray(scale).astype(x.dtype)
+    q = xp.clip(xp.rint(x / s) + z, qmin, qmax)         # (...) the integer codes, as floats
+    y = ((q - z) * s).astype(x.dtype)                   # (...) back on x's scale
+    lo, hi = (qmin - z) * s, (qmax - z) * s
     return y, FakeQuantCache((x >= lo) & (x <= hi))
 
 
@@ -604,7 +653,17 @@ def fake_quant_backward(dy, cache: FakeQuantCache):
     the clipping function clip(x, lo, hi): 1 inside the range, 0 where clipped
     (the tests check that with finite differences of clip). -> dx: (...)
     """
+    check_shape("dy", dy, cache.inside.shape)
     return dy * cache.inside.astype(dy.dtype)
+
+
+def _check_absmax_scale(w, bits, granularity, group_size):
+    check_float("w", w)
+    if granularity == "group":
+        _check_quantize(w, bits, "symmetric", granularity, group_size)
+    check_choice("granularity", granularity, GRANULARITIES)
+    _check_blocks(w, granularity, group_size)
+    _check_bits(bits)
 
 
 def absmax_scale(w, bits=8, granularity="tensor", group_size=128):
@@ -613,22 +672,11 @@ def absmax_scale(w, bits=8, granularity="tensor", group_size=128):
     Ready for fake_quant_forward: "tensor" -> 0-d, "channel" -> (1, out);
     for "group" reshape w to (in // g, g, out) first and pass that (the scale is (in // g, 1, out)).
     """
-    check_float("w", w)
-    if granularity == "group":
-        _check_quantize_args(w, bits, "symmetric", granularity, group_size)
-        w = w.reshape(w.shape[0] // group_size, group_size, -1)
-        axis = (1,)
-    elif granularity == "channel":
-        if w.ndim != 2:
-            raise ValueError(f"w: channel granularity needs a 2-D weight (in, out), got shape {tuple(w.shape)}")
-        axis = (0,)
-    elif granularity == "tensor":
-        axis = tuple(range(w.ndim))
-    else:
-        raise ValueError(f"granularity: expected one of {GRANULARITIES}, got {granularity!r}")
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"bits: expected 4 or 8, got {bits!r}")
+    _check_absmax_scale(w, bits, granularity, group_size)
     xp = array_module(w)
+    if granularity == "group":
+        w = w.reshape(w.shape[0] // group_size, group_size, -1)            # (in // g, g, out)
+    axis = {"tensor": tuple(range(w.ndim)), "channel": (0,), "group": (1,)}[granularity]
     qmax = 2 ** (bits - 1) - 1
     absmax = xp.abs(w).max(axis=axis, keepdims=granularity != "tensor")
     return xp.where(absmax > 0, absmax / qmax, 1).astype(w.dtype)

@@ -43,8 +43,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .backend import (DEFAULT_DTYPE, array_module, check_float, check_int, check_ndim,
-                      check_same_dtype, check_shape, make_rng, scatter_add, to_device, to_numpy)
+from .backend import (DEFAULT_DTYPE, array_module, check_choice, check_float, check_ids, check_int,
+                      check_int_arg, check_ndim, check_positive, check_same_dtype, check_shape, make_rng,
+                      scatter_add, to_device, to_numpy)
 from .optim import Adam
 
 __all__ = ["Vocab", "build_vocab", "encode", "keep_probabilities", "subsample", "noise_distribution",
@@ -67,22 +68,27 @@ class Vocab:
         return len(self.words)
 
 
-def build_vocab(tokens, min_count=1, max_size=None) -> Vocab:
-    """The words seen at least ``min_count`` times, most frequent first (at most ``max_size``)."""
+def _check_build_vocab(tokens, min_count, max_size):
     if isinstance(tokens, str):
         raise TypeError("tokens: expected a list of words, got a str (split it first, e.g. text.split())")
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
-        raise ValueError(f"min_count: expected an int >= 1, got {min_count!r}")
-    if max_size is not None and (isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer))
-                                 or max_size < 1):
-        raise ValueError(f"max_size: expected an int >= 1 or None, got {max_size!r}")
+    check_int_arg("min_count", min_count, lo=1)
+    check_int_arg("max_size", max_size, lo=1, optional=True)
+
+
+def _check_some_word_kept(kept, counts, min_count):
+    if not kept:
+        raise ValueError(f"tokens: no word occurs at least min_count={min_count} times "
+                         f"({len(counts)} distinct words in {sum(counts.values())} tokens)")
+
+
+def build_vocab(tokens, min_count=1, max_size=None) -> Vocab:
+    """The words seen at least ``min_count`` times, most frequent first (at most ``max_size``)."""
+    _check_build_vocab(tokens, min_count, max_size)
     counts = Counter(tokens)  # dicts keep insertion order, so equal counts stay in order of appearance
     kept = sorted(((w, c) for w, c in counts.items() if c >= min_count), key=lambda wc: -wc[1])
     if max_size is not None:
         kept = kept[:max_size]
-    if not kept:
-        raise ValueError(f"tokens: no word occurs at least min_count={min_count} times "
-                         f"({len(counts)} distinct words in {sum(counts.values())} tokens)")
+    _check_some_word_kept(kept, counts, min_count)
     words = [w for w, _ in kept]
     return Vocab(words, np.array([c for _, c in kept], dtype=np.int64), {w: i for i, w in enumerate(words)})
 
@@ -93,6 +99,12 @@ def encode(tokens, vocab: Vocab) -> np.ndarray:
     return np.array([index[t] for t in tokens if t in index], dtype=np.int64)
 
 
+def _check_counts(counts):
+    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
+        raise ValueError(f"counts: expected a non-empty 1-D array of non-negative counts with a positive "
+                         f"sum, got shape {counts.shape}")
+
+
 def keep_probabilities(counts, t=1e-5) -> np.ndarray:
     """P(keep w) = min(1, sqrt(t / f(w))), f(w) = count(w) / total: the paper's subsampling rule.
 
@@ -101,25 +113,19 @@ def keep_probabilities(counts, t=1e-5) -> np.ndarray:
     paper's.) counts: (V,) -> (V,) float64
     """
     counts = np.asarray(to_numpy(counts), dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError(f"counts: expected a non-empty 1-D array of non-negative counts with a positive "
-                         f"sum, got shape {counts.shape}")
-    if not (isinstance(t, (int, float)) and t > 0):
-        raise ValueError(f"t: expected a positive threshold (1e-5 in the paper), got {t!r}")
-    f = counts / counts.sum()
+    _check_counts(counts)
+    check_positive("t", t)
+    f = counts / counts.sum()                                   # (V,) relative frequencies
     with np.errstate(divide="ignore"):
         return np.minimum(1.0, np.sqrt(t / f))
 
 
 def subsample(ids, counts, t=1e-5, rng=None) -> np.ndarray:
     """ids with each occurrence of word w dropped with probability 1 - keep_probabilities(counts)[w]."""
-    check_int("ids", ids)
+    keep = keep_probabilities(counts, t)                        # (V,)
+    check_ids("ids", ids, len(keep))
     ids = to_numpy(ids)
-    keep = keep_probabilities(counts, t)
-    if ids.size and int(ids.max()) >= len(keep):
-        raise ValueError(f"ids: expected ids in [0, {len(keep)}) (the vocabulary), got {int(ids.max())}")
-    rng = make_rng(rng)
-    return ids[rng.random(ids.shape) < keep[ids]]
+    return ids[make_rng(rng).random(ids.shape) < keep[ids]]
 
 
 def noise_distribution(counts, power=0.75) -> np.ndarray:
@@ -129,9 +135,7 @@ def noise_distribution(counts, power=0.75) -> np.ndarray:
     choice) sits between, giving rare words more chances to be a negative.
     """
     counts = np.asarray(to_numpy(counts), dtype=np.float64)
-    if counts.ndim != 1 or counts.size == 0 or np.any(counts < 0) or counts.sum() <= 0:
-        raise ValueError(f"counts: expected a non-empty 1-D array of non-negative counts with a positive "
-                         f"sum, got shape {counts.shape}")
+    _check_counts(counts)
     p = counts ** float(power)
     return p / p.sum()
 
@@ -147,6 +151,15 @@ def sample_negatives(noise, shape, rng) -> np.ndarray:
     return np.minimum(np.searchsorted(cdf, u, side="right"), len(noise) - 1).astype(np.int64)
 
 
+def _check_skipgram_pairs(ids, window, segments):
+    check_int("ids", ids)
+    check_ndim("ids", ids, 1)
+    check_int_arg("window", window, lo=1)
+    if segments is not None:
+        check_int("segments", segments)
+        check_shape("segments", segments, (len(ids),))
+
+
 def skipgram_pairs(ids, window, rng=None, segments=None):
     """All (centre, context) pairs with the context within ``window`` positions of the centre.
 
@@ -156,16 +169,10 @@ def skipgram_pairs(ids, window, rng=None, segments=None):
     ``segments`` (N,) labels sentences: a pair never crosses from one label to another.
     ids: (N,) int -> (centres, contexts): two int64 arrays of equal length, grouped by offset.
     """
-    check_int("ids", ids)
-    check_ndim("ids", ids, 1)
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"window: expected an int >= 1, got {window!r}")
+    _check_skipgram_pairs(ids, window, segments)
     ids = to_numpy(ids).astype(np.int64, copy=False)
     n = len(ids)
-    if segments is not None:
-        check_int("segments", segments)
-        check_shape("segments", segments, (n,))
-        segments = to_numpy(segments)
+    segments = None if segments is None else to_numpy(segments)
     reach = (np.full(n, window) if rng is None else make_rng(rng).integers(1, window + 1, size=n))
     centres, contexts = [], []
     for d in range(1, min(window, n - 1) + 1):
@@ -209,12 +216,7 @@ class SGNSCache(NamedTuple):
     g_neg: object       # (B, K) d loss_b / d(u_k.v_c) = sigma(u_k.v_c)
 
 
-def sgns_forward(center_vecs, context_vecs, negative_vecs):
-    """loss = mean_b [ -log sigma(u_o . v_c) - sum_k log sigma(-u_k . v_c) ].
-
-    center_vecs v_c: (B, D), context_vecs u_o: (B, D), negative_vecs u_k: (B, K, D)
-    -> loss: 0-d array, cache
-    """
+def _check_sgns(center_vecs, context_vecs, negative_vecs):
     for name, a in (("center_vecs", center_vecs), ("context_vecs", context_vecs),
                     ("negative_vecs", negative_vecs)):
         check_float(name, a)
@@ -226,11 +228,26 @@ def sgns_forward(center_vecs, context_vecs, negative_vecs):
     check_shape("negative_vecs", negative_vecs, (b, None, d))
     if b == 0:
         raise ValueError("center_vecs: expected at least one pair (B >= 1), got B = 0")
+
+
+def sgns_forward(center_vecs, context_vecs, negative_vecs):
+    """loss = mean_b [ -log sigma(u_o . v_c) - sum_k log sigma(-u_k . v_c) ].
+
+    center_vecs v_c: (B, D), context_vecs u_o: (B, D), negative_vecs u_k: (B, K, D)
+    -> loss: 0-d array, cache
+    """
+    _check_sgns(center_vecs, context_vecs, negative_vecs)
+    b = center_vecs.shape[0]
     pos = (center_vecs * context_vecs).sum(axis=-1)                   # (B,)
     neg = (negative_vecs @ center_vecs[:, :, None])[..., 0]           # (B, K): u_k . v_c
-    loss = -(log_sigmoid(pos).sum() + log_sigmoid(-neg).sum()) / b
+    loss = -(log_sigmoid(pos).sum() + log_sigmoid(-neg).sum()) / b   # 0-d
     # d/dx [-log sigma(x)] = -sigma(-x);  d/dx [-log sigma(-x)] = sigma(x)
     return loss, SGNSCache(center_vecs, context_vecs, negative_vecs, -sigmoid(-pos), sigmoid(neg))
+
+
+def _check_dloss(dloss):
+    if hasattr(dloss, "shape") and dloss.ndim != 0:
+        raise ValueError(f"dloss: expected a scalar (the loss is a mean), got shape {tuple(dloss.shape)}")
 
 
 def sgns_backward(dloss, cache: SGNSCache):
@@ -239,16 +256,20 @@ def sgns_backward(dloss, cache: SGNSCache):
     d_center = (g_pos u_o + sum_k g_neg_k u_k) / B,  d_context = g_pos v_c / B,
     d_negative_k = g_neg_k v_c / B,  times dloss.
     """
+    _check_dloss(dloss)
     v, u_o, u_k, g_pos, g_neg = cache
-    if hasattr(dloss, "shape") and dloss.ndim != 0:
-        raise ValueError(f"dloss: expected a scalar (the loss is a mean), got shape {tuple(dloss.shape)}")
     c = v.dtype.type(float(dloss) / v.shape[0])
     gp = (c * g_pos)[:, None]                                         # (B, 1)
     gn = c * g_neg                                                    # (B, K)
     d_center = gp * u_o + (gn[:, None, :] @ u_k)[:, 0, :]             # (B,1,K) @ (B,K,D)
-    d_context = gp * v
-    d_negative = gn[:, :, None] * v[:, None, :]
+    d_context = gp * v                                                # (B, D)
+    d_negative = gn[:, :, None] * v[:, None, :]                       # (B, K, D)
     return d_center, d_context, d_negative
+
+
+def _check_sgns_ids(vocab_size, **ids):
+    for name, a in ids.items():
+        check_ids(name, a, vocab_size)
 
 
 def sgns_loss_and_grads(params: dict, centers, contexts, negatives):
@@ -263,13 +284,8 @@ def sgns_loss_and_grads(params: dict, centers, contexts, negatives):
     """
     w_in, w_out = params["w_in"], params["w_out"]
     xp = array_module(w_in)
-    v_size = w_in.shape[0]
     centers, contexts, negatives = (xp.asarray(a) for a in (centers, contexts, negatives))
-    for name, ids in (("centers", centers), ("contexts", contexts), ("negatives", negatives)):
-        check_int(name, ids)
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= v_size):
-            raise ValueError(f"{name}: expected ids in [0, {v_size}), got "
-                             f"{int(ids.min()) if int(ids.min()) < 0 else int(ids.max())}")
+    _check_sgns_ids(w_in.shape[0], centers=centers, contexts=contexts, negatives=negatives)
     loss, cache = sgns_forward(w_in[centers], w_out[contexts], w_out[negatives])
     d_c, d_o, d_k = sgns_backward(1.0, cache)
     g_in = xp.zeros_like(w_in)
@@ -284,6 +300,43 @@ def sgns_loss_and_grads(params: dict, centers, contexts, negatives):
 # The trainer
 # ---------------------------------------------------------------------------
 
+def _id_stream(ids):
+    """(ids, segments): one int64 id array, and for a list of sentences the sentence
+    index of every id (None for a single array), so that pairs stay inside sentences."""
+    if isinstance(ids, (list, tuple)):
+        for i, sent in enumerate(ids):
+            check_int(f"ids[{i}]", sent)
+            check_ndim(f"ids[{i}]", sent, 1)
+        empty = [np.zeros(0, np.int64)]
+        segments = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)] or empty)
+        return np.concatenate([to_numpy(a).astype(np.int64) for a in ids] or empty), segments
+    check_int("ids", ids)
+    check_ndim("ids", ids, 1)
+    return to_numpy(ids), None
+
+
+def _check_train(ids, vocab_size, epochs, negatives, batch_size, optimizer, lr):
+    """-> the learning rate to use, after checking the arguments of Word2Vec.train."""
+    check_ids("ids", ids, vocab_size)
+    for name, v in (("epochs", epochs), ("negatives", negatives), ("batch_size", batch_size)):
+        check_int_arg(name, v, lo=1)
+    check_choice("optimizer", optimizer, ("sgd", "adam"))
+    lr0 = (0.025 if optimizer == "sgd" else 0.01) if lr is None else lr
+    check_positive("lr", lr0)
+    return lr0
+
+
+def _check_has_pairs(centres, seq):
+    if len(centres) == 0:
+        raise ValueError(f"ids: too short to make a skip-gram pair (got {len(seq)} ids after subsampling)")
+
+
+def _check_word2vec(vocab, dim):
+    if not isinstance(vocab, Vocab):
+        raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
+    check_int_arg("dim", dim, lo=1)
+
+
 class Word2Vec:
     """Two embedding tables trained with SGNS, and cosine-similarity queries.
 
@@ -294,10 +347,7 @@ class Word2Vec:
     """
 
     def __init__(self, vocab: Vocab, dim=50, seed=0, dtype=DEFAULT_DTYPE, device=None):
-        if not isinstance(vocab, Vocab):
-            raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise ValueError(f"dim: expected an int >= 1, got {dim!r}")
+        _check_word2vec(vocab, dim)
         self.vocab = vocab
         self.dim = int(dim)
         self.rng = make_rng(seed)
@@ -323,71 +373,55 @@ class Word2Vec:
         words (the vectors collapse onto one direction). Use small batches with
         "sgd", or Adam, whose step size does not grow with the number of repeats.
         """
-        if isinstance(ids, (list, tuple)):  # sentences: pairs stay inside each one
-            for i, sent in enumerate(ids):
-                check_int(f"ids[{i}]", sent)
-                check_ndim(f"ids[{i}]", sent, 1)
-            empty = [np.zeros(0, np.int64)]
-            segments = np.concatenate([np.full(len(a), i, np.int64) for i, a in enumerate(ids)] or empty)
-            ids = np.concatenate([to_numpy(a).astype(np.int64) for a in ids] or empty)
-        else:
-            check_int("ids", ids)
-            check_ndim("ids", ids, 1)
-            ids = to_numpy(ids)
-            segments = None
-        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= len(self.vocab)):
-            raise ValueError(f"ids: expected ids in [0, {len(self.vocab)}), got "
-                             f"{int(ids.min()) if int(ids.min()) < 0 else int(ids.max())}")
-        for name, v in (("epochs", epochs), ("negatives", negatives), ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer: expected 'sgd' or 'adam', got {optimizer!r}")
-        lr0 = (0.025 if optimizer == "sgd" else 0.01) if lr is None else lr
-        if not (isinstance(lr0, (int, float)) and lr0 > 0):
-            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        ids, segments = _id_stream(ids)
+        lr0 = _check_train(ids, len(self.vocab), epochs, negatives, batch_size, optimizer, lr)
         noise = noise_distribution(self.vocab.counts)
         opt = Adam(self.params, lr=lr0) if optimizer == "adam" else None
-        w_in, w_out = self.params["w_in"], self.params["w_out"]
-        xp = array_module(w_in)
         losses = []
-        step = 0
         total_steps = None
         for _ in range(epochs):
-            seq, seg = ids, segments
-            if subsample_t:
-                keep = self.rng.random(ids.shape) < keep_probabilities(self.vocab.counts, subsample_t)[ids]
-                seq, seg = ids[keep], (None if segments is None else segments[keep])
-            centres, contexts = skipgram_pairs(seq, window, self.rng, segments=seg)
-            if len(centres) == 0:
-                raise ValueError(f"ids: too short to make a skip-gram pair (got {len(seq)} ids after subsampling)")
-            order = self.rng.permutation(len(centres))
-            centres, contexts = centres[order], contexts[order]
+            centres, contexts = self._epoch_pairs(ids, segments, window, subsample_t)
             if total_steps is None:  # pairs are only known after subsampling: epoch 1 sets the lr decay's length
                 total_steps = math.ceil(len(centres) / batch_size) * epochs
             for start in range(0, len(centres), batch_size):
-                c = centres[start:start + batch_size]
-                o = contexts[start:start + batch_size]
-                k = sample_negatives(noise, (len(c), negatives), self.rng)
-                frac = min(step / max(total_steps, 1), 1.0)
+                c, o = centres[start:start + batch_size], contexts[start:start + batch_size]
+                k = sample_negatives(noise, (len(c), negatives), self.rng)     # (batch, negatives)
                 if opt is None:
-                    rate = lr0 * max(1.0 - frac, min_lr_fraction)
-                    c_d, o_d, k_d = (xp.asarray(a) for a in (c, o, k))
-                    loss, cache = sgns_forward(w_in[c_d], w_out[o_d], w_out[k_d])
-                    d_c, d_o, d_k = sgns_backward(1.0, cache)
-                    step_size = w_in.dtype.type(-rate * len(c))  # per-pair rate: undo the batch mean
-                    scatter_add(w_in, c_d, step_size * d_c)
-                    scatter_add(w_out, o_d, step_size * d_o)
-                    scatter_add(w_out, k_d.reshape(-1), step_size * d_k.reshape(-1, self.dim))
-                    loss = float(loss)
+                    frac = min(len(losses) / max(total_steps, 1), 1.0)          # share of training done
+                    loss = self._sgd_step(c, o, k, lr0 * max(1.0 - frac, min_lr_fraction))
                 else:
                     loss, grads = sgns_loss_and_grads(self.params, c, o, k)
                     opt.step(grads)
                 losses.append(loss)
-                step += 1
-                if log_every and step % log_every == 0:
-                    print(f"  step {step:6d}  loss {np.mean(losses[-log_every:]):.4f}")
+                if log_every and len(losses) % log_every == 0:
+                    print(f"  step {len(losses):6d}  loss {np.mean(losses[-log_every:]):.4f}")
         return losses
+
+    def _epoch_pairs(self, ids, segments, window, subsample_t):
+        """One epoch's (centre, context) pairs: subsample frequent words, pair every
+        centre with its neighbours in a dynamic window, shuffle."""
+        seq, seg = ids, segments
+        if subsample_t:
+            keep = self.rng.random(ids.shape) < keep_probabilities(self.vocab.counts, subsample_t)[ids]
+            seq, seg = ids[keep], (None if segments is None else segments[keep])
+        centres, contexts = skipgram_pairs(seq, window, self.rng, segments=seg)
+        _check_has_pairs(centres, seq)
+        order = self.rng.permutation(len(centres))
+        return centres[order], contexts[order]
+
+    def _sgd_step(self, c, o, k, rate):
+        """word2vec's own update of one batch, in place: each pair's gradient times ``rate``,
+        scatter-added into the rows it touches. -> the batch's mean loss"""
+        w_in, w_out = self.params["w_in"], self.params["w_out"]
+        xp = array_module(w_in)
+        c, o, k = (xp.asarray(a) for a in (c, o, k))
+        loss, cache = sgns_forward(w_in[c], w_out[o], w_out[k])
+        d_c, d_o, d_k = sgns_backward(1.0, cache)
+        step_size = w_in.dtype.type(-rate * len(c))  # per-pair rate: undo the batch mean
+        scatter_add(w_in, c, step_size * d_c)
+        scatter_add(w_out, o, step_size * d_o)
+        scatter_add(w_out, k.reshape(-1), step_size * d_k.reshape(-1, self.dim))
+        return float(loss)
 
     # -- queries --------------------------------------------------------------
 
@@ -414,8 +448,7 @@ class Word2Vec:
     def most_similar(self, word, k=5) -> list:
         """The ``k`` words with the highest cosine similarity to ``word`` (itself excluded):
         [(word, cosine)], best first."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        check_int_arg("k", k, lo=1)
         u = self._unit_vectors()
         i = self._id(word)
         sims = u @ u[i]

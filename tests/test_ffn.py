@@ -7,6 +7,7 @@ from hypothesis import given, strategies as st
 
 from helpers import assert_close, assert_gradcheck, np_, on
 from minillm import backprop as bp
+from minillm import erf as erf_module
 from minillm import ffn
 from strategies import randn, seeds, shapes
 
@@ -58,6 +59,53 @@ def test_gelu_backward_matches_finite_differences(xp, shape, seed, approximate, 
     assert_gradcheck(rep)
 
 
+@given(shape=shapes(1, 3), seed=seeds, approximate=st.sampled_from(["tanh", "none"]),
+       scale=st.sampled_from([1.0, 4.0]))
+def test_plain_gelu_backward_matches_finite_differences(xp, shape, seed, approximate, scale):
+    x = on(xp, randn(seed, *shape, scale=scale))
+    rep = bp.gradcheck(lambda x: ffn.gelu_forward_plain(x, approximate), ffn.gelu_backward_plain, [x])
+    assert_gradcheck(rep)
+
+
+@given(shape=shapes(1, 3), seed=seeds, approximate=st.sampled_from(["tanh", "none"]),
+       scale=st.sampled_from([1.0, 4.0, 15.0]))
+def test_plain_and_fast_gelu_agree(xp, shape, seed, approximate, scale):
+    # The formula (gelu_forward_plain) and the fast form the models run (gelu_forward) are
+    # one function: they differ by roundings only. Measured on 3e5 points in [-40, 40]:
+    # forward 3.2e-16 (1 + |x|), backward 4.4e-16 |dy| on one cache and 1e-14 |dy| each on
+    # its own (the plain phi cancels in the left tail); the bounds leave ~10x room.
+    x, dy = randn(seed, *shape, scale=scale), randn(seed + 1, *shape)
+    y_plain, c_plain = ffn.gelu_forward_plain(on(xp, x), approximate)
+    y_fast, c_fast = ffn.gelu_forward(on(xp, x), approximate)
+    assert np.all(np.abs(np_(y_plain) - np_(y_fast)) <= 4e-15 * (1 + np.abs(x)))
+    for cache in (c_plain, c_fast):    # the two backward formulas, on the same cache
+        d = np_(ffn.gelu_backward_plain(on(xp, dy), cache)) - np_(ffn.gelu_backward(on(xp, dy), cache))
+        assert np.all(np.abs(d) <= 5e-15 * np.abs(dy))
+    d = np_(ffn.gelu_backward_plain(on(xp, dy), c_plain)) - np_(ffn.gelu_backward(on(xp, dy), c_fast))
+    assert np.all(np.abs(d) <= 1e-13 * np.abs(dy))
+    # float32 stays float32 in the plain form too, and agrees to float32's rounding
+    x32 = on(xp, x.astype(np.float32))
+    y32, c32 = ffn.gelu_forward_plain(x32, approximate)
+    assert y32.dtype == np.float32 and ffn.gelu_backward_plain(on(xp, dy.astype(np.float32)), c32).dtype == np.float32
+    assert np.all(np.abs(np_(y32).astype(float) - np_(ffn.gelu_forward(x32, approximate)[0])) <= 1e-6 * (1 + np.abs(x)))
+
+
+def test_plain_gelu_is_its_formula_and_loses_only_the_far_tail(xp):
+    x = np.array([-10.0, -1.0, 0.0, 1.0, 2.0])
+    c = math.sqrt(2 / math.pi)
+    tanh_ref = [0.5 * v * (1 + math.tanh(c * (v + 0.044715 * v ** 3))) for v in x]
+    exact_ref = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x]
+    assert_close(ffn.gelu_forward_plain(on(xp, x), "tanh")[0], tanh_ref, rtol=1e-15, atol=0)
+    assert_close(ffn.gelu_forward_plain(on(xp, x), "none")[0], exact_ref, rtol=1e-15, atol=0)
+    # at x = -10 the formula's 1 + tanh(u) rounds to 0; the fast form keeps the tiny value
+    assert float(np_(ffn.gelu_forward_plain(on(xp, x), "tanh")[0])[0]) == 0.0
+    assert float(np_(ffn.gelu_forward(on(xp, x), "tanh")[0])[0]) < 0
+    with pytest.raises(ValueError, match="approximate: expected 'tanh' or 'none'"):
+        ffn.gelu_forward_plain(on(xp, x), "erf")
+    with pytest.raises(ValueError, match=r"dy: expected shape \(5,\)"):
+        ffn.gelu_backward_plain(on(xp, np.zeros(4)), ffn.gelu_forward_plain(on(xp, x))[1])
+
+
 @given(shape=shapes(1, 3), seed=seeds, scale=st.sampled_from([1.0, 6.0]))
 def test_silu_backward_matches_finite_differences(xp, shape, seed, scale):
     x = on(xp, randn(seed, *shape, scale=scale))
@@ -107,6 +155,19 @@ def test_swiglu_backward_matches_finite_differences(xp, case, hidden):
     assert_gradcheck(bp.gradcheck(ffn.swiglu_forward, ffn.swiglu_backward, list(inputs), eps=1e-3))
 
 
+def test_swiglu_backward_uses_the_caches_its_forward_made(xp):
+    # the up projection's LinearCache comes from the forward (no cache rebuilt in backward),
+    # and the backward leaves every cached array as the forward made it
+    rng = np.random.default_rng(4)
+    x, wg, wu, wd = (on(xp, rng.standard_normal(s)) for s in [(2, 3, 4), (4, 6), (4, 6), (6, 5)])
+    y, cache = ffn.swiglu_forward(x, wg, wu, wd)
+    assert cache.up.x is x and cache.gate.x is x and cache.up.w is wu and cache.gate.w is wg
+    before = [np_(a).copy() for a in (cache.u, cache.act.x, cache.act.sig, cache.down.x)]
+    ffn.swiglu_backward(on(xp, rng.standard_normal(y.shape)), cache)
+    after = [np_(a) for a in (cache.u, cache.act.x, cache.act.sig, cache.down.x)]
+    assert all(np.array_equal(b, a) for b, a in zip(before, after))
+
+
 # --- erf ----------------------------------------------------------------------------
 
 def _erf_points():
@@ -151,7 +212,7 @@ def test_erf_float32_is_accurate_and_stays_float32(xp):
 
 def test_exact_gelu_is_the_same_in_blocks_and_whole(xp):
     # big float32 arrays are processed block by block on NumPy; the split must not show
-    x = (np.random.default_rng(2).standard_normal(ffn._BLOCK + 1000) * 3).astype(np.float32)
+    x = (np.random.default_rng(2).standard_normal(erf_module._BLOCK + 1000) * 3).astype(np.float32)
     whole = np_(ffn.gelu_forward(on(xp, x), "none")[0])
     parts = np.concatenate([np_(ffn.gelu_forward(on(xp, x[i:i + 5000]), "none")[0])
                             for i in range(0, x.size, 5000)])
