@@ -9,7 +9,7 @@ Three tokenizers, from the simplest to the ones real models use:
 ``BPETokenizer``
     Byte-level byte-pair encoding as in GPT-2 / tiktoken. Text is first cut into
     chunks by a regular expression (the "pre-split": words, numbers, punctuation
-    runs, whitespace), each chunk becomes its UTF-8 bytes (so *every* string is
+    runs, whitespace; see :mod:`minillm.pretokenize`), each chunk becomes its UTF-8 bytes (so *every* string is
     encodable: the base vocabulary is the 256 bytes), and then learned merges glue
     frequent adjacent pieces into bigger tokens. Training finds the merges;
     encoding replays them, always merging the adjacent pair whose joined bytes
@@ -25,17 +25,6 @@ Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
 ``tokenizer_from_dict(d)`` rebuilds any of them from its dict (checkpoints store
 tokenizers this way).
-
-About the pre-split regular expressions: GPT-2's pattern is written for a regex
-engine with Unicode properties (``\\p{L}`` letters, ``\\p{N}`` numbers). Python's
-``re`` has no ``\\p{..}``, and its ``\\s`` is ``str.isspace`` (which, unlike
-Unicode's White_Space property, includes the separators U+001C..U+001F). So
-:func:`translate_pattern` rewrites the pattern for ``re``: ``\\p{L}`` and
-``\\p{N}`` become explicit character ranges built from ``unicodedata`` (general
-categories L* and N*), and ``\\s``/``\\S`` become Unicode White_Space and its
-complement. The one remaining difference from tiktoken (Rust regex) is the
-Unicode *version*: Python 3.11 ships Unicode 14, so characters assigned later
-(e.g. CJK Extension H) are "unassigned" to us and may be split differently.
 """
 
 from __future__ import annotations
@@ -46,15 +35,15 @@ import heapq
 import json
 import os
 import re
-import sys
 import unicodedata
 from collections import Counter, defaultdict
-from functools import lru_cache
 from itertools import chain
 
 import numpy as np
 
 from minillm.backend import to_numpy
+# The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
+from minillm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, translate_pattern
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
@@ -174,182 +163,6 @@ class CharTokenizer:
 
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size}, unk={self.unk!r})"
-
-
-# ---------------------------------------------------------------------------
-# Pre-split patterns (written in tiktoken's regex syntax, translated for `re`)
-# ---------------------------------------------------------------------------
-
-# GPT-2: contractions, optional-space + letters, optional-space + numbers,
-# optional-space + other symbols, whitespace (leaving the last space to the next word).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most
-# three digits, newlines kept apart from other whitespace.
-GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
-
-# Unicode's White_Space property (what Rust's \s means); Python's \s would add U+001C..U+001F.
-_WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-
-
-@lru_cache(maxsize=None)
-def _category_table():
-    """(0x110000, 2) uint8: the two ASCII letters of every code point's general category."""
-    cats = "".join(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))))
-    return np.frombuffer(cats.encode("ascii"), dtype=np.uint8).reshape(-1, 2)
-
-
-@lru_cache(maxsize=None)
-def _category_ranges(prefix):
-    """Sorted (lo, hi) code-point ranges whose general category starts with ``prefix`` ("L", "N", "Lu", ...)."""
-    table = _category_table()
-    mask = table[:, 0] == ord(prefix[0])
-    if len(prefix) > 1:
-        mask &= table[:, 1] == ord(prefix[1])
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return tuple((int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2]))
-
-
-def _body(ranges):
-    esc = "\\U{:08x}".format
-    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
-
-
-def _class_regex(negated, raw, ranges):
-    """A fast ``re`` fragment for the class [^? raw + ranges], raw being BMP-only class text.
-
-    ``re`` turns the BMP part of a class into a bitmap (one lookup), but checks
-    astral ranges one by one; a class holding \\p{L}'s ~200 astral ranges would
-    do that at every failed position. So the BMP part and the astral part go into
-    two alternatives, each of which rejects the other plane group in one lookup.
-    """
-    bmp, astral = [], []
-    for a, b in ranges:
-        if a <= 0xFFFF:
-            bmp.append((a, min(b, 0xFFFF)))
-        if b > 0xFFFF:
-            astral.append((max(a, 0x10000), b))
-    bmp_body = raw + _body(bmp)
-    if not astral:
-        if not bmp_body:
-            return "[^\\x00-\\U0010ffff]" if not negated else "[\\x00-\\U0010ffff]"
-        return f"[^{bmp_body}]" if negated else f"[{bmp_body}]"
-    if negated:
-        first = f"[^{bmp_body}\\U00010000-\\U0010ffff]"
-        second = f"[^\\x00-\\uffff{_body(astral)}]"
-    else:
-        comp, lo = [], 0x10000
-        for a, b in sorted(astral):
-            if a > lo:
-                comp.append((lo, a - 1))
-            lo = max(lo, b + 1)
-        if lo <= sys.maxunicode:
-            comp.append((lo, sys.maxunicode))
-        first = f"[{bmp_body}]" if bmp_body else None
-        second = f"[^\\x00-\\uffff{_body(comp)}]"
-        if first is None:
-            return second
-    return f"(?:{first}|{second})"
-
-
-def _prop_ranges(pattern, i):
-    """Parse \\p{X} / \\pX at ``i`` -> (ranges, index after it)."""
-    e = pattern[i + 1]
-    if pattern[i + 2:i + 3] == "{":
-        j = pattern.find("}", i)
-        if j < 0:
-            raise ValueError(f"pattern: unterminated \\{e}{{ at position {i}")
-        name, end = pattern[i + 3:j], j + 1
-    else:
-        name, end = pattern[i + 2:i + 3], i + 3
-    if not re.fullmatch(r"[A-Z][a-z]?", name or ""):
-        raise ValueError(f"pattern: unsupported Unicode class \\{e}{{{name}}} at position {i} "
-                         "(only general categories such as L, N, Lu are supported)")
-    return _category_ranges(name), end
-
-
-def _parse_class(pattern, i):
-    """Parse the class starting at ``pattern[i] == '['`` -> (negated, raw BMP text, ranges, end index)."""
-    k, n = i + 1, len(pattern)
-    negated = pattern[k:k + 1] == "^"
-    k += negated
-    raw, ranges = [], []
-    if pattern[k:k + 1] == "]":  # a leading ']' is a literal
-        raw.append("\\]")
-        k += 1
-    while k < n and pattern[k] != "]":
-        c = pattern[k]
-        if c == "\\" and k + 1 < n:
-            e = pattern[k + 1]
-            if e == "p":
-                r, k = _prop_ranges(pattern, k)
-                ranges.extend(r)
-                continue
-            if e == "s":
-                raw.append(_WHITE_SPACE)
-            elif e in "PSdDwWU":
-                raise ValueError(f"pattern: \\{e} inside a character class is not supported (position {k})")
-            else:
-                raw.append(pattern[k:k + 2])
-            k += 2
-            continue
-        if c == "[":
-            raise ValueError(f"pattern: nested character classes are not supported (position {k})")
-        if ord(c) > 0xFFFF:
-            raise ValueError(f"pattern: a literal beyond U+FFFF inside a character class is not supported "
-                             f"(position {k})")
-        raw.append(c)
-        k += 1
-    if k >= n:
-        raise ValueError(f"pattern: unterminated character class at position {i}")
-    return negated, "".join(raw), ranges, k + 1
-
-
-def translate_pattern(pattern):
-    """Rewrite a pre-split pattern in tiktoken/Rust syntax for Python's ``re``.
-
-    ``\\p{X}`` / ``\\pX`` (X a general category or its first letter, also inside
-    classes) become explicit code-point ranges from ``unicodedata``; ``\\s`` /
-    ``\\S`` become Unicode White_Space and its complement. On Python < 3.11
-    possessive quantifiers (``?+``, ``++``, ``*+``) lose their ``+``, which is
-    equivalent for GPT2_PATTERN and GPT4_PATTERN (their possessive parts cannot
-    backtrack into a different match anyway).
-    """
-    if not isinstance(pattern, str):
-        raise TypeError(f"pattern: expected a str, got {type(pattern).__name__}")
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "[":
-            negated, raw, ranges, i = _parse_class(pattern, i)
-            out.append(_class_regex(negated, raw, ranges))
-            continue
-        if c == "\\" and i + 1 < n:
-            e = pattern[i + 1]
-            if e in "pP":
-                ranges, i = _prop_ranges(pattern, i)
-                out.append(_class_regex(e == "P", "", ranges))
-                continue
-            if e in "sS":
-                out.append(_class_regex(e == "S", _WHITE_SPACE, []))
-            else:
-                out.append(pattern[i:i + 2])
-            i += 2
-            continue
-        if c in "?*+}" and pattern[i + 1:i + 2] == "+" and sys.version_info < (3, 11):
-            out.append(c)  # a possessive quantifier: keep it greedy, drop the '+' re < 3.11 rejects
-            i += 2
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
-
-
-@lru_cache(maxsize=16)
-def compile_pattern(pattern):
-    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string."""
-    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern)))
 
 
 # ---------------------------------------------------------------------------

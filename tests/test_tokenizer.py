@@ -6,6 +6,7 @@ reference; merged tokens are the concatenation of their parts; WordPiece pieces 
 to the normalised words. Cross-checks against tiktoken, the `regex` module (tiktoken's
 reference splitter) and Hugging Face's BERT tokenizers run where those are installed.
 """
+import ast
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minillm import pretokenize, tokenizer
 from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
                                WordPieceTokenizer, compile_pattern, tokenizer_from_dict, translate_pattern)
 
@@ -352,6 +354,16 @@ def test_translate_pattern_errors():
             translate_pattern(bad)
     assert compile_pattern("gpt2").pattern == translate_pattern(GPT2_PATTERN)
     assert PATTERNS["gpt4"] == GPT4_PATTERN
+
+
+def test_pretokenize_imports_nothing_from_minillm_and_tokenizer_reexports_it():
+    # Arrows point down: the tokenizer builds on the pre-split module, never the other way round.
+    tree = ast.parse(open(pretokenize.__file__, encoding="utf-8").read())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in imported if name.split(".")[0] == "minillm"]
+    for name in pretokenize.__all__:
+        assert getattr(tokenizer, name) is getattr(pretokenize, name) and name in tokenizer.__all__
 
 
 # ---------------------------------------------------------------------------
