@@ -9,17 +9,35 @@ Three tokenizers, from the simplest to the ones real models use:
 ``BPETokenizer``
     Byte-level byte-pair encoding as in GPT-2 / tiktoken. Text is first cut into
     chunks by a regular expression (the "pre-split": words, numbers, punctuation
-    runs, whitespace; see :mod:`minillm.pretokenize`), each chunk becomes its UTF-8 bytes (so *every* string is
-    encodable: the base vocabulary is the 256 bytes), and then learned merges glue
-    frequent adjacent pieces into bigger tokens. Training finds the merges;
-    encoding replays them, always merging the adjacent pair whose joined bytes
-    have the lowest rank (the tiktoken algorithm), so our ranks give exactly
-    tiktoken's ids.
+    runs, whitespace; see :mod:`minillm.pretokenize`), each chunk becomes its
+    UTF-8 bytes (so *every* string is encodable: the base vocabulary is the 256
+    bytes), and then learned merges glue frequent adjacent pieces into bigger
+    tokens.
 
 ``WordPieceTokenizer``
     BERT's tokenizer: clean and lower-case the text, split on whitespace and
     punctuation, then cut each word greedily into the longest pieces found in a
     fixed vocabulary, continuation pieces spelled with a ``##`` prefix.
+
+Byte-pair encoding
+------------------
+Training starts from every chunk written as byte ids 0..255 and learns one merge
+per new id 256, 257, ...::
+
+    counts   = sum over the chunks of get_pair_counts(chunk)   # {(a, b): occurrences}
+    (a, b)   = the most frequent pair; ties go to the smallest (a, b)
+    chunks   = [merge_pair(chunk, (a, b), new_id) for chunk in chunks]
+    token[new_id] = token[a] + token[b]                          # its bytes
+
+:func:`train_bpe_naive` is that loop, word for word. :meth:`BPETokenizer.train`
+learns the same merges faster: identical chunks are counted once with their
+frequency, a merge updates only the counts of the pairs beside it, and a heap
+finds the next most frequent pair.
+
+Encoding replays the merges on each chunk's bytes: merge the adjacent pair whose
+joined bytes have the lowest rank (rank = id, so earlier merges come first;
+leftmost on ties) until no adjacent pair is a token. This is tiktoken's
+algorithm, so our ranks give exactly tiktoken's ids.
 
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
@@ -41,12 +59,13 @@ from itertools import chain
 
 import numpy as np
 
-from minillm.backend import to_numpy
+from minillm.backend import check_int_arg, is_int, to_numpy
 # The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
 from minillm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, translate_pattern
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
+    "get_pair_counts", "merge_pair", "train_bpe_naive",
     "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
 ]
 
@@ -82,6 +101,38 @@ def _check_dict_type(d, want):
         raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
     if d.get("type") != want:
         raise ValueError(f"d['type']: expected {want!r}, got {d.get('type')!r}")
+
+
+def _check_id_list(name, ids):
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of int ids, got {type(ids).__name__}")
+    if not set(map(type, ids)) <= {int} and not all(map(is_int, ids)):  # the set: a quick pass in C
+        i, bad = next((i, v) for i, v in enumerate(ids) if not is_int(v))
+        raise TypeError(f"{name}[{i}]: expected an int id, got {bad!r}")
+
+
+def _check_merge_pair(ids, pair, new_id):
+    _check_id_list("ids", ids)
+    if not (isinstance(pair, tuple) and len(pair) == 2 and is_int(pair[0]) and is_int(pair[1])):
+        raise TypeError(f"pair: expected a tuple of two int ids, got {pair!r}")
+    check_int_arg("new_id", new_id, lo=0)
+
+
+def _check_train(text, vocab_size, special_tokens):
+    """The special tokens as a list, once text, vocab_size and they are well-formed."""
+    _check_text("text", text)
+    special_tokens = list(special_tokens or [])
+    for token in special_tokens:
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"special_tokens: expected non-empty strings, got {token!r}")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"special_tokens: expected distinct tokens, got {special_tokens!r}")
+    if not is_int(vocab_size):
+        raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size: expected at least 256 (the bytes) + {len(special_tokens)} "
+                         f"(special tokens) = {256 + len(special_tokens)}, got {vocab_size}")
+    return special_tokens
 
 
 # ---------------------------------------------------------------------------
@@ -166,7 +217,89 @@ class CharTokenizer:
 
 
 # ---------------------------------------------------------------------------
-# Byte-level BPE
+# Byte-level BPE, the textbook version: count pairs, merge the most frequent, repeat
+# ---------------------------------------------------------------------------
+
+def get_pair_counts(ids):
+    """How often each adjacent pair occurs in ``ids``: a dict {(a, b): n}, in order of first occurrence.
+
+    >>> get_pair_counts([1, 2, 2, 1, 2])
+    {(1, 2): 2, (2, 2): 1, (2, 1): 1}
+
+    Overlapping pairs all count: ``[5, 5, 5]`` holds (5, 5) twice, although
+    :func:`merge_pair` can replace only one of them.
+    """
+    _check_id_list("ids", ids)
+    counts = {}
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
+
+
+def merge_pair(ids, pair, new_id):
+    """A new list: ``ids`` with every occurrence of ``pair`` replaced by ``new_id``.
+
+    The scan goes left to right and a replaced pair's ids are used up, so the
+    occurrences replaced never overlap: in a run ``a a a`` of the pair (a, a) the
+    left two merge and the third ``a`` stays.
+
+    >>> merge_pair([1, 2, 2, 1, 2], (1, 2), 256)
+    [256, 2, 256]
+    >>> merge_pair([5, 5, 5], (5, 5), 256)
+    [256, 5]
+    >>> merge_pair([5, 5, 5, 5], (5, 5), 256)
+    [256, 256]
+    """
+    _check_merge_pair(ids, pair, new_id)
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
+
+
+def train_bpe_naive(text, vocab_size, pattern="gpt2"):
+    """Learn ``vocab_size - 256`` merges from ``text``, recounting every pair before each merge.
+
+    The pre-split (``pattern``: "gpt2", "gpt4", a tiktoken-syntax regex, or None
+    for one chunk) cuts ``text`` into chunks, each written as its UTF-8 bytes.
+    Each new id (256, 257, ...) then goes to the most frequent adjacent pair over
+    all chunks, a tie going to the smallest (left id, right id), and that pair is
+    merged in every chunk. Training stops early when no pair is left (every chunk
+    is one token). Returns {(left id, right id): new id} in the order learned:
+    the same as ``BPETokenizer.train(text, vocab_size, pattern).merges``.
+
+    Wikipedia's example, one chunk (pattern=None), with a = 97, b = 98:
+
+    >>> train_bpe_naive("aaabdaaabac", 259, pattern=None)
+    {(97, 97): 256, (97, 98): 257, (256, 257): 258}
+
+    ``aa`` occurs 4 times and becomes 256 (Z): ``ZabdZabac``. Now ``ab`` and
+    ``Za`` both occur twice; (97, 98) < (256, 97), so ``ab`` becomes 257 (Y):
+    ``ZYdZYac``. Last, ``ZY`` (twice) becomes 258: ``XdXac``.
+    """
+    _check_train(text, vocab_size, [])
+    chunks = [text] if pattern is None else compile_pattern(pattern).findall(text)
+    chunk_ids = [list(chunk.encode("utf-8")) for chunk in chunks if chunk]
+    merges = {}
+    for new_id in range(256, vocab_size):
+        counts = Counter()
+        for ids in chunk_ids:
+            counts.update(get_pair_counts(ids))  # Counter.update adds the counts
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))  # the most frequent; ties: the smallest (a, b)
+        merges[pair] = new_id
+        chunk_ids = [merge_pair(ids, pair, new_id) for ids in chunk_ids]
+    return merges
+
+
+# ---------------------------------------------------------------------------
+# Byte-level BPE, the tokenizer: fast training, tiktoken's encoding, files
 # ---------------------------------------------------------------------------
 
 _BYTES = [bytes([b]) for b in range(256)]
@@ -304,10 +437,12 @@ class BPETokenizer:
     def train(cls, text, vocab_size, pattern="gpt2", special_tokens=None):
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
-        Each step merges the most frequent adjacent pair (ties: the smallest
-        (left id, right id)). Pair counts are kept incrementally: identical chunks
-        are counted once with their frequency, and a merge only revisits the chunks
-        that contain the merged pair. Special tokens are cut out of the text first
+        The merges of :func:`train_bpe_naive`: each step merges the most frequent
+        adjacent pair, a tie going to the smallest (left id, right id). The heap
+        holds (-count, left id, right id), so its smallest entry is exactly that
+        pair. Pair counts are kept incrementally: identical chunks are counted once
+        with their frequency, and a merge only revisits the chunks that contain
+        the merged pair. Special tokens are cut out of the text first
         (they never merge) and get the ids after the merges, in the order given.
         Training stops early, with a smaller vocabulary, when no pairs are left.
         """
