@@ -980,12 +980,8 @@ _TYPES = {"char": CharTokenizer, "bpe": BPETokenizer, "wordpiece": WordPieceToke
 
 def tokenizer_from_dict(d):
     """Rebuild a tokenizer from ``to_dict()``, dispatching on d["type"] ("char", "bpe", "wordpiece")."""
-    if not isinstance(d, dict):
-        raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
-    cls = _TYPES.get(d.get("type"))
-    if cls is None:
-        raise ValueError(f"d['type']: expected one of {sorted(_TYPES)}, got {d.get('type')!r}")
-    return cls.from_dict(d)
+    _check_dict_type(d, tuple(_TYPES))
+    return _TYPES[d["type"]].from_dict(d)
 
 
 # ---------------------------------------------------------------------------
@@ -1017,9 +1013,12 @@ def _ids_to_list(name, ids, vocab_size):
 
 
 def _check_dict_type(d, want):
+    """``d`` is a dict whose "type" is ``want`` (a str) or one of ``want`` (a tuple)."""
     if not isinstance(d, dict):
         raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
-    if d.get("type") != want:
+    if isinstance(want, tuple) and d.get("type") not in want:
+        raise ValueError(f"d['type']: expected one of {sorted(want)}, got {d.get('type')!r}")
+    if isinstance(want, str) and d.get("type") != want:
         raise ValueError(f"d['type']: expected {want!r}, got {d.get('type')!r}")
 
 
