@@ -9,33 +9,40 @@ Three tokenizers, from the simplest to the ones real models use:
 ``BPETokenizer``
     Byte-level byte-pair encoding as in GPT-2 / tiktoken. Text is first cut into
     chunks by a regular expression (the "pre-split": words, numbers, punctuation
-    runs, whitespace), each chunk becomes its UTF-8 bytes (so *every* string is
-    encodable: the base vocabulary is the 256 bytes), and then learned merges glue
-    frequent adjacent pieces into bigger tokens. Training finds the merges;
-    encoding replays them, always merging the adjacent pair whose joined bytes
-    have the lowest rank (the tiktoken algorithm), so our ranks give exactly
-    tiktoken's ids.
+    runs, whitespace; see :mod:`minillm.pretokenize`), each chunk becomes its
+    UTF-8 bytes (so *every* string is encodable: the base vocabulary is the 256
+    bytes), and then learned merges glue frequent adjacent pieces into bigger
+    tokens.
 
 ``WordPieceTokenizer``
     BERT's tokenizer: clean and lower-case the text, split on whitespace and
     punctuation, then cut each word greedily into the longest pieces found in a
     fixed vocabulary, continuation pieces spelled with a ``##`` prefix.
 
+Byte-pair encoding
+------------------
+Training starts from every chunk written as byte ids 0..255 and learns one merge
+per new id 256, 257, ...::
+
+    counts   = sum over the chunks of get_pair_counts(chunk)   # {(a, b): occurrences}
+    (a, b)   = the most frequent pair; ties go to the smallest (a, b)
+    chunks   = [merge_pair(chunk, (a, b), new_id) for chunk in chunks]
+    token[new_id] = token[a] + token[b]                          # its bytes
+
+:func:`train_bpe_naive` is that loop, word for word. :meth:`BPETokenizer.train`
+learns the same merges faster: identical chunks are counted once with their
+frequency, a merge updates only the counts of the pairs beside it, and a heap
+finds the next most frequent pair.
+
+Encoding replays the merges on each chunk's bytes: merge the adjacent pair whose
+joined bytes have the lowest rank (rank = id, so earlier merges come first;
+leftmost on ties) until no adjacent pair is a token. This is tiktoken's
+algorithm, so our ranks give exactly tiktoken's ids.
+
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
 ``tokenizer_from_dict(d)`` rebuilds any of them from its dict (checkpoints store
-tokenizers this way).
-
-About the pre-split regular expressions: GPT-2's pattern is written for a regex
-engine with Unicode properties (``\\p{L}`` letters, ``\\p{N}`` numbers). Python's
-``re`` has no ``\\p{..}``, and its ``\\s`` is ``str.isspace`` (which, unlike
-Unicode's White_Space property, includes the separators U+001C..U+001F). So
-:func:`translate_pattern` rewrites the pattern for ``re``: ``\\p{L}`` and
-``\\p{N}`` become explicit character ranges built from ``unicodedata`` (general
-categories L* and N*), and ``\\s``/``\\S`` become Unicode White_Space and its
-complement. The one remaining difference from tiktoken (Rust regex) is the
-Unicode *version*: Python 3.11 ships Unicode 14, so characters assigned later
-(e.g. CJK Extension H) are "unassigned" to us and may be split differently.
+tokenizers this way). The argument checks live at the end of the file.
 """
 
 from __future__ import annotations
@@ -46,53 +53,21 @@ import heapq
 import json
 import os
 import re
-import sys
 import unicodedata
 from collections import Counter, defaultdict
-from functools import lru_cache
 from itertools import chain
 
 import numpy as np
 
-from minillm.backend import to_numpy
+from minillm.backend import atomic_write, check_choice, check_int_arg, is_int, to_numpy
+# The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
+from minillm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, translate_pattern
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
+    "get_pair_counts", "merge_pair", "train_bpe_naive",
     "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
 ]
-
-
-# ---------------------------------------------------------------------------
-# Shared argument checks
-# ---------------------------------------------------------------------------
-
-def _check_text(name, text):
-    if not isinstance(text, str):
-        raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
-
-
-def _ids_to_list(name, ids, vocab_size):
-    """A list of Python ints from a list/tuple/1-D integer array, each in [0, vocab_size)."""
-    if isinstance(ids, (str, bytes)):
-        raise TypeError(f"{name}: expected a sequence of integer ids, got {type(ids).__name__}")
-    arr = to_numpy(ids) if hasattr(ids, "shape") else np.asarray(list(ids))
-    if arr.size == 0:
-        return []
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name}: expected integer ids, got dtype {arr.dtype}")
-    if arr.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D sequence of ids, got shape {tuple(arr.shape)}")
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(f"{name}: expected ids in [0, {vocab_size}), got {lo if lo < 0 else hi}")
-    return arr.tolist()
-
-
-def _check_dict_type(d, want):
-    if not isinstance(d, dict):
-        raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
-    if d.get("type") != want:
-        raise ValueError(f"d['type']: expected {want!r}, got {d.get('type')!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -107,38 +82,17 @@ class CharTokenizer:
     """
 
     def __init__(self, vocab, unk=None):
-        if isinstance(vocab, str):
-            raise TypeError("vocab: expected a list of tokens, got a str (use CharTokenizer.from_text(text))")
-        vocab = list(vocab)
-        for i, t in enumerate(vocab):
-            if not isinstance(t, str) or not t:
-                raise TypeError(f"vocab[{i}]: expected a non-empty str, got {t!r}")
-        if unk is not None:
-            if not isinstance(unk, str) or not unk:
-                raise TypeError(f"unk: expected None or a non-empty str, got {unk!r}")
-            if unk not in vocab:
-                vocab.append(unk)
-        if not vocab:
-            raise ValueError("vocab: expected at least one token, got an empty vocabulary")
-        if len(set(vocab)) != len(vocab):
-            dup = next(t for t, c in Counter(vocab).items() if c > 1)
-            raise ValueError(f"vocab: expected unique tokens, got {dup!r} more than once")
+        vocab = _check_char_vocab(vocab, unk)  # list(vocab), plus unk if it was absent
         self.vocab = vocab
         self.unk = unk
-        self._stoi = {t: i for i, t in enumerate(vocab)}
-        self.unk_id = None if unk is None else self._stoi[unk]
+        self._id_of = {token: i for i, token in enumerate(vocab)}
+        self.unk_id = None if unk is None else self._id_of[unk]
 
     @classmethod
     def from_text(cls, text, unk=None):
         """The sorted unique characters of ``text`` (plus ``unk`` if given) as the vocabulary."""
-        _check_text("text", text)
-        if not text:
-            raise ValueError("text: expected a non-empty str to build a vocabulary from, got ''")
-        chars = set(text)
-        if unk is not None:
-            if not isinstance(unk, str) or not unk:
-                raise TypeError(f"unk: expected None or a non-empty str, got {unk!r}")
-            chars.add(unk)
+        _check_char_from_text(text, unk)
+        chars = set(text) if unk is None else set(text) | {unk}
         return cls(sorted(chars), unk=unk)
 
     @property
@@ -149,16 +103,10 @@ class CharTokenizer:
         """text (str) -> list of ids, one per character."""
         _check_text("text", text)
         try:
-            return list(map(self._stoi.__getitem__, text))
+            return list(map(self._id_of.__getitem__, text))  # every character known: one C loop
         except KeyError:
-            pass
-        if self.unk_id is None:
-            i, c = next((i, c) for i, c in enumerate(text) if c not in self._stoi)
-            raise ValueError(f"text: character {c!r} (U+{ord(c):04X}) at index {i} is not in the "
-                             f"vocabulary of {len(self.vocab)} characters; build the tokenizer with "
-                             "unk=... to map unknown characters to one token")
-        get, u = self._stoi.get, self.unk_id
-        return [get(c, u) for c in text]
+            self._check_known_characters(text)  # an unknown character is an error unless unk is set
+        return [self._id_of.get(char, self.unk_id) for char in text]
 
     def decode(self, ids):
         """list/array of ids -> str."""
@@ -175,185 +123,98 @@ class CharTokenizer:
     def __repr__(self):
         return f"CharTokenizer(vocab_size={self.vocab_size}, unk={self.unk!r})"
 
+    def _check_known_characters(self, text):
+        if self.unk_id is None:
+            i, char = next((i, char) for i, char in enumerate(text) if char not in self._id_of)
+            raise ValueError(f"text: character {char!r} (U+{ord(char):04X}) at index {i} is not in the "
+                             f"vocabulary of {len(self.vocab)} characters; build the tokenizer with "
+                             "unk=... to map unknown characters to one token")
+
 
 # ---------------------------------------------------------------------------
-# Pre-split patterns (written in tiktoken's regex syntax, translated for `re`)
+# Byte-level BPE, the textbook version: count pairs, merge the most frequent, repeat
 # ---------------------------------------------------------------------------
 
-# GPT-2: contractions, optional-space + letters, optional-space + numbers,
-# optional-space + other symbols, whitespace (leaving the last space to the next word).
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most
-# three digits, newlines kept apart from other whitespace.
-GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+def get_pair_counts(ids):
+    """How often each adjacent pair occurs in ``ids``: a dict {(a, b): n}, in order of first occurrence.
 
-# Unicode's White_Space property (what Rust's \s means); Python's \s would add U+001C..U+001F.
-_WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    >>> get_pair_counts([1, 2, 2, 1, 2])
+    {(1, 2): 2, (2, 2): 1, (2, 1): 1}
 
-
-@lru_cache(maxsize=None)
-def _category_table():
-    """(0x110000, 2) uint8: the two ASCII letters of every code point's general category."""
-    cats = "".join(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))))
-    return np.frombuffer(cats.encode("ascii"), dtype=np.uint8).reshape(-1, 2)
-
-
-@lru_cache(maxsize=None)
-def _category_ranges(prefix):
-    """Sorted (lo, hi) code-point ranges whose general category starts with ``prefix`` ("L", "N", "Lu", ...)."""
-    table = _category_table()
-    mask = table[:, 0] == ord(prefix[0])
-    if len(prefix) > 1:
-        mask &= table[:, 1] == ord(prefix[1])
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.view(np.int8), [0]))))
-    return tuple((int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2]))
-
-
-def _body(ranges):
-    esc = "\\U{:08x}".format
-    return "".join(esc(a) if a == b else f"{esc(a)}-{esc(b)}" for a, b in ranges)
-
-
-def _class_regex(negated, raw, ranges):
-    """A fast ``re`` fragment for the class [^? raw + ranges], raw being BMP-only class text.
-
-    ``re`` turns the BMP part of a class into a bitmap (one lookup), but checks
-    astral ranges one by one; a class holding \\p{L}'s ~200 astral ranges would
-    do that at every failed position. So the BMP part and the astral part go into
-    two alternatives, each of which rejects the other plane group in one lookup.
+    Overlapping pairs all count: ``[5, 5, 5]`` holds (5, 5) twice, although
+    :func:`merge_pair` can replace only one of them.
     """
-    bmp, astral = [], []
-    for a, b in ranges:
-        if a <= 0xFFFF:
-            bmp.append((a, min(b, 0xFFFF)))
-        if b > 0xFFFF:
-            astral.append((max(a, 0x10000), b))
-    bmp_body = raw + _body(bmp)
-    if not astral:
-        if not bmp_body:
-            return "[^\\x00-\\U0010ffff]" if not negated else "[\\x00-\\U0010ffff]"
-        return f"[^{bmp_body}]" if negated else f"[{bmp_body}]"
-    if negated:
-        first = f"[^{bmp_body}\\U00010000-\\U0010ffff]"
-        second = f"[^\\x00-\\uffff{_body(astral)}]"
-    else:
-        comp, lo = [], 0x10000
-        for a, b in sorted(astral):
-            if a > lo:
-                comp.append((lo, a - 1))
-            lo = max(lo, b + 1)
-        if lo <= sys.maxunicode:
-            comp.append((lo, sys.maxunicode))
-        first = f"[{bmp_body}]" if bmp_body else None
-        second = f"[^\\x00-\\uffff{_body(comp)}]"
-        if first is None:
-            return second
-    return f"(?:{first}|{second})"
+    _check_id_list("ids", ids)
+    counts = {}
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + 1
+    return counts
 
 
-def _prop_ranges(pattern, i):
-    """Parse \\p{X} / \\pX at ``i`` -> (ranges, index after it)."""
-    e = pattern[i + 1]
-    if pattern[i + 2:i + 3] == "{":
-        j = pattern.find("}", i)
-        if j < 0:
-            raise ValueError(f"pattern: unterminated \\{e}{{ at position {i}")
-        name, end = pattern[i + 3:j], j + 1
-    else:
-        name, end = pattern[i + 2:i + 3], i + 3
-    if not re.fullmatch(r"[A-Z][a-z]?", name or ""):
-        raise ValueError(f"pattern: unsupported Unicode class \\{e}{{{name}}} at position {i} "
-                         "(only general categories such as L, N, Lu are supported)")
-    return _category_ranges(name), end
+def merge_pair(ids, pair, new_id):
+    """A new list: ``ids`` with every occurrence of ``pair`` replaced by ``new_id``.
 
+    The scan goes left to right and a replaced pair's ids are used up, so the
+    occurrences replaced never overlap: in a run ``a a a`` of the pair (a, a) the
+    left two merge and the third ``a`` stays.
 
-def _parse_class(pattern, i):
-    """Parse the class starting at ``pattern[i] == '['`` -> (negated, raw BMP text, ranges, end index)."""
-    k, n = i + 1, len(pattern)
-    negated = pattern[k:k + 1] == "^"
-    k += negated
-    raw, ranges = [], []
-    if pattern[k:k + 1] == "]":  # a leading ']' is a literal
-        raw.append("\\]")
-        k += 1
-    while k < n and pattern[k] != "]":
-        c = pattern[k]
-        if c == "\\" and k + 1 < n:
-            e = pattern[k + 1]
-            if e == "p":
-                r, k = _prop_ranges(pattern, k)
-                ranges.extend(r)
-                continue
-            if e == "s":
-                raw.append(_WHITE_SPACE)
-            elif e in "PSdDwWU":
-                raise ValueError(f"pattern: \\{e} inside a character class is not supported (position {k})")
-            else:
-                raw.append(pattern[k:k + 2])
-            k += 2
-            continue
-        if c == "[":
-            raise ValueError(f"pattern: nested character classes are not supported (position {k})")
-        if ord(c) > 0xFFFF:
-            raise ValueError(f"pattern: a literal beyond U+FFFF inside a character class is not supported "
-                             f"(position {k})")
-        raw.append(c)
-        k += 1
-    if k >= n:
-        raise ValueError(f"pattern: unterminated character class at position {i}")
-    return negated, "".join(raw), ranges, k + 1
-
-
-def translate_pattern(pattern):
-    """Rewrite a pre-split pattern in tiktoken/Rust syntax for Python's ``re``.
-
-    ``\\p{X}`` / ``\\pX`` (X a general category or its first letter, also inside
-    classes) become explicit code-point ranges from ``unicodedata``; ``\\s`` /
-    ``\\S`` become Unicode White_Space and its complement. On Python < 3.11
-    possessive quantifiers (``?+``, ``++``, ``*+``) lose their ``+``, which is
-    equivalent for GPT2_PATTERN and GPT4_PATTERN (their possessive parts cannot
-    backtrack into a different match anyway).
+    >>> merge_pair([1, 2, 2, 1, 2], (1, 2), 256)
+    [256, 2, 256]
+    >>> merge_pair([5, 5, 5], (5, 5), 256)
+    [256, 5]
+    >>> merge_pair([5, 5, 5, 5], (5, 5), 256)
+    [256, 256]
     """
-    if not isinstance(pattern, str):
-        raise TypeError(f"pattern: expected a str, got {type(pattern).__name__}")
-    out, i, n = [], 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if c == "[":
-            negated, raw, ranges, i = _parse_class(pattern, i)
-            out.append(_class_regex(negated, raw, ranges))
-            continue
-        if c == "\\" and i + 1 < n:
-            e = pattern[i + 1]
-            if e in "pP":
-                ranges, i = _prop_ranges(pattern, i)
-                out.append(_class_regex(e == "P", "", ranges))
-                continue
-            if e in "sS":
-                out.append(_class_regex(e == "S", _WHITE_SPACE, []))
-            else:
-                out.append(pattern[i:i + 2])
+    _check_merge_pair(ids, pair, new_id)
+    merged, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and (ids[i], ids[i + 1]) == pair:
+            merged.append(new_id)
             i += 2
-            continue
-        if c in "?*+}" and pattern[i + 1:i + 2] == "+" and sys.version_info < (3, 11):
-            out.append(c)  # a possessive quantifier: keep it greedy, drop the '+' re < 3.11 rejects
-            i += 2
-            continue
-        out.append(c)
-        i += 1
-    return "".join(out)
+        else:
+            merged.append(ids[i])
+            i += 1
+    return merged
 
 
-@lru_cache(maxsize=16)
-def compile_pattern(pattern):
-    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string."""
-    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern)))
+def train_bpe_naive(text, vocab_size, pattern="gpt2"):
+    """Learn ``vocab_size - 256`` merges from ``text``, recounting every pair before each merge.
+
+    The pre-split (``pattern``: "gpt2", "gpt4", a tiktoken-syntax regex, or None
+    for one chunk) cuts ``text`` into chunks, each written as its UTF-8 bytes.
+    Each new id (256, 257, ...) then goes to the most frequent adjacent pair over
+    all chunks, a tie going to the smallest (left id, right id), and that pair is
+    merged in every chunk. Training stops early when no pair is left (every chunk
+    is one token). Returns {(left id, right id): new id} in the order learned:
+    the same as ``BPETokenizer.train(text, vocab_size, pattern).merges``.
+
+    Wikipedia's example, one chunk (pattern=None), with a = 97, b = 98:
+
+    >>> train_bpe_naive("aaabdaaabac", 259, pattern=None)
+    {(97, 97): 256, (97, 98): 257, (256, 257): 258}
+
+    ``aa`` occurs 4 times and becomes 256 (Z): ``ZabdZabac``. Now ``ab`` and
+    ``Za`` both occur twice; (97, 98) < (256, 97), so ``ab`` becomes 257 (Y):
+    ``ZYdZYac``. Last, ``ZY`` (twice) becomes 258: ``XdXac``.
+    """
+    _check_train(text, vocab_size, [])
+    chunks = [text] if pattern is None else compile_pattern(pattern).findall(text)
+    chunk_ids = [list(chunk.encode("utf-8")) for chunk in chunks if chunk]
+    merges = {}
+    for new_id in range(256, vocab_size):
+        counts = Counter()
+        for ids in chunk_ids:
+            counts.update(get_pair_counts(ids))  # Counter.update adds the counts
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))  # the most frequent; ties: the smallest (a, b)
+        merges[pair] = new_id
+        chunk_ids = [merge_pair(ids, pair, new_id) for ids in chunk_ids]
+    return merges
 
 
 # ---------------------------------------------------------------------------
-# Byte-level BPE
+# Byte-level BPE, the tokenizer: fast training, tiktoken's encoding, files
 # ---------------------------------------------------------------------------
 
 _BYTES = [bytes([b]) for b in range(256)]
@@ -361,42 +222,6 @@ _INF = float("inf")
 _UNSET = object()
 _LONG_PIECE = 128       # above this many bytes, the heap version of the merge loop
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
-
-
-def _merge_word(word, a, b, new, f, delta, where, wi):
-    """Replace every non-overlapping (a, b) in ``word``, left to right, by ``new``.
-
-    Only the pairs next to a merge change, so only they are counted: ``delta[pair]``
-    gets -f for each pair that disappears and +f for each that appears (f = the
-    chunk's frequency), and chunk ``wi`` is indexed under each new pair.
-    """
-    out, i, n = [], 0, len(word)
-    prev_merged = False
-    while i < n:
-        if word[i] == a and i + 1 < n and word[i + 1] == b:
-            delta[(a, b)] -= f
-            if out:
-                if prev_merged:  # ... new a b: the (b, a) between was counted off by the previous merge
-                    p = (new, new)
-                else:
-                    delta[(word[i - 1], a)] -= f
-                    p = (word[i - 1], new)
-                delta[p] += f
-                where[p].add(wi)
-            if i + 2 < n:
-                c = word[i + 2]
-                delta[(b, c)] -= f
-                if not (c == a and i + 3 < n and word[i + 3] == b):  # else the next merge adds (new, new)
-                    delta[(new, c)] += f
-                    where[(new, c)].add(wi)
-            out.append(new)
-            i += 2
-            prev_merged = True
-        else:
-            out.append(word[i])
-            i += 1
-            prev_merged = False
-    return out
 
 
 class BPETokenizer:
@@ -410,47 +235,24 @@ class BPETokenizer:
     """
 
     def __init__(self, ranks, pattern="gpt2", special_tokens=None, merges=None):
-        if not isinstance(ranks, dict):
-            raise TypeError(f"ranks: expected a dict of bytes -> int, got {type(ranks).__name__}")
-        for tok, r in ranks.items():
-            if not isinstance(tok, bytes) or not tok:
-                raise TypeError(f"ranks: expected non-empty bytes keys, got {tok!r}")
-            if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 0:
-                raise TypeError(f"ranks[{tok!r}]: expected a non-negative int, got {r!r}")
-        missing = [b for b in _BYTES if b not in ranks]
-        if missing:
-            raise ValueError(f"ranks: expected all 256 single bytes (byte-level BPE must encode any text), "
-                             f"missing {len(missing)}, e.g. {missing[0]!r}")
-        if len(set(ranks.values())) != len(ranks):
-            dup = next(r for r, c in Counter(ranks.values()).items() if c > 1)
-            raise ValueError(f"ranks: expected distinct ranks, got rank {dup} more than once")
-        special_tokens = dict(special_tokens or {})
-        for s, i in special_tokens.items():
-            if not isinstance(s, str) or not s:
-                raise TypeError(f"special_tokens: expected non-empty str keys, got {s!r}")
-            if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or i < 0:
-                raise TypeError(f"special_tokens[{s!r}]: expected a non-negative int id, got {i!r}")
-        taken = set(ranks.values())
-        for s, i in special_tokens.items():
-            if i in taken:
-                raise ValueError(f"special_tokens[{s!r}]: id {i} is already used by another token")
-            taken.add(i)
-        if pattern is not None and not isinstance(pattern, str):
-            raise TypeError(f"pattern: expected 'gpt2', 'gpt4', a regex str or None, got {type(pattern).__name__}")
-        self.ranks = {bytes(k): int(v) for k, v in ranks.items()}
-        self.special_tokens = {s: int(i) for s, i in special_tokens.items()}
+        special_tokens = _check_bpe_init(ranks, pattern, special_tokens)  # as a dict
+        self.ranks = {bytes(token): int(rank) for token, rank in ranks.items()}
+        self.special_tokens = {token: int(i) for token, i in special_tokens.items()}
         self.pattern = pattern
         self._split = None if pattern is None else compile_pattern(pattern).findall
-        self.vocab_size = max(taken) + 1
-        decoder = [None] * self.vocab_size
-        for tok, r in self.ranks.items():
-            decoder[r] = tok
-        for s, i in self.special_tokens.items():
-            decoder[i] = s.encode("utf-8")
-        self._decoder = decoder
+        self.vocab_size = max(chain(self.ranks.values(), self.special_tokens.values())) + 1
+        self._decoder = self._id_to_bytes()  # list: id -> bytes, None for an id no token has
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
-        self._cache = {}
-        self._special_re_cache = {}
+        self._cache = {}             # chunk str -> tuple of ids
+        self._special_re_cache = {}  # frozenset of special tokens -> compiled alternation
+
+    def _id_to_bytes(self):
+        decoder = [None] * self.vocab_size
+        for token, rank in self.ranks.items():
+            decoder[rank] = token
+        for token, i in self.special_tokens.items():
+            decoder[i] = token.encode("utf-8")
+        return decoder
 
     # -- properties -----------------------------------------------------------
 
@@ -469,20 +271,18 @@ class BPETokenizer:
         """
         if self._merges is None:
             merges = {}
-            for tok, r in sorted(self.ranks.items(), key=lambda kv: kv[1]):
-                if len(tok) < 2:
+            for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]):
+                if len(token) < 2:
                     continue
-                parts = self._bpe_parts(tok, max_rank=r)
+                parts = self._bpe_parts(token, max_rank=rank)
                 if len(parts) == 2:
-                    merges[(self.ranks[parts[0]], self.ranks[parts[1]])] = r
+                    merges[(self.ranks[parts[0]], self.ranks[parts[1]])] = rank
             self._merges = merges
         return self._merges
 
     def token_bytes(self, i):
         """The bytes of token id ``i``."""
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.vocab_size \
-                or self._decoder[i] is None:
-            raise ValueError(f"i: expected a token id of this tokenizer, got {i!r}")
+        self._check_token_id("i", i)
         return self._decoder[i]
 
     # -- training -------------------------------------------------------------
@@ -491,178 +291,129 @@ class BPETokenizer:
     def train(cls, text, vocab_size, pattern="gpt2", special_tokens=None):
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
-        Each step merges the most frequent adjacent pair (ties: the smallest
-        (left id, right id)). Pair counts are kept incrementally: identical chunks
-        are counted once with their frequency, and a merge only revisits the chunks
-        that contain the merged pair. Special tokens are cut out of the text first
-        (they never merge) and get the ids after the merges, in the order given.
-        Training stops early, with a smaller vocabulary, when no pairs are left.
+        The merges of :func:`train_bpe_naive`: each step merges the most frequent
+        adjacent pair, a tie going to the smallest (left id, right id). The heap
+        holds (-count, left id, right id), so its smallest entry is exactly that
+        pair. Pair counts are kept incrementally: identical chunks are counted once
+        with their frequency, and a merge only revisits the chunks that contain
+        the merged pair. Special tokens are cut out of the text first (they never
+        merge) and get the ids after the merges, in the order given. Training stops
+        early, with a smaller vocabulary, when no pairs are left.
         """
-        _check_text("text", text)
-        special_tokens = list(special_tokens or [])
-        for s in special_tokens:
-            if not isinstance(s, str) or not s:
-                raise TypeError(f"special_tokens: expected non-empty strings, got {s!r}")
-        if len(set(special_tokens)) != len(special_tokens):
-            raise ValueError(f"special_tokens: expected distinct tokens, got {special_tokens!r}")
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)):
-            raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
-        if vocab_size < 256 + len(special_tokens):
-            raise ValueError(f"vocab_size: expected at least 256 (the bytes) + {len(special_tokens)} "
-                             f"(special tokens) = {256 + len(special_tokens)}, got {vocab_size}")
-        split = (lambda s: [s] if s else []) if pattern is None else compile_pattern(pattern).findall
-
-        # 1. Pre-split and count identical chunks once.
-        counts = Counter()
-        pieces = [text]
-        if special_tokens:
-            pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
-        for piece in pieces:
-            counts.update(split(piece))
-        words = [list(w.encode("utf-8")) for w in counts]
-        freqs = list(counts.values())
-
-        # 2. Initial pair counts, and for each pair the chunks it occurs in.
-        pair_counts = defaultdict(int)
-        where = defaultdict(set)
-        for wi, w in enumerate(words):
-            f = freqs[wi]
-            for p in zip(w, w[1:]):
-                pair_counts[p] += f
-                where[p].add(wi)
-        # Max-heap of (count, pair) by pushing (-count, a, b); stale entries are skipped on pop.
-        heap = [(-c, a, b) for (a, b), c in pair_counts.items()]
-        heapq.heapify(heap)
-
-        token = list(_BYTES)
-        merges = {}
-        n_merges = vocab_size - 256 - len(special_tokens)
-        for new in range(256, 256 + n_merges):
-            while heap:
-                negc, a, b = heapq.heappop(heap)
-                if pair_counts.get((a, b)) == -negc:
-                    break
-            else:
-                break  # no pairs left: every chunk is a single token
-            merges[(a, b)] = new
-            token.append(token[a] + token[b])
-            # 3. Re-count only the chunks that contain (a, b).
-            delta = defaultdict(int)
-            for wi in where.pop((a, b)):
-                # Chunks listed under (a, b) may no longer contain it (an earlier merge took
-                # those bytes); merging them then changes nothing and counts nothing.
-                words[wi] = _merge_word(words[wi], a, b, new, freqs[wi], delta, where, wi)
-            for p, d in delta.items():
-                if d:
-                    c = pair_counts[p] + d
-                    if c > 0:
-                        pair_counts[p] = c
-                        heapq.heappush(heap, (-c, p[0], p[1]))
-                    else:
-                        del pair_counts[p]
-        ranks = {t: i for i, t in enumerate(token)}
-        specials = {s: len(token) + k for k, s in enumerate(special_tokens)}
-        return cls(ranks, pattern=pattern, special_tokens=specials, merges=merges)
+        special_tokens = _check_train(text, vocab_size, special_tokens)  # as a list
+        chunk_counts = _count_chunks(text, pattern, special_tokens)     # {chunk: occurrences}
+        merges = _learn_merges([list(chunk.encode("utf-8")) for chunk in chunk_counts],
+                               list(chunk_counts.values()), n_merges=vocab_size - 256 - len(special_tokens))
+        tokens = list(_BYTES)
+        for a, b in merges:  # in id order: 256, 257, ...
+            tokens.append(tokens[a] + tokens[b])
+        ranks = {token: rank for rank, token in enumerate(tokens)}
+        special_ids = {token: len(tokens) + k for k, token in enumerate(special_tokens)}
+        return cls(ranks, pattern=pattern, special_tokens=special_ids, merges=merges)
 
     # -- encoding -------------------------------------------------------------
 
     def _bpe_parts(self, piece, max_rank=None):
         """The BPE pieces (bytes) of ``piece``: merge the lowest-rank adjacent pair (leftmost on ties) until none."""
-        get = self.ranks.get
-        if max_rank is not None:  # pretend only the tokens ranked below max_rank exist
-            def get(key, default=None, _get=self.ranks.get):
-                r = _get(key)
-                return default if r is None or r >= max_rank else r
+        if max_rank is None:
+            rank_of = self.ranks.get
+        else:  # pretend only the tokens ranked below max_rank exist
+            def rank_of(key, default=None, _get=self.ranks.get):
+                rank = _get(key)
+                return default if rank is None or rank >= max_rank else rank
         parts = list(map(_BYTES.__getitem__, piece))
         if len(parts) > _LONG_PIECE:
-            return self._bpe_parts_long(piece, get)
-        pr = [get(x + y, _INF) for x, y in zip(parts, parts[1:])]
-        while pr:
-            m = min(pr)
-            if m == _INF:
+            return self._bpe_parts_long(piece, rank_of)
+        pair_ranks = [rank_of(x + y, _INF) for x, y in zip(parts, parts[1:])]  # pair_ranks[i]: parts i, i + 1
+        while pair_ranks:
+            lowest = min(pair_ranks)
+            if lowest == _INF:
                 break
-            i = pr.index(m)  # leftmost lowest rank, as tiktoken
+            i = pair_ranks.index(lowest)  # leftmost lowest rank, as tiktoken
             parts[i] += parts[i + 1]
             del parts[i + 1]
-            del pr[i]
+            del pair_ranks[i]
             if i:
-                pr[i - 1] = get(parts[i - 1] + parts[i], _INF)
-            if i < len(pr):
-                pr[i] = get(parts[i] + parts[i + 1], _INF)
+                pair_ranks[i - 1] = rank_of(parts[i - 1] + parts[i], _INF)
+            if i < len(pair_ranks):
+                pair_ranks[i] = rank_of(parts[i] + parts[i + 1], _INF)
         return parts
 
     @staticmethod
-    def _bpe_parts_long(piece, get):
+    def _bpe_parts_long(piece, rank_of):
         """Same result as the list version, O(n log n): a heap of candidate pairs over a linked list."""
         n = len(piece)
-        nxt = list(range(1, n + 1))          # nxt[s]: start of the part after the part starting at s
-        prv = list(range(-1, n - 1))
-        alive = [True] * n
-        heap = []
+        next_start = list(range(1, n + 1))  # next_start[s]: start of the part after the part starting at s
+        prev_start = list(range(-1, n - 1))
+        alive = [True] * n                  # alive[s]: a part starts at s
+        heap = []                           # (rank, left start, right start, end of right)
         for s in range(n - 1):
-            r = get(piece[s:s + 2])
-            if r is not None:
-                heap.append((r, s, s + 1, s + 2))
+            rank = rank_of(piece[s:s + 2])
+            if rank is not None:
+                heap.append((rank, s, s + 1, s + 2))
         heapq.heapify(heap)
         while heap:
-            r, s, m, e = heapq.heappop(heap)
-            if not (alive[s] and alive[m] and nxt[s] == m and nxt[m] == e):
+            rank, start, mid, end = heapq.heappop(heap)
+            if not (alive[start] and alive[mid] and next_start[start] == mid and next_start[mid] == end):
                 continue  # the pair changed since this entry was pushed
-            alive[m] = False
-            nxt[s] = e
-            if e < n:
-                prv[e] = s
-                r2 = get(piece[s:nxt[e]])
-                if r2 is not None:
-                    heapq.heappush(heap, (r2, s, e, nxt[e]))
-            p = prv[s]
-            if p >= 0:
-                r2 = get(piece[p:e])
-                if r2 is not None:
-                    heapq.heappush(heap, (r2, p, s, e))
-        parts, s = [], 0
-        while s < n:
-            parts.append(piece[s:nxt[s]])
-            s = nxt[s]
+            alive[mid] = False
+            next_start[start] = end
+            if end < n:
+                prev_start[end] = start
+                right_rank = rank_of(piece[start:next_start[end]])
+                if right_rank is not None:
+                    heapq.heappush(heap, (right_rank, start, end, next_start[end]))
+            before = prev_start[start]
+            if before >= 0:
+                left_rank = rank_of(piece[before:end])
+                if left_rank is not None:
+                    heapq.heappush(heap, (left_rank, before, start, end))
+        parts, start = [], 0
+        while start < n:
+            parts.append(piece[start:next_start[start]])
+            start = next_start[start]
         return parts
 
     def _encode_chunk(self, chunk):
         piece = chunk.encode("utf-8")
-        r = self.ranks.get(piece)
-        if r is not None:  # a whole chunk that is one token (tiktoken's shortcut)
-            return (r,)
+        rank = self.ranks.get(piece)
+        if rank is not None:  # a whole chunk that is one token (tiktoken's shortcut)
+            return (rank,)
         return tuple(map(self.ranks.__getitem__, self._bpe_parts(piece)))
 
     def encode_ordinary(self, text):
         """text -> ids, treating special-token strings as plain text."""
         _check_text("text", text)
-        if not text:
-            return []
         try:
-            if self._split is None:
-                return list(self._encode_chunk(text))
-            chunks = self._split(text)
-            cache = self._cache
-            try:  # the common case once warm: every chunk already known, all in C loops
-                return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-            except KeyError:
-                pass
-            if len(cache) > _CACHE_LIMIT:
-                cache.clear()
-            for ch in set(chunks).difference(cache):
-                cache[ch] = self._encode_chunk(ch)
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
-        except UnicodeEncodeError as err:
+            return self._encode_ordinary(text)
+        except UnicodeEncodeError as err:  # found while encoding, so that valid text pays nothing for it
             raise ValueError(f"text: expected encodable Unicode text, got a lone surrogate "
                              f"{text[err.start]!r} at index {err.start}") from None
 
+    def _encode_ordinary(self, text):
+        if not text:
+            return []
+        if self._split is None:
+            return list(self._encode_chunk(text))
+        chunks = self._split(text)
+        cache = self._cache
+        try:  # the common case once warm: every chunk already known, all in C loops
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:
+            pass
+        if len(cache) > _CACHE_LIMIT:
+            cache.clear()
+        for chunk in set(chunks).difference(cache):
+            cache[chunk] = self._encode_chunk(chunk)
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
     def _special_regex(self, tokens):
         key = frozenset(tokens)
-        rx = self._special_re_cache.get(key)
-        if rx is None:
-            alts = "|".join(map(re.escape, sorted(tokens, key=lambda s: (-len(s), s))))
-            rx = self._special_re_cache[key] = re.compile(f"({alts})")
-        return rx
+        regex = self._special_re_cache.get(key)
+        if regex is None:
+            alternatives = "|".join(map(re.escape, sorted(tokens, key=lambda s: (-len(s), s))))
+            regex = self._special_re_cache[key] = re.compile(f"({alternatives})")
+        return regex
 
     def encode(self, text, allowed_special=(), disallowed_special="all"):
         """text -> ids. Special tokens are recognised only where allowed (tiktoken's rules).
@@ -673,39 +424,25 @@ class BPETokenizer:
         from users cannot smuggle in control tokens. Pass ``disallowed_special=()``
         to encode them as plain text instead.
         """
-        _check_text("text", text)
-        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
-        unknown = allowed - set(self.special_tokens)
-        if unknown:
-            raise ValueError(f"allowed_special: expected special tokens of this tokenizer "
-                             f"{sorted(self.special_tokens)}, got unknown {sorted(unknown)}")
-        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
-                      else set(disallowed_special))
-        if disallowed:
-            m = self._special_regex(disallowed).search(text)
-            if m:
-                raise ValueError(f"text: contains the special token {m.group()!r} at index {m.start()}; "
-                                 f"pass allowed_special={{{m.group()!r}}} (or 'all') to encode it as a "
-                                 "special token, or disallowed_special=() to encode it as plain text")
+        allowed = self._check_encode(text, allowed_special, disallowed_special)  # the allowed set
         if not allowed:
             return self.encode_ordinary(text)
-        out = []
-        parts = self._special_regex(allowed).split(text)
+        ids = []
+        parts = self._special_regex(allowed).split(text)  # text, special, text, special, ..., text
         for k, part in enumerate(parts):
             if k % 2:
-                out.append(self.special_tokens[part])
+                ids.append(self.special_tokens[part])
             elif part:
-                out.extend(self.encode_ordinary(part))
-        return out
+                ids.extend(self.encode_ordinary(part))
+        return ids
 
     def decode_bytes(self, ids):
         """ids -> the concatenated token bytes."""
-        dec = self._decoder
         ids = _ids_to_list("ids", ids, self.vocab_size)
         try:
-            return b"".join(map(dec.__getitem__, ids))
-        except TypeError:
-            bad = next(i for i in ids if dec[i] is None)
+            return b"".join(map(self._decoder.__getitem__, ids))
+        except TypeError:  # a None joined: an id in a gap of the ranks (found only then, at no cost)
+            bad = next(i for i in ids if self._decoder[i] is None)
             raise ValueError(f"ids: id {bad} is not assigned to any token (a gap in the ranks)") from None
 
     def decode(self, ids, errors="replace"):
@@ -721,11 +458,12 @@ class BPETokenizer:
     def save(self, path):
         """Write ``path`` in tiktoken's ranks format and ``path + '.json'`` with the pattern and special tokens."""
         path = os.fspath(path)
-        lines = "".join(f"{base64.b64encode(t).decode('ascii')} {r}\n"
-                        for t, r in sorted(self.ranks.items(), key=lambda kv: kv[1]))
+        ranks_text = "".join(f"{base64.b64encode(token).decode('ascii')} {rank}\n"
+                             for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1]))
         meta = {"type": "bpe", "pattern": self.pattern, "special_tokens": self.special_tokens}
-        _atomic_write(path, lines)
-        _atomic_write(path + ".json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+        meta_text = json.dumps(meta, indent=1, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda f: f.write(ranks_text.encode("utf-8")))
+        atomic_write(path + ".json", lambda f: f.write(meta_text.encode("utf-8")))
 
     @classmethod
     def load(cls, path, pattern=_UNSET, special_tokens=_UNSET):
@@ -735,21 +473,8 @@ class BPETokenizer:
         ``path + '.json'`` if it exists, else pattern "gpt2" and no special tokens.
         """
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as err:
-            raise ValueError(f"path: cannot read ranks file {path!r}: {err.strerror}") from None
-        ranks = _parse_ranks(raw, path)
-        meta = {}
-        if os.path.exists(path + ".json"):
-            try:
-                with open(path + ".json", encoding="utf-8") as f:
-                    meta = json.load(f)
-                if not isinstance(meta, dict):
-                    raise ValueError("expected a JSON object")
-            except (ValueError, UnicodeDecodeError) as err:
-                raise ValueError(f"path: corrupt metadata file {path + '.json'!r}: {err}") from None
+        ranks = _parse_ranks(_read_ranks_file(path), path)
+        meta = _read_meta_file(path + ".json")
         if pattern is _UNSET:
             pattern = meta.get("pattern", "gpt2")
         if special_tokens is _UNSET:
@@ -758,18 +483,14 @@ class BPETokenizer:
 
     def to_dict(self):
         return {"type": "bpe", "pattern": self.pattern,
-                "ranks": {base64.b64encode(t).decode("ascii"): r for t, r in self.ranks.items()},
+                "ranks": {base64.b64encode(token).decode("ascii"): rank for token, rank in self.ranks.items()},
                 "special_tokens": dict(self.special_tokens),
                 "merges": None if self._merges is None else [[a, b, c] for (a, b), c in self._merges.items()]}
 
     @classmethod
     def from_dict(cls, d):
         _check_dict_type(d, "bpe")
-        try:
-            ranks = {base64.b64decode(k, validate=True): int(v) for k, v in d["ranks"].items()}
-        except (binascii.Error, ValueError, TypeError, AttributeError, KeyError) as err:
-            raise ValueError(f"d['ranks']: expected a dict of base64 token -> rank, got a corrupt entry ({err})") \
-                from None
+        ranks = _decode_dict_ranks(d)
         merges = d.get("merges")
         merges = None if merges is None else {(a, b): c for a, b, c in merges}
         return cls(ranks, pattern=d.get("pattern", "gpt2"), special_tokens=d.get("special_tokens") or {},
@@ -779,9 +500,168 @@ class BPETokenizer:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, pattern={self.pattern!r}, "
                 f"special_tokens={self.special_tokens!r})")
 
+    # -- checks that need the tokenizer ----------------------------------------
+
+    def _check_token_id(self, name, i):
+        if not (is_int(i) and 0 <= i < self.vocab_size) or self._decoder[i] is None:
+            raise ValueError(f"{name}: expected a token id of this tokenizer, got {i!r}")
+
+    def _check_encode(self, text, allowed_special, disallowed_special):
+        """The set of allowed special tokens, once no disallowed one is in ``text``."""
+        _check_text("text", text)
+        allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
+        unknown = allowed - set(self.special_tokens)
+        if unknown:
+            raise ValueError(f"allowed_special: expected special tokens of this tokenizer "
+                             f"{sorted(self.special_tokens)}, got unknown {sorted(unknown)}")
+        disallowed = (set(self.special_tokens) - allowed if disallowed_special == "all"
+                      else set(disallowed_special))
+        found = self._special_regex(disallowed).search(text) if disallowed else None
+        if found:
+            raise ValueError(f"text: contains the special token {found.group()!r} at index {found.start()}; "
+                             f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as a "
+                             "special token, or disallowed_special=() to encode it as plain text")
+        return allowed
+
+
+# -- the steps of BPETokenizer.train ------------------------------------------
+
+def _count_chunks(text, pattern, special_tokens):
+    """{chunk: occurrences} over the pre-split of ``text``, the special tokens cut out first."""
+    split = (lambda piece: [piece] if piece else []) if pattern is None else compile_pattern(pattern).findall
+    pieces = [text]
+    if special_tokens:
+        pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
+    chunk_counts = Counter()
+    for piece in pieces:
+        chunk_counts.update(split(piece))
+    return chunk_counts
+
+
+def _learn_merges(chunks, freqs, n_merges):
+    """The merge loop: {(a, b): new id} for up to ``n_merges`` new ids, from distinct ``chunks``.
+
+    ``chunks[c]`` is a list of ids occurring ``freqs[c]`` times in the text (it is
+    merged in place as training goes). The pair counts are those train_bpe_naive
+    recounts, kept up to date instead: a merge changes only the pairs beside it.
+    """
+    pair_counts, chunks_with = _count_pairs(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
+    # Max-heap of (count, pair) by pushing (-count, a, b); entries gone stale are skipped when popped.
+    heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
+    heapq.heapify(heap)
+    merges = {}
+    for new_id in range(256, 256 + n_merges):
+        pair = _pop_most_frequent(heap, pair_counts)
+        if pair is None:
+            break  # no pairs left: every chunk is a single token
+        merges[pair] = new_id
+        count_change = defaultdict(int)  # pair -> how much this merge changes its count
+        for c in chunks_with.pop(pair):
+            # A chunk listed under the pair may no longer hold it (an earlier merge took those
+            # bytes); merging it then changes nothing and counts nothing.
+            chunks[c] = _merge_and_count(chunks[c], pair, new_id, freqs[c], count_change, chunks_with, c)
+        _update_counts(pair_counts, heap, count_change)
+    return merges
+
+
+def _count_pairs(chunks, freqs):
+    """The initial pair counts (each chunk's pairs times its frequency), and for each pair the chunks it is in."""
+    pair_counts = defaultdict(int)
+    chunks_with = defaultdict(set)
+    for c, ids in enumerate(chunks):
+        freq = freqs[c]
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += freq
+            chunks_with[pair].add(c)
+    return pair_counts, chunks_with
+
+
+def _pop_most_frequent(heap, pair_counts):
+    """The pair with the highest count, the smallest (a, b) on ties; None when no pair is left."""
+    while heap:
+        neg_count, a, b = heapq.heappop(heap)
+        if pair_counts.get((a, b)) == -neg_count:  # else stale: the count changed after this push
+            return (a, b)
+    return None
+
+
+def _update_counts(pair_counts, heap, count_change):
+    """Apply a merge's count changes; every changed count is pushed anew, a count that reaches 0 is dropped."""
+    for pair, change in count_change.items():
+        if change:
+            count = pair_counts[pair] + change
+            if count > 0:
+                pair_counts[pair] = count
+                heapq.heappush(heap, (-count, pair[0], pair[1]))
+            else:
+                del pair_counts[pair]
+
+
+def _merge_and_count(ids, pair, new_id, freq, count_change, chunks_with, chunk):
+    """merge_pair(ids, pair, new_id), also recording how the pair counts change.
+
+    Only the pairs next to a merge change, so only they are counted:
+    ``count_change[p]`` gets -freq for each pair p that disappears and +freq for
+    each that appears (freq = the chunk's number of occurrences), and ``chunk``
+    is listed under each new pair.
+    """
+    a, b = pair
+    merged, i, n = [], 0, len(ids)
+    prev_merged = False
+    while i < n:
+        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
+            count_change[pair] -= freq
+            if merged:
+                if prev_merged:  # ... new a b: the (b, a) between was counted off by the previous merge
+                    left = (new_id, new_id)
+                else:
+                    count_change[(ids[i - 1], a)] -= freq
+                    left = (ids[i - 1], new_id)
+                count_change[left] += freq
+                chunks_with[left].add(chunk)
+            if i + 2 < n:
+                after = ids[i + 2]
+                count_change[(b, after)] -= freq
+                if not (after == a and i + 3 < n and ids[i + 3] == b):  # else the next merge adds (new, new)
+                    count_change[(new_id, after)] += freq
+                    chunks_with[(new_id, after)].add(chunk)
+            merged.append(new_id)
+            i += 2
+            prev_merged = True
+        else:
+            merged.append(ids[i])
+            i += 1
+            prev_merged = False
+    return merged
+
+
+# -- the files of BPETokenizer.save / load ------------------------------------
+
+def _read_ranks_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"path: cannot read ranks file {path!r}: {err.strerror}") from None
+
+
+def _read_meta_file(path):
+    """The JSON object in ``path`` (pattern, special tokens), or {} if there is no such file."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError("expected a JSON object")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"path: corrupt metadata file {path!r}: {err}") from None
+    return meta
+
 
 def _parse_ranks(raw, path):
-    ranks, seen = {}, {}
+    """{token bytes: rank} from a ranks file's bytes: ASCII lines 'base64_token rank', any order."""
+    ranks, line_of_rank = {}, {}
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -793,40 +673,42 @@ def _parse_ranks(raw, path):
         if len(fields) != 2:
             raise ValueError(f"{path}: line {lineno}: expected 'base64_token rank', got {line[:60]!r}")
         try:
-            tok = base64.b64decode(fields[0], validate=True)
+            token = base64.b64decode(fields[0], validate=True)
             rank = int(fields[1])
         except (binascii.Error, ValueError):
             raise ValueError(f"{path}: line {lineno}: expected 'base64_token rank', got {line[:60]!r}") from None
-        if not tok or rank < 0:
+        if not token or rank < 0:
             raise ValueError(f"{path}: line {lineno}: expected a non-empty token and a rank >= 0, got {line[:60]!r}")
-        if tok in ranks:
-            raise ValueError(f"{path}: line {lineno}: token {tok!r} already has rank {ranks[tok]}")
-        if rank in seen:
-            raise ValueError(f"{path}: line {lineno}: rank {rank} already used on line {seen[rank]}")
-        ranks[tok] = rank
-        seen[rank] = lineno
+        if token in ranks:
+            raise ValueError(f"{path}: line {lineno}: token {token!r} already has rank {ranks[token]}")
+        if rank in line_of_rank:
+            raise ValueError(f"{path}: line {lineno}: rank {rank} already used on line {line_of_rank[rank]}")
+        ranks[token] = rank
+        line_of_rank[rank] = lineno
     if not ranks:
         raise ValueError(f"{path}: empty ranks file")
     return ranks
 
 
-def _atomic_write(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _decode_dict_ranks(d):
+    """{token bytes: rank} from to_dict()'s d["ranks"], {base64 token: rank}."""
+    try:
+        return {base64.b64decode(token, validate=True): int(rank) for token, rank in d["ranks"].items()}
+    except (binascii.Error, ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ValueError(f"d['ranks']: expected a dict of base64 token -> rank, got a corrupt entry ({err})") \
+            from None
 
 
 # ---------------------------------------------------------------------------
 # WordPiece (BERT)
 # ---------------------------------------------------------------------------
 
-def _is_punctuation(ch):
+def _is_punctuation(char):
     # BERT counts every non-alphanumeric ASCII symbol as punctuation ($, ^, `, ...), plus Unicode P*.
-    cp = ord(ch)
+    cp = ord(char)
     if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
         return True
-    return unicodedata.category(ch).startswith("P")
+    return unicodedata.category(char).startswith("P")
 
 
 def _is_cjk(cp):
@@ -848,34 +730,22 @@ class WordPieceTokenizer:
     def __init__(self, vocab, lowercase=True, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
                  pad_token="[PAD]", mask_token="[MASK]", max_chars_per_word=100, tokenize_cjk=True,
                  strip_accents=None):
-        if isinstance(vocab, str):
-            raise TypeError("vocab: expected a list of tokens, got a str (use WordPieceTokenizer.from_vocab(path))")
-        vocab = list(vocab)
-        for i, t in enumerate(vocab):
-            if not isinstance(t, str) or not t:
-                raise TypeError(f"vocab[{i}]: expected a non-empty str, got {t!r}")
-        index = {}
-        for i, t in enumerate(vocab):
-            if t in index:
-                raise ValueError(f"vocab[{i}]: token {t!r} already has id {index[t]}")
-            index[t] = i
+        vocab = _check_wordpiece_vocab(vocab, unk_token=unk_token, cls_token=cls_token, sep_token=sep_token,
+                                       pad_token=pad_token)  # as a list
         self.vocab = vocab
-        self.token_to_id = index
+        self.token_to_id = {token: i for i, token in enumerate(vocab)}
         self.lowercase = bool(lowercase)
         self.strip_accents = self.lowercase if strip_accents is None else bool(strip_accents)
         self.tokenize_cjk = bool(tokenize_cjk)
         self.max_chars_per_word = int(max_chars_per_word)
         self.unk_token, self.cls_token, self.sep_token = unk_token, cls_token, sep_token
         self.pad_token, self.mask_token = pad_token, mask_token
-        for name in ("unk_token", "cls_token", "sep_token", "pad_token"):
-            tok = getattr(self, name)
-            if tok not in index:
-                raise ValueError(f"{name}: expected {tok!r} in the vocabulary, but it is not there")
-        self.unk_id, self.cls_id = index[unk_token], index[cls_token]
-        self.sep_id, self.pad_id = index[sep_token], index[pad_token]
-        self.mask_id = index.get(mask_token)
+        self.unk_id, self.cls_id = self.token_to_id[unk_token], self.token_to_id[cls_token]
+        self.sep_id, self.pad_id = self.token_to_id[sep_token], self.token_to_id[pad_token]
+        self.mask_id = self.token_to_id.get(mask_token)
         # Special tokens written in the text stay whole (as in Hugging Face's BertTokenizer).
-        self.special_tokens = [t for t in (unk_token, sep_token, pad_token, cls_token, mask_token) if t in index]
+        self.special_tokens = [token for token in (unk_token, sep_token, pad_token, cls_token, mask_token)
+                               if token in self.token_to_id]
         self._special_re = re.compile("(" + "|".join(
             map(re.escape, sorted(self.special_tokens, key=lambda s: (-len(s), s)))) + ")")
 
@@ -883,26 +753,9 @@ class WordPieceTokenizer:
     def from_vocab(cls, path, lowercase=True, **kwargs):
         """Read a BERT vocab.txt: one token per line, id = line number - 1."""
         path = os.fspath(path)
+        tokens = _read_vocab_file(path)
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except OSError as err:
-            raise ValueError(f"path: cannot read vocabulary file {path!r}: {err.strerror}") from None
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not a vocab.txt: invalid UTF-8 at byte {err.start}") from None
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
-        if not lines:
-            raise ValueError(f"{path}: empty vocabulary file")
-        for i, t in enumerate(lines):
-            if not t:
-                raise ValueError(f"{path}: line {i + 1}: empty token")
-        try:
-            return cls(lines, lowercase=lowercase, **kwargs)
+            return cls(tokens, lowercase=lowercase, **kwargs)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
@@ -915,27 +768,27 @@ class WordPieceTokenizer:
     def _clean(self, text):
         # Drop NUL, U+FFFD and control characters; every whitespace character becomes a space.
         out = []
-        for ch in text:
-            if ch in " \t\n\r":
+        for char in text:
+            if char in " \t\n\r":
                 out.append(" ")
                 continue
-            cat = unicodedata.category(ch)
-            if ch == "\x00" or ch == "\ufffd" or cat[0] == "C":
+            category = unicodedata.category(char)
+            if char == "\x00" or char == "\ufffd" or category[0] == "C":
                 continue
-            out.append(" " if cat == "Zs" else ch)
+            out.append(" " if category == "Zs" else char)
         return "".join(out)
 
     def _split_punct(self, word):
         out, new_word = [], True
-        for ch in word:
-            if _is_punctuation(ch):
-                out.append(ch)
+        for char in word:
+            if _is_punctuation(char):
+                out.append(char)
                 new_word = True
             else:
                 if new_word:
                     out.append("")
                     new_word = False
-                out[-1] += ch
+                out[-1] += char
         return out
 
     def _strip_accents(self, word):
@@ -945,17 +798,17 @@ class WordPieceTokenizer:
         """Clean, space out CJK ideographs, NFC-normalise, split on whitespace, lower-case/strip accents,
         split off punctuation -> list of words."""
         _check_text("text", text)
-        text = self._clean(text)
+        cleaned = self._clean(text)
         if self.tokenize_cjk:
-            text = "".join(f" {c} " if _is_cjk(ord(c)) else c for c in text)
-        text = unicodedata.normalize("NFC", text)
+            cleaned = "".join(f" {c} " if _is_cjk(ord(c)) else c for c in cleaned)
+        normalised = unicodedata.normalize("NFC", cleaned)
         words = []
-        for w in text.split():
+        for word in normalised.split():
             if self.lowercase:
-                w = w.lower()
+                word = word.lower()
             if self.strip_accents:
-                w = self._strip_accents(w)
-            words.extend(self._split_punct(w))
+                word = self._strip_accents(word)
+            words.extend(self._split_punct(word))
         return " ".join(words).split()
 
     def wordpiece(self, word):
@@ -966,27 +819,27 @@ class WordPieceTokenizer:
         while start < n:
             end = n
             while end > start:
-                sub = word[start:end] if start == 0 else "##" + word[start:end]
-                if sub in index:
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in index:
                     break
                 end -= 1
             else:
                 return [self.unk_token]  # some position has no piece at all: the whole word is unknown
-            pieces.append(sub)
+            pieces.append(piece)
             start = end
         return pieces
 
     def tokenize(self, text):
         """text -> list of WordPiece tokens (strings), without [CLS]/[SEP]."""
         _check_text("text", text)
-        out = []
+        tokens = []
         for k, part in enumerate(self._special_re.split(text) if self.special_tokens else [text]):
             if k % 2:
-                out.append(part)
+                tokens.append(part)  # a special token written in the text
                 continue
             for word in self.basic_tokenize(part):
-                out.extend(self.wordpiece(word))
-        return out
+                tokens.extend(self.wordpiece(word))
+        return tokens
 
     # -- ids --------------------------------------------------------------------
 
@@ -995,10 +848,8 @@ class WordPieceTokenizer:
 
     def encode(self, text, pair=None):
         """[CLS] text [SEP] (pair [SEP]) -> ids."""
-        ids = [self.cls_id] + self._ids(text) + [self.sep_id]
-        if pair is not None:
-            _check_text("pair", pair)
-            ids += self._ids(pair) + [self.sep_id]
+        _check_wordpiece_encode(text, pair)
+        ids, _ = self._encode_row(text, pair, max_length=None)
         return ids
 
     def batch_encode(self, texts, max_length=None, padding=True, truncation=True):
@@ -1009,62 +860,31 @@ class WordPieceTokenizer:
         segments one token at a time until a row fits ``max_length`` (specials kept).
         Returns {"input_ids", "token_type_ids", "attention_mask"}: int64 arrays (B, T).
         """
-        if isinstance(texts, str) or not hasattr(texts, "__iter__"):
-            raise TypeError(f"texts: expected a list of str or (str, str) pairs, got {type(texts).__name__}")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("texts: expected at least one text, got an empty list")
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
-                                       or max_length < 3):
-            raise ValueError(f"max_length: expected None or an int >= 3, got {max_length!r}")
-        if padding not in (True, False, "longest", "max_length"):
-            raise ValueError(f"padding: expected True, False, 'longest' or 'max_length', got {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError("max_length: padding='max_length' needs a max_length, got None")
-        rows, types = [], []
-        for i, t in enumerate(texts):
-            a, b = (t, None) if isinstance(t, str) else (tuple(t) + (None,))[:2] if isinstance(t, (tuple, list)) \
-                else (None, None)
-            if not isinstance(a, str) or (b is not None and not isinstance(b, str)) \
-                    or (isinstance(t, (tuple, list)) and len(t) != 2):
-                raise TypeError(f"texts[{i}]: expected a str or a (str, str) pair, got {t!r}"[:200])
-            ia, ib = self._ids(a), None if b is None else self._ids(b)
-            n_special = 2 if ib is None else 3
-            if max_length is not None and truncation:
-                budget = max_length - n_special
-                if ib is None:
-                    ia = ia[:budget]
-                else:
-                    while len(ia) + len(ib) > budget:
-                        if len(ia) > len(ib):
-                            ia = ia[:-1]
-                        else:
-                            ib = ib[:-1]
-            ids = [self.cls_id] + ia + [self.sep_id]
-            tt = [0] * len(ids)
-            if ib is not None:
-                ids += ib + [self.sep_id]
-                tt += [1] * (len(ib) + 1)
-            rows.append(ids)
-            types.append(tt)
-        longest = max(map(len, rows))
-        if padding == "max_length":
-            width = max(max_length, longest)
-        elif padding:
-            width = longest
-        else:
-            if any(len(r) != longest for r in rows):
-                raise ValueError("padding: rows have different lengths "
-                                 f"({sorted(set(map(len, rows)))}); pass padding=True")
-            width = longest
-        B = len(rows)
-        input_ids = np.full((B, width), self.pad_id, dtype=np.int64)
-        token_type_ids = np.zeros((B, width), dtype=np.int64)
-        attention_mask = np.zeros((B, width), dtype=np.int64)
-        for i, (r, t) in enumerate(zip(rows, types)):
-            input_ids[i, :len(r)] = r
-            token_type_ids[i, :len(t)] = t
-            attention_mask[i, :len(r)] = 1
+        text_pairs, max_length = _check_batch_encode(texts, max_length, padding)  # [(text, pair or None)]
+        rows = [self._encode_row(text, pair, max_length if truncation else None) for text, pair in text_pairs]
+        width = _padded_width([len(ids) for ids, _ in rows], padding, max_length)
+        return self._pad(rows, width)
+
+    def _encode_row(self, text, pair, max_length):
+        """([CLS] text [SEP] (pair [SEP]) ids, their token type ids 0... (1...)), cut to ``max_length`` if given."""
+        ids_a = self._ids(text)
+        ids_b = None if pair is None else self._ids(pair)
+        if max_length is not None:
+            ids_a, ids_b = _truncate_longest_first(ids_a, ids_b, max_length - (2 if ids_b is None else 3))
+        segment_a = [self.cls_id] + ids_a + [self.sep_id]
+        segment_b = [] if ids_b is None else ids_b + [self.sep_id]
+        return segment_a + segment_b, [0] * len(segment_a) + [1] * len(segment_b)
+
+    def _pad(self, rows, width):
+        """The (ids, token types) rows padded to ``width`` -> the three (B, T) int64 arrays."""
+        batch = len(rows)
+        input_ids = np.full((batch, width), self.pad_id, dtype=np.int64)  # (B, T)
+        token_type_ids = np.zeros((batch, width), dtype=np.int64)         # (B, T)
+        attention_mask = np.zeros((batch, width), dtype=np.int64)         # (B, T)
+        for i, (ids, type_ids) in enumerate(rows):
+            input_ids[i, :len(ids)] = ids
+            token_type_ids[i, :len(type_ids)] = type_ids
+            attention_mask[i, :len(ids)] = 1
         return {"input_ids": input_ids, "token_type_ids": token_type_ids, "attention_mask": attention_mask}
 
     def decode(self, ids, skip_special_tokens=False, clean_up_spaces=False):
@@ -1074,15 +894,16 @@ class WordPieceTokenizer:
         ("do n't" -> "don't"), as Hugging Face does by default. Either way the text is
         the normalised one (lower-cased, accents stripped), not the original.
         """
-        toks = map(self.vocab.__getitem__, _ids_to_list("ids", ids, len(self.vocab)))
+        tokens = map(self.vocab.__getitem__, _ids_to_list("ids", ids, len(self.vocab)))
         if skip_special_tokens:
             special = set(self.special_tokens)
-            toks = (t for t in toks if t not in special)
-        text = " ".join(toks).replace(" ##", "").strip()
-        if clean_up_spaces:
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-                text = text.replace(a, b)
+            tokens = (t for t in tokens if t not in special)
+        text = " ".join(tokens).replace(" ##", "").strip()
+        if not clean_up_spaces:
+            return text
+        for spaced, joined in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                               (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            text = text.replace(spaced, joined)
         return text
 
     def to_dict(self):
@@ -1103,6 +924,53 @@ class WordPieceTokenizer:
         return f"WordPieceTokenizer(vocab_size={self.vocab_size}, lowercase={self.lowercase})"
 
 
+def _truncate_longest_first(ids_a, ids_b, budget):
+    """Cut to ``budget`` ids in all: one segment at its end; a pair one id at a time from the longer
+    segment (the second on ties), as the original BERT does."""
+    if ids_b is None:
+        return ids_a[:budget], None
+    len_a, len_b = len(ids_a), len(ids_b)
+    while len_a + len_b > budget:
+        if len_a > len_b:
+            len_a -= 1
+        else:
+            len_b -= 1
+    return ids_a[:len_a], ids_b[:len_b]
+
+
+def _padded_width(lengths, padding, max_length):
+    """The width T that rows of these lengths are padded to."""
+    longest = max(lengths)
+    if padding == "max_length":
+        return max(max_length, longest)
+    if not padding:
+        _check_equal_lengths(lengths)
+    return longest
+
+
+def _read_vocab_file(path):
+    """The tokens of a BERT vocab.txt, one per line (LF or CRLF), the last line's newline optional."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise ValueError(f"path: cannot read vocabulary file {path!r}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a vocab.txt: invalid UTF-8 at byte {err.start}") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    tokens = [line[:-1] if line.endswith("\r") else line for line in lines]
+    if not tokens:
+        raise ValueError(f"{path}: empty vocabulary file")
+    for i, token in enumerate(tokens):
+        if not token:
+            raise ValueError(f"{path}: line {i + 1}: empty token")
+    return tokens
+
+
 # ---------------------------------------------------------------------------
 # Dispatch
 # ---------------------------------------------------------------------------
@@ -1112,9 +980,200 @@ _TYPES = {"char": CharTokenizer, "bpe": BPETokenizer, "wordpiece": WordPieceToke
 
 def tokenizer_from_dict(d):
     """Rebuild a tokenizer from ``to_dict()``, dispatching on d["type"] ("char", "bpe", "wordpiece")."""
+    _check_dict_type(d, tuple(_TYPES))
+    return _TYPES[d["type"]].from_dict(d)
+
+
+# ---------------------------------------------------------------------------
+# Argument checks (kept out of the algorithms above)
+# ---------------------------------------------------------------------------
+
+def _check_text(name, text):
+    if not isinstance(text, str):
+        raise TypeError(f"{name}: expected a str, got {type(text).__name__}")
+
+
+def _ids_to_list(name, ids, vocab_size):
+    """A list of Python ints from a list/tuple/1-D integer array, each in [0, vocab_size)."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{name}: expected a sequence of integer ids, got {type(ids).__name__}")
+    # Not backend.check_ids: its device-generic min/max took about twice as long as these (17 vs 9 us a
+    # call, measured on a busy machine), a cost that every decode of a short id list would pay.
+    array = to_numpy(ids) if hasattr(ids, "shape") else np.asarray(list(ids))
+    if array.size == 0:
+        return []
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected integer ids, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D sequence of ids, got shape {tuple(array.shape)}")
+    lo, hi = int(array.min()), int(array.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{name}: expected ids in [0, {vocab_size}), got {lo if lo < 0 else hi}")
+    return array.tolist()
+
+
+def _check_dict_type(d, want):
+    """``d`` is a dict whose "type" is ``want`` (a str) or one of ``want`` (a tuple)."""
     if not isinstance(d, dict):
         raise TypeError(f"d: expected a dict (from to_dict()), got {type(d).__name__}")
-    cls = _TYPES.get(d.get("type"))
-    if cls is None:
-        raise ValueError(f"d['type']: expected one of {sorted(_TYPES)}, got {d.get('type')!r}")
-    return cls.from_dict(d)
+    if isinstance(want, tuple) and d.get("type") not in want:
+        raise ValueError(f"d['type']: expected one of {sorted(want)}, got {d.get('type')!r}")
+    if isinstance(want, str) and d.get("type") != want:
+        raise ValueError(f"d['type']: expected {want!r}, got {d.get('type')!r}")
+
+
+def _check_token_list(vocab, hint):
+    """list(vocab) if it is a sequence of non-empty strings, without repeats."""
+    if isinstance(vocab, str):
+        raise TypeError(f"vocab: expected a list of tokens, got a str (use {hint})")
+    tokens = list(vocab)
+    for i, token in enumerate(tokens):
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"vocab[{i}]: expected a non-empty str, got {token!r}")
+    return tokens
+
+
+def _check_unique_tokens(tokens):
+    first_id = {}
+    for i, token in enumerate(tokens):
+        if token in first_id:
+            raise ValueError(f"vocab[{i}]: token {token!r} already has id {first_id[token]}")
+        first_id[token] = i
+
+
+def _check_unk(unk):
+    if unk is not None and (not isinstance(unk, str) or not unk):
+        raise TypeError(f"unk: expected None or a non-empty str, got {unk!r}")
+
+
+def _check_char_vocab(vocab, unk):
+    """The vocabulary as a list, ``unk`` appended if it is not in it."""
+    tokens = _check_token_list(vocab, "CharTokenizer.from_text(text)")
+    _check_unk(unk)
+    if unk is not None and unk not in tokens:
+        tokens = tokens + [unk]
+    if not tokens:
+        raise ValueError("vocab: expected at least one token, got an empty vocabulary")
+    _check_unique_tokens(tokens)
+    return tokens
+
+
+def _check_char_from_text(text, unk):
+    _check_text("text", text)
+    if not text:
+        raise ValueError("text: expected a non-empty str to build a vocabulary from, got ''")
+    _check_unk(unk)
+
+
+def _check_wordpiece_vocab(vocab, **required_tokens):
+    """The vocabulary as a list, once its tokens are unique and hold every required special token."""
+    tokens = _check_token_list(vocab, "WordPieceTokenizer.from_vocab(path)")
+    _check_unique_tokens(tokens)
+    present = set(tokens)
+    for name, token in required_tokens.items():
+        if token not in present:
+            raise ValueError(f"{name}: expected {token!r} in the vocabulary, but it is not there")
+    return tokens
+
+
+def _check_wordpiece_encode(text, pair):
+    _check_text("text", text)
+    if pair is not None:
+        _check_text("pair", pair)
+
+
+def _check_batch_encode(texts, max_length, padding):
+    """([(text, pair or None)], max_length as an int or None) from batch_encode's arguments."""
+    if isinstance(texts, str) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"texts: expected a list of str or (str, str) pairs, got {type(texts).__name__}")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("texts: expected at least one text, got an empty list")
+    max_length = check_int_arg("max_length", max_length, lo=3, optional=True)
+    check_choice("padding", padding, (True, False, "longest", "max_length"))
+    if padding == "max_length" and max_length is None:
+        raise ValueError("max_length: padding='max_length' needs a max_length, got None")
+    return [_check_text_pair(f"texts[{i}]", item) for i, item in enumerate(texts)], max_length
+
+
+def _check_text_pair(name, item):
+    """(text, pair or None) from a str or a 2-sequence (str, str or None)."""
+    if isinstance(item, str):
+        return item, None
+    if isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str) \
+            and (item[1] is None or isinstance(item[1], str)):
+        return item[0], item[1]
+    raise TypeError(f"{name}: expected a str or a (str, str) pair, got {item!r}"[:200])
+
+
+def _check_equal_lengths(lengths):
+    if any(length != lengths[0] for length in lengths):
+        raise ValueError(f"padding: rows have different lengths ({sorted(set(lengths))}); pass padding=True")
+
+
+def _check_id_list(name, ids):
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of int ids, got {type(ids).__name__}")
+    if not set(map(type, ids)) <= {int} and not all(map(is_int, ids)):  # the set: a quick pass in C
+        i, bad = next((i, v) for i, v in enumerate(ids) if not is_int(v))
+        raise TypeError(f"{name}[{i}]: expected an int id, got {bad!r}")
+
+
+def _check_merge_pair(ids, pair, new_id):
+    _check_id_list("ids", ids)
+    if not (isinstance(pair, tuple) and len(pair) == 2 and is_int(pair[0]) and is_int(pair[1])):
+        raise TypeError(f"pair: expected a tuple of two int ids, got {pair!r}")
+    check_int_arg("new_id", new_id, lo=0)
+
+
+def _check_train(text, vocab_size, special_tokens):
+    """The special tokens as a list, once text, vocab_size and they are well-formed."""
+    _check_text("text", text)
+    special_tokens = list(special_tokens or [])
+    for token in special_tokens:
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"special_tokens: expected non-empty strings, got {token!r}")
+    if len(set(special_tokens)) != len(special_tokens):
+        raise ValueError(f"special_tokens: expected distinct tokens, got {special_tokens!r}")
+    if not is_int(vocab_size):
+        raise TypeError(f"vocab_size: expected an int, got {type(vocab_size).__name__}")
+    if vocab_size < 256 + len(special_tokens):
+        raise ValueError(f"vocab_size: expected at least 256 (the bytes) + {len(special_tokens)} "
+                         f"(special tokens) = {256 + len(special_tokens)}, got {vocab_size}")
+    return special_tokens
+
+
+def _check_bpe_init(ranks, pattern, special_tokens):
+    """``special_tokens`` as a dict, once the ranks, the special ids and the pattern are well-formed."""
+    _check_ranks(ranks)
+    special_tokens = dict(special_tokens or {})
+    for token, i in special_tokens.items():
+        if not isinstance(token, str) or not token:
+            raise TypeError(f"special_tokens: expected non-empty str keys, got {token!r}")
+        if not (is_int(i) and i >= 0):
+            raise TypeError(f"special_tokens[{token!r}]: expected a non-negative int id, got {i!r}")
+    used_ids = set(ranks.values())
+    for token, i in special_tokens.items():
+        if i in used_ids:
+            raise ValueError(f"special_tokens[{token!r}]: id {i} is already used by another token")
+        used_ids.add(i)
+    if pattern is not None and not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected 'gpt2', 'gpt4', a regex str or None, got {type(pattern).__name__}")
+    return special_tokens
+
+
+def _check_ranks(ranks):
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks: expected a dict of bytes -> int, got {type(ranks).__name__}")
+    for token, rank in ranks.items():
+        if not isinstance(token, bytes) or not token:
+            raise TypeError(f"ranks: expected non-empty bytes keys, got {token!r}")
+        if not (is_int(rank) and rank >= 0):
+            raise TypeError(f"ranks[{token!r}]: expected a non-negative int, got {rank!r}")
+    missing = [b for b in _BYTES if b not in ranks]
+    if missing:
+        raise ValueError(f"ranks: expected all 256 single bytes (byte-level BPE must encode any text), "
+                         f"missing {len(missing)}, e.g. {missing[0]!r}")
+    if len(set(ranks.values())) != len(ranks):
+        duplicate = next(rank for rank, n in Counter(ranks.values()).items() if n > 1)
+        raise ValueError(f"ranks: expected distinct ranks, got rank {duplicate} more than once")

@@ -1,11 +1,15 @@
 """Tokenizers: char-level, byte-level BPE (exactly tiktoken's ids for our ranks), WordPiece (BERT's tokens).
 
 Properties: decode(encode(s)) == s for any string; ids < vocab_size; encoding does not
-depend on the cache; training is deterministic and equals a slow recount-everything
-reference; merged tokens are the concatenation of their parts; WordPiece pieces rejoin
-to the normalised words. Cross-checks against tiktoken, the `regex` module (tiktoken's
+depend on the cache; the textbook get_pair_counts / merge_pair count and replace what
+they say; training is deterministic and gives the merges of the textbook
+train_bpe_naive (and of this file's own recount-everything reference); merged tokens
+are the concatenation of their parts; WordPiece pieces rejoin to the normalised words. Cross-checks against tiktoken, the `regex` module (tiktoken's
 reference splitter) and Hugging Face's BERT tokenizers run where those are installed.
 """
+import ast
+import base64
+import doctest
 import json
 import os
 import sys
@@ -17,8 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minillm import pretokenize, tokenizer
 from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
-                               WordPieceTokenizer, compile_pattern, tokenizer_from_dict, translate_pattern)
+                               WordPieceTokenizer, compile_pattern, get_pair_counts, merge_pair,
+                               tokenizer_from_dict, train_bpe_naive, translate_pattern)
 
 EOT = "<|endoftext|>"
 
@@ -204,6 +210,107 @@ def test_bpe_train_bad_input():
 
 
 # ---------------------------------------------------------------------------
+# BPE: the textbook functions, and the fast trainer equal to them
+# ---------------------------------------------------------------------------
+
+small_ids = st.lists(st.integers(0, 4), max_size=30)
+small_pairs = st.tuples(st.integers(0, 4), st.integers(0, 4))
+
+
+def test_worked_examples_in_the_docstrings_hold():
+    for module in (tokenizer, pretokenize):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted >= 2, (module.__name__, result)
+
+
+@given(small_ids)
+def test_get_pair_counts_counts_every_adjacent_pair(ids):
+    counts = get_pair_counts(ids)
+    positions = range(len(ids) - 1)
+    assert sum(counts.values()) == len(positions)
+    assert list(counts) == list(dict.fromkeys(zip(ids, ids[1:])))  # every pair, in order of first occurrence
+    for pair, n in counts.items():
+        assert n == sum((ids[i], ids[i + 1]) == pair for i in positions)
+
+
+@given(small_ids, small_ids)
+def test_get_pair_counts_of_a_concatenation_adds_the_seam(left, right):
+    want = Counter(get_pair_counts(left)) + Counter(get_pair_counts(right))
+    if left and right:
+        want[(left[-1], right[0])] += 1
+    assert Counter(get_pair_counts(left + right)) == want
+
+
+@given(small_ids, small_pairs)
+def test_merge_pair_replaces_like_str_replace(ids, pair):
+    # str.replace also replaces non-overlapping occurrences, left to right: an independent oracle.
+    letters = "abcde"
+    merged = merge_pair(ids, pair, 256)
+    spelled = "".join("Z" if i == 256 else letters[i] for i in merged)
+    assert spelled == "".join(letters[i] for i in ids).replace(letters[pair[0]] + letters[pair[1]], "Z")
+
+
+@given(small_ids, small_pairs)
+def test_merge_pair_properties(ids, pair):
+    original = list(ids)
+    merged = merge_pair(ids, pair, 256)
+    assert ids == original  # a new list; the input is left alone
+    assert [x for i in merged for x in (pair if i == 256 else (i,))] == ids  # undoing the merge gives ids back
+    n_merged = merged.count(256)
+    assert len(merged) == len(ids) - n_merged
+    assert pair not in get_pair_counts(merged)  # a pair left over would have been merged by the scan
+    occurrences = get_pair_counts(ids).get(pair, 0)
+    assert n_merged == occurrences if pair[0] != pair[1] else (occurrences + 1) // 2 <= n_merged <= occurrences
+
+
+def test_train_bpe_naive_breaks_ties_by_the_smallest_pair():
+    # In "dcba" every pair occurs once: (b, a) = (98, 97) is the smallest, then (c, 256) = (99, 256)
+    # beats (d, c) = (100, 99), then (d, 257).
+    want = {(98, 97): 256, (99, 256): 257, (100, 257): 258}
+    assert train_bpe_naive("dcba", 259, pattern=None) == want
+    assert BPETokenizer.train("dcba", 259, pattern=None).merges == want
+
+
+@given(wordy_texts | texts, st.integers(0, 40), st.sampled_from(["gpt2", "gpt4", None]))
+def test_train_bpe_naive_gives_the_fast_trainers_merges(text, n_merges, pattern):
+    naive = train_bpe_naive(text, 256 + n_merges, pattern=pattern)
+    fast = BPETokenizer.train(text, 256 + n_merges, pattern=pattern).merges
+    assert list(naive.items()) == list(fast.items())  # the same merges, learned in the same order
+    assert naive == naive_train(text, n_merges, pattern)
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_train_bpe_naive_gives_the_fast_trainers_merges_on_shakespeare(pattern):
+    # Small, as the naive trainer recounts everything, but with many merges: in 67 of these 100
+    # steps (gpt2) two or more pairs tie for the highest count, so the tie rule is exercised.
+    text = _cached_shakespeare(5_000)
+    naive = train_bpe_naive(text, 256 + 100, pattern=pattern)
+    assert len(naive) == 100
+    assert list(naive.items()) == list(BPETokenizer.train(text, 256 + 100, pattern=pattern).merges.items())
+
+
+def test_textbook_bpe_bad_input():
+    with pytest.raises(TypeError, match="ids: expected a list of int ids, got str"):
+        get_pair_counts("abc")
+    with pytest.raises(TypeError, match=r"ids\[1\]: expected an int id, got 2.0"):
+        get_pair_counts([1, 2.0])
+    with pytest.raises(TypeError, match=r"ids\[0\]"):
+        merge_pair([True, 2], (1, 2), 256)
+    with pytest.raises(TypeError, match="pair: expected a tuple of two int ids"):
+        merge_pair([1, 2], [1, 2], 256)
+    with pytest.raises(ValueError, match="new_id: expected a non-negative int"):
+        merge_pair([1, 2], (1, 2), -1)
+    with pytest.raises(TypeError, match="text: expected a str, got bytes"):
+        train_bpe_naive(b"abc", 300)
+    with pytest.raises(TypeError, match="vocab_size"):
+        train_bpe_naive("abc", 300.0)
+    with pytest.raises(ValueError, match=r"vocab_size: expected at least .* = 256, got 255"):
+        train_bpe_naive("abc", 255)
+    with pytest.raises(ValueError, match="pattern"):
+        train_bpe_naive("abc", 300, pattern=r"\p{Letter}+")
+
+
+# ---------------------------------------------------------------------------
 # BPE: encoding
 # ---------------------------------------------------------------------------
 
@@ -354,6 +461,16 @@ def test_translate_pattern_errors():
     assert PATTERNS["gpt4"] == GPT4_PATTERN
 
 
+def test_pretokenize_imports_nothing_from_minillm_and_tokenizer_reexports_it():
+    # Arrows point down: the tokenizer builds on the pre-split module, never the other way round.
+    tree = ast.parse(open(pretokenize.__file__, encoding="utf-8").read())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in imported if name.split(".")[0] == "minillm"]
+    for name in pretokenize.__all__:
+        assert getattr(tokenizer, name) is getattr(pretokenize, name) and name in tokenizer.__all__
+
+
 # ---------------------------------------------------------------------------
 # BPE: persistence in tiktoken's format
 # ---------------------------------------------------------------------------
@@ -377,6 +494,16 @@ def test_bpe_save_load_roundtrip(bpe, tmp_path):
     lines = [base64.b64encode(t) + b" " + str(r).encode() for t, r in bpe.ranks.items()]
     other.write_bytes(b"\r\n".join(reversed(lines)))
     assert BPETokenizer.load(other).ranks == bpe.ranks == tiktoken_load.load_tiktoken_bpe(str(other))
+
+
+def test_bpe_save_writes_exactly_the_ranks_and_metadata(bpe, tmp_path):
+    path = tmp_path / "exact.tiktoken"
+    bpe.save(path)
+    want = b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(bpe.ranks.items(), key=lambda kv: kv[1]))
+    assert path.read_bytes() == want
+    meta = {"type": "bpe", "pattern": "gpt2", "special_tokens": {EOT: 399}}
+    assert (tmp_path / "exact.tiktoken.json").read_bytes() == (json.dumps(meta, indent=1) + "\n").encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exact.tiktoken", "exact.tiktoken.json"]  # no temp files
 
 
 @pytest.mark.parametrize("content, match", [

@@ -1,0 +1,222 @@
+"""The pre-split: the regular expression that cuts text into chunks before BPE.
+
+Byte-level BPE never merges across a chunk boundary, so the pre-split decides
+what a token can span. GPT-2 cuts text into contractions, optionally-space-led
+runs of letters, of numbers and of other symbols, and whitespace; GPT-4
+(cl100k_base) does the same with numbers in groups of at most three digits and
+newlines kept apart from other whitespace:
+
+>>> compile_pattern("gpt2").findall("Hello world's 2024!")
+['Hello', ' world', "'s", ' 2024', '!']
+>>> compile_pattern("gpt4").findall("Hello world's 2024!")
+['Hello', ' world', "'s", ' ', '202', '4', '!']
+
+Both patterns are written for a regex engine with Unicode properties (tiktoken's
+Rust regex): ``\\p{L}`` letters, ``\\p{N}`` numbers. Python's ``re`` has no
+``\\p{..}``, and its ``\\s`` is ``str.isspace`` (which, unlike Unicode's
+White_Space property, includes the separators U+001C..U+001F). So
+:func:`translate_pattern` rewrites a pattern for ``re``: ``\\p{L}`` and ``\\p{N}``
+become explicit character ranges built from ``unicodedata`` (general categories
+L* and N*), and ``\\s``/``\\S`` become Unicode White_Space and its complement.
+The one remaining difference from tiktoken is the Unicode *version*: Python 3.11
+ships Unicode 14, so characters assigned later (e.g. CJK Extension H) are
+"unassigned" to us and may be split differently.
+
+This module imports nothing from minillm: the tokenizer builds on it, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import unicodedata
+from functools import lru_cache
+
+import numpy as np
+
+__all__ = ["PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern"]
+
+# GPT-2: contractions, optional-space + letters, optional-space + numbers,
+# optional-space + other symbols, whitespace (leaving the last space to the next word).
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-4 (cl100k_base): case-insensitive contractions, numbers in groups of at most
+# three digits, newlines kept apart from other whitespace.
+GPT4_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+PATTERNS = {"gpt2": GPT2_PATTERN, "gpt4": GPT4_PATTERN}
+
+# Unicode's White_Space property (what Rust's \s means); Python's \s would add U+001C..U+001F.
+_WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
+
+@lru_cache(maxsize=16)
+def compile_pattern(pattern):
+    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string."""
+    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern)))
+
+
+def translate_pattern(pattern):
+    """Rewrite a pre-split pattern in tiktoken/Rust syntax for Python's ``re``.
+
+    ``\\p{X}`` / ``\\pX`` (X a general category or its first letter, also inside
+    classes) become explicit code-point ranges from ``unicodedata``; ``\\s`` /
+    ``\\S`` become Unicode White_Space and its complement. On Python < 3.11
+    possessive quantifiers (``?+``, ``++``, ``*+``) lose their ``+``, which is
+    equivalent for GPT2_PATTERN and GPT4_PATTERN (their possessive parts cannot
+    backtrack into a different match anyway).
+    """
+    _check_pattern(pattern)
+    out, i, n = [], 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "[":
+            negated, raw, ranges, i = _parse_class(pattern, i)
+            out.append(_class_regex(negated, raw, ranges))
+            continue
+        if char == "\\" and i + 1 < n:
+            escaped = pattern[i + 1]
+            if escaped in "pP":
+                ranges, i = _property_ranges(pattern, i)
+                out.append(_class_regex(escaped == "P", "", ranges))
+                continue
+            if escaped in "sS":
+                out.append(_class_regex(escaped == "S", _WHITE_SPACE, []))
+            else:
+                out.append(pattern[i:i + 2])
+            i += 2
+            continue
+        if char in "?*+}" and pattern[i + 1:i + 2] == "+" and sys.version_info < (3, 11):
+            out.append(char)  # a possessive quantifier: keep it greedy, drop the '+' re < 3.11 rejects
+            i += 2
+            continue
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------
+# Parsing the pattern: \p{..} escapes and [...] classes
+# ---------------------------------------------------------------------------
+
+def _property_ranges(pattern, i):
+    """Parse \\p{X} / \\pX at ``i`` -> (code-point ranges, index after it)."""
+    escaped = pattern[i + 1]
+    if pattern[i + 2:i + 3] == "{":
+        close = pattern.find("}", i)
+        if close < 0:
+            raise ValueError(f"pattern: unterminated \\{escaped}{{ at position {i}")
+        name, end = pattern[i + 3:close], close + 1
+    else:
+        name, end = pattern[i + 2:i + 3], i + 3
+    if not re.fullmatch(r"[A-Z][a-z]?", name or ""):
+        raise ValueError(f"pattern: unsupported Unicode class \\{escaped}{{{name}}} at position {i} "
+                         "(only general categories such as L, N, Lu are supported)")
+    return _category_ranges(name), end
+
+
+def _parse_class(pattern, i):
+    """Parse the class starting at ``pattern[i] == '['`` -> (negated, raw BMP text, ranges, end index)."""
+    k, n = i + 1, len(pattern)
+    negated = pattern[k:k + 1] == "^"
+    k += negated
+    raw, ranges = [], []
+    if pattern[k:k + 1] == "]":  # a leading ']' is a literal
+        raw.append("\\]")
+        k += 1
+    while k < n and pattern[k] != "]":
+        char = pattern[k]
+        if char == "\\" and k + 1 < n:
+            escaped = pattern[k + 1]
+            if escaped == "p":
+                property_ranges, k = _property_ranges(pattern, k)
+                ranges.extend(property_ranges)
+                continue
+            if escaped == "s":
+                raw.append(_WHITE_SPACE)
+            elif escaped in "PSdDwWU":
+                raise ValueError(f"pattern: \\{escaped} inside a character class is not supported (position {k})")
+            else:
+                raw.append(pattern[k:k + 2])
+            k += 2
+            continue
+        if char == "[":
+            raise ValueError(f"pattern: nested character classes are not supported (position {k})")
+        if ord(char) > 0xFFFF:
+            raise ValueError(f"pattern: a literal beyond U+FFFF inside a character class is not supported "
+                             f"(position {k})")
+        raw.append(char)
+        k += 1
+    if k >= n:
+        raise ValueError(f"pattern: unterminated character class at position {i}")
+    return negated, "".join(raw), ranges, k + 1
+
+
+# ---------------------------------------------------------------------------
+# Unicode general categories as code-point ranges, and classes built from them
+# ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def _category_table():
+    """(0x110000, 2) uint8: the two ASCII letters of every code point's general category."""
+    categories = "".join(map(unicodedata.category, map(chr, range(sys.maxunicode + 1))))
+    return np.frombuffer(categories.encode("ascii"), dtype=np.uint8).reshape(-1, 2)
+
+
+@lru_cache(maxsize=None)
+def _category_ranges(prefix):
+    """Sorted (lo, hi) code-point ranges whose general category starts with ``prefix`` ("L", "N", "Lu", ...)."""
+    table = _category_table()
+    in_category = table[:, 0] == ord(prefix[0])
+    if len(prefix) > 1:
+        in_category &= table[:, 1] == ord(prefix[1])
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], in_category.view(np.int8), [0]))))
+    return tuple((int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2]))
+
+
+def _ranges_text(ranges):
+    """Class text for code-point ranges: "\\U0000004a-\\U0000005a..."."""
+    escape = "\\U{:08x}".format
+    return "".join(escape(a) if a == b else f"{escape(a)}-{escape(b)}" for a, b in ranges)
+
+
+def _class_regex(negated, raw, ranges):
+    """A fast ``re`` fragment for the class [^? raw + ranges], raw being BMP-only class text.
+
+    ``re`` turns the BMP part of a class into a bitmap (one lookup), but checks
+    astral ranges one by one; a class holding \\p{L}'s ~200 astral ranges would
+    do that at every failed position. So the BMP part and the astral part go into
+    two alternatives, each of which rejects the other plane group in one lookup.
+    """
+    bmp, astral = [], []
+    for a, b in ranges:
+        if a <= 0xFFFF:
+            bmp.append((a, min(b, 0xFFFF)))
+        if b > 0xFFFF:
+            astral.append((max(a, 0x10000), b))
+    bmp_text = raw + _ranges_text(bmp)
+    if not astral:
+        if not bmp_text:
+            return "[^\\x00-\\U0010ffff]" if not negated else "[\\x00-\\U0010ffff]"
+        return f"[^{bmp_text}]" if negated else f"[{bmp_text}]"
+    if negated:
+        first = f"[^{bmp_text}\\U00010000-\\U0010ffff]"
+        second = f"[^\\x00-\\uffff{_ranges_text(astral)}]"
+    else:
+        astral_complement, lo = [], 0x10000
+        for a, b in sorted(astral):
+            if a > lo:
+                astral_complement.append((lo, a - 1))
+            lo = max(lo, b + 1)
+        if lo <= sys.maxunicode:
+            astral_complement.append((lo, sys.maxunicode))
+        first = f"[{bmp_text}]" if bmp_text else None
+        second = f"[^\\x00-\\uffff{_ranges_text(astral_complement)}]"
+        if first is None:
+            return second
+    return f"(?:{first}|{second})"
+
+
+def _check_pattern(pattern):
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern: expected a str, got {type(pattern).__name__}")
