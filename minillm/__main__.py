@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from minillm.cli.common import HelpFormatter
+
 # name -> (module, one-line help). The order is the order --help lists them.
 COMMANDS = {
     "train": ("minillm.cli.train", "train a model (default: a char-level GPT on Shakespeare), then sample"),
@@ -20,19 +22,6 @@ COMMANDS = {
     "quantize": ("minillm.cli.quantize", "quantize a trained checkpoint and compare perplexity, size and speed"),
     "embed": ("minillm.cli.embed", "sentence embeddings and cosine similarities from a BERT checkpoint"),
 }
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps a description's own line breaks (module docstrings hold tables), and appends
-    "(default: X)" to an option's help unless the help already states its default in
-    words, the default is None (which would only say "None"), or the option is an on/off
-    flag (off unless given)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default is None or action.nargs == 0:
-            return text
-        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 import minillm.bench as _bench_pkg
+from minillm.cli.common import HelpFormatter
 
 
 def targets():
@@ -16,7 +17,6 @@ def targets():
 
 
 def add_arguments(parser):
-    from minillm.__main__ import HelpFormatter
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     for name in targets():
         mod = importlib.import_module(f"minillm.bench.{name}")

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+from minillm import backend, gpt
+from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
+from minillm.tokenizer import tokenizer_from_dict
+from minillm.train import CHECKPOINT_FILE, latest_run, load_checkpoint
 
 
 def add_arguments(parser):
@@ -42,10 +48,6 @@ def add_arguments(parser):
 
 def latest_gpt_run(root="runs"):
     """The most recently written run under ``root`` that holds a GPT (BERT runs live there too)."""
-    from pathlib import Path
-
-    from minillm import gpt
-    from minillm.train import CHECKPOINT_FILE, latest_run
     root = Path(root)
     runs = [d for d in (root.iterdir() if root.is_dir() else []) if (d / CHECKPOINT_FILE).is_file()]
     for d in sorted(runs, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime_ns, reverse=True):
@@ -61,10 +63,6 @@ def latest_gpt_run(root="runs"):
 def load_run(path=None, device=None):
     """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest),
     or of a quantized checkpoint (params dequantized to float32)."""
-    from minillm import backend, gpt
-    from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
-    from minillm.tokenizer import tokenizer_from_dict
-    from minillm.train import load_checkpoint
     if path is not None and is_quantized_checkpoint(path):
         q = load_quantized(path)
         s = q["meta"]["settings"]
@@ -86,7 +84,6 @@ def load_run(path=None, device=None):
 
 
 def run(args):
-    from minillm import gpt
     config, params, tokenizer, ck = load_run(args.checkpoint, args.device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
