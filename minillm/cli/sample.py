@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from minillm import backend, gpt
+from minillm.cli import common
 from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
 from minillm.tokenizer import tokenizer_from_dict
 from minillm.train import CHECKPOINT_FILE, latest_run, load_checkpoint
@@ -27,17 +28,17 @@ def add_arguments(parser):
                              "(default: the most recent run under runs/)")
     parser.add_argument("--prompt", default="\n",
                         help="text to continue (default: a newline, i.e. start a fresh line)")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=common.count, default=500, help="tokens to generate (default: 500)")
+    parser.add_argument("--temperature", type=common.nonnegative_number, default=0.8,
                         help="divide the logits by this; 0 means greedy (always the likeliest token) "
                              "(default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=common.positive_int, default=None,
                         help="sample only among the k likeliest tokens (default: all)")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--top-p", type=common.number_in(0.0, 1.0, lo_open=True), default=None,
                         help="sample only among the likeliest tokens whose probabilities sum to p "
                              "(nucleus sampling) (default: off)")
-    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--num-samples", type=common.positive_int, default=1, help="independent samples to draw (default: 1)")
+    parser.add_argument("--seed", type=common.seed, default=None,
                         help="seed for the draws; the same seed gives the same text (default: random)")
     parser.add_argument("--no-cache", action="store_true",
                         help="re-run the whole context at every step instead of using the KV cache "

@@ -20,7 +20,8 @@ import numpy as np
 
 from minillm import backend, gpt
 from minillm import data as corpus
-from minillm.cli import train_bert
+from minillm.cli import common, train_bert
+from minillm.cli.common import UsageError
 from minillm.cli.sample import latest_gpt_run
 from minillm.data import TokenBatches
 from minillm.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
@@ -63,7 +64,7 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"],
                         help="char: one token per character; bpe: a byte-level BPE trained on the "
                              "training split (default: char)")
-    parser.add_argument("--bpe-vocab", type=int, default=512,
+    parser.add_argument("--bpe-vocab", type=common.int_at_least(256), default=512,
                         help="vocabulary size of the BPE tokenizer (256 bytes + merges) (default: 512)")
     parser.add_argument("--data", default=None,
                         help="a UTF-8 text file to train on; its last 10%% is held out for validation "
@@ -71,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
                         help="where to train: NumPy on the CPU or CuPy on a GPU "
                              "(default: $MINILLM_DEVICE, else cpu)")
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=common.positive_int, default=None,
                         help="optimizer steps to train for (default: the preset's)")
     parser.add_argument("--out", default=None,
                         help="run directory for checkpoint.npz, metrics.jsonl, loss.svg and the token "
@@ -80,17 +81,17 @@ def add_arguments(parser):
                         help="continue the run in --out (default: the latest run under runs/) from its "
                              "checkpoint, exactly where it stopped; the run keeps its own model, tokenizer "
                              "and settings, and only --max-steps (and --device) may change")
-    parser.add_argument("--seed", type=int, default=1337,
+    parser.add_argument("--seed", type=common.seed, default=1337,
                         help="seed for the initialisation, the batches and dropout (default: 1337)")
-    parser.add_argument("--eval-interval", type=int, default=None,
+    parser.add_argument("--eval-interval", type=common.count, default=None,
                         help="evaluate train and validation loss every N steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=common.positive_int, default=None,
                         help="sequences per step (default: the preset's)")
-    parser.add_argument("--block-size", type=int, default=None,
+    parser.add_argument("--block-size", type=common.positive_int, default=None,
                         help="context length in tokens (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=common.nonnegative_number, default=None,
                         help="peak learning rate of the warmup + cosine schedule (default: the preset's)")
-    parser.add_argument("--sample-tokens", type=int, default=500,
+    parser.add_argument("--sample-tokens", type=common.count, default=500,
                         help="tokens to sample at the end (0: none) (default: 500)")
 
 
@@ -188,6 +189,11 @@ def run_gpt(args, log=print):
 def _resumed_settings(args, log):
     """(checkpoint, TrainConfig, run directory) of the run that --resume continues: its own
     settings, with only --max-steps changed."""
+    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "batch_size", "block_size", "lr", "eval_interval")
+             if getattr(args, name) is not None]
+    if fixed:
+        raise UsageError(f"--resume continues a run with the settings it was started with; {', '.join(fixed)} "
+                         f"cannot change (leave {'it' if len(fixed) == 1 else 'them'} out, or start a new run)")
     out = Path(args.out) if args.out else latest_gpt_run("runs")
     ck = load_checkpoint(out)
     tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
