@@ -424,7 +424,7 @@ def test_quantize_command_reports_a_bad_group_size(tmp_path, capsys):
     _tiny_run(tmp_path)
     rc = main(["quantize", str(tmp_path / "run"), "--bits", "4", "--group-size", "24", "--compare", "selected",
                "--eval-windows", "2", "--data", str(tmp_path / "data.txt")])
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err    # a user's mistake is reported on stderr (issue 17, item 6)
     assert rc == 2 and "group_size: expected a divisor" in text and "while quantizing" in text
 
 

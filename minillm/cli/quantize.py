@@ -42,13 +42,23 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm import gpt
+from minillm.backend import array_module, device_name, synchronize, to_device, to_numpy, xp_for
+from minillm.bench._util import print_table
+from minillm.cli import common
+from minillm.cli.common import UsageError
+from minillm.data import join_documents, load_documents, load_tokens, split_documents
+from minillm.quantization import (GRANULARITIES, SCHEMES, QuantizedTensor, bf16_round, fp16_round,
+                                  llm_int8_matmul, quantize)
+from minillm.tokenizer import tokenizer_from_dict
+from minillm.train import latest_run, load_checkpoint
+
 EMBEDDINGS = ("wte", "wpe", "lm_head")   # stored (rows, C) and used as x @ w^T: quantize w^T
 QUANTIZED_FORMAT = "minillm-quantized"
 QUANTIZED_FORMAT_VERSION = 1
 
 
 def add_arguments(parser):
-    from minillm.quantization import GRANULARITIES, SCHEMES
     parser.add_argument("checkpoint", nargs="?", default=None,
                         help="a run directory or checkpoint.npz (default: the latest run under runs/)")
     parser.add_argument("--bits", type=int, choices=[4, 8], default=8, help="bits per weight to write")
@@ -57,7 +67,7 @@ def add_arguments(parser):
     parser.add_argument("--granularity", choices=GRANULARITIES, default=None,
                         help="one scale per tensor, per output channel, or per group "
                              "(default: channel for 8 bits, group for 4)")
-    parser.add_argument("--group-size", type=int, default=128,
+    parser.add_argument("--group-size", type=common.positive_int, default=128,
                         help="rows per group (must divide every matrix's input dimension)")
     parser.add_argument("--embeddings", choices=["quantize", "float"], default="quantize",
                         help="quantize the (tied) embeddings as the LM head, or keep them float32")
@@ -65,15 +75,15 @@ def add_arguments(parser):
                              "(default: <run>/quantized-int<bits>-<scheme>-<granularity>.npz)")
     parser.add_argument("--compare", choices=["all", "selected"], default="all",
                         help="table rows: the standard set of schemes, or only float32 and the selected one")
-    parser.add_argument("--eval-windows", type=int, default=256,
+    parser.add_argument("--eval-windows", type=common.positive_int, default=256,
                         help="validation windows of block_size tokens for the perplexity")
-    parser.add_argument("--batch-size", type=int, default=32, help="windows per forward pass")
-    parser.add_argument("--threshold", type=float, default=6.0,
+    parser.add_argument("--batch-size", type=common.positive_int, default=32, help="windows per forward pass")
+    parser.add_argument("--threshold", type=common.positive_number, default=6.0,
                         help="LLM.int8() outlier threshold for the matmul timing line")
     parser.add_argument("--data", default=None,
                         help="text file the model was trained on (default: what the checkpoint records, "
                              "else Shakespeare)")
-    parser.add_argument("--val-fraction", type=float, default=None,
+    parser.add_argument("--val-fraction", type=common.fraction, default=None,
                         help="validation fraction of the train/val split (default: the checkpoint's, else 0.1)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default=None,
                         help="where to evaluate (default: MINILLM_DEVICE or cpu)")
@@ -96,7 +106,6 @@ def quantize_params(params, bits=8, scheme="symmetric", granularity="channel", g
     A group size that does not divide a matrix's input dimension is a ValueError
     naming the matrix.
     """
-    from minillm.quantization import quantize
     if embeddings not in ("quantize", "float"):
         raise ValueError(f"embeddings: expected 'quantize' or 'float', got {embeddings!r}")
     qparams, float_params = {}, {}
@@ -125,8 +134,6 @@ def dequantize_params(qparams, float_params, order=None):
 
 
 def _round16_params(params, fmt):
-    from minillm.backend import array_module
-    from minillm.quantization import bf16_round, fp16_round
     rnd = bf16_round if fmt == "bf16" else fp16_round
     out = {}
     for name, p in params.items():
@@ -145,7 +152,6 @@ def _round16_params(params, fmt):
 
 def save_quantized(path, qparams, float_params, meta) -> Path:
     """Write a quantized checkpoint atomically (temporary file, fsync, rename)."""
-    from minillm.backend import to_numpy
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays, info = {}, {}
@@ -192,7 +198,6 @@ def is_quantized_checkpoint(path) -> bool:
 
 def load_quantized(path):
     """-> {"qparams", "float_params", "params" (dequantized, ready to run), "meta"}."""
-    from minillm.quantization import QuantizedTensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no quantized checkpoint at {str(path)!r}")
@@ -224,7 +229,6 @@ def validation_text(ck, data=None, val_fraction=None):
     """The validation text the checkpoint's model was *not* trained on, and a note saying
     where it came from: the data file and val_fraction its TrainConfig records (the split
     is data.split_documents with seed 0, as training does), unless overridden."""
-    from minillm.data import join_documents, load_documents, split_documents
     cfg = ck.get("config") or {}
     data = data if data is not None else cfg.get("data")
     vf = val_fraction if val_fraction is not None else cfg.get("val_fraction", 0.1)
@@ -267,7 +271,6 @@ def checkpoint_windows(ck, tokenizer, block_size, n_windows, data=None, val_frac
     the held-out text of :func:`validation_text`, tokenized here."""
     val_file = Path(ck["path"]).parent / "val.npy"
     if data is None and val_fraction is None and val_file.is_file():
-        from minillm.data import load_tokens
         ids = np.asarray(load_tokens(val_file)[: n_windows * block_size + 1], dtype=np.int64)
         return token_windows(ids, n_windows, block_size), f"{val_file} (the run's own validation tokens)"
     text, source = validation_text(ck, data, val_fraction)
@@ -276,12 +279,11 @@ def checkpoint_windows(ck, tokenizer, block_size, n_windows, data=None, val_frac
 
 def mean_loss(params, config, windows, batch_size, xp):
     """Mean next-token cross-entropy over all windows (every token counts once)."""
-    from minillm.gpt import loss
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         w = xp.asarray(windows[i:i + batch_size])
         n = w.shape[0] * (w.shape[1] - 1)
-        total += loss(params, config, w[:, :-1], w[:, 1:]) * n
+        total += gpt.loss(params, config, w[:, :-1], w[:, 1:]) * n
         count += n
     return total / count
 
@@ -320,7 +322,6 @@ def _nbytes(a):
 
 
 def _time_best(fn, repeat=3):
-    from minillm.backend import synchronize
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -331,93 +332,27 @@ def _time_best(fn, repeat=3):
 
 
 def run(args):
-    from minillm import gpt
-    from minillm.backend import device_name, to_device, xp_for
-    from minillm.bench._util import print_table
-    from minillm.quantization import llm_int8_matmul, quantize
-    from minillm.tokenizer import tokenizer_from_dict
-    from minillm.train import latest_run, load_checkpoint
-
+    """Quantize, compare every scheme's size, perplexity and speed in a table, and write the
+    selected scheme's checkpoint."""
     granularity = args.granularity or ("channel" if args.bits == 8 else "group")
     if args.scheme == "nf4" and args.bits != 4:
-        print("error: --bits: the nf4 scheme is 4-bit, got --bits 8 (use --bits 4)")
-        return 2
-    for name, v in (("--group-size", args.group_size), ("--eval-windows", args.eval_windows),
-                    ("--batch-size", args.batch_size)):
-        if v < 1:
-            print(f"error: {name}: expected a positive integer, got {v}")
-            return 2
-    try:
-        src = Path(args.checkpoint) if args.checkpoint else latest_run()
-        ck = load_checkpoint(src)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
-        return 2
-    mc = ck.get("model_config")
-    if not isinstance(mc, dict) or ck.get("tokenizer") is None:
-        print(f"error: checkpoint: {ck['path']!r} has no model config or tokenizer; quantize needs a GPT "
-              f"trained by python -m minillm train")
-        return 2
-    config = gpt.GPTConfig.from_dict(mc)
-    tokenizer = tokenizer_from_dict(ck["tokenizer"])
+        raise UsageError("--bits: the nf4 scheme is 4-bit, got --bits 8 (use --bits 4)")
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out: {args.out!r} is a directory; give the path of the .npz file to write")
+    ck, config, tokenizer = load_gpt_checkpoint(args.checkpoint)
     device = device_name(args.device)
     xp = xp_for(device)
     params = to_device({k: v for k, v in ck["params"].items()}, device)
-    order = list(params)
-
     T = config.block_size
     windows, source = checkpoint_windows(ck, tokenizer, T, args.eval_windows, args.data, args.val_fraction)
-    n_tok = windows.shape[0] * T
     print(f"checkpoint  {ck['path']} (step {ck['step']}, {sum(int(p.size) for p in params.values()):,} "
           f"parameters, n_embd {config.n_embd}, vocab {config.vocab_size})")
-    print(f"validation  {source}: {windows.shape[0]} windows x {T} tokens = {n_tok:,} tokens, on {device}")
+    print(f"validation  {source}: {windows.shape[0]} windows x {T} tokens = {windows.shape[0] * T:,} tokens, "
+          f"on {device}")
     print(f"embeddings  {'quantized as the LM head (wte^T), like every other matrix' if args.embeddings == 'quantize' else 'kept in float32'}")
-
-    mats = [k for k, p in params.items() if p.ndim == 2 and (args.embeddings == "quantize" or not _is_embedding(k))]
-    f32_mat_bytes = sum(_nbytes(params[k]) for k in mats)
-    other_bytes = sum(_nbytes(p) for k, p in params.items() if k not in mats)
     bench_batch = xp.asarray(windows[:min(args.batch_size, len(windows)), :-1])
-
-    rows, base_ppl, selected_q = [], None, None
     selected = dict(bits=args.bits, scheme=args.scheme, granularity=granularity, group_size=args.group_size)
-    for label, kind, s in _variants(args, granularity):
-        t0 = time.perf_counter()
-        if kind == "float":
-            run_params, wbytes = params, f32_mat_bytes
-
-            def expand():
-                return params
-        elif kind == "16":
-            run_params = _round16_params(params, s)
-            wbytes = f32_mat_bytes // 2
-
-            def expand(s=s):
-                return _round16_params(params, s)
-        else:
-            try:
-                qparams, fparams = quantize_params(params, embeddings=args.embeddings, **s)
-            except ValueError as e:
-                print(f"error: {e}")
-                return 2
-            run_params = dequantize_params(qparams, fparams, order)
-            wbytes = sum(qt.nbytes for qt in qparams.values())
-            if s == selected:
-                selected_q = (qparams, fparams)
-
-            def expand(qparams=qparams, fparams=fparams):
-                return dequantize_params(qparams, fparams, order)
-        quant_s = time.perf_counter() - t0
-        val_loss = mean_loss(run_params, config, windows, args.batch_size, xp)
-        ppl = math.exp(val_loss)
-        if base_ppl is None:
-            base_ppl = ppl
-        fwd = _time_best(lambda: gpt.forward(expand(), config, bench_batch)[0])
-        tok_s = bench_batch.size / fwd
-        model_bytes = wbytes + other_bytes if kind != "16" else (wbytes + other_bytes // 2)
-        rows.append([("* " if kind == "int" and s == selected else "  ") + label,
-                     f"{wbytes / 2**20:.3f}", f"{f32_mat_bytes / wbytes:.2f}x", f"{model_bytes / 2**20:.3f}",
-                     f"{val_loss:.4f}", f"{ppl:.3f}", f"{100 * (ppl / base_ppl - 1):+.2f}%",
-                     f"{tok_s:,.0f}", f"{quant_s:.2f}"])
+    rows, selected_q = compare_schemes(args, params, config, windows, bench_batch, selected, xp)
     print()
     print_table(rows, ["scheme", "weights MiB", "smaller", "model MiB", "val loss", "ppl", "vs f32",
                        "tok/s", "quant s"])
@@ -426,28 +361,88 @@ def run(args):
     print("tok/s: one forward pass over a batch of "
           f"{bench_batch.shape[0]}x{bench_batch.shape[1]} tokens, including dequantizing every weight "
           "first; the matmuls run in float32 in every row.")
+    _time_int8_matmul(params, _matrices(params, args.embeddings), bench_batch.size, args.threshold, xp, device)
+    if selected_q is not None:
+        out = Path(args.out) if args.out else Path(ck["path"]).parent / \
+            f"quantized-int{args.bits}-{args.scheme}-{granularity}.npz"
+        meta = {"source": ck["path"], "step": ck["step"], "model_config": ck["model_config"],
+                "tokenizer": ck["tokenizer"], "param_names": list(params), "embeddings": args.embeddings,
+                "settings": dict(selected), "validation": {"source": source, "tokens": windows.shape[0] * T}}
+        save_quantized(out, selected_q[0], selected_q[1], meta)
+        print(f"\nwrote {out} ({out.stat().st_size / 2**20:.3f} MiB on disk): the row marked *")
+    return 0
 
-    # The LLM.int8() matmul on one of the model's layers, against float32.
+
+def load_gpt_checkpoint(path=None):
+    """(checkpoint dict, GPTConfig, tokenizer) of a GPT run (default: the latest under runs/)."""
+    ck = load_checkpoint(Path(path) if path else latest_run())
+    mc = ck.get("model_config")
+    if not isinstance(mc, dict) or ck.get("tokenizer") is None:
+        raise UsageError(f"checkpoint: {ck['path']!r} has no model config or tokenizer; quantize needs a GPT "
+                         f"trained by python -m minillm train")
+    try:
+        config = gpt.GPTConfig.from_dict(mc)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"checkpoint: {ck['path']!r} does not hold a GPT ({e}); quantize needs a GPT "
+                         f"trained by python -m minillm train") from e
+    return ck, config, tokenizer_from_dict(ck["tokenizer"])
+
+
+def _matrices(params, embeddings):
+    """Names of the matrices a scheme quantizes (the embeddings too unless kept float)."""
+    return [k for k, p in params.items() if p.ndim == 2 and (embeddings == "quantize" or not _is_embedding(k))]
+
+
+def compare_schemes(args, params, config, windows, bench_batch, selected, xp):
+    """The table's rows, one per scheme of _variants, and the selected scheme's
+    (qparams, float_params) (None when it is not among them)."""
+    mats = _matrices(params, args.embeddings)
+    f32_mat_bytes = sum(_nbytes(params[k]) for k in mats)
+    other_bytes = sum(_nbytes(p) for k, p in params.items() if k not in mats)
+    rows, base_ppl, selected_q = [], None, None
+    for label, kind, s in _variants(args, selected["granularity"]):
+        t0 = time.perf_counter()
+        run_params, wbytes, expand, q = _apply_scheme(kind, s, params, args.embeddings, f32_mat_bytes)
+        if kind == "int" and s == selected:
+            selected_q = q
+        quant_s = time.perf_counter() - t0
+        val_loss = mean_loss(run_params, config, windows, args.batch_size, xp)
+        ppl = math.exp(val_loss)
+        base_ppl = ppl if base_ppl is None else base_ppl
+        fwd = _time_best(lambda: gpt.forward(expand(), config, bench_batch)[0])
+        model_bytes = wbytes + other_bytes if kind != "16" else (wbytes + other_bytes // 2)
+        rows.append([("* " if kind == "int" and s == selected else "  ") + label,
+                     f"{wbytes / 2**20:.3f}", f"{f32_mat_bytes / wbytes:.2f}x", f"{model_bytes / 2**20:.3f}",
+                     f"{val_loss:.4f}", f"{ppl:.3f}", f"{100 * (ppl / base_ppl - 1):+.2f}%",
+                     f"{bench_batch.size / fwd:,.0f}", f"{quant_s:.2f}"])
+    return rows, selected_q
+
+
+def _apply_scheme(kind, setting, params, embeddings, f32_mat_bytes):
+    """(the parameters to evaluate, the bytes of their matrices, a function that rebuilds them
+    from what is stored (timed with each forward pass), (qparams, float_params) or None)."""
+    if kind == "float":
+        return params, f32_mat_bytes, lambda: params, None
+    if kind == "16":
+        return _round16_params(params, setting), f32_mat_bytes // 2, lambda: _round16_params(params, setting), None
+    qparams, fparams = quantize_params(params, embeddings=embeddings, **setting)
+    order = list(params)
+    return (dequantize_params(qparams, fparams, order), sum(qt.nbytes for qt in qparams.values()),
+            lambda: dequantize_params(qparams, fparams, order), (qparams, fparams))
+
+
+def _time_int8_matmul(params, mats, n_rows, threshold, xp, device):
+    """The LLM.int8() matmul on one of the model's layers, against float32, on random rows."""
     wname = next((k for k in ("h.0.mlp.w1", "h.0.mlp.w_up", "h.0.attn.w_qkv") if k in params), mats[0])
     W = params[wname] if not _is_embedding(wname) else params[wname].T
     rng = np.random.default_rng(0)
-    X = xp.asarray(rng.standard_normal((bench_batch.size, W.shape[0])).astype(np.float32))
+    X = xp.asarray(rng.standard_normal((n_rows, W.shape[0])).astype(np.float32))
     Wq = quantize(W, 8, "symmetric", "channel")
     t_f = _time_best(lambda: X @ W)
-    t_q = _time_best(lambda: llm_int8_matmul(X, Wq, threshold=args.threshold))
-    err = float(xp.linalg.norm(llm_int8_matmul(X, Wq, threshold=args.threshold) - X @ W) / xp.linalg.norm(X @ W))
+    t_q = _time_best(lambda: llm_int8_matmul(X, Wq, threshold=threshold))
+    err = float(xp.linalg.norm(llm_int8_matmul(X, Wq, threshold=threshold) - X @ W) / xp.linalg.norm(X @ W))
     print(f"\nLLM.int8() matmul on {wname} {tuple(W.shape)} with {X.shape[0]} random N(0,1) rows: "
           f"{X.shape[0] / t_q:,.0f} rows/s vs float32 {X.shape[0] / t_f:,.0f} rows/s "
           f"(relative error {err:.2e}). On {device}, the int8 products are summed by a float GEMM "
           "(exact, see int8_matmul_exact) plus per-row quantization: it shows the arithmetic, "
           "not an int8 kernel's speed.")
-
-    if selected_q is not None:
-        out = Path(args.out) if args.out else Path(ck["path"]).parent / \
-            f"quantized-int{args.bits}-{args.scheme}-{granularity}.npz"
-        meta = {"source": ck["path"], "step": ck["step"], "model_config": mc, "tokenizer": ck["tokenizer"],
-                "param_names": order, "embeddings": args.embeddings,
-                "settings": dict(selected), "validation": {"source": source, "tokens": n_tok}}
-        save_quantized(out, selected_q[0], selected_q[1], meta)
-        print(f"\nwrote {out} ({out.stat().st_size / 2**20:.3f} MiB on disk): the row marked *")
-    return 0

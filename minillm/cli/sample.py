@@ -11,6 +11,13 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
+
+from minillm import backend, gpt
+from minillm.cli import common
+from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
+from minillm.tokenizer import tokenizer_from_dict
+from minillm.train import CHECKPOINT_FILE, latest_run, load_checkpoint
 
 
 def add_arguments(parser):
@@ -21,17 +28,17 @@ def add_arguments(parser):
                              "(default: the most recent run under runs/)")
     parser.add_argument("--prompt", default="\n",
                         help="text to continue (default: a newline, i.e. start a fresh line)")
-    parser.add_argument("--max-new-tokens", type=int, default=500, help="tokens to generate (default: 500)")
-    parser.add_argument("--temperature", type=float, default=0.8,
+    parser.add_argument("--max-new-tokens", type=common.count, default=500, help="tokens to generate (default: 500)")
+    parser.add_argument("--temperature", type=common.nonnegative_number, default=0.8,
                         help="divide the logits by this; 0 means greedy (always the likeliest token) "
                              "(default: 0.8)")
-    parser.add_argument("--top-k", type=int, default=None,
+    parser.add_argument("--top-k", type=common.positive_int, default=None,
                         help="sample only among the k likeliest tokens (default: all)")
-    parser.add_argument("--top-p", type=float, default=None,
+    parser.add_argument("--top-p", type=common.number_in(0.0, 1.0, lo_open=True), default=None,
                         help="sample only among the likeliest tokens whose probabilities sum to p "
                              "(nucleus sampling) (default: off)")
-    parser.add_argument("--num-samples", type=int, default=1, help="independent samples to draw (default: 1)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--num-samples", type=common.positive_int, default=1, help="independent samples to draw (default: 1)")
+    parser.add_argument("--seed", type=common.seed, default=None,
                         help="seed for the draws; the same seed gives the same text (default: random)")
     parser.add_argument("--no-cache", action="store_true",
                         help="re-run the whole context at every step instead of using the KV cache "
@@ -42,10 +49,6 @@ def add_arguments(parser):
 
 def latest_gpt_run(root="runs"):
     """The most recently written run under ``root`` that holds a GPT (BERT runs live there too)."""
-    from pathlib import Path
-
-    from minillm import gpt
-    from minillm.train import CHECKPOINT_FILE, latest_run
     root = Path(root)
     runs = [d for d in (root.iterdir() if root.is_dir() else []) if (d / CHECKPOINT_FILE).is_file()]
     for d in sorted(runs, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime_ns, reverse=True):
@@ -61,10 +64,6 @@ def latest_gpt_run(root="runs"):
 def load_run(path=None, device=None):
     """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest),
     or of a quantized checkpoint (params dequantized to float32)."""
-    from minillm import backend, gpt
-    from minillm.cli.quantize import is_quantized_checkpoint, load_quantized
-    from minillm.tokenizer import tokenizer_from_dict
-    from minillm.train import load_checkpoint
     if path is not None and is_quantized_checkpoint(path):
         q = load_quantized(path)
         s = q["meta"]["settings"]
@@ -86,7 +85,6 @@ def load_run(path=None, device=None):
 
 
 def run(args):
-    from minillm import gpt
     config, params, tokenizer, ck = load_run(args.checkpoint, args.device)
     prompt = tokenizer.encode(args.prompt)
     if not prompt:

