@@ -130,16 +130,16 @@ def sdpa_backward(dy, cache: SDPACache):
     _check_sdpa_backward(dy, cache)
     qs, k, v, p, y, drop, scale, shape = cache
     xp = array_module(p)
-    dy_g = dy.reshape(y.shape)                                # (B, Hkv, G*Tq, D), grouped like y
-    p_kept = p if drop is None else p * drop.mask             # what V was averaged with
-    dv = xp.matmul(p_kept.swapaxes(-1, -2), dy_g)             # (B, Hkv, Tk, D)
-    dp_kept = xp.matmul(dy_g, v.swapaxes(-1, -2))             # (B, Hkv, G*Tq, Tk)
+    dy_grouped = dy.reshape(y.shape)                            # (B, Hkv, G*Tq, D), grouped like y
+    p_kept = p if drop is None else p * drop.mask               # what V was averaged with
+    dv = xp.matmul(p_kept.swapaxes(-1, -2), dy_grouped)         # (B, Hkv, Tk, D)
+    dp_kept = xp.matmul(dy_grouped, v.swapaxes(-1, -2))         # (B, Hkv, G*Tq, Tk)
     dp = dp_kept if drop is None else dropout_backward(dp_kept, drop)
     # sum_j P_ij dP_ij = dY_i . Y_i, also with dropout: P * mask = P_kept and Y = P_kept V.
-    delta = xp.sum(dy_g * y, axis=-1, keepdims=True)          # (B, Hkv, G*Tq, 1)
-    ds = p * (dp - delta)                                     # (B, Hkv, G*Tq, Tk); masked: p = 0
-    dq = xp.matmul(ds, k) * scale                             # (B, Hkv, G*Tq, D)
-    dk = xp.matmul(ds.swapaxes(-1, -2), qs)                   # (B, Hkv, Tk, D); qs carries the scale
+    delta = xp.sum(dy_grouped * y, axis=-1, keepdims=True)      # (B, Hkv, G*Tq, 1)
+    ds = p * (dp - delta)                                       # (B, Hkv, G*Tq, Tk); masked: p = 0
+    dq = xp.matmul(ds, k) * scale                               # (B, Hkv, G*Tq, D)
+    dk = xp.matmul(ds.swapaxes(-1, -2), qs)                     # (B, Hkv, Tk, D); qs carries the scale
     return dq.reshape(shape), dk, dv
 
 
@@ -889,7 +889,8 @@ def _check_cross_attention(x, context, w_q, b_q, w_kv, b_kv, w_o, b_o, n_head, n
     check_ndim("context", context, 3)
     B, Tq, C = x.shape
     if context.shape[0] != B:
-        raise ValueError(f"context: expected batch size {B} (x's first axis), got shape {tuple(context.shape)}")
+        raise ValueError(f"context: expected batch size {B} (x's first axis), "
+                         f"got shape {tuple(context.shape)}")
     if context.dtype != x.dtype:
         raise TypeError(f"context: expected dtype {x.dtype} (the dtype of x), got {context.dtype}")
     Cc = context.shape[2]

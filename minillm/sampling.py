@@ -354,9 +354,10 @@ def generate(decoder, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, t
     lengths, left-padded internally with an attention mask). temperature 0 is
     greedy decoding (the ids of ``generate_greedy``, faster); otherwise tokens are
     drawn from the processed distribution with ``rng`` (or a Generator made from
-    ``seed``): the same seed, prompts and settings give the same output. A row stops after ``eos_id`` or after any of
-    the ``stop`` sequences (lists of ids; both included in the output), or after
-    max_new_tokens new tokens; the loop ends when every row has stopped.
+    ``seed``): the same seed, prompts and settings give the same output. A row
+    stops after ``eos_id`` or after any of the ``stop`` sequences (lists of ids;
+    both included in the output), or after max_new_tokens new tokens; the loop
+    ends when every row has stopped.
     With use_cache=False every step re-runs the whole (cropped) sequence: the same
     tokens, much slower, which is the point of the KV cache.
     -> list of lists of ids: each prompt followed by its new tokens
@@ -549,7 +550,8 @@ def _beam_one(decoder, prompt, max_new_tokens, num_beams, length_penalty, eos_id
     finished = []                                    # (normalised score, new tokens), best first
     for step in range(max_new_tokens):
         norm = (step + 1) ** length_penalty          # n_new ** length_penalty
-        cand_scores = (beam_scores[:, None] + _log_softmax_host(ctx.next_logits())).reshape(-1)   # (beams * V,)
+        log_probs = _log_softmax_host(ctx.next_logits())               # (num_beams, V)
+        cand_scores = (beam_scores[:, None] + log_probs).reshape(-1)   # (num_beams * V,)
         running, ending = _best_candidates(cand_scores, num_beams, eos_id)
         for beam, token, score in ending:
             _keep_best(finished, (score / norm, ctx.ids[beam, len(prompt):].tolist() + [token]), num_beams)
