@@ -397,6 +397,75 @@ def test_sample_is_reproducible_from_a_seed(xp, seed):
 
 
 # ---------------------------------------------------------------------------
+# The plain greedy loop: generate_greedy is what generate(temperature=0) computes
+# ---------------------------------------------------------------------------
+
+def test_generate_greedy_docstring_example_holds():
+    import doctest
+    result = doctest.testmod(S, verbose=False)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+@st.composite
+def tiny_gpt_case(draw):
+    """A random tiny GPT behind the decoder protocol, a prompt and a number of new tokens
+    (often more than fit in the context, so both loops must slide the window)."""
+    from minillm import gpt
+    n_head = draw(st.sampled_from([1, 2]))
+    pos = draw(st.sampled_from(["learned", "rope"]))
+    block_size = draw(st.integers(2, 8))
+    cfg = gpt.GPTConfig(vocab_size=draw(st.integers(3, 12)), block_size=block_size,
+                        n_layer=draw(st.integers(1, 2)), n_head=n_head,
+                        n_embd=n_head * draw(st.sampled_from([2, 4])),
+                        n_kv_head=draw(st.sampled_from([None, 1])), pos=pos,
+                        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+                        mlp=draw(st.sampled_from(["gelu", "swiglu"])),
+                        tie_embeddings=draw(st.booleans()))
+    seed = draw(seeds)
+    plen = draw(st.integers(1, block_size))
+    prompt = np.random.default_rng(seed).integers(0, cfg.vocab_size, plen).tolist()
+    return cfg, seed, prompt, draw(st.integers(0, block_size + 4))
+
+
+@given(case=tiny_gpt_case())
+def test_generate_greedy_gives_the_ids_of_generate_at_temperature_zero(xp, case):
+    from minillm import gpt
+    cfg, seed, prompt, n_new = case
+    params = gpt.init_params(cfg, seed=seed, dtype=np.float64, device="gpu" if xp is not np else "cpu")
+    # GPT-2's init gives nearly uniform logits; larger weights make the choices context-dependent.
+    params = {k: v * 10 if v.ndim == 2 else v for k, v in params.items()}
+    dec = gpt.GPTDecoder(params, cfg)
+    ids = S.generate_greedy(dec, prompt, n_new)
+    assert len(ids) == len(prompt) + n_new and ids[:len(prompt)] == prompt
+    assert all(type(t) is int and 0 <= t < cfg.vocab_size for t in ids)
+    for use_cache in (True, False):
+        assert S.generate(dec, prompt, n_new, temperature=0, use_cache=use_cache) == [ids]
+
+
+@given(seed=seeds, n_new=st.integers(0, 20), plen=st.integers(1, 6))
+def test_generate_greedy_equals_generate_on_the_toy_decoders(xp, seed, n_new, plen):
+    prompt = np.random.default_rng(seed).integers(0, 7, plen).tolist()
+    for dec in (AttnDecoder(xp, seed=seed, scale=3.0), _bigram(xp, 7, seed, scale=3.0)):
+        ids = S.generate_greedy(dec, prompt, n_new)
+        assert [ids] == S.generate(dec, prompt, n_new, temperature=0)
+        assert [ids] == S.beam_search(dec, prompt, n_new, num_beams=1)
+        calls = dec.calls
+        S.generate_greedy(dec, np.asarray(prompt), n_new)                 # an array prompt works too
+        assert dec.calls - calls == n_new                               # one full forward per new token
+
+
+def test_generate_greedy_bad_input_names_the_argument(xp):
+    dec = _bigram(xp, 5, 0, block_size=4)
+    for args, name in [(([[0], [1]], 2), "prompt_ids"), (([0, 7], 2), "prompt_ids"),
+                       (([0, 1, 2, 3, 4], 2), "prompt_ids"), (([0], -1), "max_new_tokens"),
+                       (([0], 1.5), "max_new_tokens")]:
+        with pytest.raises(ValueError, match=name):
+            S.generate_greedy(dec, *args)
+    with pytest.raises(TypeError, match="decoder"):
+        S.generate_greedy(object(), [0], 2)
+
+
+# ---------------------------------------------------------------------------
 # The generation loop
 # ---------------------------------------------------------------------------
 
@@ -625,6 +694,8 @@ def test_speculative_stops_at_eos_and_checks_input(xp):
             S.speculative_generate(small, small, args.pop("prompt_ids"), args.pop("max_new_tokens"), **args)
     with pytest.raises(ValueError, match="draft"):
         S.speculative_generate(dec, _bigram(xp, 5, 0), [0], 3)
+    with pytest.raises(ValueError, match=r"eos_id: expected None or an int in \[0, 4\), got 4"):
+        S.speculative_generate(dec, dec, [0], 3, eos_id=4)
 
 
 # ---------------------------------------------------------------------------
