@@ -45,8 +45,8 @@ from typing import NamedTuple
 import numpy as np
 
 from .attention import self_attention_backward, self_attention_forward
-from .backend import (DEFAULT_DTYPE, array_module, check_array, check_float, check_int, check_ndim,
-                      make_rng, randn, scatter_add, to_device, to_numpy)
+from .backend import (DEFAULT_DTYPE, array_module, check_array, check_float, check_ids, check_int, check_ndim,
+                      check_shape, make_rng, randn, scatter_add, to_device, to_numpy)
 from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
                        softmax_cross_entropy_forward)
 from .embeddings import (embedding_backward, embedding_forward, segment_embedding_backward,
@@ -227,106 +227,156 @@ def num_params(params: dict) -> int:
 
 
 def _check_params(params, config, heads=()):
+    """params holds the encoder's and the heads' parameters (other entries may sit beside
+    them), each an array of its shape, all of embeddings.word's floating dtype. A few
+    attribute reads per parameter, no pass over the values."""
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    want = param_shapes(config, heads)
-    for name, shape in want.items():
+    shapes = param_shapes(config, heads)
+    for name, shape in shapes.items():
         if name not in params:
             raise ValueError(f"params: missing {name!r} (expected shape {shape})")
-        p = params[name]
-        check_float(f"params[{name!r}]", p)
-        if tuple(p.shape) != shape:
-            raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(p.shape)}")
-    dt = params["embeddings.word"].dtype
-    for name in want:
-        if params[name].dtype != dt:
-            raise TypeError(f"params[{name!r}]: expected dtype {dt} (the dtype of embeddings.word), "
-                            f"got {params[name].dtype}")
+    check_float("params['embeddings.word']", params["embeddings.word"])
+    dtype = params["embeddings.word"].dtype
+    for name, shape in shapes.items():
+        a = params[name]
+        if not (isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype):
+            _check_param(name, a, shape, dtype)     # the slow path names what is wrong (and passes CuPy)
+
+
+def _check_param(name, a, shape, dtype):
+    check_float(f"params[{name!r}]", a)
+    if tuple(a.shape) != shape:
+        raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"params[{name!r}]: expected dtype {dtype} (the dtype of embeddings.word), got {a.dtype}")
 
 
 # ---------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------
 
-def _check_inputs(config, input_ids, token_type_ids, attention_mask):
-    """Validate the three (B, T) inputs; return (token_type_ids, attention_mask) with defaults filled in."""
+def _check_inputs(params, config, input_ids, token_type_ids, attention_mask, train, rng):
+    """All of forward's checks, before any math: the parameters (shapes and dtypes), the
+    three (B, T) inputs, and a generator for dropout. The passes over values are the ones
+    the math needs: ids in range (numpy would wrap a negative id around silently), a mask
+    of 0s and 1s, and at least one real token per sequence (else softmax over no keys)."""
+    _check_params(params, config)
     check_int("input_ids", input_ids)
     check_ndim("input_ids", input_ids, 2)
-    xp = array_module(input_ids)
     B, T = input_ids.shape
     if B < 1 or T < 1:
         raise ValueError(f"input_ids: expected at least one sequence of at least one token, got shape {(B, T)}")
     if T > config.max_position:
         raise ValueError(f"input_ids: sequence length {T} exceeds max_position={config.max_position} "
                          "(the rows of the learned position table); truncate the input")
-    lo, hi = int(xp.min(input_ids)), int(xp.max(input_ids))
-    if lo < 0 or hi >= config.vocab_size:
-        raise ValueError(f"input_ids: expected ids in [0, {config.vocab_size}), got {lo if lo < 0 else hi}")
-    if token_type_ids is None:
-        token_type_ids = xp.zeros((B, T), dtype=input_ids.dtype)
-    else:
-        check_int("token_type_ids", token_type_ids)
-        if tuple(token_type_ids.shape) != (B, T):
-            raise ValueError(f"token_type_ids: expected shape {(B, T)} (the shape of input_ids), "
-                             f"got {tuple(token_type_ids.shape)}")
-        lo, hi = int(xp.min(token_type_ids)), int(xp.max(token_type_ids))
-        if lo < 0 or hi >= config.type_vocab_size:
-            raise ValueError(f"token_type_ids: expected ids in [0, {config.type_vocab_size}) "
-                             f"(type_vocab_size), got {lo if lo < 0 else hi}")
-    if attention_mask is None:
-        attention_mask = xp.ones((B, T), dtype=bool)
-    else:
-        check_array("attention_mask", attention_mask)
-        if tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"attention_mask: expected shape {(B, T)} (the shape of input_ids), "
-                             f"got {tuple(attention_mask.shape)}")
-        if attention_mask.dtype != bool:
-            if not bool(xp.all((attention_mask == 0) | (attention_mask == 1))):
-                raise ValueError("attention_mask: expected 1 (a real token) or 0 (padding) everywhere, "
-                                 "got other values")
-            attention_mask = attention_mask != 0
-        # A sequence of nothing but padding has no key to attend to (softmax over an empty set).
-        empty = ~xp.any(attention_mask, axis=1)
-        if bool(xp.any(empty)):
-            raise ValueError(f"attention_mask: sequence {int(xp.argmax(empty))} has no token with mask 1; "
-                             "every sequence needs at least one real token")
-    return token_type_ids, attention_mask
+    check_ids("input_ids", input_ids, config.vocab_size)
+    if token_type_ids is not None:
+        _check_token_types(token_type_ids, (B, T), config.type_vocab_size)
+    if attention_mask is not None:
+        _check_attention_mask(attention_mask, (B, T))
+    if train and rng is None and (config.hidden_dropout > 0 or config.attention_dropout > 0):
+        raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
+
+
+def _check_token_types(token_type_ids, shape, type_vocab_size):
+    check_int("token_type_ids", token_type_ids)
+    if tuple(token_type_ids.shape) != shape:
+        raise ValueError(f"token_type_ids: expected shape {shape} (the shape of input_ids), "
+                         f"got {tuple(token_type_ids.shape)}")
+    xp = array_module(token_type_ids)
+    lo, hi = int(xp.min(token_type_ids)), int(xp.max(token_type_ids))
+    if lo < 0 or hi >= type_vocab_size:
+        raise ValueError(f"token_type_ids: expected ids in [0, {type_vocab_size}) "
+                         f"(type_vocab_size), got {lo if lo < 0 else hi}")
+
+
+def _check_attention_mask(attention_mask, shape):
+    check_array("attention_mask", attention_mask)
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask: expected shape {shape} (the shape of input_ids), "
+                         f"got {tuple(attention_mask.shape)}")
+    xp = array_module(attention_mask)
+    if attention_mask.dtype != bool and not bool(xp.all((attention_mask == 0) | (attention_mask == 1))):
+        raise ValueError("attention_mask: expected 1 (a real token) or 0 (padding) everywhere, got other values")
+    empty = ~xp.any(attention_mask, axis=1)                    # (B,): a sequence of nothing but padding
+    if bool(xp.any(empty)):
+        raise ValueError(f"attention_mask: sequence {int(xp.argmax(empty))} has no token with mask 1; "
+                         "every sequence needs at least one real token")
+
+
+def _as_generator(rng):
+    """An int seed becomes a numpy Generator; a Generator (NumPy's or CuPy's) or None stays."""
+    return make_rng(rng) if rng is not None and not hasattr(rng, "random") else rng
 
 
 # ---------------------------------------------------------------------------
 # The encoder
 # ---------------------------------------------------------------------------
 
-class LayerCache(NamedTuple):
-    attn: object     # self-attention cache
-    drop_1: object   # dropout on the attention output
-    ln_1: object     # LayerNorm(x + attention)
-    mlp: object      # MLP cache
-    drop_2: object   # dropout on the MLP output
-    ln_2: object     # LayerNorm(x + mlp)
+class BlockCache(NamedTuple):
+    attn: object     # SelfAttentionCache of step 1
+    drop_1: object   # DropoutCache of step 2 (mask None: no dropout)
+    ln_1: object     # LayerNorm cache of step 3 (holds x + a_drop)
+    mlp: object      # MlpCache of step 4
+    drop_2: object   # DropoutCache of step 5
+    ln_2: object     # LayerNorm cache of step 6 (holds x1 + m_drop)
 
 
 class BertCache(NamedTuple):
-    word: object          # embedding cache for input_ids
-    token_type: object    # embedding cache for token_type_ids
-    T: int                # sequence length (rows 0..T-1 of the position table were used)
-    shapes: tuple         # (position table shape,)
-    ln: object            # embeddings LayerNorm
-    drop: object          # embeddings dropout
-    layers: tuple         # one LayerCache per block
-    keys: tuple           # the encoder parameter names, for the gradient dict
+    word: object          # EmbeddingCache of input_ids (step 1)
+    token_type: object    # EmbeddingCache of token_type_ids (step 1)
+    T: int                # sequence length: rows 0..T-1 of the position table were used (step 1)
+    position_shape: tuple # (max_position, C), the position table's shape
+    ln: object            # the embeddings' LayerNorm cache (step 2)
+    drop: object          # the embeddings' DropoutCache (step 3)
+    blocks: tuple         # one BlockCache per layer (step 4)
+    param_names: tuple    # the encoder's parameter names: the keys of backward's gradients
 
 
 def _activation(config):
     return _ACTIVATIONS[config.hidden_act]
 
 
-def _dropout(x, p, train, rng):
-    if not train or p == 0:
-        return dropout_forward(x, 0.0, None)
-    if rng is None:
-        raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
-    return dropout_forward(x, p, rng)
+def _block_forward(params, config, layer, x, key_mask, p_hidden, p_attn, rng):
+    """One post-LN encoder block, in the steps that _block_backward undoes in reverse.
+    x: (B, T, C); key_mask: (B, 1, 1, T) -> y: (B, T, C), BlockCache"""
+    prefix, eps = f"h.{layer}.", config.layer_norm_eps
+    a, attn = self_attention_forward(                                              # 1. a = attn(x)
+        x, params[prefix + "attn.w_qkv"], params[prefix + "attn.b_qkv"], params[prefix + "attn.w_o"],
+        params[prefix + "attn.b_o"], config.num_heads, causal=False, mask=key_mask,
+        dropout_p=p_attn, rng=rng if p_attn else None)
+    a_drop, drop_1 = dropout_forward(a, p_hidden, rng)                             # 2. a_drop = dropout(a)
+    x1, ln_1 = layernorm_forward(x + a_drop, params[prefix + "ln_1.weight"],      # 3. x1 = norm_1(x + a_drop)
+                                 params[prefix + "ln_1.bias"], eps)
+    m, mlp = mlp_forward(x1, params[prefix + "mlp.w1"], params[prefix + "mlp.b1"],  # 4. m = mlp(x1)
+                         params[prefix + "mlp.w2"], params[prefix + "mlp.b2"], activation=_activation(config))
+    m_drop, drop_2 = dropout_forward(m, p_hidden, rng)                             # 5. m_drop = dropout(m)
+    y, ln_2 = layernorm_forward(x1 + m_drop, params[prefix + "ln_2.weight"],      # 6. y = norm_2(x1 + m_drop)
+                                params[prefix + "ln_2.bias"], eps)
+    return y, BlockCache(attn, drop_1, ln_1, mlp, drop_2, ln_2)
+
+
+def _block_backward(dy, cache: BlockCache):
+    """The block's steps undone from the last to the first. dy: (B, T, C)
+    -> dx (B, T, C), {name inside the block ("ln_1.weight", ...): gradient}"""
+    grads = {}
+    # forward step 6: y = norm_2(x1 + m_drop). dsum2 is the gradient of that sum, which
+    # passes it to both terms.
+    dsum2, grads["ln_2.weight"], grads["ln_2.bias"] = layernorm_backward(dy, cache.ln_2)
+    # forward step 5: m_drop = dropout(m)
+    dm = dropout_backward(dsum2, cache.drop_2)
+    # forward step 4: m = mlp(x1). x1 gets this path's gradient plus the residual's (step 6)
+    dx1_mlp, grads["mlp.w1"], grads["mlp.b1"], grads["mlp.w2"], grads["mlp.b2"] = mlp_backward(dm, cache.mlp)
+    dx1 = dx1_mlp + dsum2
+    # forward step 3: x1 = norm_1(x + a_drop). The same pattern.
+    dsum1, grads["ln_1.weight"], grads["ln_1.bias"] = layernorm_backward(dx1, cache.ln_1)
+    # forward step 2: a_drop = dropout(a)
+    da = dropout_backward(dsum1, cache.drop_1)
+    # forward step 1: a = attn(x). x gets this path's gradient plus the residual's (step 3)
+    dx_attn, grads["attn.w_qkv"], grads["attn.b_qkv"], grads["attn.w_o"], grads["attn.b_o"] = \
+        self_attention_backward(da, cache.attn)
+    return dx_attn + dsum1, grads
 
 
 def forward(params, config: BertConfig, input_ids, token_type_ids=None, attention_mask=None,
@@ -334,88 +384,67 @@ def forward(params, config: BertConfig, input_ids, token_type_ids=None, attentio
     """The encoder: hidden states of every token.
 
     input_ids, token_type_ids: (B, T) ints; attention_mask: (B, T) 1 = real token, 0 = padding
-    (default: all 1). train=True applies dropout with ``rng`` (a numpy Generator).
+    (default: all 1). train=True applies dropout with ``rng`` (a numpy Generator or a seed).
     -> hidden (B, T, C), cache for ``backward``.
     Padding tokens still get hidden states (they attend to the real tokens), but no real
     token ever attends to them, so appending padding changes nothing for the real tokens.
     """
-    _check_params(params, config)
-    token_type_ids, attention_mask = _check_inputs(config, input_ids, token_type_ids, attention_mask)
-    if train and rng is not None and not hasattr(rng, "random"):
-        rng = make_rng(rng)  # an int seed is accepted too
+    _check_inputs(params, config, input_ids, token_type_ids, attention_mask, train, rng)
+    xp = array_module(input_ids)
     B, T = input_ids.shape
-    eps = config.layer_norm_eps
+    if token_type_ids is None:
+        token_type_ids = xp.zeros((B, T), dtype=input_ids.dtype)                   # all sentence A
+    real = xp.ones((B, T), dtype=bool) if attention_mask is None else attention_mask != 0   # (B, T)
+    key_mask = real[:, None, None, :]          # (B, 1, 1, T): query i may attend to key j iff j is real
+    rng = _as_generator(rng) if train else rng
+    p_hidden = config.hidden_dropout if train else 0.0
+    p_attn = config.attention_dropout if train else 0.0
 
-    e_word, c_word = embedding_forward(input_ids, params["embeddings.word"])
-    e_type, c_type = segment_embedding_forward(token_type_ids, params["embeddings.token_type"])
-    x = e_word + e_type + params["embeddings.position"][:T]  # positions 0..T-1 broadcast over the batch
-    x, c_ln = layernorm_forward(x, params["embeddings.ln.weight"], params["embeddings.ln.bias"], eps)
-    x, c_drop = _dropout(x, config.hidden_dropout, train, rng)
-
-    # Key padding mask: query i may attend to key j iff token j is real. (B, 1, 1, T)
-    mask = attention_mask[:, None, None, :]
-    act = _activation(config)
-    attn_p = config.attention_dropout if train else 0.0
-    if attn_p and rng is None:
-        raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
-    layers = []
-    for i in range(config.num_layers):
-        p = f"h.{i}."
-        a, c_attn = self_attention_forward(x, params[p + "attn.w_qkv"], params[p + "attn.b_qkv"],
-                                           params[p + "attn.w_o"], params[p + "attn.b_o"],
-                                           config.num_heads, causal=False, mask=mask,
-                                           dropout_p=attn_p, rng=rng if attn_p else None)
-        a, c_d1 = _dropout(a, config.hidden_dropout, train, rng)
-        x, c_ln1 = layernorm_forward(x + a, params[p + "ln_1.weight"], params[p + "ln_1.bias"], eps)
-        m, c_mlp = mlp_forward(x, params[p + "mlp.w1"], params[p + "mlp.b1"], params[p + "mlp.w2"],
-                               params[p + "mlp.b2"], activation=act)
-        m, c_d2 = _dropout(m, config.hidden_dropout, train, rng)
-        x, c_ln2 = layernorm_forward(x + m, params[p + "ln_2.weight"], params[p + "ln_2.bias"], eps)
-        layers.append(LayerCache(c_attn, c_d1, c_ln1, c_mlp, c_d2, c_ln2))
-    keys = tuple(param_shapes(config, heads=()))
-    return x, BertCache(c_word, c_type, T, (tuple(params["embeddings.position"].shape),), c_ln, c_drop,
-                        tuple(layers), keys)
+    # 1. e = word[ids] + token_type[types] + position[0..T-1], the positions shared by the batch
+    e_word, word = embedding_forward(input_ids, params["embeddings.word"])                     # (B, T, C)
+    e_type, token_type = segment_embedding_forward(token_type_ids, params["embeddings.token_type"])
+    e = e_word + e_type + params["embeddings.position"][:T]                                    # (B, T, C)
+    x, ln = layernorm_forward(e, params["embeddings.ln.weight"], params["embeddings.ln.bias"],
+                              config.layer_norm_eps)             # 2. x = norm(e)
+    x, drop = dropout_forward(x, p_hidden, rng)                 # 3. x = dropout(x)
+    blocks = []
+    for layer in range(config.num_layers):                      # 4. x = block(x), num_layers times
+        x, block = _block_forward(params, config, layer, x, key_mask, p_hidden, p_attn, rng)
+        blocks.append(block)
+    position_shape = tuple(params["embeddings.position"].shape)
+    return x, BertCache(word, token_type, T, position_shape, ln, drop, tuple(blocks),
+                        tuple(param_shapes(config, heads=())))
 
 
 def backward(dhidden, cache: BertCache) -> dict:
-    """dL/d(encoder parameters) from dL/dhidden (B, T, C): the forward in reverse, block by block.
-    -> {name: grad} for every encoder parameter (the heads add their own)."""
-    g = {}
+    """dL/d(encoder parameters) from dL/dhidden (B, T, C): the forward's steps, from the last
+    to the first. -> {name: grad} for every encoder parameter (the heads add their own)."""
+    grads = {}
     dx = dhidden
-    for i in reversed(range(len(cache.layers))):
-        c = cache.layers[i]
-        p = f"h.{i}."
-        # x_out = LN2(x_mid + drop(mlp(x_mid))): the residual sends ds to both x_mid and the MLP.
-        ds, g[p + "ln_2.weight"], g[p + "ln_2.bias"] = layernorm_backward(dx, c.ln_2)
-        dm = dropout_backward(ds, c.drop_2)
-        dmid, g[p + "mlp.w1"], g[p + "mlp.b1"], g[p + "mlp.w2"], g[p + "mlp.b2"] = mlp_backward(dm, c.mlp)
-        dmid = dmid + ds
-        # x_mid = LN1(x_in + drop(attn(x_in)))
-        ds, g[p + "ln_1.weight"], g[p + "ln_1.bias"] = layernorm_backward(dmid, c.ln_1)
-        da = dropout_backward(ds, c.drop_1)
-        dx_in, g[p + "attn.w_qkv"], g[p + "attn.b_qkv"], g[p + "attn.w_o"], g[p + "attn.b_o"] = \
-            self_attention_backward(da, c.attn)
-        dx = dx_in + ds
+    # forward step 4: x = block(x) for layer 0, 1, ...: now from the last layer down
+    for layer in reversed(range(len(cache.blocks))):
+        dx, block_grads = _block_backward(dx, cache.blocks[layer])
+        grads.update({f"h.{layer}.{name}": g for name, g in block_grads.items()})
+    # forward step 3: x = dropout(x)
     dx = dropout_backward(dx, cache.drop)
-    de, g["embeddings.ln.weight"], g["embeddings.ln.bias"] = layernorm_backward(dx, cache.ln)
-    # The three embeddings were summed, so each receives de unchanged.
-    g["embeddings.word"] = embedding_backward(de, cache.word)
-    g["embeddings.token_type"] = segment_embedding_backward(de, cache.token_type)
+    # forward step 2: x = norm(e)
+    de, grads["embeddings.ln.weight"], grads["embeddings.ln.bias"] = layernorm_backward(dx, cache.ln)
+    # forward step 1: e = word[ids] + token_type[types] + position[0..T-1]. Each table gets de;
+    # the position rows were shared by every sequence, so theirs is summed over the batch.
+    grads["embeddings.word"] = embedding_backward(de, cache.word)
+    grads["embeddings.token_type"] = segment_embedding_backward(de, cache.token_type)
     xp = array_module(de)
-    dpos = xp.zeros(cache.shapes[0], dtype=de.dtype)
-    dpos[:cache.T] = de.sum(axis=0)  # every sequence used the same rows 0..T-1
-    g["embeddings.position"] = dpos
-    return {k: g[k] for k in cache.keys}
+    dposition = xp.zeros(cache.position_shape, dtype=de.dtype)                 # (max_position, C)
+    dposition[:cache.T] = de.sum(axis=0)                                       # rows 0..T-1
+    grads["embeddings.position"] = dposition
+    return {name: grads[name] for name in cache.param_names}
 
 
 def _full_grads(params, grads):
     """Gradients for every key of ``params``: zeros for parameters the loss does not reach
     (e.g. the classifier during MLM), so the dict always matches the parameter dict."""
     xp = array_module(next(iter(params.values())))
-    out = {}
-    for k, p in params.items():
-        out[k] = grads[k] if k in grads else xp.zeros_like(p)
-    return out
+    return {name: grads[name] if name in grads else xp.zeros_like(p) for name, p in params.items()}
 
 
 def _add(grads, name, value):
@@ -427,9 +456,9 @@ def _add(grads, name, value):
 # ---------------------------------------------------------------------------
 
 class PoolerCache(NamedTuple):
-    lin: object       # linear cache
-    y: object         # (B, C) tanh output: tanh' = 1 - y^2
-    hidden_shape: tuple
+    dense: object         # LinearCache of hidden[:, 0] w + b
+    y: object             # (B, C) tanh output: tanh' = 1 - y^2
+    hidden_shape: tuple   # (B, T, C)
 
 
 def pooler_forward(hidden, w, b):
@@ -438,17 +467,17 @@ def pooler_forward(hidden, w, b):
     check_float("hidden", hidden)
     check_ndim("hidden", hidden, 3)
     xp = array_module(hidden)
-    z, c_lin = linear_forward(hidden[:, 0], w, b)
+    z, dense = linear_forward(hidden[:, 0], w, b)               # (B, C)
     y = xp.tanh(z)
-    return y, PoolerCache(c_lin, y, tuple(hidden.shape))
+    return y, PoolerCache(dense, y, tuple(hidden.shape))
 
 
 def pooler_backward(dpooled, cache: PoolerCache):
     """-> dhidden (B, T, C) (nonzero only at position 0), dw, db"""
     xp = array_module(dpooled)
     dz = dpooled * (1 - cache.y * cache.y)
-    dcls, dw, db = linear_backward(dz, cache.lin)
-    dhidden = xp.zeros(cache.hidden_shape, dtype=dcls.dtype)
+    dcls, dw, db = linear_backward(dz, cache.dense)             # (B, C)
+    dhidden = xp.zeros(cache.hidden_shape, dtype=dcls.dtype)    # (B, T, C)
     dhidden[:, 0] = dcls
     return dhidden, dw, db
 
@@ -458,34 +487,34 @@ def pooler_backward(dpooled, cache: PoolerCache):
 # ---------------------------------------------------------------------------
 
 class MLMHeadCache(NamedTuple):
-    dense: object     # linear cache of the transform
-    act: object       # activation cache
-    act_name: str     # which activation (minillm.ffn name)
+    dense: object     # LinearCache of the transform
+    act: object       # the activation's cache
+    act_name: str     # which activation (minillm.ffn's name)
     ln: object        # LayerNorm cache
-    dec: object       # linear cache of the tied decoder
+    dec: object       # LinearCache of the tied decoder
 
 
 def mlm_head_forward(h, params, config: BertConfig):
     """logits = LayerNorm(GELU(h W + b)) word^T + bias.
     The decoder reuses the word-embedding table (weight tying): the same vector that
     represents token v going in scores token v coming out. h: (N, C) -> logits (N, V)"""
-    act = _activation(config)
-    t, c_dense = linear_forward(h, params["mlm.dense.w"], params["mlm.dense.b"])
-    a, c_act = ACTIVATIONS[act][0](t)
-    n, c_ln = layernorm_forward(a, params["mlm.ln.weight"], params["mlm.ln.bias"], config.layer_norm_eps)
-    logits, c_dec = linear_forward(n, params["embeddings.word"].T, params["mlm.bias"])
-    return logits, MLMHeadCache(c_dense, c_act, act, c_ln, c_dec)
+    act_name = _activation(config)
+    z, dense = linear_forward(h, params["mlm.dense.w"], params["mlm.dense.b"])        # (N, C)
+    a, act = ACTIVATIONS[act_name][0](z)
+    n, ln = layernorm_forward(a, params["mlm.ln.weight"], params["mlm.ln.bias"], config.layer_norm_eps)
+    logits, dec = linear_forward(n, params["embeddings.word"].T, params["mlm.bias"])   # (N, V)
+    return logits, MLMHeadCache(dense, act, act_name, ln, dec)
 
 
 def mlm_head_backward(dlogits, cache: MLMHeadCache):
     """-> dh (N, C), {name: grad} for the head (the decoder's part goes to embeddings.word)."""
-    g = {}
-    dn, dwT, g["mlm.bias"] = linear_backward(dlogits, cache.dec)
-    g["embeddings.word"] = dwT.T  # the decoder used word^T
-    da, g["mlm.ln.weight"], g["mlm.ln.bias"] = layernorm_backward(dn, cache.ln)
-    dt = ACTIVATIONS[cache.act_name][1](da, cache.act)
-    dh, g["mlm.dense.w"], g["mlm.dense.b"] = linear_backward(dt, cache.dense)
-    return dh, g
+    grads = {}
+    dn, dword_t, grads["mlm.bias"] = linear_backward(dlogits, cache.dec)
+    grads["embeddings.word"] = dword_t.T  # the decoder used word^T
+    da, grads["mlm.ln.weight"], grads["mlm.ln.bias"] = layernorm_backward(dn, cache.ln)
+    dz = ACTIVATIONS[cache.act_name][1](da, cache.act)
+    dh, grads["mlm.dense.w"], grads["mlm.dense.b"] = linear_backward(dz, cache.dense)
+    return dh, grads
 
 
 def _check_labels(name, labels, shape, n_classes, ignore=True):
@@ -519,21 +548,21 @@ def _mlm(params, config, input_ids, labels, token_type_ids, attention_mask, trai
     B, T, C = hidden.shape
     # Only the masked positions are scored: the (N, V) logits are the costly part, and
     # the other 85% of positions would contribute nothing to the loss anyway.
-    flat_labels = labels.reshape(-1)
-    rows = xp.nonzero(flat_labels != IGNORE_INDEX)[0]
-    h = hidden.reshape(B * T, C)[rows]
-    logits, c_head = mlm_head_forward(h, params, config)
-    loss, c_ce = softmax_cross_entropy_forward(logits, flat_labels[rows])
+    flat_labels = labels.reshape(-1)                                  # (B T,)
+    rows = xp.nonzero(flat_labels != IGNORE_INDEX)[0]                 # (N,)
+    h = hidden.reshape(B * T, C)[rows]                                # (N, C)
+    logits, head = mlm_head_forward(h, params, config)                # (N, V)
+    loss, ce = softmax_cross_entropy_forward(logits, flat_labels[rows])
     if not need_grads:
         return float(loss), None
-    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)
-    dh, g_head = mlm_head_backward(dlogits, c_head)
+    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), ce)
+    dh, head_grads = mlm_head_backward(dlogits, head)
     dhidden = xp.zeros((B * T, C), dtype=dh.dtype)
     scatter_add(dhidden, rows, dh)  # rows are distinct; scatter_add keeps the device code uniform
-    g = backward(dhidden.reshape(B, T, C), cache)
-    for k, v in g_head.items():
-        _add(g, k, v)
-    return float(loss), _full_grads(params, g)
+    grads = backward(dhidden.reshape(B, T, C), cache)
+    for name, g in head_grads.items():
+        _add(grads, name, g)
+    return float(loss), _full_grads(params, grads)
 
 
 def mlm_loss(params, config, input_ids, labels, token_type_ids=None, attention_mask=None):
@@ -558,24 +587,25 @@ def mlm_loss_and_grads(params, config, input_ids, labels, token_type_ids=None, a
 
 def _classify(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, need_grads):
     _check_params(params, config, heads=("pooler", "classifier"))
+    rng = _as_generator(rng) if train else rng        # one generator for the encoder and the pooled dropout
     hidden, cache = forward(params, config, input_ids, token_type_ids, attention_mask, train, rng)
-    pooled, c_pool = pooler_forward(hidden, params["pooler.w"], params["pooler.b"])
-    pooled, c_drop = _dropout(pooled, config.hidden_dropout, train, rng)
-    logits, c_cls = linear_forward(pooled, params["classifier.w"], params["classifier.b"])
+    pooled, pool = pooler_forward(hidden, params["pooler.w"], params["pooler.b"])     # (B, C)
+    pooled_drop, drop = dropout_forward(pooled, config.hidden_dropout if train else 0.0, rng)
+    logits, classifier = linear_forward(pooled_drop, params["classifier.w"], params["classifier.b"])  # (B, L)
     if labels is None:
         return logits, None, None
     _check_labels("labels", labels, (input_ids.shape[0],), config.num_labels, ignore=False)
-    loss, c_ce = softmax_cross_entropy_forward(logits, labels)
+    loss, ce = softmax_cross_entropy_forward(logits, labels)
     if not need_grads:
         return logits, float(loss), None
     xp = array_module(logits)
-    g = {}
-    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), c_ce)
-    dpooled, g["classifier.w"], g["classifier.b"] = linear_backward(dlogits, c_cls)
-    dpooled = dropout_backward(dpooled, c_drop)
-    dhidden, g["pooler.w"], g["pooler.b"] = pooler_backward(dpooled, c_pool)
-    g.update(backward(dhidden, cache))
-    return logits, float(loss), _full_grads(params, g)
+    grads = {}
+    dlogits = softmax_cross_entropy_backward(xp.asarray(1.0, dtype=logits.dtype), ce)
+    dpooled_drop, grads["classifier.w"], grads["classifier.b"] = linear_backward(dlogits, classifier)
+    dpooled = dropout_backward(dpooled_drop, drop)
+    dhidden, grads["pooler.w"], grads["pooler.b"] = pooler_backward(dpooled, pool)
+    grads.update(backward(dhidden, cache))
+    return logits, float(loss), _full_grads(params, grads)
 
 
 def classify_logits(params, config, input_ids, token_type_ids=None, attention_mask=None):
@@ -592,13 +622,28 @@ def classification_loss_and_grads(params, config, input_ids, labels, token_type_
                                   attention_mask=None, train=False, rng=None):
     """Cross-entropy of the classifier on labels (B,) in [0, num_labels), and its gradients.
     -> (loss as a float, grads with the keys of ``params``; zeros for unused ones, e.g. the MLM head)."""
-    _, loss, g = _classify(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, True)
-    return loss, g
+    _, loss, grads = _classify(params, config, input_ids, labels, token_type_ids, attention_mask, train, rng, True)
+    return loss, grads
 
 
 # ---------------------------------------------------------------------------
 # BERT's masking recipe
 # ---------------------------------------------------------------------------
+
+def _check_mask_tokens(input_ids, vocab_size, mask_token_id, special, attention_mask, mlm_probability):
+    check_int("input_ids", input_ids)
+    if not 0.0 <= mlm_probability <= 1.0:
+        raise ValueError(f"mlm_probability: expected a number in [0, 1], got {mlm_probability!r}")
+    if not 0 <= mask_token_id < vocab_size:
+        raise ValueError(f"mask_token_id: expected an id in [0, {vocab_size}), got {mask_token_id}")
+    if attention_mask is not None:
+        check_array("attention_mask", attention_mask)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} (the shape of input_ids), "
+                             f"got {tuple(attention_mask.shape)}")
+    if sum(1 for i in special if 0 <= i < vocab_size) == vocab_size:
+        raise ValueError("special_ids: every id is special; no ordinary token to draw at random")
+
 
 def mask_tokens(input_ids, rng, *, vocab_size, mask_token_id, special_ids=(), attention_mask=None,
                 mlm_probability=0.15):
@@ -616,21 +661,14 @@ def mask_tokens(input_ids, rng, *, vocab_size, mask_token_id, special_ids=(), at
     labels hold the original id at chosen positions and -100 elsewhere. The draws happen
     on the CPU; the results come back on the device of ``input_ids``.
     """
-    check_int("input_ids", input_ids)
-    if not 0.0 <= mlm_probability <= 1.0:
-        raise ValueError(f"mlm_probability: expected a number in [0, 1], got {mlm_probability!r}")
-    if not 0 <= mask_token_id < vocab_size:
-        raise ValueError(f"mask_token_id: expected an id in [0, {vocab_size}), got {mask_token_id}")
+    special_set = {int(s) for s in special_ids}
+    _check_mask_tokens(input_ids, vocab_size, mask_token_id, special_set, attention_mask, mlm_probability)
     xp = array_module(input_ids)
     rng = make_rng(rng)
-    ids = to_numpy(input_ids)
-    special = np.asarray(sorted({int(s) for s in special_ids}), dtype=np.int64)
+    ids = to_numpy(input_ids)                                                  # (B, T)
+    special = np.asarray(sorted(special_set), dtype=np.int64)
     eligible = ~np.isin(ids, special)
     if attention_mask is not None:
-        check_array("attention_mask", attention_mask)
-        if tuple(attention_mask.shape) != tuple(ids.shape):
-            raise ValueError(f"attention_mask: expected shape {tuple(ids.shape)} (the shape of input_ids), "
-                             f"got {tuple(attention_mask.shape)}")
         eligible &= to_numpy(attention_mask) != 0
     chosen = eligible & (rng.random(ids.shape) < mlm_probability)
     labels = np.where(chosen, ids, IGNORE_INDEX).astype(ids.dtype)
@@ -638,8 +676,6 @@ def mask_tokens(input_ids, rng, *, vocab_size, mask_token_id, special_ids=(), at
     to_mask = chosen & (u < 0.8)
     to_random = chosen & (u >= 0.8) & (u < 0.9)
     ordinary = np.setdiff1d(np.arange(vocab_size), special)
-    if len(ordinary) == 0:
-        raise ValueError("special_ids: every id is special; no ordinary token to draw at random")
     random_ids = ordinary[rng.integers(0, len(ordinary), size=ids.shape)]
     out = np.where(to_mask, mask_token_id, np.where(to_random, random_ids, ids)).astype(ids.dtype)
     return xp.asarray(out), xp.asarray(labels)
@@ -654,13 +690,11 @@ def mean_pool(hidden, attention_mask, normalize=False):
     scaled to unit length. hidden: (B, T, C); attention_mask: (B, T) -> (B, C)"""
     check_float("hidden", hidden)
     check_ndim("hidden", hidden, 3)
-    if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
-        raise ValueError(f"attention_mask: expected shape {tuple(hidden.shape[:2])}, "
-                         f"got {tuple(attention_mask.shape)}")
+    check_shape("attention_mask", attention_mask, hidden.shape[:2])
     xp = array_module(hidden)
-    m = (attention_mask != 0).astype(hidden.dtype)[:, :, None]
+    real = (attention_mask != 0).astype(hidden.dtype)[:, :, None]               # (B, T, 1)
     # sentence-transformers clamps the count at 1e-9; with at least one real token it is >= 1.
-    emb = (hidden * m).sum(axis=1) / xp.maximum(m.sum(axis=1), 1e-9)
+    emb = (hidden * real).sum(axis=1) / xp.maximum(real.sum(axis=1), 1e-9)      # (B, C)
     if normalize:
         emb = emb / xp.maximum(xp.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     return emb
