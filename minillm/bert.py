@@ -25,7 +25,7 @@ modern models put it before: pre-LN). Hugging Face checkpoints of BERT load with
 Parameters are one flat dict (names below); ``backward`` and the ``*_loss_and_grads``
 functions return gradients with the same keys.
 
-    embeddings.word (V, C)  embeddings.position (P, C)  embeddings.token_type (S, C)
+    embeddings.word (V, C)  embeddings.position (block_size, C)  embeddings.token_type (S, C)
     embeddings.ln.weight/bias (C,)
     h.{i}.attn.w_qkv (C, 3C) [q | k | v]   h.{i}.attn.b_qkv (3C,)   h.{i}.attn.w_o (C, C)   h.{i}.attn.b_o (C,)
     h.{i}.ln_1.weight/bias (C,)            (after attention)
@@ -39,14 +39,16 @@ functions return gradients with the same keys.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from .attention import self_attention_backward, self_attention_forward
-from .backend import (DEFAULT_DTYPE, array_module, check_array, check_float, check_ids, check_int, check_ndim,
-                      check_shape, make_rng, randn, scatter_add, to_device, to_numpy)
+from .backend import (DEFAULT_DTYPE, array_module, check_array, check_choice, check_float, check_ids,
+                      check_int, check_int_arg, check_ndim, check_positive, check_probability, check_shape,
+                      make_rng, randn, scatter_add, to_device, to_numpy)
 from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
                        softmax_cross_entropy_forward)
 from .embeddings import (embedding_backward, embedding_forward, segment_embedding_backward,
@@ -73,34 +75,71 @@ HEADS = ("pooler", "mlm", "classifier")
 # Configuration
 # ---------------------------------------------------------------------------
 
-@dataclass
+# BertConfig's field names before it took GPTConfig's spelling of the ideas the two share
+# (they were close to Hugging Face's). Callers, walkthroughs and saved runs (the
+# model_config of a checkpoint) written before still use them: the constructor,
+# replace and from_dict accept them, and reading one gives the field it became.
+OLD_FIELD_NAMES = {"hidden_size": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+                   "intermediate_size": "mlp_hidden", "max_position": "block_size",
+                   "layer_norm_eps": "norm_eps", "hidden_dropout": "dropout"}
+_OLD_ATTRIBUTE_NAMES = {**OLD_FIELD_NAMES, "head_size": "head_dim"}
+_FORMERLY = {new: f"{new}/{old}" for old, new in OLD_FIELD_NAMES.items()}   # how errors name a field
+
+
+def _respell(fields: dict) -> dict:
+    """``fields`` with each old name replaced by its new one; TypeError if both are given."""
+    out = {}
+    for name, value in fields.items():
+        new = OLD_FIELD_NAMES.get(name, name)
+        if new != name and new in fields:
+            raise TypeError(f"{name}: the old name of {new}, and both were given; give one "
+                            f"(dataclasses.replace passes every field: use config.replace)")
+        out[new] = value
+    return out
+
+
+def _accepts_old_field_names(cls):
+    """Class decorator: cls(...) takes the old field names too (see OLD_FIELD_NAMES)."""
+    dataclass_init = cls.__init__
+
+    @functools.wraps(dataclass_init)
+    def __init__(self, *args, **kwargs):
+        dataclass_init(self, *args, **_respell(kwargs))
+    cls.__init__ = __init__
+    return cls
+
+
+@_accepts_old_field_names
+@dataclass(frozen=True)
 class BertConfig:
-    """The shape of a BERT model (Hugging Face's names in comments).
+    """The shape of a BERT model: GPTConfig's names for what the two share, Hugging Face's in
+    parentheses (OLD_FIELD_NAMES lists the names these fields had, still accepted).
 
     vocab_size          number of WordPiece tokens (vocab_size)
-    hidden_size         C, the width of the residual stream (hidden_size)
-    num_layers          encoder blocks (num_hidden_layers)
-    num_heads           attention heads; hidden_size must divide by it (num_attention_heads)
-    intermediate_size   I, the MLP's inner width, usually 4C (intermediate_size)
-    max_position        longest sequence: rows of the learned position table (max_position_embeddings)
+    n_embd              C, the width of the residual stream (hidden_size)
+    n_layer             encoder blocks (num_hidden_layers)
+    n_head              attention heads; n_embd must divide by it (num_attention_heads)
+    mlp_hidden          the MLP's inner width, usually 4C (intermediate_size)
+    block_size          longest sequence: rows of the learned position table (max_position_embeddings)
     type_vocab_size     segment ids: 2 for sentence A / sentence B (type_vocab_size)
-    layer_norm_eps      BERT uses 1e-12 (layer_norm_eps)
-    hidden_dropout      dropout on the embeddings, each sublayer's output and the pooled [CLS]
-    attention_dropout   dropout on the attention probabilities
+    norm_eps            the LayerNorms' epsilon; BERT uses 1e-12 (layer_norm_eps)
+    dropout             on the embeddings, each sublayer's output and the pooled [CLS] (hidden_dropout_prob)
+    attention_dropout   on the attention probabilities (attention_probs_dropout_prob); GPTConfig's
+                        one dropout covers both
     initializer_range   std of the normal initialisation (initializer_range)
-    hidden_act          "gelu" (exact, erf), "gelu_new" (tanh approximation) or "relu"
-    pad_token_id        the [PAD] id; its word-embedding row starts at zero
-    num_labels          classes of the classification head
+    hidden_act          "gelu" (exact, erf), "gelu_new" (tanh approximation) or "relu" (hidden_act)
+    pad_token_id        the [PAD] id; its word-embedding row starts at zero (pad_token_id)
+    num_labels          classes of the classification head (num_labels)
     """
     vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    intermediate_size: int
-    max_position: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    mlp_hidden: int
+    block_size: int
     type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_dropout: float = 0.1
+    norm_eps: float = 1e-12
+    dropout: float = 0.1
     attention_dropout: float = 0.1
     initializer_range: float = 0.02
     hidden_act: str = "gelu"
@@ -108,46 +147,53 @@ class BertConfig:
     num_labels: int = 2
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                     "max_position", "type_vocab_size", "num_labels"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-                raise ValueError(f"{name}: expected a positive int, got {v!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"num_heads: expected a divisor of hidden_size={self.hidden_size}, "
-                             f"got {self.num_heads}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act: expected one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
-        for name in ("hidden_dropout", "attention_dropout"):
-            p = getattr(self, name)
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1), got {p!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps: expected a positive number, got {self.layer_norm_eps!r}")
-        if not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(f"pad_token_id: expected an id in [0, {self.vocab_size}), got {self.pad_token_id}")
+        for name in ("vocab_size", "n_embd", "n_layer", "n_head", "mlp_hidden", "block_size",
+                     "type_vocab_size", "num_labels"):
+            check_int_arg(_FORMERLY.get(name, name), getattr(self, name), lo=1)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{_FORMERLY['n_head']}: expected a divisor of n_embd={self.n_embd}, "
+                             f"got {self.n_head}")
+        check_choice("hidden_act", self.hidden_act, sorted(_ACTIVATIONS))
+        check_probability(_FORMERLY["dropout"], self.dropout)
+        check_probability("attention_dropout", self.attention_dropout)
+        check_positive(_FORMERLY["norm_eps"], self.norm_eps)
+        check_int_arg("pad_token_id", self.pad_token_id, 0, self.vocab_size)
+
+    def __getattr__(self, name):
+        # Only reached when ordinary lookup fails: an old field name reads the new field.
+        if name in _OLD_ATTRIBUTE_NAMES:
+            return getattr(self, _OLD_ATTRIBUTE_NAMES[name])
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
-    def head_size(self) -> int:
-        return self.hidden_size // self.num_heads
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def replace(self, **changes) -> "BertConfig":
+        return dataclasses.replace(self, **_respell(changes))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "BertConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        """From to_dict()'s dict, or the dict of a run saved under the old field names."""
+        d = _respell(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"config: unknown BertConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
     def to_hf(self) -> dict:
         """A Hugging Face config.json dict (model_type "bert")."""
         return {
             "model_type": "bert", "architectures": ["BertForMaskedLM"],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
-            "intermediate_size": self.intermediate_size, "max_position_embeddings": self.max_position,
-            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.layer_norm_eps,
-            "hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
+            "vocab_size": self.vocab_size, "hidden_size": self.n_embd,
+            "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+            "intermediate_size": self.mlp_hidden, "max_position_embeddings": self.block_size,
+            "type_vocab_size": self.type_vocab_size, "layer_norm_eps": self.norm_eps,
+            "hidden_dropout_prob": self.dropout, "attention_probs_dropout_prob": self.attention_dropout,
             "initializer_range": self.initializer_range, "hidden_act": self.hidden_act,
             "pad_token_id": self.pad_token_id, "num_labels": self.num_labels,
             "position_embedding_type": "absolute",
@@ -162,11 +208,11 @@ class BertConfig:
         if pet != "absolute":
             raise ValueError(f"config: expected position_embedding_type 'absolute', got {pet!r}")
         num_labels = d.get("num_labels", len(d.get("id2label", {}) or {}) or 2)
-        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
-                   intermediate_size=d["intermediate_size"], max_position=d["max_position_embeddings"],
-                   type_vocab_size=d.get("type_vocab_size", 2), layer_norm_eps=d.get("layer_norm_eps", 1e-12),
-                   hidden_dropout=d.get("hidden_dropout_prob", 0.1),
+        return cls(vocab_size=d["vocab_size"], n_embd=d["hidden_size"],
+                   n_layer=d["num_hidden_layers"], n_head=d["num_attention_heads"],
+                   mlp_hidden=d["intermediate_size"], block_size=d["max_position_embeddings"],
+                   type_vocab_size=d.get("type_vocab_size", 2), norm_eps=d.get("layer_norm_eps", 1e-12),
+                   dropout=d.get("hidden_dropout_prob", 0.1),
                    attention_dropout=d.get("attention_probs_dropout_prob", 0.1),
                    initializer_range=d.get("initializer_range", 0.02), hidden_act=d.get("hidden_act", "gelu"),
                    pad_token_id=d.get("pad_token_id", 0) or 0, num_labels=num_labels)
@@ -178,28 +224,37 @@ class BertConfig:
 
 def param_shapes(config: BertConfig, heads=HEADS) -> dict:
     """{name: shape} for the encoder plus the chosen heads (a subset of HEADS)."""
+    heads = tuple(heads)
     unknown = set(heads) - set(HEADS)
     if unknown:
         raise ValueError(f"heads: expected a subset of {HEADS}, got unknown {sorted(unknown)}")
-    C, I, V = config.hidden_size, config.intermediate_size, config.vocab_size
-    s = {"embeddings.word": (V, C), "embeddings.position": (config.max_position, C),
-         "embeddings.token_type": (config.type_vocab_size, C),
-         "embeddings.ln.weight": (C,), "embeddings.ln.bias": (C,)}
-    for i in range(config.num_layers):
-        p = f"h.{i}."
-        s.update({p + "attn.w_qkv": (C, 3 * C), p + "attn.b_qkv": (3 * C,),
-                  p + "attn.w_o": (C, C), p + "attn.b_o": (C,),
-                  p + "ln_1.weight": (C,), p + "ln_1.bias": (C,),
-                  p + "mlp.w1": (C, I), p + "mlp.b1": (I,), p + "mlp.w2": (I, C), p + "mlp.b2": (C,),
-                  p + "ln_2.weight": (C,), p + "ln_2.bias": (C,)})
+    return dict(_param_shapes(config, heads))
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(config: BertConfig, heads: tuple) -> dict:
+    # Cached per (config, heads): forward checks the params against it on every call.
+    # Callers must not change the dict; param_shapes hands out copies.
+    C, F, V = config.n_embd, config.mlp_hidden, config.vocab_size
+    shapes = {"embeddings.word": (V, C), "embeddings.position": (config.block_size, C),
+              "embeddings.token_type": (config.type_vocab_size, C),
+              "embeddings.ln.weight": (C,), "embeddings.ln.bias": (C,)}
+    for layer in range(config.n_layer):
+        prefix = f"h.{layer}."
+        shapes.update({prefix + "attn.w_qkv": (C, 3 * C), prefix + "attn.b_qkv": (3 * C,),
+                       prefix + "attn.w_o": (C, C), prefix + "attn.b_o": (C,),
+                       prefix + "ln_1.weight": (C,), prefix + "ln_1.bias": (C,),
+                       prefix + "mlp.w1": (C, F), prefix + "mlp.b1": (F,),
+                       prefix + "mlp.w2": (F, C), prefix + "mlp.b2": (C,),
+                       prefix + "ln_2.weight": (C,), prefix + "ln_2.bias": (C,)})
     if "pooler" in heads:
-        s.update({"pooler.w": (C, C), "pooler.b": (C,)})
+        shapes.update({"pooler.w": (C, C), "pooler.b": (C,)})
     if "mlm" in heads:
-        s.update({"mlm.dense.w": (C, C), "mlm.dense.b": (C,), "mlm.ln.weight": (C,), "mlm.ln.bias": (C,),
-                  "mlm.bias": (V,)})
+        shapes.update({"mlm.dense.w": (C, C), "mlm.dense.b": (C,), "mlm.ln.weight": (C,),
+                       "mlm.ln.bias": (C,), "mlm.bias": (V,)})
     if "classifier" in heads:
-        s.update({"classifier.w": (C, config.num_labels), "classifier.b": (config.num_labels,)})
-    return s
+        shapes.update({"classifier.w": (C, config.num_labels), "classifier.b": (config.num_labels,)})
+    return shapes
 
 
 def init_params(config: BertConfig, seed=0, dtype=DEFAULT_DTYPE, device=None, heads=HEADS) -> dict:
@@ -232,7 +287,7 @@ def _check_params(params, config, heads=()):
     attribute reads per parameter, no pass over the values."""
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    shapes = param_shapes(config, heads)
+    shapes = _param_shapes(config, tuple(heads))
     for name, shape in shapes.items():
         if name not in params:
             raise ValueError(f"params: missing {name!r} (expected shape {shape})")
@@ -267,15 +322,15 @@ def _check_inputs(params, config, input_ids, token_type_ids, attention_mask, tra
     B, T = input_ids.shape
     if B < 1 or T < 1:
         raise ValueError(f"input_ids: expected at least one sequence of at least one token, got shape {(B, T)}")
-    if T > config.max_position:
-        raise ValueError(f"input_ids: sequence length {T} exceeds max_position={config.max_position} "
-                         "(the rows of the learned position table); truncate the input")
+    if T > config.block_size:
+        raise ValueError(f"input_ids: sequence length {T} exceeds max_position={config.block_size} "
+                         "(the config's block_size: the rows of the learned position table); truncate the input")
     check_ids("input_ids", input_ids, config.vocab_size)
     if token_type_ids is not None:
         _check_token_types(token_type_ids, (B, T), config.type_vocab_size)
     if attention_mask is not None:
         _check_attention_mask(attention_mask, (B, T))
-    if train and rng is None and (config.hidden_dropout > 0 or config.attention_dropout > 0):
+    if train and rng is None and (config.dropout > 0 or config.attention_dropout > 0):
         raise TypeError("rng: expected a numpy Generator when train=True and dropout > 0, got None")
 
 
@@ -327,7 +382,7 @@ class BertCache(NamedTuple):
     word: object          # EmbeddingCache of input_ids (step 1)
     token_type: object    # EmbeddingCache of token_type_ids (step 1)
     T: int                # sequence length: rows 0..T-1 of the position table were used (step 1)
-    position_shape: tuple # (max_position, C), the position table's shape
+    position_shape: tuple # (block_size, C), the position table's shape
     ln: object            # the embeddings' LayerNorm cache (step 2)
     drop: object          # the embeddings' DropoutCache (step 3)
     blocks: tuple         # one BlockCache per layer (step 4)
@@ -341,10 +396,10 @@ def _activation(config):
 def _block_forward(params, config, layer, x, key_mask, p_hidden, p_attn, rng):
     """One post-LN encoder block, in the steps that _block_backward undoes in reverse.
     x: (B, T, C); key_mask: (B, 1, 1, T) -> y: (B, T, C), BlockCache"""
-    prefix, eps = f"h.{layer}.", config.layer_norm_eps
+    prefix, eps = f"h.{layer}.", config.norm_eps
     a, attn = self_attention_forward(                                              # 1. a = attn(x)
         x, params[prefix + "attn.w_qkv"], params[prefix + "attn.b_qkv"], params[prefix + "attn.w_o"],
-        params[prefix + "attn.b_o"], config.num_heads, causal=False, mask=key_mask,
+        params[prefix + "attn.b_o"], config.n_head, causal=False, mask=key_mask,
         dropout_p=p_attn, rng=rng if p_attn else None)
     a_drop, drop_1 = dropout_forward(a, p_hidden, rng)                             # 2. a_drop = dropout(a)
     x1, ln_1 = layernorm_forward(x + a_drop, params[prefix + "ln_1.weight"],      # 3. x1 = norm_1(x + a_drop)
@@ -397,7 +452,7 @@ def forward(params, config: BertConfig, input_ids, token_type_ids=None, attentio
     real = xp.ones((B, T), dtype=bool) if attention_mask is None else attention_mask != 0   # (B, T)
     key_mask = real[:, None, None, :]          # (B, 1, 1, T): query i may attend to key j iff j is real
     rng = _as_generator(rng) if train else rng
-    p_hidden = config.hidden_dropout if train else 0.0
+    p_hidden = config.dropout if train else 0.0
     p_attn = config.attention_dropout if train else 0.0
 
     # 1. e = word[ids] + token_type[types] + position[0..T-1], the positions shared by the batch
@@ -405,15 +460,15 @@ def forward(params, config: BertConfig, input_ids, token_type_ids=None, attentio
     e_type, token_type = segment_embedding_forward(token_type_ids, params["embeddings.token_type"])
     e = e_word + e_type + params["embeddings.position"][:T]                                    # (B, T, C)
     x, ln = layernorm_forward(e, params["embeddings.ln.weight"], params["embeddings.ln.bias"],
-                              config.layer_norm_eps)             # 2. x = norm(e)
+                              config.norm_eps)                   # 2. x = norm(e)
     x, drop = dropout_forward(x, p_hidden, rng)                 # 3. x = dropout(x)
     blocks = []
-    for layer in range(config.num_layers):                      # 4. x = block(x), num_layers times
+    for layer in range(config.n_layer):                         # 4. x = block(x), n_layer times
         x, block = _block_forward(params, config, layer, x, key_mask, p_hidden, p_attn, rng)
         blocks.append(block)
     position_shape = tuple(params["embeddings.position"].shape)
     return x, BertCache(word, token_type, T, position_shape, ln, drop, tuple(blocks),
-                        tuple(param_shapes(config, heads=())))
+                        tuple(_param_shapes(config, ())))
 
 
 def backward(dhidden, cache: BertCache) -> dict:
@@ -434,7 +489,7 @@ def backward(dhidden, cache: BertCache) -> dict:
     grads["embeddings.word"] = embedding_backward(de, cache.word)
     grads["embeddings.token_type"] = segment_embedding_backward(de, cache.token_type)
     xp = array_module(de)
-    dposition = xp.zeros(cache.position_shape, dtype=de.dtype)                 # (max_position, C)
+    dposition = xp.zeros(cache.position_shape, dtype=de.dtype)                 # (block_size, C)
     dposition[:cache.T] = de.sum(axis=0)                                       # rows 0..T-1
     grads["embeddings.position"] = dposition
     return {name: grads[name] for name in cache.param_names}
@@ -501,7 +556,7 @@ def mlm_head_forward(h, params, config: BertConfig):
     act_name = _activation(config)
     z, dense = linear_forward(h, params["mlm.dense.w"], params["mlm.dense.b"])        # (N, C)
     a, act = ACTIVATIONS[act_name][0](z)
-    n, ln = layernorm_forward(a, params["mlm.ln.weight"], params["mlm.ln.bias"], config.layer_norm_eps)
+    n, ln = layernorm_forward(a, params["mlm.ln.weight"], params["mlm.ln.bias"], config.norm_eps)
     logits, dec = linear_forward(n, params["embeddings.word"].T, params["mlm.bias"])   # (N, V)
     return logits, MLMHeadCache(dense, act, act_name, ln, dec)
 
@@ -590,7 +645,7 @@ def _classify(params, config, input_ids, labels, token_type_ids, attention_mask,
     rng = _as_generator(rng) if train else rng        # one generator for the encoder and the pooled dropout
     hidden, cache = forward(params, config, input_ids, token_type_ids, attention_mask, train, rng)
     pooled, pool = pooler_forward(hidden, params["pooler.w"], params["pooler.b"])     # (B, C)
-    pooled_drop, drop = dropout_forward(pooled, config.hidden_dropout if train else 0.0, rng)
+    pooled_drop, drop = dropout_forward(pooled, config.dropout if train else 0.0, rng)
     logits, classifier = linear_forward(pooled_drop, params["classifier.w"], params["classifier.b"])  # (B, L)
     if labels is None:
         return logits, None, None

@@ -1,4 +1,4 @@
-"""gpt.py and bert.py read like a textbook: the checks sit in one _check_inputs at the top
+"""gpt.py and bert.py read like a textbook, in one vocabulary: the checks sit in one _check_inputs at the top
 of forward (and are never weaker than a full check: no silent broadcast gets through), a
 block's forward is numbered and its backward undoes the same steps in reverse, and every
 backward helper returns its gradients, each checked here against finite differences."""
@@ -37,9 +37,8 @@ def tiny_gpt(**kw):
 
 
 def tiny_bert(**kw):
-    return bert.BertConfig(**{**dict(vocab_size=13, hidden_size=8, num_layers=1, num_heads=2,
-                                     intermediate_size=12, max_position=7, layer_norm_eps=1e-5,
-                                     num_labels=3), **kw})
+    return bert.BertConfig(**{**dict(vocab_size=13, n_embd=8, n_layer=1, n_head=2, mlp_hidden=12,
+                                     block_size=7, norm_eps=1e-5, num_labels=3), **kw})
 
 
 # --- the block's backward, alone, against finite differences -------------------------
@@ -74,8 +73,8 @@ def test_bert_block_backward_matches_finite_differences(xp, seed, B, T, p, act, 
     cfg = tiny_bert(hidden_act=act)
     params = perturbed(bert.init_params(cfg, seed, dtype=np.float64, device="cpu", heads=()), seed)
     d = {k: on(xp, v) for k, v in params.items() if k.startswith("h.0.")}
-    d["x"] = on(xp, randn(seed + 1, B, T, cfg.hidden_size))
-    dy = on(xp, randn(seed + 2, B, T, cfg.hidden_size))
+    d["x"] = on(xp, randn(seed + 1, B, T, cfg.n_embd))
+    dy = on(xp, randn(seed + 2, B, T, cfg.n_embd))
     real = np.ones((B, T), dtype=bool)
     real[0, T - min(n_pad, T - 1):] = False                       # padding keys in sequence 0
     real[0, 0] = True
@@ -247,7 +246,7 @@ def test_padding_positions_worked_example(xp):
 def test_bert_rng_may_be_a_seed_for_the_classifier_too(xp):
     """train=True with an int seed: the encoder's dropout and the pooled [CLS]'s dropout draw
     from one generator made from it, the same numbers as passing that generator."""
-    cfg = tiny_bert(hidden_dropout=0.3, attention_dropout=0.2)
+    cfg = tiny_bert(dropout=0.3, attention_dropout=0.2)
     params = {k: on(xp, v) for k, v in bert.init_params(cfg, 1, dtype=np.float64, device="cpu").items()}
     ids = on(xp, np.array([[2, 5, 7, 1], [3, 3, 9, 4]]))
     labels = on(xp, np.array([0, 2]))
@@ -268,3 +267,66 @@ def test_mask_tokens_refuses_an_all_special_vocabulary(xp):
     masked, labels = bert.mask_tokens(on(xp, np.zeros((1, 3), dtype=np.int64)), 0, vocab_size=3,
                                       mask_token_id=1, special_ids=(1, 2, 7), mlm_probability=1.0)
     assert set(np_(labels).ravel().tolist()) == {0}             # id 0 is ordinary: every one is chosen
+
+
+# --- one vocabulary: GPTConfig's spelling for what the configs share --------------------
+
+SHARED = ("vocab_size", "n_embd", "n_layer", "n_head", "mlp_hidden", "block_size", "norm_eps", "dropout")
+
+# BertConfig.to_dict() of a run saved before the renaming (main at 220ca75).
+SAVED_BEFORE = {"vocab_size": 13, "hidden_size": 8, "num_layers": 2, "num_heads": 2, "intermediate_size": 12,
+                "max_position": 7, "type_vocab_size": 2, "layer_norm_eps": 1e-05, "hidden_dropout": 0.1,
+                "attention_dropout": 0.1, "initializer_range": 0.02, "hidden_act": "gelu", "pad_token_id": 0,
+                "num_labels": 3}
+
+
+def test_the_same_idea_has_the_same_name_in_both_configs():
+    import dataclasses
+    gpt_fields = {f.name for f in dataclasses.fields(gpt.GPTConfig)}
+    bert_fields = {f.name for f in dataclasses.fields(bert.BertConfig)}
+    assert set(SHARED) <= gpt_fields & bert_fields
+    assert set(bert.OLD_FIELD_NAMES.values()) <= set(SHARED)
+    g, b = tiny_gpt(), tiny_bert()
+    assert (g.head_dim, b.head_dim) == (4, 4)
+    # hidden_size was the MLP's width in GPTConfig and the model's width in BertConfig
+    assert not hasattr(g, "hidden_size") and g.mlp_width == 32 and b.hidden_size == b.n_embd == 8
+
+
+def test_bert_config_still_takes_and_reads_the_old_names():
+    old = bert.BertConfig(**SAVED_BEFORE)
+    new = bert.BertConfig(vocab_size=13, n_embd=8, n_layer=2, n_head=2, mlp_hidden=12, block_size=7,
+                          norm_eps=1e-5, dropout=0.1, num_labels=3)
+    assert old == new and hash(old) == hash(new)
+    assert bert.BertConfig.from_dict(SAVED_BEFORE) == new                   # a saved run loads
+    assert bert.BertConfig.from_dict(new.to_dict()) == new
+    assert set(new.to_dict()) >= set(SHARED) and not set(new.to_dict()) & set(bert.OLD_FIELD_NAMES)
+    for old_name, name in bert.OLD_FIELD_NAMES.items():
+        assert getattr(new, old_name) == getattr(new, name), old_name
+    assert new.head_size == new.head_dim
+    assert new.replace(hidden_dropout=0.0) == new.replace(dropout=0.0) != new
+    assert bert.BertConfig.from_hf(new.to_hf()) == new                      # Hugging Face's names
+    assert new.to_hf()["hidden_size"] == 8 and new.to_hf()["max_position_embeddings"] == 7
+
+
+def test_bert_config_refuses_ambiguous_unknown_or_changed_fields():
+    import dataclasses
+    cfg = tiny_bert()
+    with pytest.raises(TypeError, match="hidden_dropout: the old name of dropout, and both were given"):
+        bert.BertConfig(**{**SAVED_BEFORE, "dropout": 0.2})
+    with pytest.raises(TypeError, match="use config.replace"):
+        dataclasses.replace(cfg, hidden_dropout=0.0)     # replace passes every field: both names
+    with pytest.raises(ValueError, match=r"unknown BertConfig fields \['n_ctx'\]"):
+        bert.BertConfig.from_dict({**cfg.to_dict(), "n_ctx": 3})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_dropout = 0.0                         # would otherwise set a stray attribute
+    with pytest.raises(AttributeError, match="no attribute 'n_embed'"):
+        cfg.n_embed
+    # errors name a renamed field both ways while callers still use the old name
+    with pytest.raises(ValueError, match="n_head/num_heads: expected a divisor of n_embd=8"):
+        tiny_bert(n_head=3)
+    with pytest.raises(ValueError, match="dropout/hidden_dropout: expected a probability"):
+        tiny_bert(hidden_dropout=1.0)
+    with pytest.raises(ValueError, match="block_size/max_position: expected a positive int"):
+        tiny_bert(block_size=0)
+    with pytest.raises(ValueError, match="norm_eps/layer_norm_eps: expected a positive number"):
+        tiny_bert(norm_eps=0.0)
