@@ -351,7 +351,7 @@ def _gpt2_config_to_hf(config, params=None) -> dict:
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": config.vocab_size, "n_positions": config.block_size, "n_ctx": config.block_size,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-        "n_inner": config.hidden_size, "activation_function": "gelu_new",
+        "n_inner": config.mlp_width, "activation_function": "gelu_new",
         "layer_norm_epsilon": config.eps, "tie_word_embeddings": bool(config.tie_embeddings),
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,

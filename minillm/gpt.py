@@ -1,24 +1,27 @@
 """A decoder-only transformer (GPT), composed from the concept files, with its whole
 backward pass written out by hand.
 
-The forward pass, for token ids idx of shape (B, T):
+The forward pass, for token ids idx of shape (B, T), in the numbered steps of
+:func:`forward`:
 
-    x = wte[idx] + wpe[0..T-1]                 token + learned position embeddings
-    x = dropout(x)                             (training only)
-    for each of n_layer blocks (pre-norm):
-        x = x + dropout(attn(norm_1(x)))       causal self-attention, residual
-        x = x + dropout(mlp(norm_2(x)))        feed-forward (GELU MLP or SwiGLU), residual
-    x = norm_f(x)
-    logits = x @ wte^T                         the LM head, tied to the token embedding
+    1. x = wte[idx] + wpe[0..T-1]          token + learned position embeddings   (B, T, C)
+    2. x = dropout(x)                      (training only)
+    3. n_layer times, x = block(x):        pre-norm, the steps of _block_forward
+           1. h1 = norm_1(x)   2. a = attn(h1)  3. a_drop = dropout(a)   4. x1 = x + a_drop
+           5. h2 = norm_2(x1)  6. m = mlp(h2)   7. m_drop = dropout(m)   8. y = x1 + m_drop
+       attn is causal self-attention, mlp a GELU MLP or SwiGLU
+    4. xf = norm_f(x)
+    5. logits = xf @ wte^T                 the LM head, tied to the token embedding   (B, T, V)
 
 Variants chosen by :class:`GPTConfig`: LayerNorm or RMSNorm, learned positions or
 RoPE (rotary, inside attention), a GELU MLP or SwiGLU, multi-head or grouped-query
 attention (n_kv_head < n_head), biases or none, a tied or separate LM head. With
 the defaults this is GPT-2, and :mod:`minillm.checkpoint` loads GPT-2 weights.
 
-The backward pass (:func:`backward`) is the forward read from the bottom up: every
-``*_forward`` above has its ``*_backward`` below, called in reverse order, and each
-residual ``x = x + f(x)`` sends its gradient down both paths (the ``+=``).
+The backward pass (:func:`backward`, :func:`_block_backward`) is the forward read from
+the bottom up, as in llm.c's gpt2_backward: each step is labelled with the forward step it
+undoes ("forward step 4: x1 = x + a_drop"), every ``*_forward`` has its ``*_backward``, each
+returning its gradients, and each residual sum sends its gradient down both paths.
 
 Parameters are a flat dict with dotted names (GPT-2's, shortened)::
 
@@ -35,6 +38,7 @@ Conv1D, so GPT-2 checkpoints load without transposes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,7 +46,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .attention import KVCache, self_attention_backward, self_attention_forward
-from .backend import DEFAULT_DTYPE, array_module, check_array, check_int, make_rng, randn, to_device
+from .backend import (DEFAULT_DTYPE, array_module, check_array, check_choice, check_float, check_int,
+                      check_int_arg, check_number, check_positive, check_probability, check_same_device,
+                      check_shape, make_rng, randn, to_device)
 from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
                        softmax_cross_entropy_forward)
 from .embeddings import embedding_backward, embedding_forward
@@ -61,25 +67,21 @@ __all__ = ["GPTConfig", "param_shapes", "init_params", "num_params", "forward", 
 _CHOICES = {"norm": ("layernorm", "rmsnorm"), "pos": ("learned", "rope"), "mlp": ("gelu", "swiglu")}
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name}: expected a positive int, got {v!r}")
-
-
 @dataclass(frozen=True)
 class GPTConfig:
     """The shape of a GPT.
 
-    vocab_size V, block_size (the longest context), n_layer, n_head H, n_embd C
-    (a multiple of H; head size D = C / H), n_kv_head Hkv (None = H: multi-head;
-    1 = multi-query; else grouped-query, a divisor of H), dropout (embeddings,
-    attention probabilities and both residual branches, training only), bias (in
-    the linear layers and LayerNorms), norm "layernorm" | "rmsnorm", pos "learned" |
-    "rope", mlp "gelu" (tanh GELU, 4C wide) | "swiglu", tie_embeddings (the LM head
-    reuses wte).
-    Extras: norm_eps (None: 1e-5 for LayerNorm, 1e-6 for RMSNorm), mlp_hidden (None:
-    4C for GELU, 8C/3 rounded up to a multiple of 8 for SwiGLU, which keeps the
-    parameter count of a 4C GELU MLP), rope_base.
+    vocab_size V, block_size (the longest context: rows of wpe), n_layer, n_head H,
+    n_embd C (a multiple of H; head size head_dim D = C / H), n_kv_head Hkv (None = H:
+    multi-head; 1 = multi-query; else grouped-query, a divisor of H), dropout
+    (embeddings, attention probabilities and both residual branches, training only),
+    bias (in the linear layers and LayerNorms), norm "layernorm" | "rmsnorm", pos
+    "learned" | "rope", mlp "gelu" (tanh GELU, 4C wide) | "swiglu", tie_embeddings (the
+    LM head reuses wte).
+    Extras: norm_eps (None: 1e-5 for LayerNorm, 1e-6 for RMSNorm; resolved in ``eps``),
+    mlp_hidden (None: 4C for GELU, 8C/3 rounded up to a multiple of 8 for SwiGLU, which
+    keeps the parameter count of a 4C GELU MLP; resolved in ``mlp_width``), rope_base.
+    BertConfig spells the ideas it shares with this one the same way.
     """
     vocab_size: int
     block_size: int
@@ -99,27 +101,22 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            _positive_int(name, getattr(self, name))
+            check_int_arg(name, getattr(self, name), lo=1)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_head: expected a divisor of n_embd={self.n_embd}, got {self.n_head}")
-        if self.n_kv_head is not None:
-            _positive_int("n_kv_head", self.n_kv_head)
-            if self.n_head % self.n_kv_head:
-                raise ValueError(f"n_kv_head: expected a divisor of n_head={self.n_head}, got {self.n_kv_head}")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout!r}")
+        check_int_arg("n_kv_head", self.n_kv_head, lo=1, optional=True)
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head: expected a divisor of n_head={self.n_head}, got {self.n_kv_head}")
+        check_probability("dropout", self.dropout)
         for name, options in _CHOICES.items():
-            if getattr(self, name) not in options:
-                raise ValueError(f"{name}: expected one of {options}, got {getattr(self, name)!r}")
-        if self.norm_eps is not None and not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"norm_eps: expected a positive number or None, got {self.norm_eps!r}")
-        if self.mlp_hidden is not None:
-            _positive_int("mlp_hidden", self.mlp_hidden)
+            check_choice(name, getattr(self, name), options)
+        if self.norm_eps is not None:
+            check_positive("norm_eps", self.norm_eps)
+        check_int_arg("mlp_hidden", self.mlp_hidden, lo=1, optional=True)
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"n_embd: RoPE rotates pairs of features, so the head size n_embd / n_head "
                              f"must be even, got {self.head_dim}")
-        if not (isinstance(self.rope_base, (int, float)) and self.rope_base > 1):
-            raise ValueError(f"rope_base: expected a number > 1, got {self.rope_base!r}")
+        check_number("rope_base", self.rope_base, lo=1, lo_open=True)
 
     @property
     def head_dim(self) -> int:
@@ -130,8 +127,8 @@ class GPTConfig:
         return self.n_head if self.n_kv_head is None else self.n_kv_head
 
     @property
-    def hidden_size(self) -> int:
-        """Width of the MLP's hidden layer."""
+    def mlp_width(self) -> int:
+        """Width of the MLP's hidden layer: mlp_hidden, or the default for the MLP kind."""
         if self.mlp_hidden is not None:
             return self.mlp_hidden
         if self.mlp == "gelu":
@@ -140,6 +137,7 @@ class GPTConfig:
 
     @property
     def eps(self) -> float:
+        """The norms' epsilon: norm_eps, or the default for the norm kind."""
         if self.norm_eps is not None:
             return float(self.norm_eps)
         return 1e-5 if self.norm == "layernorm" else 1e-6
@@ -171,43 +169,37 @@ def _check_config(config):
 def param_shapes(config: GPTConfig) -> dict:
     """{name: shape} for every parameter, in a fixed order (the order init draws them)."""
     _check_config(config)
+    return dict(_param_shapes(config))
+
+
+@functools.lru_cache(maxsize=32)
+def _param_shapes(config: GPTConfig) -> dict:
+    # Cached per config (frozen, so hashable): forward checks the params against it on
+    # every call. Callers must not change the dict; param_shapes hands out copies.
     C, V, H, Hkv, D, F = (config.n_embd, config.vocab_size, config.n_head, config.kv_heads,
-                          config.head_dim, config.hidden_size)
-    s = {"wte": (V, C)}
+                          config.head_dim, config.mlp_width)
+    shapes = {"wte": (V, C)}
     if config.pos == "learned":
-        s["wpe"] = (config.block_size, C)
+        shapes["wpe"] = (config.block_size, C)
     ln_bias = config.bias and config.norm == "layernorm"
-    for i in range(config.n_layer):
-        p = f"h.{i}."
-        s[p + "ln_1.weight"] = (C,)
-        if ln_bias:
-            s[p + "ln_1.bias"] = (C,)
-        s[p + "attn.w_qkv"] = (C, (H + 2 * Hkv) * D)
-        if config.bias:
-            s[p + "attn.b_qkv"] = ((H + 2 * Hkv) * D,)
-        s[p + "attn.w_o"] = (H * D, C)
-        if config.bias:
-            s[p + "attn.b_o"] = (C,)
-        s[p + "ln_2.weight"] = (C,)
-        if ln_bias:
-            s[p + "ln_2.bias"] = (C,)
+    for layer in range(config.n_layer):
+        prefix = f"h.{layer}."
+        block = {"ln_1.weight": (C,), "ln_1.bias": (C,) if ln_bias else None,
+                 "attn.w_qkv": (C, (H + 2 * Hkv) * D), "attn.b_qkv": ((H + 2 * Hkv) * D,) if config.bias else None,
+                 "attn.w_o": (H * D, C), "attn.b_o": (C,) if config.bias else None,
+                 "ln_2.weight": (C,), "ln_2.bias": (C,) if ln_bias else None}
         if config.mlp == "gelu":
-            s[p + "mlp.w1"] = (C, F)
-            if config.bias:
-                s[p + "mlp.b1"] = (F,)
-            s[p + "mlp.w2"] = (F, C)
-            if config.bias:
-                s[p + "mlp.b2"] = (C,)
+            block.update({"mlp.w1": (C, F), "mlp.b1": (F,) if config.bias else None,
+                          "mlp.w2": (F, C), "mlp.b2": (C,) if config.bias else None})
         else:
-            s[p + "mlp.w_gate"] = (C, F)
-            s[p + "mlp.w_up"] = (C, F)
-            s[p + "mlp.w_down"] = (F, C)
-    s["ln_f.weight"] = (C,)
+            block.update({"mlp.w_gate": (C, F), "mlp.w_up": (C, F), "mlp.w_down": (F, C)})
+        shapes.update({prefix + name: shape for name, shape in block.items() if shape is not None})
+    shapes["ln_f.weight"] = (C,)
     if ln_bias:
-        s["ln_f.bias"] = (C,)
+        shapes["ln_f.bias"] = (C,)
     if not config.tie_embeddings:
-        s["lm_head"] = (V, C)
-    return s
+        shapes["lm_head"] = (V, C)
+    return shapes
 
 
 _RESIDUAL_PROJECTIONS = ("attn.w_o", "mlp.w2", "mlp.w_down")
@@ -226,13 +218,12 @@ def init_params(config: GPTConfig, seed=0, dtype=DEFAULT_DTYPE, device=None) -> 
     params = {}
     for name, shape in param_shapes(config).items():
         if name.endswith(".weight") and len(shape) == 1:          # norm gains
-            a = np.ones(shape, dtype=dtype)
+            params[name] = np.ones(shape, dtype=dtype)
         elif len(shape) == 1:                                     # biases
-            a = np.zeros(shape, dtype=dtype)
+            params[name] = np.zeros(shape, dtype=dtype)
         else:
             std = std_resid if name.endswith(_RESIDUAL_PROJECTIONS) else 0.02
-            a = randn(rng, shape, std=std, dtype=dtype, device="cpu")
-        params[name] = a
+            params[name] = randn(rng, shape, std=std, dtype=dtype, device="cpu")
     return to_device(params, device)
 
 
@@ -242,82 +233,62 @@ def num_params(params: dict) -> int:
 
 
 def _check_params(params, config):
+    """params has exactly the names of param_shapes(config), each an array of that shape,
+    all of wte's floating dtype. A few attribute reads per parameter, no pass over values."""
     if not isinstance(params, dict):
         raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
-    shapes = param_shapes(config)
-    missing = [k for k in shapes if k not in params]
-    extra = [k for k in params if k not in shapes]
-    if missing or extra:
+    shapes = _param_shapes(config)
+    if params.keys() != shapes.keys():
+        missing = [k for k in shapes if k not in params]
+        extra = [k for k in params if k not in shapes]
         raise ValueError(f"params: do not match the config: missing {missing[:6]}"
                          f"{' ...' if len(missing) > 6 else ''}, unexpected {extra[:6]}"
                          f"{' ...' if len(extra) > 6 else ''}")
-    dtype = params["wte"].dtype if hasattr(params["wte"], "dtype") else None
-    for k, shape in shapes.items():
-        a = params[k]
-        check_array(f"params[{k!r}]", a)
-        if tuple(a.shape) != shape:
-            raise ValueError(f"params[{k!r}]: expected shape {shape}, got {tuple(a.shape)}")
-        if a.dtype != dtype or a.dtype.kind != "f":
-            raise TypeError(f"params[{k!r}]: expected dtype {dtype} (that of wte, floating point), got {a.dtype}")
+    check_float("params['wte']", params["wte"])
+    dtype = params["wte"].dtype
+    for name, shape in shapes.items():
+        a = params[name]
+        if not (isinstance(a, np.ndarray) and a.shape == shape and a.dtype == dtype):
+            _check_param(name, a, shape, dtype)     # the slow path names what is wrong (and passes CuPy)
+
+
+def _check_param(name, a, shape, dtype):
+    check_array(f"params[{name!r}]", a)
+    if tuple(a.shape) != shape:
+        raise ValueError(f"params[{name!r}]: expected shape {shape}, got {tuple(a.shape)}")
+    if a.dtype != dtype:
+        raise TypeError(f"params[{name!r}]: expected dtype {dtype} (that of wte, floating point), got {a.dtype}")
 
 
 # ---------------------------------------------------------------------------
-# Forward
+# Inputs
 # ---------------------------------------------------------------------------
 
-class BlockCache(NamedTuple):
-    ln_1: object     # norm cache (holds the block's input x)
-    attn: object     # SelfAttentionCache
-    drop_1: object   # DropoutCache of the attention branch
-    ln_2: object     # norm cache (holds x after the attention residual)
-    mlp: object      # MlpCache or SwigluCache
-    drop_2: object   # DropoutCache of the MLP branch
-
-
-class GPTCache(NamedTuple):
-    config: GPTConfig
-    tok: object          # EmbeddingCache of wte
-    pos: object          # EmbeddingCache of wpe, or None (RoPE)
-    pos_batched: bool    # position ids were (B, T) (left padding) rather than (T,)
-    drop_emb: object     # DropoutCache of the embeddings
-    blocks: list         # [BlockCache] per layer
-    ln_f: object         # norm cache of the final norm
-    xf: object           # (B, T, C) the final norm's output: the LM head's input
-    head: object         # (V, C) the LM head's weight (wte when tied)
-
-
-def _norm_forward(config, params, prefix, x):
-    if config.norm == "layernorm":
-        return layernorm_forward(x, params[prefix + ".weight"], params.get(prefix + ".bias"), config.eps)
-    return rmsnorm_forward(x, params[prefix + ".weight"], config.eps)
-
-
-def _norm_backward(config, grads, prefix, dy, cache):
-    if config.norm == "layernorm":
-        dx, dw, db = layernorm_backward(dy, cache)
-        if db is not None:
-            grads[prefix + ".bias"] = db
-    else:
-        dx, dw = rmsnorm_backward(dy, cache)
-    grads[prefix + ".weight"] = dw
-    return dx
-
-
-def _dropout(x, p, train, rng):
-    if train and p > 0:
-        return dropout_forward(x, p, rng)
-    return x, None
-
-
-def _undropout(dy, cache):
-    return dy if cache is None else dropout_backward(dy, cache)
+def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, attention_mask=None):
+    """All of forward's checks, before any math: the config, every parameter's name, shape
+    and dtype, idx's shape, length and device, the ids' range (one min/max pass over idx,
+    which the math needs: a negative id would wrap around to the last rows of wte without
+    an error), a generator for dropout, and the mask's shape and dtype."""
+    _check_config(config)
+    _check_params(params, config)
+    offset = kv_cache.length(0) if kv_cache is not None else 0
+    _check_idx(config, idx, offset=offset)
+    check_same_device("idx", idx, params["wte"], "the params")
+    B, T = idx.shape
+    if attention_mask is not None:
+        check_array("attention_mask", attention_mask)
+        if attention_mask.dtype != bool or tuple(attention_mask.shape) != (B, offset + T):
+            raise ValueError(f"attention_mask: expected a bool array of shape (B, T_cached + T) = "
+                             f"{(B, offset + T)}, got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+    if train and config.dropout > 0 and rng is None:
+        raise TypeError("rng: expected a random Generator when train=True and dropout > 0, got None")
 
 
 def _check_idx(config, idx, name="idx", offset=0):
     check_int(name, idx)
     if idx.ndim != 2:
         raise ValueError(f"{name}: expected shape (B, T) of token ids, got {tuple(idx.shape)}")
-    B, T = idx.shape
+    T = idx.shape[1]
     if T < 1:
         raise ValueError(f"{name}: expected at least one token, got shape {tuple(idx.shape)}")
     if offset + T > config.block_size:
@@ -332,6 +303,156 @@ def _check_idx(config, idx, name="idx", offset=0):
                          f"got {lo if lo < 0 else hi}")
 
 
+def _check_dlogits(dlogits, cache):
+    B, T, _ = cache.xf.shape
+    check_shape("dlogits", dlogits, (B, T, cache.config.vocab_size))
+
+
+def _padding_positions(attention_mask, offset):
+    """Left padding (a batch of prompts of different lengths): a token's position counts
+    the real tokens before it, and pad keys get no attention.
+    attention_mask: (B, T_cached + T) bool or None; offset = T_cached
+    -> positions (B, T) int and key_mask (B, 1, 1, T_cached + T), or (None, None) without a mask
+    Example: mask [F, F, T, T] -> positions [0, 0, 0, 1] (the pads read row 0 and are never attended)."""
+    if attention_mask is None:
+        return None, None
+    xp = array_module(attention_mask)
+    count = xp.cumsum(attention_mask.astype(np.int64), axis=1) - 1       # (B, T_cached + T): -1 at leading pads
+    positions = xp.maximum(count[:, offset:], 0)                          # (B, T)
+    return positions, attention_mask[:, None, None, :]                    # (B, 1, 1, T_cached + T)
+
+
+# ---------------------------------------------------------------------------
+# The pieces: embeddings, norms, MLPs, one block
+# ---------------------------------------------------------------------------
+
+def _embed_forward(params, config, idx, positions, offset):
+    """x = wte[idx] + wpe[positions] (RoPE models: x = wte[idx]; the positions act in attention).
+    positions: (B, T) from the padding mask, or None: offset, offset + 1, ...
+    -> x (B, T, C), token cache, position cache (None with RoPE)"""
+    x, tok = embedding_forward(idx, params["wte"])                         # (B, T, C)
+    if config.pos != "learned":
+        return x, tok, None
+    if positions is None:
+        T = idx.shape[1]
+        positions = array_module(idx).arange(offset, offset + T)           # (T,)
+    pe, pos = embedding_forward(positions, params["wpe"])                  # (T, C) or (B, T, C)
+    return x + pe, tok, pos
+
+
+def _embed_backward(dx, tok, pos):
+    """-> dwte (V, C), dwpe (block_size, C) or None (RoPE). Both tables got dx; a (T,) row
+    of positions was broadcast over the batch, so its gradient is summed over it."""
+    dwte = embedding_backward(dx, tok)
+    if pos is None:
+        return dwte, None
+    dpe = dx if pos.ids.ndim == 2 else dx.sum(axis=0)                      # (B, T, C) or (T, C)
+    return dwte, embedding_backward(dpe, pos)
+
+
+def _norm_forward(config, params, prefix, x):
+    """norm(x) with the params prefix + ".weight" / ".bias": LayerNorm or RMSNorm."""
+    if config.norm == "layernorm":
+        return layernorm_forward(x, params[prefix + ".weight"], params.get(prefix + ".bias"), config.eps)
+    return rmsnorm_forward(x, params[prefix + ".weight"], config.eps)
+
+
+def _norm_backward(config, dy, cache):
+    """-> dx, dweight, dbias (None for RMSNorm or a LayerNorm without bias)."""
+    if config.norm == "layernorm":
+        return layernorm_backward(dy, cache)
+    dx, dweight = rmsnorm_backward(dy, cache)
+    return dx, dweight, None
+
+
+def _mlp_forward(config, params, prefix, h):
+    """The block's feed-forward, with the params prefix + "mlp.*": a GELU MLP or SwiGLU."""
+    if config.mlp == "gelu":
+        return mlp_forward(h, params[prefix + "mlp.w1"], params.get(prefix + "mlp.b1"),
+                           params[prefix + "mlp.w2"], params.get(prefix + "mlp.b2"), activation="gelu")
+    return swiglu_forward(h, params[prefix + "mlp.w_gate"], params[prefix + "mlp.w_up"],
+                          params[prefix + "mlp.w_down"])
+
+
+def _mlp_backward(config, dm, cache):
+    """-> dh, {"mlp.*": gradient} (None for an absent bias)."""
+    if config.mlp == "gelu":
+        dh, dw1, db1, dw2, db2 = mlp_backward(dm, cache)
+        return dh, {"mlp.w1": dw1, "mlp.b1": db1, "mlp.w2": dw2, "mlp.b2": db2}
+    dh, dw_gate, dw_up, dw_down = swiglu_backward(dm, cache)
+    return dh, {"mlp.w_gate": dw_gate, "mlp.w_up": dw_up, "mlp.w_down": dw_down}
+
+
+class BlockCache(NamedTuple):
+    ln_1: object     # norm cache of step 1 (holds the block's input x)
+    attn: object     # SelfAttentionCache of step 2
+    drop_1: object   # DropoutCache of step 3 (mask None: no dropout)
+    ln_2: object     # norm cache of step 5 (holds x1, the stream after the attention residual)
+    mlp: object      # MlpCache or SwigluCache of step 6
+    drop_2: object   # DropoutCache of step 7
+
+
+def _block_forward(params, config, layer, x, p_drop, rng, key_mask, positions, kv_cache):
+    """One pre-norm block, in the steps that _block_backward undoes in reverse.
+    x: (B, T, C) -> y: (B, T, C), BlockCache"""
+    prefix = f"h.{layer}."
+    rope = config.pos == "rope"
+    h1, ln_1 = _norm_forward(config, params, prefix + "ln_1", x)            # 1. h1 = norm_1(x)
+    a, attn = self_attention_forward(                                        # 2. a = attn(h1)
+        h1, params[prefix + "attn.w_qkv"], params.get(prefix + "attn.b_qkv"), params[prefix + "attn.w_o"],
+        params.get(prefix + "attn.b_o"), config.n_head, config.n_kv_head, causal=True, mask=key_mask,
+        positions=positions if rope else None, rope_base=config.rope_base if rope else None,
+        kv_cache=kv_cache, layer=layer, dropout_p=p_drop, rng=rng)
+    a_drop, drop_1 = dropout_forward(a, p_drop, rng)                         # 3. a_drop = dropout(a)
+    x1 = x + a_drop                                                          # 4. x1 = x + a_drop
+    h2, ln_2 = _norm_forward(config, params, prefix + "ln_2", x1)           # 5. h2 = norm_2(x1)
+    m, mlp = _mlp_forward(config, params, prefix, h2)                        # 6. m = mlp(h2)
+    m_drop, drop_2 = dropout_forward(m, p_drop, rng)                         # 7. m_drop = dropout(m)
+    y = x1 + m_drop                                                          # 8. y = x1 + m_drop
+    return y, BlockCache(ln_1, attn, drop_1, ln_2, mlp, drop_2)
+
+
+def _block_backward(config, dy, cache: BlockCache):
+    """The block's steps undone from the last to the first. dy: (B, T, C)
+    -> dx (B, T, C), {name inside the block ("ln_1.weight", ...): gradient}, None for an absent bias"""
+    grads = {}
+    # forward step 8: y = x1 + m_drop. A sum passes dy to both terms.
+    dx1_residual, dm_drop = dy, dy
+    # forward step 7: m_drop = dropout(m)
+    dm = dropout_backward(dm_drop, cache.drop_2)
+    # forward step 6: m = mlp(h2)
+    dh2, mlp_grads = _mlp_backward(config, dm, cache.mlp)
+    grads.update(mlp_grads)
+    # forward step 5: h2 = norm_2(x1). x1 gets this path's gradient plus the residual's (step 8)
+    dx1_norm, grads["ln_2.weight"], grads["ln_2.bias"] = _norm_backward(config, dh2, cache.ln_2)
+    dx1 = dx1_residual + dx1_norm
+    # forward step 4: x1 = x + a_drop. A sum again
+    dx_residual, da_drop = dx1, dx1
+    # forward step 3: a_drop = dropout(a)
+    da = dropout_backward(da_drop, cache.drop_1)
+    # forward step 2: a = attn(h1)
+    dh1, grads["attn.w_qkv"], grads["attn.b_qkv"], grads["attn.w_o"], grads["attn.b_o"] = \
+        self_attention_backward(da, cache.attn)
+    # forward step 1: h1 = norm_1(x). x gets this path's gradient plus the residual's (step 4)
+    dx_norm, grads["ln_1.weight"], grads["ln_1.bias"] = _norm_backward(config, dh1, cache.ln_1)
+    return dx_residual + dx_norm, grads
+
+
+# ---------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------
+
+class GPTCache(NamedTuple):
+    config: GPTConfig
+    tok: object          # EmbeddingCache of wte (step 1)
+    pos: object          # EmbeddingCache of wpe (step 1), or None (RoPE)
+    drop_emb: object     # DropoutCache of the embeddings (step 2)
+    blocks: list         # [BlockCache] per layer (step 3)
+    ln_f: object         # norm cache of the final norm (step 4)
+    xf: object           # (B, T, C) the final norm's output: the LM head's input
+    head: object         # (V, C) the LM head's weight (wte when tied) (step 5)
+
+
 def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None, attention_mask=None):
     """logits = GPT(idx): the next-token logits at every position.
 
@@ -343,124 +464,60 @@ def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None
     keys get no attention and positions are cumsum(mask) - 1.
     -> logits: (B, T, V) in the params' dtype, cache (for :func:`backward`)
     """
-    _check_config(config)
-    _check_params(params, config)
-    offset = kv_cache.length(0) if kv_cache is not None else 0
-    _check_idx(config, idx, offset=offset)
-    xp = array_module(params["wte"])
-    if array_module(idx) is not xp:
-        raise TypeError(f"idx: expected an array on the same device as the params ({xp.__name__}), "
-                        f"got {type(idx).__module__}.{type(idx).__name__}")
+    _check_inputs(params, config, idx, train, rng, kv_cache, attention_mask)
     B, T = idx.shape
-    C = config.n_embd
-    p_drop = float(config.dropout)
+    offset = kv_cache.length(0) if kv_cache is not None else 0            # tokens already cached
+    positions, key_mask = _padding_positions(attention_mask, offset)      # (None, None): no padding
+    p_drop = float(config.dropout) if train else 0.0
 
-    # Positions of this block's tokens: offset.. without padding; from the mask with it.
-    positions, attn_mask = None, None
-    if attention_mask is not None:
-        check_array("attention_mask", attention_mask)
-        if attention_mask.dtype != bool or tuple(attention_mask.shape) != (B, offset + T):
-            raise ValueError(f"attention_mask: expected a bool array of shape (B, T_cached + T) = "
-                             f"{(B, offset + T)}, got {attention_mask.dtype} {tuple(attention_mask.shape)}")
-        pos_all = xp.cumsum(attention_mask.astype(np.int64), axis=1) - 1
-        positions = xp.maximum(pos_all[:, offset:], 0)       # pads (position -1) read row 0: never attended
-        attn_mask = attention_mask[:, None, None, :]           # (B, 1, 1, Tk): pad keys get no attention
-
-    # Embeddings.
-    x, tok_cache = embedding_forward(idx, params["wte"])
-    pos_cache = None
-    if config.pos == "learned":
-        pos_ids = positions if positions is not None else xp.arange(offset, offset + T)
-        pe, pos_cache = embedding_forward(pos_ids, params["wpe"])   # (T, C) or (B, T, C)
-        x = x + pe
-    x, drop_emb = _dropout(x, p_drop, train, rng)
-
-    rope_base = config.rope_base if config.pos == "rope" else None
-    rope_positions = positions if rope_base is not None else None
+    x, tok, pos = _embed_forward(params, config, idx, positions, offset)  # 1. x = wte[idx] + wpe[pos]
+    x, drop_emb = dropout_forward(x, p_drop, rng)                         # 2. x = dropout(x)
     blocks = []
-    for i in range(config.n_layer):
-        p = f"h.{i}."
-        h, ln_1 = _norm_forward(config, params, p + "ln_1", x)
-        a, attn = self_attention_forward(
-            h, params[p + "attn.w_qkv"], params.get(p + "attn.b_qkv"), params[p + "attn.w_o"],
-            params.get(p + "attn.b_o"), config.n_head, config.n_kv_head, causal=True, mask=attn_mask,
-            positions=rope_positions, rope_base=rope_base, kv_cache=kv_cache, layer=i,
-            dropout_p=p_drop if train else 0.0, rng=rng)
-        a, drop_1 = _dropout(a, p_drop, train, rng)
-        x = x + a
-        h, ln_2 = _norm_forward(config, params, p + "ln_2", x)
-        if config.mlp == "gelu":
-            m, mlp = mlp_forward(h, params[p + "mlp.w1"], params.get(p + "mlp.b1"), params[p + "mlp.w2"],
-                                 params.get(p + "mlp.b2"), activation="gelu")
-        else:
-            m, mlp = swiglu_forward(h, params[p + "mlp.w_gate"], params[p + "mlp.w_up"],
-                                    params[p + "mlp.w_down"])
-        m, drop_2 = _dropout(m, p_drop, train, rng)
-        x = x + m
-        blocks.append(BlockCache(ln_1, attn, drop_1, ln_2, mlp, drop_2))
-
-    xf, ln_f = _norm_forward(config, params, "ln_f", x)
+    for layer in range(config.n_layer):                                   # 3. x = block(x), n_layer times
+        x, block = _block_forward(params, config, layer, x, p_drop, rng, key_mask, positions, kv_cache)
+        blocks.append(block)
+    xf, ln_f = _norm_forward(config, params, "ln_f", x)                  # 4. xf = norm_f(x)
     head = params["wte"] if config.tie_embeddings else params["lm_head"]
-    logits = (xf.reshape(B * T, C) @ head.T).reshape(B, T, config.vocab_size)
-    cache = GPTCache(config, tok_cache, pos_cache, positions is not None, drop_emb, blocks, ln_f, xf, head)
-    return logits, cache
+    logits = xf.reshape(B * T, config.n_embd) @ head.T                    # 5. logits = xf @ head^T
+    logits = logits.reshape(B, T, config.vocab_size)                      # (B, T, V)
+    return logits, GPTCache(config, tok, pos, drop_emb, blocks, ln_f, xf, head)
 
 
 # ---------------------------------------------------------------------------
-# Backward: the forward, read from the bottom up
+# Backward: the forward's steps, from the last to the first
 # ---------------------------------------------------------------------------
 
 def backward(dlogits, cache: GPTCache) -> dict:
-    """dL/dparams from dL/dlogits. -> grads: {name: array}, the keys and shapes of params."""
-    config = cache.config
-    xf, head = cache.xf, cache.head
+    """dL/dparams from dL/dlogits (B, T, V). -> grads: {name: array}, the keys and shapes of params."""
+    _check_dlogits(dlogits, cache)
+    config, xf, head = cache.config, cache.xf, cache.head
     B, T, C = xf.shape
-    V = config.vocab_size
-    if tuple(dlogits.shape) != (B, T, V):
-        raise ValueError(f"dlogits: expected shape {(B, T, V)} (the logits'), got {tuple(dlogits.shape)}")
-    grads = {}
-
-    # LM head: logits = xf @ head^T  ->  dxf = dlogits @ head, dhead = dlogits^T @ xf.
-    dl2 = dlogits.reshape(B * T, V)
-    dhead = dl2.T @ xf.reshape(B * T, C)
-    dx = (dl2 @ head).reshape(B, T, C)
-
-    dx = _norm_backward(config, grads, "ln_f", dx, cache.ln_f)
-
-    for i in reversed(range(config.n_layer)):
-        p = f"h.{i}."
-        bc = cache.blocks[i]
-        # x = x + dropout(mlp(norm_2(x))): the residual passes dx through unchanged, and
-        # the branch adds its own contribution.
-        dm = _undropout(dx, bc.drop_2)
-        if config.mlp == "gelu":
-            dh, dw1, db1, dw2, db2 = mlp_backward(dm, bc.mlp)
-            grads[p + "mlp.w1"], grads[p + "mlp.w2"] = dw1, dw2
-            if config.bias:
-                grads[p + "mlp.b1"], grads[p + "mlp.b2"] = db1, db2
-        else:
-            dh, dwg, dwu, dwd = swiglu_backward(dm, bc.mlp)
-            grads[p + "mlp.w_gate"], grads[p + "mlp.w_up"], grads[p + "mlp.w_down"] = dwg, dwu, dwd
-        dx += _norm_backward(config, grads, p + "ln_2", dh, bc.ln_2)
-        # x = x + dropout(attn(norm_1(x))): the same pattern.
-        da = _undropout(dx, bc.drop_1)
-        dh, dwqkv, dbqkv, dwo, dbo = self_attention_backward(da, bc.attn)
-        grads[p + "attn.w_qkv"], grads[p + "attn.w_o"] = dwqkv, dwo
-        if config.bias:
-            grads[p + "attn.b_qkv"], grads[p + "attn.b_o"] = dbqkv, dbo
-        dx += _norm_backward(config, grads, p + "ln_1", dh, bc.ln_1)
-
-    dx = _undropout(dx, cache.drop_emb)
-    if cache.pos is not None:
-        # x = tok + pe: both get dx; pe (T, C) was broadcast over the batch, so sum it out.
-        grads["wpe"] = embedding_backward(dx if cache.pos_batched else dx.sum(axis=0), cache.pos)
-    dwte = embedding_backward(dx, cache.tok)
+    grads = {}      # an absent bias gets None here, and is dropped at the end
+    # forward step 5: logits = xf @ head^T. So dxf = dlogits @ head, dhead = dlogits^T @ xf
+    dlogits_2d = dlogits.reshape(B * T, config.vocab_size)                  # (B T, V)
+    dhead = dlogits_2d.T @ xf.reshape(B * T, C)                             # (V, C)
+    dxf = (dlogits_2d @ head).reshape(B, T, C)                              # (B, T, C)
+    # forward step 4: xf = norm_f(x)
+    dx, grads["ln_f.weight"], grads["ln_f.bias"] = _norm_backward(config, dxf, cache.ln_f)
+    # forward step 3: x = block(x) for layer 0, 1, ..., n_layer - 1. Now from the last layer down
+    for layer in reversed(range(config.n_layer)):
+        dx, block_grads = _block_backward(config, dx, cache.blocks[layer])
+        grads.update({f"h.{layer}.{name}": g for name, g in block_grads.items()})
+    # forward step 2: x = dropout(x)
+    dx = dropout_backward(dx, cache.drop_emb)
+    # forward step 1: x = wte[idx] + wpe[positions]
+    dwte, grads["wpe"] = _embed_backward(dx, cache.tok, cache.pos)
     if config.tie_embeddings:
-        dwte += dhead          # the tied head is the same array: its two gradients add
+        grads["wte"] = dwte + dhead      # the tied head is wte itself: its two gradients add
     else:
-        grads["lm_head"] = dhead
-    grads["wte"] = dwte
-    return {k: grads[k] for k in param_shapes(config)}
+        grads["wte"], grads["lm_head"] = dwte, dhead
+    return {name: grads[name] for name in _param_shapes(config)}
+
+
+def _check_targets(targets, idx):
+    check_int("targets", targets)
+    if tuple(targets.shape) != tuple(idx.shape):
+        raise ValueError(f"targets: expected shape {tuple(idx.shape)} (that of idx), got {tuple(targets.shape)}")
 
 
 def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=None):
@@ -471,9 +528,7 @@ def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=Non
     -> (loss: float, grads: {name: array} with the keys and shapes of params)
     """
     logits, cache = forward(params, config, idx, train=train, rng=rng)
-    check_int("targets", targets)
-    if tuple(targets.shape) != tuple(idx.shape):
-        raise ValueError(f"targets: expected shape {tuple(idx.shape)} (that of idx), got {tuple(targets.shape)}")
+    _check_targets(targets, idx)
     loss_value, ce = softmax_cross_entropy_forward(logits, targets)
     dlogits = softmax_cross_entropy_backward(logits.dtype.type(1.0), ce)
     return float(loss_value), backward(dlogits, cache)

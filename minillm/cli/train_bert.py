@@ -49,7 +49,6 @@ loss.svg), hf-mlm/ and hf-classifier/ (Hugging Face directories with vocab.txt:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -474,7 +473,7 @@ def finetune(s, config, params, tok, split_data, corpus, log):
         f"({', '.join(f'{g} {c}' for g, c in zip(GENRES, counts))}); "
         f"test: {len(yte):,} passages from {len(corpus.test_titles)} held-out plays ==")
     f_drop = s.train_kw["finetune_dropout"]
-    config = dataclasses.replace(config, hidden_dropout=f_drop, attention_dropout=f_drop)
+    config = config.replace(dropout=f_drop, attention_dropout=f_drop)
     ft_params = {k: v for k, v in params.items() if not k.startswith("mlm.")}
     head = bert.init_params(config, seed=s.seed + 1, heads=("pooler", "classifier"), device="cpu")
     for k in ("pooler.w", "pooler.b", "classifier.w", "classifier.b"):
