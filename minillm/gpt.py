@@ -303,9 +303,14 @@ def _check_idx(config, idx, name="idx", offset=0):
                          f"got {lo if lo < 0 else hi}")
 
 
-def _check_dlogits(dlogits, cache):
-    B, T, _ = cache.xf.shape
-    check_shape("dlogits", dlogits, (B, T, cache.config.vocab_size))
+def _check_backward(dlogits, cache, dhidden):
+    B, T, C = cache.xf.shape
+    if dlogits is None and dhidden is None:
+        raise ValueError("dlogits: expected an array of shape (B, T, V) (or dhidden), got None for both")
+    if dlogits is not None:
+        check_shape("dlogits", dlogits, (B, T, cache.config.vocab_size))
+    if dhidden is not None:
+        check_shape("dhidden", dhidden, (B, T, C))
 
 
 def _padding_positions(attention_mask, offset):
@@ -487,16 +492,28 @@ def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None
 # Backward: the forward's steps, from the last to the first
 # ---------------------------------------------------------------------------
 
-def backward(dlogits, cache: GPTCache) -> dict:
-    """dL/dparams from dL/dlogits (B, T, V). -> grads: {name: array}, the keys and shapes of params."""
-    _check_dlogits(dlogits, cache)
+def backward(dlogits, cache: GPTCache, dhidden=None) -> dict:
+    """dL/dparams from dL/dlogits (B, T, V). -> grads: {name: array}, the keys and shapes of params.
+
+    dhidden (optional, (B, T, C)): a gradient that reaches the final hidden state
+    ``cache.xf`` (the LM head's input) by another road: a reward or value head, Medusa's
+    heads. It adds to what comes back through the LM head. ``dlogits=None`` means
+    only dhidden flows (the LM head then gets a zero gradient).
+    """
+    _check_backward(dlogits, cache, dhidden)
     config, xf, head = cache.config, cache.xf, cache.head
     B, T, C = xf.shape
+    xp = array_module(xf)
     grads = {}      # an absent bias gets None here, and is dropped at the end
     # forward step 5: logits = xf @ head^T. So dxf = dlogits @ head, dhead = dlogits^T @ xf
-    dlogits_2d = dlogits.reshape(B * T, config.vocab_size)                  # (B T, V)
-    dhead = dlogits_2d.T @ xf.reshape(B * T, C)                             # (V, C)
-    dxf = (dlogits_2d @ head).reshape(B, T, C)                              # (B, T, C)
+    if dlogits is not None:
+        dlogits_2d = dlogits.reshape(B * T, config.vocab_size)              # (B T, V)
+        dhead = dlogits_2d.T @ xf.reshape(B * T, C)                         # (V, C)
+        dxf = (dlogits_2d @ head).reshape(B, T, C)                          # (B, T, C)
+    else:
+        dhead, dxf = xp.zeros_like(head), xp.zeros_like(xf)
+    if dhidden is not None:
+        dxf = dxf + dhidden              # xf also fed another head: the gradients add
     # forward step 4: xf = norm_f(x)
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = _norm_backward(config, dxf, cache.ln_f)
     # forward step 3: x = block(x) for layer 0, 1, ..., n_layer - 1. Now from the last layer down

@@ -283,3 +283,39 @@ def test_every_option_has_help(command, options, capsys):
     text = capsys.readouterr().out
     for o in options:
         assert o in text, o
+
+
+# ---------------------------------------------------------------------------
+# A second road into the final hidden state (reward/value heads, Medusa)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_logits", [False, True])
+@settings(max_examples=scaled(3))
+@given(case=tiny_case(), seed=seeds)
+def test_backward_accepts_a_gradient_into_the_final_hidden_state(xp, with_logits, case, seed):
+    """L = sum(r * (xf @ u)) [+ sum(g * logits)]: a scalar head on gpt's final hidden state.
+    backward(dlogits or None, cache, dhidden=...) must give its exact gradient."""
+    cfg, params, idx, _ = case
+    params = {k: on(xp, v) for k, v in params.items()}
+    B, T = idx.shape
+    idx = on(xp, idx)
+    rng = np.random.default_rng(seed)
+    u, r, g = on(xp, rng.standard_normal(cfg.n_embd), rng.standard_normal((B, T)),
+                 rng.standard_normal((B, T, cfg.vocab_size)))
+
+    def objective(p):
+        logits, cache = gpt.forward(p, cfg, idx)
+        terms = [(cache.xf @ u * r).reshape(-1)]
+        if with_logits:
+            terms.append((logits * g).reshape(-1))
+        return xp.concatenate(terms)
+
+    _, cache = gpt.forward(params, cfg, idx)
+    dhidden = r[:, :, None] * u                                   # (B, T, C)
+    grads = gpt.backward(g if with_logits else None, cache, dhidden=dhidden)
+    assert float(xp.abs(grads["wte"]).max()) > 0
+    assert_gradcheck(check_dict_gradients(objective, params, grads, max_checks_per_param=4))
+    with pytest.raises(ValueError, match=r"dhidden: expected shape"):
+        gpt.backward(None, cache, dhidden=dhidden[:, :, :-1])
+    with pytest.raises(ValueError, match="dlogits: expected an array"):
+        gpt.backward(None, cache)
