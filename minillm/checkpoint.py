@@ -1,8 +1,25 @@
-"""Hugging Face checkpoints: a small safetensors reader/writer and name mappings.
+"""Checkpoints: minillm's own (to resume training exactly) and Hugging Face's (to exchange weights).
 
-A Hugging Face model directory holds ``config.json`` (the architecture) and
-``model.safetensors`` (the weights). The safetensors format is simple enough to
-read and write with NumPy alone, which keeps NumPy minillm's only dependency:
+**Native checkpoints.** ``run_dir/checkpoint.npz`` is one uncompressed NumPy
+archive holding
+
+    params:NAME              every parameter array (dtype kept)
+    optimizer:BUFFER:NAME    every optimizer buffer (Adam's exp_avg, exp_avg_sq, ...)
+    __meta__                 one JSON document as uint8 bytes: format, format_version,
+                             step, param_names, optimizer (type, t, hparams, buffers),
+                             config, model_config, tokenizer, rng, metrics
+
+Being one file, it is replaced in one ``os.replace`` of a fully written and
+fsynced temporary file (``backend.atomic_write``): a crash at any moment leaves
+either the old checkpoint or the new one, never a mix or a torn file.
+``checkpoint.json`` beside it is the same JSON for people to read; loading
+ignores it. :func:`save_checkpoint`, :func:`load_checkpoint` and
+:func:`latest_run` know nothing of the training loop (``train.py`` calls them).
+
+**Hugging Face checkpoints.** A Hugging Face model directory holds ``config.json``
+(the architecture) and ``model.safetensors`` (the weights). The safetensors format
+is simple enough to read and write with NumPy alone, which keeps NumPy minillm's
+only dependency:
 
     8 bytes      N, the header length, a little-endian unsigned 64-bit integer
     N bytes      a JSON object: {"name": {"dtype": "F32", "shape": [..],
@@ -19,10 +36,6 @@ Each model family maps its own parameter names to Hugging Face's through an
 ``model_type`` ("gpt2" here; other model files add theirs with
 :func:`register_hf_mapping`). :func:`load_hf`, :func:`save_hf` and
 :func:`hf_state_dict` only dispatch.
-
-The native training checkpoint (optimizer state, RNG, step) lives with the
-training loop in ``train.py``; this file is about exchanging weights with the
-Hugging Face ecosystem.
 """
 
 from __future__ import annotations
@@ -30,12 +43,152 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
+import zipfile
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .backend import to_device, to_numpy
+from .backend import atomic_write, to_device, to_numpy
+
+CHECKPOINT_FILE = "checkpoint.npz"
+CHECKPOINT_JSON = "checkpoint.json"
+FORMAT = "minillm-checkpoint"
+FORMAT_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Native checkpoints: parameters, optimizer state, RNG states, step
+# ---------------------------------------------------------------------------
+
+
+def _library_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("minillm")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def _write_arrays(fileobj, arrays: dict) -> None:
+    """Write the arrays as an (uncompressed) .npz into an open binary file."""
+    np.savez(fileobj, **arrays)
+
+
+def _tokenizer_dict(tokenizer):
+    if tokenizer is None or isinstance(tokenizer, dict):
+        return tokenizer
+    if not hasattr(tokenizer, "to_dict"):
+        raise TypeError(f"tokenizer: expected an object with to_dict(), a dict or None, "
+                        f"got {type(tokenizer).__name__}")
+    return tokenizer.to_dict()
+
+
+def _checkpoint_arrays(params: dict, optimizer) -> tuple[dict, dict | None]:
+    """-> ({"params:NAME" / "optimizer:BUFFER:NAME": NumPy array}, the optimizer's JSON part or None)."""
+    if not isinstance(params, dict) or not params:
+        raise TypeError(f"params: expected a non-empty dict of arrays, got {type(params).__name__}")
+    arrays = {f"params:{name}": to_numpy(p) for name, p in params.items()}
+    if optimizer is None:
+        return arrays, None
+    state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
+    optimizer_meta = {"type": state["type"], "t": int(state["t"]), "hparams": state["hparams"],
+                      "buffers": sorted(state["buffers"])}
+    for buffer, named in state["buffers"].items():
+        for name, a in named.items():
+            arrays[f"optimizer:{buffer}:{name}"] = to_numpy(a)
+    return arrays, optimizer_meta
+
+
+def save_checkpoint(out_dir, params: dict, optimizer=None, step: int = 0, config=None,
+                    model_config=None, tokenizer=None, rng_state=None, metrics=None) -> Path:
+    """Write ``out_dir/checkpoint.npz`` atomically and return its path.
+
+    params: dict of arrays (NumPy or CuPy; stored as NumPy, dtypes kept).
+    optimizer: an optim.Optimizer or its state_dict(), or None.
+    config: a TrainConfig (anything with to_dict()) or a dict; model_config: a JSON-able
+    dict; tokenizer: an object with to_dict(), a dict, or None; rng_state: JSON-able dict
+    of generator states; metrics: JSON-able dict. Also writes ``checkpoint.json`` for reading.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays, optimizer_meta = _checkpoint_arrays(params, optimizer)
+    if hasattr(config, "to_dict"):
+        config = config.to_dict()
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "minillm_version": _library_version(),
+            "step": int(step), "param_names": list(params), "optimizer": optimizer_meta,
+            "config": config, "model_config": model_config, "tokenizer": _tokenizer_dict(tokenizer),
+            "rng": rng_state, "metrics": metrics or {}}
+    try:
+        meta_json = json.dumps(meta, indent=1, sort_keys=False)
+    except TypeError as e:
+        raise TypeError(f"checkpoint: config, model_config, tokenizer, rng_state and metrics must be "
+                        f"JSON-serialisable ({e})") from e
+    arrays["__meta__"] = np.frombuffer(meta_json.encode("utf-8"), dtype=np.uint8)
+    target = out / CHECKPOINT_FILE
+    atomic_write(target, lambda f: _write_arrays(f, arrays))
+    atomic_write(out / CHECKPOINT_JSON, lambda f: f.write(meta_json.encode("utf-8")))
+    return target
+
+
+def _read_checkpoint(npz) -> tuple[dict, dict, dict | None]:
+    """-> (meta, params, optimizer state_dict or None) from an open checkpoint archive;
+    ValueError or KeyError when it is not one this version reads."""
+    if "__meta__" not in npz.files:
+        raise ValueError("it has no __meta__ entry")
+    meta = json.loads(bytes(npz["__meta__"]).decode("utf-8"))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"its format is {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')!r}, this minillm reads "
+                         f"{FORMAT_VERSION}")
+    names = meta["param_names"]
+    params = {name: npz[f"params:{name}"] for name in names}
+    optimizer_meta = meta.get("optimizer")
+    if optimizer_meta is None:
+        return meta, params, None
+    buffers = {b: {name: npz[f"optimizer:{b}:{name}"] for name in names} for b in optimizer_meta["buffers"]}
+    optimizer = {"type": optimizer_meta["type"], "t": optimizer_meta["t"],
+                 "hparams": optimizer_meta["hparams"], "buffers": buffers}
+    return meta, params, optimizer
+
+
+def load_checkpoint(out_dir) -> dict:
+    """Read a checkpoint: ``out_dir`` is a run directory or the .npz file itself.
+
+    -> {"path", "step", "params" (dict of NumPy arrays, saved order), "optimizer"
+    (a state_dict for Optimizer.load_state_dict, or None), "config" (dict),
+    "model_config", "tokenizer" (dict or None), "rng", "metrics"}.
+    A missing file is FileNotFoundError; a truncated or foreign one ValueError.
+    """
+    p = Path(out_dir)
+    f = p / CHECKPOINT_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise FileNotFoundError(f"checkpoint: no {CHECKPOINT_FILE} in {str(p)!r}. Train a model first "
+                                f"(python -m minillm train) or point at a run directory that has one.")
+    try:
+        with np.load(f, allow_pickle=False) as npz:
+            meta, params, optimizer = _read_checkpoint(npz)
+    except (zipfile.BadZipFile, OSError, EOFError, KeyError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint: {str(f)!r} is not a readable minillm checkpoint "
+                         f"({type(e).__name__}: {e}); it may be truncated or from another program") from e
+    return {"path": str(f), "step": int(meta["step"]), "params": params, "optimizer": optimizer,
+            "config": meta.get("config"), "model_config": meta.get("model_config"),
+            "tokenizer": meta.get("tokenizer"), "rng": meta.get("rng"), "metrics": meta.get("metrics") or {}}
+
+
+def latest_run(root="runs") -> Path:
+    """The run directory under ``root`` (or ``root`` itself) whose checkpoint was written last."""
+    root = Path(root)
+    candidates = []
+    if (root / CHECKPOINT_FILE).is_file():
+        candidates.append(root)
+    if root.is_dir():
+        candidates += [d for d in root.iterdir() if d.is_dir() and (d / CHECKPOINT_FILE).is_file()]
+    if not candidates:
+        raise FileNotFoundError(f"root: no run with a {CHECKPOINT_FILE} under {str(root)!r}. Train one "
+                                f"first (python -m minillm train) or pass a run directory.")
+    return max(candidates, key=lambda d: (d / CHECKPOINT_FILE).stat().st_mtime_ns)
+
 
 # ---------------------------------------------------------------------------
 # safetensors
@@ -165,27 +318,13 @@ def save_safetensors(path, tensors: dict, metadata: dict | None = None, dtype=No
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hbytes += b" " * (-len(hbytes) % 8)  # pad so the buffer starts 8-byte aligned
-    _atomic_write(path, [struct.pack("<Q", len(hbytes)), hbytes] + [b.tobytes() for b in blobs])
-
-
-def _atomic_write(path, chunks) -> None:
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for c in chunks:
-                f.write(c)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    chunks = [struct.pack("<Q", len(hbytes)), hbytes] + [b.tobytes() for b in blobs]
+    atomic_write(path, lambda f: f.writelines(chunks))
 
 
 def _write_json(path, obj) -> None:
-    _atomic_write(path, [json.dumps(obj, indent=2, sort_keys=True).encode("utf-8") + b"\n"])
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------

@@ -122,6 +122,57 @@ def test_broken_safetensors_files_are_refused_clearly(tmp_path):
         ck.load_safetensors(tmp_path / "dt.safetensors")
 
 
+# --- native checkpoints ------------------------------------------------------------
+
+def test_a_checkpoint_laid_out_by_hand_in_format_1_loads(tmp_path):
+    """The format is the contract with every run saved before: one .npz of params:NAME,
+    optimizer:BUFFER:NAME and a __meta__ JSON document (format "minillm-checkpoint", version 1)."""
+    w, m, v = np.arange(6, dtype=np.float32).reshape(2, 3), np.full((2, 3), 0.5), np.full((2, 3), 0.25)
+    meta = {"format": "minillm-checkpoint", "format_version": 1, "minillm_version": "0.1", "step": 7,
+            "param_names": ["w"], "optimizer": {"type": "adamw", "t": 7, "hparams": {"lr": 0.1},
+                                                "buffers": ["exp_avg", "exp_avg_sq"]},
+            "config": {"lr": 0.1}, "model_config": {"n": 1}, "tokenizer": None, "rng": {"data": 1},
+            "metrics": {"val_loss": 2.0}}
+    np.savez(tmp_path / "checkpoint.npz", **{"params:w": w, "optimizer:exp_avg:w": m, "optimizer:exp_avg_sq:w": v,
+                                             "__meta__": np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    got = ck.load_checkpoint(tmp_path)
+    assert got["step"] == 7 and np.array_equal(got["params"]["w"], w) and got["params"]["w"].dtype == np.float32
+    assert got["optimizer"]["t"] == 7 and np.array_equal(got["optimizer"]["buffers"]["exp_avg_sq"]["w"], v)
+    assert (got["config"], got["model_config"], got["rng"], got["metrics"]) == (
+        {"lr": 0.1}, {"n": 1}, {"data": 1}, {"val_loss": 2.0})
+    meta["format_version"] = 2
+    np.savez(tmp_path / "v2.npz", **{"params:w": w, "__meta__": np.frombuffer(json.dumps(meta).encode(), np.uint8)})
+    with pytest.raises(ValueError, match="format version 2, this minillm reads 1"):
+        ck.load_checkpoint(tmp_path / "v2.npz")
+
+
+def test_save_checkpoint_stores_any_config_with_to_dict_and_writes_the_format(tmp_path):
+    class Config:
+        def to_dict(self):
+            return {"lr": 0.3}
+
+    path = ck.save_checkpoint(tmp_path, {"w": np.ones(2, np.float16)}, step=2, config=Config())
+    with np.load(path) as z:
+        assert sorted(z.files) == ["__meta__", "params:w"]
+        meta = json.loads(bytes(z["__meta__"]).decode("utf-8"))
+    assert (meta["format"], meta["format_version"], meta["config"]) == ("minillm-checkpoint", 1, {"lr": 0.3})
+    assert json.loads((tmp_path / ck.CHECKPOINT_JSON).read_text()) == meta   # the human-readable copy
+    with pytest.raises(TypeError, match="checkpoint: config, .* must be JSON-serialisable"):
+        ck.save_checkpoint(tmp_path, {"w": np.ones(2)}, metrics={"x": object()})
+    with pytest.raises(TypeError, match="params: expected a non-empty dict of arrays"):
+        ck.save_checkpoint(tmp_path, {})
+
+
+def test_files_are_written_whole_and_leave_no_temporary_files(tmp_path):
+    ck.save_safetensors(tmp_path / "x.safetensors", {"a": np.ones(3, np.float32)})
+    ck.save_safetensors(tmp_path / "x.safetensors", {"a": np.zeros(3, np.float32)})   # replaced whole
+    cfg = gpt.GPTConfig(vocab_size=11, block_size=4, n_layer=1, n_head=1, n_embd=4)
+    ck.save_hf(tmp_path / "hf", cfg, init_cpu(cfg, 0))
+    assert sorted(os.listdir(tmp_path)) == ["hf", "x.safetensors"]
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors"]
+    assert np.array_equal(ck.load_safetensors(tmp_path / "x.safetensors")["a"], np.zeros(3, np.float32))
+
+
 # --- GPT-2 names, save_hf / load_hf ------------------------------------------------
 
 def _tiny(**kw):

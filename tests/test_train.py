@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from helpers import np_, on
 from minillm import backprop as bp
@@ -337,3 +338,63 @@ def test_loss_svg_handles_empty_and_flat_series(tmp_path):
     ET.parse(tr.write_loss_svg(tmp_path / "a.svg", {"train": []}))
     root = ET.parse(tr.write_loss_svg(tmp_path / "b.svg", {"train": [(1, 2.0)], "val": [(1, 2.0), (2, float("nan"))]})).getroot()
     assert root.tag.endswith("svg")
+
+
+# --- the loop's pieces and the names' new homes ---------------------------------------------
+
+def test_train_is_train_step_in_a_loop(xp, tmp_path):
+    from minillm.optim import make_optimizer
+    cfg = config(tmp_path, max_steps=5, eval_interval=0, checkpoint_interval=0)
+    tr.train(ToyTask(xp), cfg, log=quiet)
+    task = ToyTask(xp)
+    opt = make_optimizer(cfg.optimizer, task.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                         betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum)
+    data_rng = np.random.default_rng(cfg.seed)
+    by_hand = [tr.train_step(task, opt, data_rng, cfg, step) for step in range(cfg.max_steps)]
+    logged = records(tmp_path, "train")
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in logged] == by_hand   # bit for bit
+    saved = tr.load_checkpoint(tmp_path)["params"]
+    for k, p in task.params.items():
+        assert np.array_equal(saved[k], np_(p))
+
+
+def test_moved_names_are_the_same_objects_in_their_new_homes():
+    from minillm import checkpoint, plot
+    for name in ("save_checkpoint", "load_checkpoint", "latest_run", "CHECKPOINT_FILE", "CHECKPOINT_JSON",
+                 "FORMAT", "FORMAT_VERSION", "_write_arrays"):
+        assert getattr(tr, name) is getattr(checkpoint, name), name
+    for name in ("read_metrics", "write_loss_svg", "plot_metrics", "METRICS_FILE", "PLOT_FILE"):
+        assert getattr(tr, name) is getattr(plot, name), name
+    assert all(hasattr(tr, name) for name in tr.__all__)
+    assert (checkpoint.FORMAT, checkpoint.FORMAT_VERSION) == ("minillm-checkpoint", 1)   # old runs load
+
+
+def test_patching_the_writer_under_its_old_name_reaches_checkpoint_py_and_is_undone(monkeypatch):
+    from minillm import checkpoint
+    real = checkpoint._write_arrays
+    with monkeypatch.context() as m:
+        m.setattr(tr, "_write_arrays", quiet)
+        assert checkpoint._write_arrays is quiet and tr._write_arrays is quiet
+    assert checkpoint._write_arrays is real and tr._write_arrays is real
+
+
+@settings(max_examples=40, deadline=None)
+@given(field=st.sampled_from(TrainConfig._POSITIVE_INTS + TrainConfig._NON_NEGATIVE_INTS),
+       value=st.one_of(st.integers(-5, 5), st.floats(-2, 2), st.booleans(), st.none(), st.just("3")))
+def test_every_count_field_takes_exactly_the_ints_in_its_range(field, value):
+    lo = 1 if field in TrainConfig._POSITIVE_INTS else 0
+    kw = {field: value, "warmup_steps": 0} if field != "warmup_steps" else {field: value}
+    if isinstance(value, int) and not isinstance(value, bool) and value >= lo:
+        assert getattr(TrainConfig(**kw), field) == value
+    else:
+        with pytest.raises(ValueError, match=re.escape(f"{field}: expected an int >= {lo}, got {value!r}")):
+            TrainConfig(**kw)
+
+
+def test_numpy_numbers_in_a_config_become_python_numbers_that_a_checkpoint_can_store(tmp_path):
+    cfg = TrainConfig(max_steps=np.int64(3), lr=np.float32(0.5), min_lr=np.float64(0.1),
+                      val_fraction=np.float32(0.25), out_dir=str(tmp_path))
+    assert type(cfg.max_steps) is int and type(cfg.lr) is float and type(cfg.val_fraction) is float
+    assert json.loads(json.dumps(cfg.to_dict()))["lr"] == 0.5
+    with pytest.raises(ValueError, match="grad_clip: expected a finite number"):
+        TrainConfig(grad_clip=True)   # a flag is not a clipping threshold
