@@ -13,6 +13,8 @@ The loop knows nothing about GPTs or BERTs. It drives a *task*, any object with
     tokenizer                     object with to_dict(), or None
     rng  (optional)               a numpy Generator the task uses itself (dropout);
                                   its state is checkpointed too
+    normalize_model_config (optional)  saved dict -> dict: respells a model_config saved
+                                  by an older version before resume compares it
 
 The loop, :func:`train`, in full:
 
@@ -62,7 +64,6 @@ import signal
 import sys
 import threading
 import time
-import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -70,11 +71,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checkpoint
 from .backend import (array_module, atomic_write, check_choice, check_int_arg, check_number,
                       check_probability)
+# Re-exported: these lived here before checkpoint.py held the native format.
 from .checkpoint import (CHECKPOINT_FILE, CHECKPOINT_JSON, FORMAT, FORMAT_VERSION,  # noqa: F401
-                         _write_arrays, latest_run, load_checkpoint, save_checkpoint)
+                         latest_run, load_checkpoint, save_checkpoint)
 from .optim import accumulate, clip_grad_norm, global_norm, lr_schedule, make_optimizer
 from .plot import METRICS_FILE, PLOT_FILE, plot_metrics, read_metrics, write_loss_svg
 
@@ -480,7 +481,11 @@ def _check_resume(ck, cfg, task, note):
         raise ValueError("resume: the config differs from the checkpoint's in ways that change training ("
                          + "; ".join(diffs) + "). Use the saved config (load_checkpoint(out_dir)['config']) "
                          "or start a new run.")
-    if ck.get("model_config") != task.model_config:
+    saved_model = ck.get("model_config")
+    normalize = getattr(task, "normalize_model_config", None)
+    if normalize is not None and saved_model is not None:
+        saved_model = normalize(saved_model)       # a run saved under older field names
+    if saved_model != task.model_config:
         raise ValueError(f"resume: the task's model_config {task.model_config!r} differs from the "
                          f"checkpoint's {ck.get('model_config')!r}")
     if saved.get("max_steps") not in (None, cfg.max_steps):
@@ -608,20 +613,3 @@ def _result(run, interrupted) -> dict:
             "elapsed_s": run.progress.elapsed_before + seconds,
             "checkpoint": str(run.checkpoint) if run.checkpoint is not None else None,
             "out_dir": str(run.out), "interrupted": interrupted}
-
-
-# ---------------------------------------------------------------------------
-# The checkpoint writer's old address
-# ---------------------------------------------------------------------------
-# save_checkpoint used to live here, and code that simulates a write torn by a crash or
-# a full disk (the tests among it) patches minillm.train._write_arrays. The writer now
-# lives in checkpoint.py, so setting that name on this module sets it there as well.
-
-class _ForwardsPatchesToCheckpoint(types.ModuleType):
-    def __setattr__(self, name, value):
-        if name == "_write_arrays":
-            setattr(checkpoint, name, value)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _ForwardsPatchesToCheckpoint

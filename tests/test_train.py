@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 from helpers import np_, on
 from minillm import backprop as bp
+from minillm import checkpoint
 from minillm import train as tr
 from minillm.train import TrainConfig
 
@@ -185,7 +186,7 @@ def test_an_interrupted_checkpoint_write_never_corrupts_the_latest(xp, tmp_path,
     task = ToyTask(xp)
     first = {k: np_(v).copy() for k, v in task.params.items()}
     tr.save_checkpoint(tmp_path, task.params, step=1, config=config(tmp_path), model_config=task.model_config)
-    real = tr._write_arrays
+    real = checkpoint._write_arrays
 
     def dies_midway(f, arrays):  # write half of a real checkpoint, then fail like a full disk
         import io
@@ -194,7 +195,7 @@ def test_an_interrupted_checkpoint_write_never_corrupts_the_latest(xp, tmp_path,
         f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
         raise OSError("No space left on device (simulated)")
 
-    monkeypatch.setattr(tr, "_write_arrays", dies_midway)
+    monkeypatch.setattr(checkpoint, "_write_arrays", dies_midway)
     for p in task.params.values():
         p += 1.0
     with pytest.raises(OSError, match="simulated"):
@@ -208,7 +209,7 @@ def test_an_interrupted_checkpoint_write_never_corrupts_the_latest(xp, tmp_path,
 
 def test_a_crash_inside_the_loops_checkpoint_write_then_resume_is_still_exact(xp, tmp_path, monkeypatch):
     tr.train(ToyTask(xp), config(tmp_path / "a"), log=quiet)
-    real, calls = tr._write_arrays, []
+    real, calls = checkpoint._write_arrays, []
 
     def fail_third(f, arrays):
         calls.append(1)
@@ -217,10 +218,10 @@ def test_a_crash_inside_the_loops_checkpoint_write_then_resume_is_still_exact(xp
             raise KeyboardInterrupt("killed while writing")
         real(f, arrays)
 
-    monkeypatch.setattr(tr, "_write_arrays", fail_third)
+    monkeypatch.setattr(checkpoint, "_write_arrays", fail_third)
     with pytest.raises(KeyboardInterrupt):
         tr.train(ToyTask(xp), config(tmp_path / "b"), log=quiet)
-    monkeypatch.setattr(tr, "_write_arrays", real)
+    monkeypatch.setattr(checkpoint, "_write_arrays", real)
     assert tr.load_checkpoint(tmp_path / "b")["step"] == 8
     tr.train(ToyTask(xp), config(tmp_path / "b"), resume=True, log=quiet)
     assert records(tmp_path / "b", "train") == records(tmp_path / "a", "train")
@@ -361,21 +362,13 @@ def test_train_is_train_step_in_a_loop(xp, tmp_path):
 def test_moved_names_are_the_same_objects_in_their_new_homes():
     from minillm import checkpoint, plot
     for name in ("save_checkpoint", "load_checkpoint", "latest_run", "CHECKPOINT_FILE", "CHECKPOINT_JSON",
-                 "FORMAT", "FORMAT_VERSION", "_write_arrays"):
+                 "FORMAT", "FORMAT_VERSION"):
         assert getattr(tr, name) is getattr(checkpoint, name), name
     for name in ("read_metrics", "write_loss_svg", "plot_metrics", "METRICS_FILE", "PLOT_FILE"):
         assert getattr(tr, name) is getattr(plot, name), name
     assert all(hasattr(tr, name) for name in tr.__all__)
     assert (checkpoint.FORMAT, checkpoint.FORMAT_VERSION) == ("minillm-checkpoint", 1)   # old runs load
 
-
-def test_patching_the_writer_under_its_old_name_reaches_checkpoint_py_and_is_undone(monkeypatch):
-    from minillm import checkpoint
-    real = checkpoint._write_arrays
-    with monkeypatch.context() as m:
-        m.setattr(tr, "_write_arrays", quiet)
-        assert checkpoint._write_arrays is quiet and tr._write_arrays is quiet
-    assert checkpoint._write_arrays is real and tr._write_arrays is real
 
 
 @settings(max_examples=40, deadline=None)
@@ -398,3 +391,26 @@ def test_numpy_numbers_in_a_config_become_python_numbers_that_a_checkpoint_can_s
     assert json.loads(json.dumps(cfg.to_dict()))["lr"] == 0.5
     with pytest.raises(ValueError, match="grad_clip: expected a finite number"):
         TrainConfig(grad_clip=True)   # a flag is not a clipping threshold
+
+
+def test_resume_respells_a_model_config_saved_under_old_names(xp, tmp_path):
+    """A run saved when the model config used other field names resumes when the task says
+    how to respell them (normalize_model_config), and is refused when it does not."""
+    old = ToyTask(xp)
+    old.model_config = {"kind": "softmax-regression", "width": 6, "C": 4}      # yesterday's spelling
+    tr.train(old, config(tmp_path, max_steps=4), log=quiet)
+    new = ToyTask(xp)                                                            # {"D": 6, "C": 4}
+    with pytest.raises(ValueError, match="model_config"):
+        tr.train(new, config(tmp_path, max_steps=8), resume=True, log=quiet)
+    new.normalize_model_config = lambda d: {("D" if k == "width" else k): v for k, v in d.items()}
+    assert tr.train(new, config(tmp_path, max_steps=8), resume=True, log=quiet)["step"] == 8
+
+
+def test_bert_runs_saved_under_the_old_config_names_compare_equal():
+    from minillm import bert
+    from minillm.cli.train_bert import _normalize_model_config
+    cfg = bert.BertConfig(vocab_size=50, n_embd=16, n_layer=1, n_head=2, mlp_hidden=32, block_size=8)
+    old_name = {new: old for old, new in bert.OLD_FIELD_NAMES.items()}
+    old = {old_name.get(k, k): v for k, v in cfg.to_dict().items()}
+    assert old != cfg.to_dict() and "hidden_size" in old
+    assert _normalize_model_config(old) == cfg.to_dict()

@@ -225,6 +225,7 @@ class MLMTask:
         self.B, self.T, self.xp = batch_size, block_size, xp
         self.tokens_per_batch = batch_size * block_size
         self.model_config = config.to_dict()
+        self.normalize_model_config = _normalize_model_config
         self.special = [tokenizer.token_to_id[t] for t in SPECIALS]
         self.rng = np.random.default_rng([int(seed), 17])  # dropout; checkpointed by the loop
 
@@ -247,6 +248,11 @@ class MLMTask:
         return bert.mlm_loss(params, self.config, ids, labels)
 
 
+def _normalize_model_config(saved: dict) -> dict:
+    """A BertConfig dict saved under the old field names (hidden_size, num_heads, ...) in today's."""
+    return bert.BertConfig.from_dict(saved).to_dict()
+
+
 class GenreTask:
     """Passage -> genre classification."""
 
@@ -256,6 +262,7 @@ class GenreTask:
         self.B, self.xp = batch_size, xp
         self.tokens_per_batch = batch_size * data["train"][0].shape[1]
         self.model_config = config.to_dict()
+        self.normalize_model_config = _normalize_model_config
         self.rng = np.random.default_rng([int(seed), 23])
 
     def get_batch(self, split, rng):
