@@ -194,6 +194,188 @@ def test_state_dict_round_trip_continues_identically(xp, make):
             assert np.array_equal(np_(v), snap[b][k])
 
 
+# --- references without torch: the papers' update rules, one float at a time ------------
+#
+# Each reference below is a plain Python loop over scalars, written from the published rule
+# (not from optim.py), and keeps its own state. The tests run it beside minillm.optim for
+# 5-8 steps on drawn hyperparameters, parameters and gradients, with a changing learning
+# rate (the schedule) and global-norm clipping in the loop, and compare every step.
+
+NAMES = ("h.0.w", "h.0.bias", "ln_f.weight", "wte")
+# Which of NAMES each no_decay setting decays, written out by hand (not asked of the optimizer).
+DECAYED = {"default": {"h.0.w"}, "none": set(NAMES), r"\.w$": set(NAMES) - {"h.0.w"}}
+NO_DECAY = {"default": optim.default_no_decay, "none": None, r"\.w$": r"\.w$"}
+
+
+def model_params(xp, seed, scale=1.0):
+    r = np.random.default_rng(seed)
+    shapes_ = {"h.0.w": (3, 4), "h.0.bias": (4,), "ln_f.weight": (4,), "wte": (2, 3)}
+    return {k: on(xp, r.standard_normal(shapes_[k]) * scale) for k in NAMES}
+
+
+def as_floats(arrays):
+    """{name: array} -> {name: list of Python floats}, row-major."""
+    return {k: [float(v) for v in np_(a).reshape(-1)] for k, a in arrays.items()}
+
+
+def schedule_reference(step, max_lr, warmup, max_steps, min_lr):
+    """Linear warmup from max_lr / (warmup + 1) at step 0 to max_lr at step `warmup`, then
+    half a cosine period from max_lr down to min_lr at max_steps (cos^2 form), then min_lr."""
+    if step < warmup:
+        return max_lr * (step + 1) / (warmup + 1)
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup) / (max_steps - warmup)
+    return min_lr + (max_lr - min_lr) * math.cos(math.pi * progress / 2) ** 2
+
+
+def clip_reference(grads, max_norm):
+    """Global-norm clipping (Pascanu et al.; PyTorch's clip_grad_norm_): one factor for all."""
+    total = math.sqrt(math.fsum(g * g for gs in grads.values() for g in gs))
+    if max_norm is None or total <= max_norm:
+        return total, grads
+    factor = max_norm / (total + 1e-6)
+    return total, {k: [g * factor for g in gs] for k, gs in grads.items()}
+
+
+def sgd_reference(p, g, state, t, lr, momentum, dampening, nesterov, wd, decayed):
+    """One step of torch.optim.SGD's documented algorithm, for one scalar; state: {"b": buffer}.
+
+    g <- g + wd p;  b <- g at t = 1, else mu b + (1 - dampening) g;
+    g <- g + mu b (Nesterov) or b;  p <- p - lr g
+    """
+    if decayed:
+        g = g + wd * p
+    if momentum != 0:
+        state["b"] = g if t == 1 else momentum * state["b"] + (1 - dampening) * g
+        g = g + momentum * state["b"] if nesterov else state["b"]
+    return p - lr * g
+
+
+def adam_reference(p, g, state, t, lr, b1, b2, eps, wd, decayed, decoupled):
+    """One step of Adam (Kingma & Ba 2015, Algorithm 1) for one scalar; state: {"m", "v"}.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  mhat = m / (1 - b1^t);
+    vhat = v / (1 - b2^t);  p <- p - lr mhat / (sqrt(vhat) + eps).
+    Adam's weight decay is L2 (g <- g + wd p). AdamW (Loshchilov & Hutter 2019) decouples it:
+    p <- p - lr (mhat / (sqrt(vhat) + eps) + wd p), the decay on the old p, scaled by lr as
+    in PyTorch.
+    """
+    if decayed and not decoupled:
+        g = g + wd * p
+    state["m"] = b1 * state.get("m", 0.0) + (1 - b1) * g
+    state["v"] = b2 * state.get("v", 0.0) + (1 - b2) * g * g
+    m_hat = state["m"] / (1 - b1 ** t)
+    v_hat = state["v"] / (1 - b2 ** t)
+    update = m_hat / (math.sqrt(v_hat) + eps)
+    if decayed and decoupled:
+        update = update + wd * p
+    return p - lr * update
+
+
+def run_reference(rule, p, grads_per_step, lrs, max_norm, decayed, **hp):
+    """The whole loop in scalars: clip the step's gradients, then update every entry."""
+    p = {k: list(v) for k, v in p.items()}
+    state = {(k, i): {} for k, v in p.items() for i in range(len(v))}
+    history = []
+    for t, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        total, grads = clip_reference(grads, max_norm)
+        for k in p:
+            p[k] = [rule(x, g, state[(k, i)], t, lr, decayed=k in decayed, **hp)
+                    for i, (x, g) in enumerate(zip(p[k], grads[k]))]
+        history.append((total, {k: list(v) for k, v in p.items()}))
+    return history
+
+
+def run_minillm(xp, opt, params, grads_per_step, lrs, max_norm):
+    history = []
+    for grads, lr in zip(grads_per_step, lrs):
+        grads = {k: on(xp, np.array(v).reshape(params[k].shape)) for k, v in grads.items()}
+        total = optim.global_norm(grads) if max_norm is None else optim.clip_grad_norm(grads, max_norm)
+        opt.lr = lr
+        opt.step(grads)
+        history.append((total, as_floats(params)))
+    return history
+
+
+def assert_same_history(ours, ref, what):
+    for t, ((total, p), (ref_total, ref_p)) in enumerate(zip(ours, ref), start=1):
+        assert total == pytest.approx(ref_total, rel=1e-12), f"{what}: gradient norm at step {t}"
+        for k in ref_p:
+            assert_close(p[k], ref_p[k], rtol=1e-10, atol=1e-13, msg=f"{what}: {k} after step {t}")
+
+
+log_uniform = lambda lo, hi: st.floats(math.log10(lo), math.log10(hi)).map(lambda e: 10.0 ** e)  # noqa: E731
+
+
+@st.composite
+def training_run(draw):
+    """5-8 steps: parameters, gradients of a drawn scale, a warmup + cosine lr, maybe clipping."""
+    seed = draw(seeds)
+    n_steps = draw(st.integers(5, 8))
+    g_scale = draw(log_uniform(1e-4, 1e2))
+    r = np.random.default_rng(seed)
+    sizes = {"h.0.w": 12, "h.0.bias": 4, "ln_f.weight": 4, "wte": 6}
+    grads = [{k: list(r.standard_normal(n) * g_scale) for k, n in sizes.items()} for _ in range(n_steps)]
+    warmup = draw(st.integers(0, 3))
+    max_lr = draw(log_uniform(1e-3, 1e-1))
+    sched = (max_lr, warmup, warmup + draw(st.integers(1, n_steps)), max_lr * draw(st.floats(0.0, 0.5)))
+    # a clip threshold between 0.3x and 3x the typical norm: some steps clipped, some not
+    max_norm = draw(st.one_of(st.none(), st.floats(0.3, 3.0).map(lambda c: c * g_scale * math.sqrt(26))))
+    groups = draw(st.sampled_from(sorted(DECAYED)))
+    return seed, grads, sched, max_norm, groups
+
+
+@given(run=training_run(), momentum=st.floats(0.1, 0.99), nesterov=st.booleans(), wd=st.floats(0.0, 0.3))
+def test_sgd_matches_the_momentum_rule_written_out_for_scalars(xp, run, momentum, nesterov, wd):
+    seed, grads, sched, max_norm, groups = run
+    lrs = [optim.lr_schedule(t, *sched) for t in range(len(grads))]
+    ref_lrs = [schedule_reference(t, *sched) for t in range(len(grads))]
+    params = model_params(xp, seed + 1)
+    ref = run_reference(sgd_reference, as_floats(params), grads, ref_lrs, max_norm, DECAYED[groups] if wd else set(),
+                        momentum=momentum, dampening=0.0, nesterov=nesterov, wd=wd)
+    opt = optim.SGD(params, lr=lrs[0], momentum=momentum, nesterov=nesterov, weight_decay=wd,
+                    no_decay=NO_DECAY[groups])
+    assert_same_history(run_minillm(xp, opt, params, grads, lrs, max_norm), ref, f"SGD nesterov={nesterov}")
+
+
+@given(run=training_run(), b1=st.floats(0.5, 0.99), b2=st.floats(0.9, 0.9999), eps=log_uniform(1e-8, 1e-3),
+       wd=st.floats(0.0, 0.3), decoupled=st.booleans())
+def test_adam_and_adamw_match_the_papers_rules_written_out_for_scalars(xp, run, b1, b2, eps, wd, decoupled):
+    seed, grads, sched, max_norm, groups = run
+    lrs = [optim.lr_schedule(t, *sched) for t in range(len(grads))]
+    ref_lrs = [schedule_reference(t, *sched) for t in range(len(grads))]
+    params = model_params(xp, seed + 1)
+    ref = run_reference(adam_reference, as_floats(params), grads, ref_lrs, max_norm, DECAYED[groups] if wd else set(),
+                        b1=b1, b2=b2, eps=eps, wd=wd, decoupled=decoupled)
+    cls = optim.AdamW if decoupled else optim.Adam
+    opt = cls(params, lr=lrs[0], betas=(b1, b2), eps=eps, weight_decay=wd, no_decay=NO_DECAY[groups])
+    assert opt.decayed == {k: wd > 0 and k in DECAYED[groups] for k in NAMES}
+    assert_same_history(run_minillm(xp, opt, params, grads, lrs, max_norm), ref, cls.__name__)
+
+
+@given(max_lr=log_uniform(1e-5, 1.0), frac=st.floats(0.0, 1.0), warmup=st.integers(0, 20),
+       extra=st.integers(1, 60), fractions=st.lists(st.floats(0.0, 100.0), max_size=5))
+def test_schedule_matches_warmup_and_cosine_written_out(max_lr, frac, warmup, extra, fractions):
+    args = (max_lr, warmup, warmup + extra, max_lr * frac)
+    for step in [*range(warmup + extra + 3), *fractions]:
+        assert optim.lr_schedule(step, *args) == pytest.approx(schedule_reference(step, *args),
+                                                               rel=1e-12, abs=1e-18), step
+
+
+@given(seed=seeds, scale=log_uniform(1e-3, 1e3), c=st.floats(0.1, 3.0))
+def test_clipping_matches_the_global_norm_rule_written_out(xp, seed, scale, c):
+    grads = {k: (np_(v) * scale) for k, v in model_params(np, seed).items()}
+    floats = as_floats(grads)
+    max_norm = c * scale * math.sqrt(26)  # about c times the typical global norm
+    ref_total, ref = clip_reference(floats, max_norm)
+    ours = {k: on(xp, v.copy()) for k, v in grads.items()}
+    assert optim.clip_grad_norm(ours, max_norm) == pytest.approx(ref_total, rel=1e-12)
+    assert optim.global_norm({k: on(xp, v) for k, v in grads.items()}) == pytest.approx(ref_total, rel=1e-12)
+    for k in ref:
+        assert_close(np_(ours[k]).reshape(-1), ref[k], rtol=1e-12, atol=0)
+
+
 # --- against PyTorch ------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adam", "adamw"])
@@ -228,6 +410,42 @@ def test_updates_match_torch_optim_over_several_steps(xp, kind, seed):
         theirs.step()
         for k in params:
             assert_close(params[k], tparams[k].detach().numpy(), rtol=1e-11, atol=1e-13, msg=f"{kind} {k} step {t}")
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "adamw"])
+@given(seed=seeds, momentum=st.floats(0.1, 0.99), dampening=st.sampled_from([0.0, 0.1, 0.5]),
+       nesterov=st.booleans(), wd=st.floats(0.0, 0.3))
+def test_the_scalar_references_match_torch_optim(kind, seed, momentum, dampening, nesterov, wd):
+    # The references above are checked against PyTorch too, SGD's dampening included (which
+    # minillm's SGD does not offer), so that a reference and optim.py cannot share a mistake.
+    torch = pytest.importorskip("torch")
+    if nesterov:
+        dampening = 0.0  # PyTorch: Nesterov needs zero dampening
+    p0 = as_floats(model_params(np, seed))
+    r = np.random.default_rng(seed + 1)
+    grads = [{k: list(r.standard_normal(len(v))) for k, v in p0.items()} for _ in range(6)]
+    lrs = [0.01 * (1 + t) for t in range(6)]
+    decayed = {"h.0.w"}
+    tp = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in p0.items()}
+    groups = [{"params": [tp[k] for k in NAMES if k in decayed], "weight_decay": wd},
+              {"params": [tp[k] for k in NAMES if k not in decayed], "weight_decay": 0.0}]
+    if kind == "sgd":
+        theirs = torch.optim.SGD(groups, lr=lrs[0], momentum=momentum, dampening=dampening, nesterov=nesterov)
+        ref = run_reference(sgd_reference, p0, grads, lrs, None, decayed, momentum=momentum,
+                            dampening=dampening, nesterov=nesterov, wd=wd)
+    else:
+        cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+        theirs = cls(groups, lr=lrs[0], betas=(0.8, 0.95), eps=1e-6)
+        ref = run_reference(adam_reference, p0, grads, lrs, None, decayed, b1=0.8, b2=0.95, eps=1e-6, wd=wd,
+                            decoupled=kind == "adamw")
+    for t, (g, lr) in enumerate(zip(grads, lrs)):
+        for group in theirs.param_groups:
+            group["lr"] = lr
+        for k in NAMES:
+            tp[k].grad = torch.tensor(g[k], dtype=torch.float64)
+        theirs.step()
+        for k in NAMES:
+            assert_close(tp[k].detach().numpy(), ref[t][1][k], rtol=1e-11, atol=1e-13, msg=f"{kind} {k} step {t}")
 
 
 # --- bad input ----------------------------------------------------------------------
