@@ -1,9 +1,11 @@
 """attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled attention."""
+from typing import NamedTuple
+
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
-from helpers import assert_close, assert_gradcheck, np_, on
+from helpers import assert_alive, assert_close, assert_gradcheck, np_, on
 from minillm import attention as A
 from minillm.backprop import gradcheck
 from strategies import seeds
@@ -14,41 +16,81 @@ from strategies import seeds
 MASK_KINDS = [None, "padding", "full", "2d", "heads"]
 
 
-def make_mask(rng, kind, B, H, Tq, Tk, allow_empty=True):
-    """A boolean mask of the given kind; may contain fully masked rows when allow_empty."""
+def make_mask(rng, kind, B, H, Tq, Tk, min_live=0):
+    """A boolean mask of the given kind that leaves at least ``min_live`` keys (the first
+    ones) to every query row; min_live=0 allows fully masked rows. Keys 0 and 1 lie inside
+    every row's causal window when Tk > Tq, and in every row but the first when Tk == Tq."""
     if kind is None:
         return None
     if kind == "padding":      # a key padding mask (B, 1, 1, Tk)
-        lo = 0 if allow_empty else 1
-        lengths = rng.integers(lo, Tk + 1, size=B)
+        lengths = rng.integers(min(min_live, Tk), Tk + 1, size=B)
         return (np.arange(Tk)[None, :] < lengths[:, None])[:, None, None, :]
     shape = {"full": (B, H, Tq, Tk), "2d": (Tq, Tk), "heads": (1, H, 1, Tk)}[kind]
     m = rng.random(shape) < 0.7
-    if not allow_empty:
-        m[..., 0] = True
+    m[..., :min_live] = True
     return m
 
 
-@st.composite
-def sdpa_case(draw, max_t=4, allow_empty=True):
+class Sdpa(NamedTuple):
+    """What an attention case draws; sdpa_inputs builds q, k, v and the keywords from it."""
+    B: int
+    Hkv: int
+    G: int             # query heads per K/V head: G > 1 is GQA, and Hkv = 1 MQA
+    D: int
+    Tq: int
+    Tk: int            # >= 2: softmax over one key has no gradient
+    causal: bool
+    kind: object       # one of MASK_KINDS
+    scale: object
+    seed: int
+
+
+def sdpa_inputs(c: Sdpa, min_live=0):
     """q, k, v (float64) and the keyword arguments of one attention call."""
-    B = draw(st.integers(1, 2))
-    Hkv = draw(st.integers(1, 2))
-    G = draw(st.integers(1, 3))
-    D = draw(st.integers(1, 4))
+    rng = np.random.default_rng(c.seed)
+    H = c.Hkv * c.G
+    q = rng.standard_normal((c.B, H, c.Tq, c.D))
+    k = rng.standard_normal((c.B, c.Hkv, c.Tk, c.D))
+    v = rng.standard_normal((c.B, c.Hkv, c.Tk, c.D))
+    mask = make_mask(rng, c.kind, c.B, H, c.Tq, c.Tk, min_live)
+    return q, k, v, dict(mask=mask, causal=c.causal, scale=c.scale)
+
+
+@st.composite
+def sdpa_case(draw, max_t=4, min_live=0):
+    """An attention case with Tk >= 2; min_live: keys each masked row keeps (see make_mask)."""
     Tq = draw(st.integers(1, max_t))
     causal = draw(st.booleans())
-    Tk = draw(st.integers(Tq, Tq + 2)) if causal else draw(st.integers(1, max_t + 1))
-    kind = draw(st.sampled_from(MASK_KINDS))
-    scale = draw(st.sampled_from([None, 0.3]))
-    seed = draw(seeds)
-    rng = np.random.default_rng(seed)
-    H = Hkv * G
-    q = rng.standard_normal((B, H, Tq, D))
-    k = rng.standard_normal((B, Hkv, Tk, D))
-    v = rng.standard_normal((B, Hkv, Tk, D))
-    mask = make_mask(rng, kind, B, H, Tq, Tk, allow_empty)
-    return q, k, v, dict(mask=mask, causal=causal, scale=scale)
+    Tk = draw(st.integers(max(Tq, 2), Tq + 2)) if causal else draw(st.integers(2, max_t + 1))
+    c = Sdpa(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), G=draw(st.integers(1, 3)),
+             D=draw(st.integers(1, 4)), Tq=Tq, Tk=Tk, causal=causal, kind=draw(st.sampled_from(MASK_KINDS)),
+             scale=draw(st.sampled_from([None, 0.3])), seed=draw(seeds))
+    return sdpa_inputs(c, min_live)
+
+
+# Explicit first cases for the gradient checks (the ci profile's first draws are the
+# smallest shapes): GQA under a full random mask, a causal block after a cache (Tq < Tk)
+# with MQA and key padding, and causal self-attention with per-head masks.
+LIVE_SDPA = [sdpa_inputs(Sdpa(B=2, Hkv=2, G=2, D=3, Tq=3, Tk=5, causal=False, kind="full", scale=None, seed=1),
+                         min_live=2),
+             sdpa_inputs(Sdpa(B=2, Hkv=1, G=3, D=2, Tq=2, Tk=4, causal=True, kind="padding", scale=0.3, seed=2),
+                         min_live=2),
+             sdpa_inputs(Sdpa(B=1, Hkv=2, G=1, D=4, Tq=4, Tk=4, causal=True, kind="heads", scale=None, seed=3),
+                         min_live=2)]
+
+
+def assert_attention_alive(q, k, v, kw, grads):
+    """The drawn case has something to check: some query row weighs >= 2 keys, and dq, dk,
+    dv are all non-zero."""
+    B, H, Tq, _ = q.shape
+    Tk = k.shape[2]
+    allowed = np.ones((B, H, Tq, Tk), dtype=bool)
+    if kw.get("mask") is not None:
+        allowed &= np.broadcast_to(np_(kw["mask"]), allowed.shape)
+    if kw.get("causal"):
+        allowed &= np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+    assert allowed.sum(-1).max() >= 2, "no query row weighs two keys"
+    assert_alive(grads)
 
 
 def on_kw(xp, kw):
@@ -89,20 +131,33 @@ def test_sdpa_matches_the_textbook_formula(xp, case):
     assert_close(out, reference_attention(q, k, v, **kw), rtol=1e-10, atol=1e-12)
 
 
-@given(case=sdpa_case())
+def _live_grads(xp, fwd, bwd, q, k, v, kw):
+    """Gradients of a random upstream through fwd/bwd, asserted alive (see assert_attention_alive)."""
+    out, cache = fwd(*on(xp, q, k, v))
+    grads = bwd(on(xp, np.random.default_rng(0).standard_normal(out.shape)), cache)
+    assert_attention_alive(q, k, v, kw, grads)
+
+
+@example(case=LIVE_SDPA[0])
+@example(case=LIVE_SDPA[1])
+@example(case=LIVE_SDPA[2])
+@given(case=sdpa_case(min_live=2))
 def test_sdpa_backward_matches_finite_differences(xp, case):
     q, k, v, kw = case
+    _live_grads(xp, lambda *a: A.sdpa_forward(*a, **on_kw(xp, kw)), A.sdpa_backward, q, k, v, kw)
     rep = gradcheck(A.sdpa_forward, A.sdpa_backward, list(on(xp, q, k, v)), kwargs=on_kw(xp, kw))
     assert_gradcheck(rep)
 
 
-@given(case=sdpa_case(max_t=3), p=st.sampled_from([0.2, 0.5]))
+@example(case=LIVE_SDPA[0], p=0.5)
+@given(case=sdpa_case(max_t=3, min_live=2), p=st.sampled_from([0.2, 0.5]))
 def test_sdpa_dropout_backward_matches_finite_differences(xp, case, p):
     q, k, v, kw = case
 
     def fwd(q, k, v):  # a fresh generator with the same seed: the same dropout mask every call
         return A.sdpa_forward(q, k, v, dropout_p=p, rng=np.random.default_rng(7), **on_kw(xp, kw))
 
+    _live_grads(xp, fwd, A.sdpa_backward, q, k, v, kw)
     assert_gradcheck(gradcheck(fwd, A.sdpa_backward, list(on(xp, q, k, v))))
 
 
@@ -123,13 +178,21 @@ def test_sdpa_fully_masked_row_gives_zero_output_and_zero_gradient(xp):
 def test_sdpa_is_stable_for_huge_scores(xp):
     rng = np.random.default_rng(1)
     q, k, v = (rng.standard_normal((1, 1, 4, 3)) * 1e3 for _ in range(3))
+    # Scores ~1e6 apart: softmax is one-hot, so each query's output is the value row of its
+    # best visible key (what a naive exp would turn into inf / inf = NaN).
+    s = np.where(np.tril(np.ones((4, 4), dtype=bool)), q[0, 0] @ k[0, 0].T, -np.inf)
+    gaps = np.diff(np.sort(s, axis=-1)[:, -2:], axis=-1)[1:]   # best minus second best, rows 1..
+    assert np.all(gaps > 1e4), gaps
+    best = v[0, 0][np.argmax(s, axis=-1)]                       # (Tq, D)
     for dtype in (np.float32, np.float64):
         qq, kk, vv = (on(xp, a.astype(dtype)) for a in (q, k, v))
         out, cache = A.sdpa_forward(qq, kk, vv, causal=True)
         grads = A.sdpa_backward(out, cache)
         assert all(np.all(np.isfinite(np_(a))) for a in (out,) + grads)
+        assert_close(np_(out)[0, 0], best.astype(dtype), rtol=1e-6, atol=0)
         out2, _ = A.flash_attention_forward(qq, kk, vv, causal=True, block_size=2)
         assert np.all(np.isfinite(np_(out2)))
+        assert_close(np_(out2)[0, 0], best.astype(dtype), rtol=1e-6, atol=0)
 
 
 def test_float32_stays_float32(xp):
@@ -171,7 +234,7 @@ def test_gqa_equals_mha_with_each_kv_head_repeated(xp, case):
 
 # --- comparison with PyTorch -----------------------------------------------
 
-@given(case=sdpa_case(allow_empty=False))
+@given(case=sdpa_case(min_live=1))
 def test_sdpa_matches_torch_in_float64(xp, case):
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
@@ -215,9 +278,14 @@ def test_tiled_equals_plain_for_every_block_size(xp, case, data):
             assert_close(g_t, g, rtol=1e-10, atol=1e-12, msg=f"block_size={bs}")
 
 
-@given(case=sdpa_case(max_t=4), bs=st.integers(1, 5))
+@example(case=LIVE_SDPA[0], bs=2)     # tiles that do not divide Tk = 5
+@example(case=LIVE_SDPA[1], bs=1)     # causal tiles after a cache
+@example(case=LIVE_SDPA[2], bs=3)
+@given(case=sdpa_case(max_t=4, min_live=2), bs=st.integers(1, 5))
 def test_flash_backward_matches_finite_differences(xp, case, bs):
     q, k, v, kw = case
+    _live_grads(xp, lambda *a: A.flash_attention_forward(*a, block_size=bs, **on_kw(xp, kw)),
+                A.flash_attention_backward, q, k, v, kw)
     kw = dict(on_kw(xp, kw), block_size=bs)
     rep = gradcheck(A.flash_attention_forward, A.flash_attention_backward, list(on(xp, q, k, v)), kwargs=kw)
     assert_gradcheck(rep)
@@ -234,16 +302,23 @@ def test_flash_keeps_no_quadratic_state(xp):
 
 # --- RoPE ----------------------------------------------------------------------
 
+def rope_inputs(B, H, T, D, seed, per_batch, base, interleaved):
+    """x, positions, base, interleaved: positions distinct within each row (a rotation at one
+    repeated position, or at 0 alone, would hide a mix-up of positions or of the sign)."""
+    rng = np.random.default_rng(seed)
+    pos = np.stack([rng.choice(50, size=T, replace=False) for _ in range(B)])
+    return rng.standard_normal((B, H, T, D)), (pos if per_batch else pos[0]), base, interleaved
+
+
 @st.composite
 def rope_case(draw):
-    B, H, T = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.integers(1, 4))
-    D = 2 * draw(st.integers(1, 3))
-    seed = draw(seeds)
-    rng = np.random.default_rng(seed)
-    per_batch = draw(st.booleans())
-    pos = rng.integers(0, 50, size=(B, T) if per_batch else (T,))
-    base = draw(st.sampled_from([10000.0, 10.0]))
-    return rng.standard_normal((B, H, T, D)), pos, base, draw(st.booleans())
+    return rope_inputs(B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)), T=draw(st.integers(2, 4)),
+                       D=2 * draw(st.integers(1, 3)), seed=draw(seeds), per_batch=draw(st.booleans()),
+                       base=draw(st.sampled_from([10000.0, 10.0])), interleaved=draw(st.booleans()))
+
+
+ROPE_EXAMPLES = [rope_inputs(2, 2, 4, 6, seed=1, per_batch=True, base=10.0, interleaved=False),
+                 rope_inputs(1, 1, 3, 4, seed=2, per_batch=False, base=10000.0, interleaved=True)]
 
 
 def rope_reference(x, pos, base, interleaved):
@@ -267,9 +342,12 @@ def test_rope_matches_an_independent_formula_and_preserves_norms(xp, case):
     assert_close(np.linalg.norm(np_(y), axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
 
 
+@example(case=ROPE_EXAMPLES[0])
+@example(case=ROPE_EXAMPLES[1])
 @given(case=rope_case())
 def test_rope_backward_matches_finite_differences(xp, case):
     x, pos, base, inter = case
+    assert all(len(set(row)) == len(row) for row in np.atleast_2d(pos))
     rep = gradcheck(A.rope_forward, A.rope_backward, [on(xp, x), on(xp, pos)], wrt=[0],
                     kwargs=dict(base=base, interleaved=inter))
     assert_gradcheck(rep)
@@ -279,7 +357,7 @@ def test_rope_backward_matches_finite_differences(xp, case):
 def test_rope_dot_products_depend_only_on_relative_position(xp, seed, D, shift, inter):
     rng = np.random.default_rng(seed)
     q, k = rng.standard_normal((1, 1, 1, D)), rng.standard_normal((1, 1, 1, D))
-    m, n = rng.integers(0, 100, size=2)
+    m, n = rng.choice(100, size=2, replace=False)     # two positions, so there is a distance
 
     def dot(pm, pn):
         qm, _ = A.rope_forward(on(xp, q), on(xp, np.array([pm])), interleaved=inter)
@@ -300,38 +378,74 @@ def test_rope_hf_convention_pairs_i_with_i_plus_half(xp):
 
 # --- multi-head self-attention -------------------------------------------------
 
-@st.composite
-def mha_case(draw, max_t=4):
+class Mha(NamedTuple):
+    """What a self-attention case draws; mha_inputs builds it."""
+    B: int
+    Hkv: int
+    G: int               # H = Hkv * G
+    D: int
+    T: int               # >= 2: with one token there is one key
+    seed: int
+    qkv_bias: bool
+    o_bias: bool
+    kv_none: bool        # pass n_kv_head=None (MHA) rather than n_kv_head=H; only when G == 1
+    causal: bool
+    padded: bool         # a key padding mask that keeps >= 2 keys per row
+    rope: bool           # only for an even D
+    interleaved: bool
+    per_batch: bool      # RoPE positions (B, T) rather than (T,)
+    impl: str
+    block_size: int
+
+
+def mha_inputs(c: Mha):
     """x, the weights (small scale, like a real init) and kwargs of one self-attention call."""
-    B = draw(st.integers(1, 2))
-    Hkv = draw(st.integers(1, 2))
-    H = Hkv * draw(st.integers(1, 2))
-    D = draw(st.integers(1, 3))
-    C = H * D
-    T = draw(st.integers(1, max_t))
-    rng = np.random.default_rng(draw(seeds))
-    N = (H + 2 * Hkv) * D
-    x = rng.standard_normal((B, T, C))
+    H = c.Hkv * c.G
+    C = H * c.D
+    rng = np.random.default_rng(c.seed)
+    N = (H + 2 * c.Hkv) * c.D
+    x = rng.standard_normal((c.B, c.T, C))
     w_qkv = rng.standard_normal((C, N)) / np.sqrt(C)
-    w_o = rng.standard_normal((H * D, C)) / np.sqrt(C)
-    b_qkv = rng.standard_normal(N) * 0.5 if draw(st.booleans()) else None
-    b_o = rng.standard_normal(C) * 0.5 if draw(st.booleans()) else None
-    kw = dict(n_kv_head=draw(st.sampled_from([Hkv, None])) if Hkv == H else Hkv,
-              causal=draw(st.booleans()))
-    if draw(st.booleans()):
-        kw["mask"] = make_mask(rng, "padding", B, H, T, T, allow_empty=False)
-    if D % 2 == 0 and draw(st.booleans()):
+    w_o = rng.standard_normal((H * c.D, C)) / np.sqrt(C)
+    b_qkv = rng.standard_normal(N) * 0.5 if c.qkv_bias else None
+    b_o = rng.standard_normal(C) * 0.5 if c.o_bias else None
+    kw = dict(n_kv_head=None if (c.kv_none and c.G == 1) else c.Hkv, causal=c.causal)
+    if c.padded:
+        kw["mask"] = make_mask(rng, "padding", c.B, H, c.T, c.T, min_live=2)
+    if c.rope and c.D % 2 == 0:
         kw["rope_base"] = 100.0
-        kw["rope_interleaved"] = draw(st.booleans())
+        kw["rope_interleaved"] = c.interleaved
         # distinct positions: with two keys at one position the key bias would again shift
         # their scores equally, a direction the loss (almost) does not depend on
-        per_batch = draw(st.booleans())
-        pos = np.stack([rng.choice(20, size=T, replace=False) for _ in range(B)])
-        kw["positions"] = pos if per_batch else pos[0]
-    kw["impl"] = draw(st.sampled_from(["plain", "tiled"]))
-    if kw["impl"] == "tiled":
-        kw["block_size"] = draw(st.integers(1, 3))
+        pos = np.stack([rng.choice(20, size=c.T, replace=False) for _ in range(c.B)])
+        kw["positions"] = pos if c.per_batch else pos[0]
+    kw["impl"] = c.impl
+    if c.impl == "tiled":
+        kw["block_size"] = c.block_size
     return x, w_qkv, b_qkv, w_o, b_o, H, kw
+
+
+@st.composite
+def mha_case(draw, max_t=4):
+    b = st.booleans()
+    c = Mha(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), G=draw(st.integers(1, 2)),
+            D=draw(st.integers(1, 3)), T=draw(st.integers(2, max_t)), seed=draw(seeds), qkv_bias=draw(b),
+            o_bias=draw(b), kv_none=draw(b), causal=draw(b), padded=draw(b), rope=draw(b), interleaved=draw(b),
+            per_batch=draw(b), impl=draw(st.sampled_from(["plain", "tiled"])),
+            block_size=draw(st.integers(1, 3)))
+    return mha_inputs(c)
+
+
+# Explicit first cases: GQA with RoPE per row, padding and tiles; MQA, causal, biased,
+# RoPE shared by the rows; MHA with every bias, plain.
+MHA_EXAMPLES = [
+    mha_inputs(Mha(B=2, Hkv=2, G=2, D=2, T=4, seed=1, qkv_bias=True, o_bias=False, kv_none=False, causal=True,
+                   padded=True, rope=True, interleaved=False, per_batch=True, impl="tiled", block_size=3)),
+    mha_inputs(Mha(B=2, Hkv=1, G=2, D=2, T=3, seed=2, qkv_bias=True, o_bias=True, kv_none=False, causal=True,
+                   padded=False, rope=True, interleaved=True, per_batch=False, impl="plain", block_size=1)),
+    mha_inputs(Mha(B=2, Hkv=2, G=1, D=3, T=4, seed=3, qkv_bias=True, o_bias=True, kv_none=True, causal=False,
+                   padded=True, rope=False, interleaved=False, per_batch=False, impl="plain", block_size=1)),
+]
 
 
 def split_bias_check(xp, fwd, bwd, inputs, bias_at, sizes, key_part, keys_matter):
@@ -375,6 +489,9 @@ def split_bias_check(xp, fwd, bwd, inputs, bias_at, sizes, key_part, keys_matter
         assert np.max(np.abs(np_(g[key_index])), initial=0) <= 1e-12 * max(scale, 1.0)
 
 
+@example(case=MHA_EXAMPLES[0])
+@example(case=MHA_EXAMPLES[1])
+@example(case=MHA_EXAMPLES[2])
 @given(case=mha_case())
 def test_self_attention_backward_matches_finite_differences(xp, case):
     x, w_qkv, b_qkv, w_o, b_o, H, kw = case
@@ -386,8 +503,9 @@ def test_self_attention_backward_matches_finite_differences(xp, case):
         return A.self_attention_forward(*args, H, **kw)
 
     y, cache = fwd(*inputs)
-    grads = A.self_attention_backward(on(xp, np.ones(y.shape)), cache)
+    grads = A.self_attention_backward(on(xp, np.random.default_rng(2).standard_normal(y.shape)), cache)
     assert (grads[2] is None) == (b_qkv is None) and (grads[4] is None) == (b_o is None)
+    assert_alive(grads)    # dx, dw_qkv, db_qkv (its query and value parts at least), dw_o, db_o
 
     def bwd(dy, cache):
         return A.self_attention_backward(dy, cache)
@@ -500,23 +618,30 @@ def test_attention_dropout_is_identity_at_zero_and_rescales(xp):
 
 # --- cross-attention --------------------------------------------------------
 
-@st.composite
-def cross_case(draw):
-    B, Hkv = draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    H, D = Hkv * draw(st.integers(1, 2)), draw(st.integers(1, 2))
-    C, Cc = H * D, draw(st.integers(1, 4))
-    Tq, Tk = draw(st.integers(1, 3)), draw(st.integers(1, 4))
-    rng = np.random.default_rng(draw(seeds))
+def cross_inputs(B, Hkv, G, D, Cc, Tq, Tk, seed, bias, padded):
+    """Cross-attention inputs (Tk >= 2 context tokens, a padding mask keeping >= 2) and kwargs."""
+    H = Hkv * G
+    C = H * D
+    rng = np.random.default_rng(seed)
     x, ctx = rng.standard_normal((B, Tq, C)), rng.standard_normal((B, Tk, Cc))
     w_q = rng.standard_normal((C, H * D)) / np.sqrt(C)
     w_kv = rng.standard_normal((Cc, 2 * Hkv * D)) / np.sqrt(Cc)
     w_o = rng.standard_normal((H * D, C)) / np.sqrt(C)
-    bias = draw(st.booleans())
     b_q, b_kv, b_o = ((rng.standard_normal(n) * 0.5 if bias else None) for n in (H * D, 2 * Hkv * D, C))
-    mask = make_mask(rng, "padding", B, H, Tq, Tk, allow_empty=True) if draw(st.booleans()) else None
+    mask = make_mask(rng, "padding", B, H, Tq, Tk, min_live=2) if padded else None
     return [x, ctx, w_q, b_q, w_kv, b_kv, w_o, b_o, H], dict(n_kv_head=Hkv, mask=mask)
 
 
+@st.composite
+def cross_case(draw):
+    return cross_inputs(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), G=draw(st.integers(1, 2)),
+                        D=draw(st.integers(1, 2)), Cc=draw(st.integers(1, 4)), Tq=draw(st.integers(1, 3)),
+                        Tk=draw(st.integers(2, 4)), seed=draw(seeds), bias=draw(st.booleans()),
+                        padded=draw(st.booleans()))
+
+
+@example(case=cross_inputs(B=2, Hkv=1, G=2, D=2, Cc=3, Tq=3, Tk=4, seed=1, bias=True, padded=True))
+@example(case=cross_inputs(B=2, Hkv=2, G=1, D=2, Cc=2, Tq=2, Tk=3, seed=2, bias=False, padded=False))
 @given(case=cross_case())
 def test_cross_attention_backward_matches_finite_differences(xp, case):
     inputs, kw = case
@@ -526,6 +651,10 @@ def test_cross_attention_backward_matches_finite_differences(xp, case):
 
     def fwd(*args):
         return A.cross_attention_forward(*args, H, **kw)
+
+    y, cache = fwd(*inputs)
+    grads = A.cross_attention_backward(on(xp, np.random.default_rng(2).standard_normal(y.shape)), cache)
+    assert_alive(grads)    # every input's gradient (b_kv: its value half at least)
 
     if inputs[5] is None:
         wrt = [i for i in range(8) if inputs[i] is not None]
@@ -554,8 +683,10 @@ def test_cross_attention_queries_come_from_x_keys_from_context(xp):
 
 # --- KV cache -----------------------------------------------------------------
 
-@given(case=mha_case(max_t=6), data=st.data())
-def test_decoding_with_the_kv_cache_equals_the_full_causal_forward(xp, case, data):
+@example(case=MHA_EXAMPLES[0], prefill=2)     # GQA, RoPE, tiled: a prefill of 2, then one at a time
+@example(case=MHA_EXAMPLES[1], prefill=1)     # MQA, RoPE: every token on its own
+@given(case=mha_case(max_t=6), prefill=st.integers(1, 6))
+def test_decoding_with_the_kv_cache_equals_the_full_causal_forward(xp, case, prefill):
     x, w_qkv, b_qkv, w_o, b_o, H, kw = case
     B, T, C = x.shape
     Hkv = kw["n_kv_head"] or H
@@ -566,7 +697,7 @@ def test_decoding_with_the_kv_cache_equals_the_full_causal_forward(xp, case, dat
     y_full, _ = A.self_attention_forward(on(xp, x), *args, H, n_kv_head=Hkv, causal=True, **rope, **impl)
     cache = A.KVCache(2, B, Hkv, T + 1, D, dtype=np.float64, xp=xp)
     # a prefill block of random length, then one token at a time (in layer 1)
-    t0 = data.draw(st.integers(1, T))
+    t0 = min(prefill, T)
     steps = [(0, t0)] + [(t, t + 1) for t in range(t0, T)]
     outs = []
     for a, b in steps:

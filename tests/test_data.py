@@ -238,13 +238,19 @@ def test_tokenize_splits_writes_both_files(tmp_path):
 
 # --- batches -------------------------------------------------------------------------------
 
-@given(n=st.integers(2, 200), B=st.integers(1, 4), T=st.integers(1, 16), seed=seeds)
-def test_batches_are_windows_and_their_next_tokens(xp, n, B, T, seed):
+@given(T_n=st.integers(2, 16).flatmap(lambda T: st.tuples(st.just(T), st.integers(2, T))), B=st.integers(1, 4),
+       seed=seeds)
+def test_too_few_tokens_for_one_window_are_refused(xp, T_n, B, seed):
+    T, n = T_n
     tokens = np.random.default_rng(seed).integers(0, 50, size=n).astype(np.uint16)
-    if n < T + 1:
-        with pytest.raises(ValueError, match=rf"tokens: {n} tokens are too few for block_size={T}.*at least {T + 1}"):
-            data.get_batch(tokens, B, T, np.random.default_rng(seed), xp)
-        return
+    with pytest.raises(ValueError, match=rf"tokens: {n} tokens are too few for block_size={T}.*at least {T + 1}"):
+        data.get_batch(tokens, B, T, np.random.default_rng(seed), xp)
+
+
+@given(extra=st.integers(0, 184), B=st.integers(1, 4), T=st.integers(1, 16), seed=seeds)
+def test_batches_are_windows_and_their_next_tokens(xp, extra, B, T, seed):
+    n = T + 1 + extra                     # at least one window and its next token
+    tokens = np.random.default_rng(seed).integers(0, 50, size=n).astype(np.uint16)
     x, y = data.get_batch(tokens, B, T, np.random.default_rng(seed), xp)
     assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == np.int64
     assert isinstance(x, xp.ndarray)

@@ -1,58 +1,88 @@
 """gpt.py: the whole model's backward against finite differences for every variant,
 causality, overfitting, generation with and without the KV cache, and clear errors."""
+from typing import NamedTuple
+
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
-from helpers import assert_close, assert_gradcheck, np_, on
+from helpers import assert_alive, assert_close, assert_gradcheck, np_, on, scaled
 from minillm import gpt
 from minillm.backend import array_module
-from minillm.backprop import check_dict_gradients
+from minillm.backprop import check_dict_gradients, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from strategies import seeds
-
-
-def scaled(n):
-    """n examples under the default `ci` profile (12), proportionally more under `thorough`."""
-    return max(1, n * settings.default.max_examples // 12)
 
 
 def init_cpu(cfg, seed, dtype=np.float32):
     """Parameters on the CPU (tests move them with on(xp, ...) where the device matters)."""
     return gpt.init_params(cfg, seed, dtype=dtype, device="cpu")
 
-# The four axes of variation, each covered by at least one named case below.
+# The axes of variation: norm (layernorm / rmsnorm), positions (learned / rope), MLP (gelu /
+# swiglu), attention (MHA / GQA / MQA), bias or none (LayerNorm without bias included),
+# tied or untied head. Each value of each axis is in at least one named case below.
 VARIANTS = {
     "gpt2": dict(),                                                          # learned, LayerNorm, GELU, MHA
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False, tie_embeddings=False),
     "rope_gelu_gqa": dict(pos="rope", n_kv_head=2),
     "learned_rms_swiglu": dict(norm="rmsnorm", mlp="swiglu", bias=False),
     "untied_gqa": dict(n_kv_head=2, tie_embeddings=False),
+    "mqa_no_bias_layernorm": dict(n_kv_head=1, bias=False),                  # LayerNorm without its bias
 }
 
 
-@st.composite
-def tiny_case(draw, variant=None):
+class Shape(NamedTuple):
+    """What a whole-model check draws; tiny_case builds the model and the batch from it."""
+    n_head: int        # 2 (head size 4) or 4 (head size 2); GQA variants always get 4
+    vocab: int
+    T: int             # >= 2: at T = 1 attention has one key and nothing to weigh
+    B: int             # >= 2: a gradient summed over the batch (wpe's) must see every row
+    n_layer: int
+    extra_block: int   # block_size - T: position rows that get no gradient
+    seed: int
+
+
+# Width 8 throughout: LayerNorm over 2 or 4 features is nearly a step function (x - mean is
+# +-(x1 - x2)/2), whose huge higher derivatives would defeat any finite difference. An MLP
+# 8 wide keeps every entry of every parameter checkable in a few seconds.
+shapes = st.builds(Shape, n_head=st.sampled_from([2, 4]), vocab=st.integers(3, 6), T=st.integers(2, 4),
+                   B=st.integers(2, 3), n_layer=st.integers(1, 2), extra_block=st.integers(0, 1), seed=seeds)
+# Explicit first cases, so that the ci profile's few draws (which start from the smallest
+# shape: 1 layer, T = 2, B = 2, V = 3) are not all minimal: the two-layer ones prove that
+# gradients pass from block to block and land under the right layer's names.
+RICH = Shape(n_head=2, vocab=5, T=4, B=2, n_layer=1, extra_block=1, seed=11)
+TWO_LAYERS = Shape(n_head=4, vocab=4, T=3, B=3, n_layer=2, extra_block=1, seed=7)
+
+
+def tiny_case(variant, shape, **extra):
     """A tiny GPT (float64, weights perturbed away from init so every gradient is sizable),
-    a batch of ids and next-token targets with some ignored positions."""
-    kw = dict(VARIANTS[variant] if variant is not None else {})
+    a batch of ids and next-token targets: about a quarter ignored, but at least one counted
+    in every row (a row with none sends no gradient anywhere)."""
+    kw = dict(VARIANTS[variant], **extra)
     n_kv = kw.get("n_kv_head")
-    n_head = draw(st.sampled_from([2, 4]))
-    # Width >= 8: LayerNorm over 2 or 4 features is nearly a step function (x - mean is
-    # +-(x1 - x2)/2), whose huge higher derivatives would defeat any finite difference.
-    D = 4 if n_head == 2 else draw(st.sampled_from([2, 4]))
-    V = draw(st.integers(3, 9))
-    T = draw(st.integers(1, 5))
-    B = draw(st.integers(1, 2))
-    cfg = gpt.GPTConfig(vocab_size=V, block_size=draw(st.integers(T, T + 2)), n_layer=draw(st.integers(1, 2)),
-                        n_head=n_head, n_embd=n_head * D, **kw)
-    seed = draw(seeds)
-    rng = np.random.default_rng(seed)
-    params = init_cpu(cfg, seed, dtype=np.float64)
+    n_head = 4 if n_kv is not None and n_kv > 1 else shape.n_head   # GQA needs H > Hkv > 1
+    V, T, B = shape.vocab, shape.T, shape.B
+    cfg = gpt.GPTConfig(vocab_size=V, block_size=T + shape.extra_block, n_layer=shape.n_layer, n_head=n_head,
+                        n_embd=8, mlp_hidden=8, **kw)
+    if n_kv is not None:          # the variant is what it says: MQA (1) or GQA (1 < Hkv < H)
+        assert cfg.kv_heads == n_kv < cfg.n_head
+    rng = np.random.default_rng(shape.seed)
+    params = init_cpu(cfg, shape.seed, dtype=np.float64)
     params = {k: v + rng.standard_normal(v.shape) * 0.3 for k, v in params.items()}
     idx = rng.integers(0, V, (B, T))
     targets = rng.integers(0, V, (B, T))
-    targets[rng.random((B, T)) < 0.2] = -100
+    targets[rng.random((B, T)) < 0.25] = -100
+    targets[np.arange(B), rng.integers(0, T, B)] = rng.integers(0, V, B)   # one counted per row at least
     return cfg, params, idx, targets
+
+
+def per_token_loss(logits, targets):
+    """Each counted token's term of the mean cross-entropy (0 where ignored): their sum is the loss."""
+    from minillm.backprop import log_softmax
+    logp = log_softmax(logits)
+    xp = array_module(logp)
+    keep = targets != -100
+    picked = xp.take_along_axis(logp, xp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+    return -xp.where(keep, picked, 0) / max(int(keep.sum()), 1)
 
 
 def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
@@ -66,6 +96,9 @@ def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
     assert set(grads) == set(params)
     for k in params:
         assert grads[k].shape == params[k].shape and grads[k].dtype == params[k].dtype, k
+    # Every row counts somewhere, the loss is not 0, and every parameter has a gradient.
+    assert np.all(np.any(np_(targets) != -100, axis=1)), np_(targets)
+    assert_alive(grads, loss=loss)
 
     # The same dropout masks at every evaluation (a fresh generator with the same seed),
     # so the function being differentiated is fixed. The loss is returned per token (its
@@ -74,42 +107,67 @@ def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
     # whole loss. That lets eps stay at 1e-4, where the stencil's truncation error
     # (~eps^4) is negligible; at eps 1e-3 some drawn models reached 3.6e-5 (llama).
     def f(p):
-        from minillm.backprop import log_softmax
-        logp = log_softmax(gpt.forward(p, cfg, idx, train=train, rng=rng())[0])
-        xp = array_module(logp)
-        keep = targets != -100
-        picked = xp.take_along_axis(logp, xp.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
-        return -xp.where(keep, picked, 0) / max(int(keep.sum()), 1)
+        return per_token_loss(gpt.forward(p, cfg, idx, train=train, rng=rng())[0], targets)
 
-    # The key bias's gradient is exactly 0 (softmax ignores a shift of a query's scores),
-    # so its numeric side is pure round-off: the checker's resolution floor judges it on
-    # absolute error.
-    rep = check_dict_gradients(f, params, grads, max_checks_per_param=4)
+    # Every entry of every parameter. The key bias's gradient is exactly 0 (softmax ignores
+    # a shift of a query's scores), so its numeric side is pure round-off: the checker's
+    # resolution floor judges it on absolute error.
+    rep = check_dict_gradients(f, params, grads)
     assert_gradcheck(rep)
     return loss
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-@settings(max_examples=scaled(2))
-@given(data=st.data())
-def test_whole_model_gradients_match_finite_differences(xp, variant, data):
-    cfg, params, idx, targets = data.draw(tiny_case(variant))
-    _gradcheck(xp, cfg, params, idx, targets)
+@settings(max_examples=scaled(1))
+@example(shape=RICH)
+@given(shape=shapes)
+def test_whole_model_gradients_match_finite_differences(xp, variant, shape):
+    _gradcheck(xp, *tiny_case(variant, shape))
 
 
-@settings(max_examples=scaled(3))
-@given(case=tiny_case("gpt2"), seed=seeds, p=st.sampled_from([0.1, 0.5]))
-def test_gradients_with_dropout_for_fixed_masks(xp, case, seed, p):
-    cfg, params, idx, targets = case
-    _gradcheck(xp, cfg.replace(dropout=p), params, idx, targets, train=True, dropout_seed=seed)
+@settings(max_examples=scaled(1))
+@example(shape=TWO_LAYERS, variant="llama", seed=3, p=0.5)
+@given(shape=shapes, variant=st.sampled_from(sorted(VARIANTS)), seed=seeds, p=st.sampled_from([0.1, 0.5]))
+def test_gradients_with_dropout_for_fixed_masks(xp, shape, variant, seed, p):
+    cfg, params, idx, targets = tiny_case(variant, shape, dropout=p)
+    _gradcheck(xp, cfg, params, idx, targets, train=True, dropout_seed=seed)
+
+
+@settings(max_examples=scaled(1))
+@example(shape=TWO_LAYERS, variant="gpt2", pads=(0, 1, 2))
+@given(shape=shapes, variant=st.sampled_from(["llama", "gpt2"]),       # RoPE, then learned positions
+       pads=st.lists(st.integers(0, 3), min_size=3, max_size=3))
+def test_left_padded_batch_gradients_match_finite_differences(xp, shape, variant, pads):
+    """A left-padded batch (attention_mask): positions restart after each row's padding
+    (learned rows or RoPE angles per row), pad keys get no attention, pad targets do not count."""
+    cfg, params, idx, targets = tiny_case(variant, shape)
+    B, T = idx.shape
+    n_pad = np.array([min(n, T - 1) for n in pads[:B]])
+    n_pad[0] = 0                                                   # one row unpadded,
+    n_pad[-1] = max(n_pad[-1], 1)                                  # one padded
+    mask = np.arange(T)[None, :] >= n_pad[:, None]                 # (B, T), False at the left pads
+    targets = np.where(mask, targets, -100)
+    targets[np.arange(B), T - 1] = idx[:, 0]                       # the last token of every row counts
+    params = {k: on(xp, v) for k, v in params.items()}
+    idx, targets, mask = on(xp, idx, targets, mask)
+
+    def f(p):
+        return per_token_loss(gpt.forward(p, cfg, idx, attention_mask=mask)[0], targets)
+
+    logits, cache = gpt.forward(params, cfg, idx, attention_mask=mask)
+    loss, ce = softmax_cross_entropy_forward(logits, targets)
+    grads = gpt.backward(softmax_cross_entropy_backward(logits.dtype.type(1.0), ce), cache)
+    assert_close(xp.sum(f(params)), loss, rtol=1e-12)
+    assert_alive(grads, loss=loss)
+    assert_gradcheck(check_dict_gradients(f, params, grads))
 
 
 @settings(max_examples=scaled(6))
-@given(case=tiny_case(), variant=st.sampled_from(sorted(VARIANTS)), t=st.integers(0, 4))
-def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
-    _, _, idx, _ = case
+@given(shape=shapes, variant=st.sampled_from(sorted(VARIANTS)), data=st.data())
+def test_logits_at_t_ignore_tokens_after_t(xp, shape, variant, data):
+    idx = np.random.default_rng(shape.seed).integers(0, 9, (shape.B, shape.T + data.draw(st.integers(0, 2))))
     B, T = idx.shape
-    t = min(t, T - 1)
+    t = data.draw(st.integers(0, T - 2), label="t")   # some positions after t, whose change must not leak
     cfg = gpt.GPTConfig(vocab_size=9, block_size=T, n_layer=2, n_head=2, n_embd=8, **VARIANTS[variant])
     params = {k: on(xp, v) for k, v in init_cpu(cfg, 1, dtype=np.float64).items()}
     changed = idx.copy()
@@ -117,8 +175,8 @@ def test_logits_at_t_ignore_tokens_after_t(xp, case, variant, t):
     a, _ = gpt.forward(params, cfg, on(xp, idx % 9))
     b, _ = gpt.forward(params, cfg, on(xp, changed % 9))
     assert_close(a[:, :t + 1], b[:, :t + 1], rtol=1e-12, atol=1e-12)
-    if t + 1 < T:   # and the model does look at the past: later positions change
-        assert not np.allclose(np_(a[:, t + 1:]), np_(b[:, t + 1:]))
+    # and the model does look at the past: later positions change
+    assert not np.allclose(np_(a[:, t + 1:]), np_(b[:, t + 1:]))
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
