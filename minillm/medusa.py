@@ -54,6 +54,7 @@ gpt.py never imports it.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -428,8 +429,7 @@ def generate(params, config, heads, prompt_ids, max_new_tokens, choices=None, te
     prompt, paths, rng = _check_generate(params, config, heads, prompt_ids, max_new_tokens, choices,
                                          temperature, posterior_threshold, posterior_alpha, seed, topk)
     rule = (float(temperature), float(posterior_threshold), float(posterior_alpha), rng)
-    full = tree_buffers(paths, topk)
-    trees = {}                                             # depth -> the tree cut to that depth
+    full = _cut_tree(paths, None, topk)
     seq, new, lengths = list(prompt), [], []
     cache = KVCache(config.n_layer, 1, config.kv_heads, min(config.block_size, len(prompt) + max_new_tokens)
                     + full.attn_mask.shape[0], config.head_dim, dtype=params["wte"].dtype,
@@ -441,11 +441,9 @@ def generate(params, config, heads, prompt_ids, max_new_tokens, choices=None, te
         depth = min(max_new_tokens - len(new), config.block_size - len(seq)) - 1   # what fits and is needed
         if depth < 1:
             break
-        if depth not in trees:
-            trees[depth] = tree_buffers([p for p in paths if len(p) <= depth], topk)
         # 2.-4. One tree pass: candidates, verification, acceptance, the cache kept.
         emitted, root, head_logits = _tree_step(params, config, heads, cache, root, head_logits,
-                                                trees[depth], topk, rule)
+                                                _cut_tree(paths, depth, topk), topk, rule)
         seq += emitted
         new += emitted
         lengths.append(len(emitted))
@@ -457,12 +455,19 @@ def generate(params, config, heads, prompt_ids, max_new_tokens, choices=None, te
                                            n_new / calls)
 
 
+@functools.lru_cache(maxsize=64)
+def _cut_tree(paths, depth, topk):
+    """tree_buffers of the paths (a tuple of tuples) no deeper than depth (None: all), made
+    once per tree: generation asks for the same few at every step. Callers must not
+    change the arrays."""
+    return tree_buffers([p for p in paths if depth is None or len(p) <= depth], topk)
+
+
 def _prefill(params, config, heads, prompt, cache, rule):
     """Run the prompt into the cache. -> (the first root token, the heads' logits (K, V))"""
     xp = array_module(params["wte"])
     logits, base = gpt.forward(params, config, xp.asarray([prompt], dtype=np.int64), kv_cache=cache)
-    head_logits, _ = heads_forward(base.xf[:, -1:], heads, base_lm_head(params, config))   # (K, 1, 1, V)
-    return _next_root(to_numpy(logits[0, -1]), *rule), to_numpy(head_logits[:, 0, 0])
+    return _next_root(to_numpy(logits[0, -1]), *rule), _head_logits(heads, params, config, base.xf[:, -1:])
 
 
 def _tree_step(params, config, heads, cache, root, head_logits, buffers, topk, rule):
@@ -472,8 +477,10 @@ def _tree_step(params, config, heads, cache, root, head_logits, buffers, topk, r
     xp = array_module(params["wte"])
     offset = cache.length(0)
     tokens, candidates = _tree_tokens(root, head_logits, buffers, topk)   # (N,), (L, D + 1)
+    N = tokens.shape[0]                          # the root alone needs no tree mask (nor heads)
+    tree_mask = xp.asarray(buffers.attn_mask) if N > 1 else None
     logits, base = gpt.forward(params, config, xp.asarray(tokens[None]), kv_cache=cache,
-                               tree_mask=xp.asarray(buffers.attn_mask))    # (1, N, V): one pass
+                               tree_mask=tree_mask)                        # (1, N, V): one pass
     node_logits = to_numpy(logits[0])                                     # (N, V)
     ret = buffers.retrieve_indices
     path_logits = node_logits[np.maximum(ret, 0)]                         # (L, D + 1, V)
@@ -484,9 +491,15 @@ def _tree_step(params, config, heads, cache, root, head_logits, buffers, topk, r
     path = ret[best, :n + 1]                                              # node indices, root first
     cache.keep(offset, path)                     # the accepted path's keys and values stay, in order
     last = int(path[-1])
-    next_head, _ = heads_forward(base.xf[:, last:last + 1], heads, base_lm_head(params, config))
     next_root = _next_root(node_logits[last], temperature, threshold, alpha, rng)
-    return [int(t) for t in candidates[best, :n + 1]], next_root, to_numpy(next_head[:, 0, 0])
+    next_head = _head_logits(heads, params, config, base.xf[:, last:last + 1]) if N > 1 else head_logits
+    return [int(t) for t in candidates[best, :n + 1]], next_root, next_head
+
+
+def _head_logits(heads, params, config, hidden):
+    """The heads' logits at one position: hidden (1, 1, C) -> (K, V) on the host."""
+    logits, _ = heads_forward(hidden, heads, base_lm_head(params, config))    # (K, 1, 1, V)
+    return to_numpy(logits[:, 0, 0])
 
 
 def _finish(params, config, seq, new, root, max_new_tokens, rng, temperature, calls):
@@ -665,7 +678,7 @@ def _check_generate(params, config, heads, prompt_ids, max_new_tokens, choices, 
                          f"{depth} guesses), more than the context (block_size={config.block_size})")
     if seed is not None:
         check_int_arg("seed", seed, lo=0)
-    return prompt, paths, make_rng(seed)
+    return prompt, tuple(paths), make_rng(seed)
 
 
 def _check_prompt(prompt_ids, config):
