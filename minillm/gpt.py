@@ -13,6 +13,11 @@ The forward pass, for token ids idx of shape (B, T), in the numbered steps of
     4. xf = norm_f(x)
     5. logits = xf @ wte^T                 the LM head, tied to the token embedding   (B, T, V)
 
+With ``tree_mask`` (tree attention: Medusa's verification pass, minillm.medusa) the T
+tokens are a tree of candidates after the cached prefix: step 1's positions are the
+prefix length + each token's depth, and attention lets a token see the cache, itself
+and its ancestors, so each token's logits are those of its own root path.
+
 Variants chosen by :class:`GPTConfig`: LayerNorm or RMSNorm, learned positions or
 RoPE (rotary, inside attention), a GELU MLP or SwiGLU, multi-head or grouped-query
 attention (n_kv_head < n_head), biases or none, a tied or separate LM head. With

@@ -121,7 +121,8 @@ def test_loss_and_grads_trains_the_heads_on_tokens_k_plus_2_ahead(seed, K, weigh
         T = x.shape[1] - k - 1
         want = -np.mean([lp[b, t, tokens[b, t + k + 2]] for b in range(2) for t in range(T)])
         assert np.isclose(per_head[k], want, rtol=1e-12)
-    report = check_dict_gradients(lambda h: medusa.loss_and_grads(h, params, cfg, x, y, w)[0], heads, grads)
+    report = check_dict_gradients(lambda h: medusa.loss_and_grads(h, params, cfg, x, y, w)[0], heads, grads,
+                                  max_checks_per_param=8, seed=seed)
     assert_gradcheck(report)
 
 
@@ -581,3 +582,19 @@ def test_train_medusa_then_sample_with_the_heads(tmp_path):
     r = subprocess.run(env_cmd + ["sample", "--checkpoint", str(run / "medusa"), "--medusa"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "error" in r.stderr
+
+
+def test_gpt_backward_through_a_tree_mask_matches_finite_differences():
+    """The tree path's forward (depth positions, the tree as an attention mask) trains too."""
+    for pos in ("learned", "rope"):
+        cfg = gpt.GPTConfig(vocab_size=7, block_size=8, n_layer=1, n_head=2, n_embd=8, n_kv_head=1, pos=pos)
+        params = gpt.init_params(cfg, seed=1, dtype=np.float64)
+        mask = medusa.tree_buffers([[0], [1], [0, 0], [1, 0]]).attn_mask
+        idx = np.array([[1, 2, 3, 4, 5], [5, 4, 3, 2, 1]])
+        dlogits = randn(2, 2, 5, 7)
+        _, cache = gpt.forward(params, cfg, idx, tree_mask=mask)
+        grads = gpt.backward(dlogits, cache)
+        report = check_dict_gradients(
+            lambda p: (gpt.forward(p, cfg, idx, tree_mask=mask)[0] * dlogits).reshape(-1), params, grads,
+            max_checks_per_param=6)
+        assert_gradcheck(report)

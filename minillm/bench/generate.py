@@ -397,9 +397,9 @@ def _medusa_setup(args, gpt):
     n = min(args.medusa_tokens, cfg.block_size - args.prompt_len)
     starts = np.linspace(0, len(tokens) - args.prompt_len - 1, args.medusa_prompts).astype(np.int64)
     prompts = [[int(t) for t in tokens[s:s + args.prompt_len]] for s in starts]
+    source = "the held-out split" if val.is_file() else "the text"
     print(f"  base: {where}, context {cfg.block_size}; heads: {meta['path']} ({medusa.n_heads(heads)}); "
-          f"{len(prompts)} prompts of {args.prompt_len} tokens from {'the held-out split' if val.is_file() else 'the text'}, "
-          f"{n} new tokens each")
+          f"{len(prompts)} prompts of {args.prompt_len} tokens from {source}, {n} new tokens each")
     return params, cfg, heads, prompts, n, tok
 
 
