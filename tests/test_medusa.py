@@ -167,6 +167,14 @@ def test_tree_buffers_of_the_root_alone_and_of_a_chain():
     assert c.tree_indices.tolist() == [0, 1, 11, 21] and c.retrieve_indices.tolist() == [[0, 1, 2, 3]]
 
 
+def test_choices_may_be_tuples_as_some_published_trees_are():
+    """FasterDecoding's vicuna_*_stage* trees are lists of tuples; mc_sim_7b_63 a list of lists."""
+    as_lists = medusa.tree_buffers(medusa.MC_SIM_7B_63)
+    as_tuples = medusa.tree_buffers([tuple(c) for c in reversed(medusa.MC_SIM_7B_63)])   # any order
+    for a, b in zip(as_lists, as_tuples):
+        assert np.array_equal(a, b)
+
+
 def test_mc_sim_7b_63_and_every_prefix_of_it_are_trees():
     b = medusa.tree_buffers(medusa.MC_SIM_7B_63)
     assert b.attn_mask.shape == (64, 64) and int(b.position_ids.max()) == 4
