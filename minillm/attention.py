@@ -517,6 +517,23 @@ class KVCache:
         length = check_int_arg("length", length, lo=0)
         self._len = [min(n, length) for n in self._len]
 
+    def keep(self, start, index):
+        """Of the positions from ``start`` on, keep only ``start + index[i]``, moved to
+        ``start + i``, and forget the rest in all layers. After a tree of candidate tokens
+        was verified in one pass (medusa.py), this keeps the accepted path's keys and values.
+
+        index: (n,) int, each in [0, length - start) -> the length becomes start + n.
+        Example: length 7, keep(4, [0, 2]): positions 4 and 6 move to 4 and 5; length 6.
+        """
+        index = self._check_keep(start, index)
+        start, n = int(start), int(index.shape[0])
+        rows = self.xp.asarray(index) + start                       # (n,) positions to keep
+        for layer in range(self.n_layer):
+            # fancy indexing copies first, so an overlap of source and target is safe
+            self.k[layer][:, :, start:start + n] = self.k[layer][:, :, rows]
+            self.v[layer][:, :, start:start + n] = self.v[layer][:, :, rows]
+        self._len = [start + n] * self.n_layer
+
     def reorder(self, index):
         """Keep/permute/repeat batch rows: buffers become buffer[index] (beam search).
 
@@ -539,6 +556,17 @@ class KVCache:
 
     def _check_layer(self, layer):
         check_int_arg("layer", layer, lo=0, hi=self.n_layer)
+
+    def _check_keep(self, start, index):
+        length = min(self._len)
+        start = check_int_arg("start", start, lo=0, hi=length + 1)
+        check_int("index", index)
+        check_ndim("index", index, 1)
+        host = np.asarray(index.get() if hasattr(index, "get") else index)
+        if host.size and (host.min() < 0 or host.max() >= length - start):
+            raise ValueError(f"index: expected positions in [0, {length - start}) (after start={start} "
+                             f"of the {length} cached), got {host.tolist()}")
+        return host
 
     def _check_append(self, layer, k, v):
         self._check_layer(layer)

@@ -13,6 +13,11 @@ The forward pass, for token ids idx of shape (B, T), in the numbered steps of
     4. xf = norm_f(x)
     5. logits = xf @ wte^T                 the LM head, tied to the token embedding   (B, T, V)
 
+With ``tree_mask`` (tree attention: Medusa's verification pass, minillm.medusa) the T
+tokens are a tree of candidates after the cached prefix: step 1's positions are the
+prefix length + each token's depth, and attention lets a token see the cache, itself
+and its ancestors, so each token's logits are those of its own root path.
+
 Variants chosen by :class:`GPTConfig`: LayerNorm or RMSNorm, learned positions or
 RoPE (rotary, inside attention), a GELU MLP or SwiGLU, multi-head or grouped-query
 attention (n_kv_head < n_head), biases or none, a tied or separate LM head. With
@@ -47,8 +52,8 @@ import numpy as np
 
 from .attention import KVCache, self_attention_backward, self_attention_forward
 from .backend import (DEFAULT_DTYPE, array_module, check_array, check_choice, check_float, check_int,
-                      check_int_arg, check_number, check_positive, check_probability, check_same_device,
-                      check_shape, make_rng, randn, to_device)
+                      check_int_arg, check_ndim, check_number, check_positive, check_probability,
+                      check_same_device, check_shape, make_rng, randn, to_device, to_numpy)
 from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
                        softmax_cross_entropy_forward)
 from .embeddings import embedding_backward, embedding_forward
@@ -264,15 +269,18 @@ def _check_param(name, a, shape, dtype):
 # Inputs
 # ---------------------------------------------------------------------------
 
-def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, attention_mask=None):
+def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, attention_mask=None,
+                  tree_mask=None):
     """All of forward's checks, before any math: the config, every parameter's name, shape
     and dtype, idx's shape, length and device, the ids' range (one min/max pass over idx,
     which the math needs: a negative id would wrap around to the last rows of wte without
-    an error), a generator for dropout, and the mask's shape and dtype."""
+    an error), a generator for dropout, and the masks' shapes and dtypes (a tree mask must
+    be a tree: see _check_tree_mask)."""
     _check_config(config)
     _check_params(params, config)
     offset = kv_cache.length(0) if kv_cache is not None else 0
-    _check_idx(config, idx, offset=offset)
+    span = _check_tree_mask(tree_mask, idx, attention_mask) if tree_mask is not None else None
+    _check_idx(config, idx, offset=offset, span=span)
     check_same_device("idx", idx, params["wte"], "the params")
     B, T = idx.shape
     if attention_mask is not None:
@@ -284,23 +292,63 @@ def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, att
         raise TypeError("rng: expected a random Generator when train=True and dropout > 0, got None")
 
 
-def _check_idx(config, idx, name="idx", offset=0):
+def _check_idx(config, idx, name="idx", offset=0, span=None):
+    """span: how many positions idx's tokens occupy (None: T; a tree of depth d: d + 1)."""
     check_int(name, idx)
     if idx.ndim != 2:
         raise ValueError(f"{name}: expected shape (B, T) of token ids, got {tuple(idx.shape)}")
     T = idx.shape[1]
     if T < 1:
         raise ValueError(f"{name}: expected at least one token, got shape {tuple(idx.shape)}")
-    if offset + T > config.block_size:
+    span = T if span is None else span
+    if offset + span > config.block_size:
         where = f" after {offset} cached" if offset else ""
+        what = f"{span}" if span == T else f"a tree {span - 1} deep"
         raise ValueError(f"{name}: expected at most block_size={config.block_size} positions, got "
-                         f"{T}{where} (shape {tuple(idx.shape)}); crop the context to the last "
+                         f"{what}{where} (shape {tuple(idx.shape)}); crop the context to the last "
                          f"{config.block_size} tokens")
     xp = array_module(idx)
     lo, hi = int(xp.min(idx)), int(xp.max(idx))
     if lo < 0 or hi >= config.vocab_size:
         raise ValueError(f"{name}: expected ids in [0, {config.vocab_size}) (vocab_size), "
                          f"got {lo if lo < 0 else hi}")
+
+
+def _check_tree_mask(tree_mask, idx, attention_mask):
+    """tree_mask: (T, T) bool, a forest in topological order: node i sees itself
+    (diagonal True), no later node (nothing above the diagonal), and exactly its parent's
+    row besides, the parent being the last earlier node it sees. Then row i is node i's
+    root path and its depth is the row's count - 1. Host work on T x T booleans.
+    -> the positions the tree spans: max depth + 1"""
+    check_int("idx", idx)
+    check_ndim("idx", idx, 2)
+    check_array("tree_mask", tree_mask)
+    T = idx.shape[1]
+    if tree_mask.dtype != bool or tuple(tree_mask.shape) != (T, T):
+        raise ValueError(f"tree_mask: expected a bool array of shape (T, T) = {(T, T)} (one row per "
+                         f"token of idx), got {tree_mask.dtype} {tuple(tree_mask.shape)}")
+    if attention_mask is not None:
+        raise ValueError("tree_mask: cannot be combined with attention_mask (left padding); pass one of them")
+    m = to_numpy(tree_mask)
+    if T == 0:
+        return 0                          # _check_idx says what is wrong: no tokens
+    if not m.diagonal().all():
+        raise ValueError(f"tree_mask: every node must see itself (a True diagonal); node "
+                         f"{int(np.flatnonzero(~m.diagonal())[0])} does not")
+    if np.triu(m, 1).any():
+        i, j = np.argwhere(np.triu(m, 1))[0]
+        raise ValueError(f"tree_mask: a node may see only earlier nodes (its ancestors come first); "
+                         f"node {i} sees node {j}")
+    before = np.tril(m, -1)
+    has_parent = before.any(axis=1)
+    parent = T - 1 - np.argmax(before[:, ::-1], axis=1)                 # the last earlier node seen
+    path = np.eye(T, dtype=bool)
+    path[has_parent] |= m[parent[has_parent]]                          # itself + its parent's row
+    bad = np.flatnonzero((path != m).any(axis=1))
+    if bad.size:
+        raise ValueError(f"tree_mask: row {int(bad[0])} is not a root path (itself and its parent "
+                         f"node {int(parent[bad[0]])}'s row); got {m[bad[0]].astype(int).tolist()}")
+    return int(m.sum(axis=1).max())
 
 
 def _check_backward(dlogits, cache, dhidden):
@@ -325,6 +373,19 @@ def _padding_positions(attention_mask, offset):
     count = xp.cumsum(attention_mask.astype(np.int64), axis=1) - 1       # (B, T_cached + T): -1 at leading pads
     positions = xp.maximum(count[:, offset:], 0)                          # (B, T)
     return positions, attention_mask[:, None, None, :]                    # (B, 1, 1, T_cached + T)
+
+
+def _tree_positions(tree_mask, offset):
+    """Tree attention (Medusa's verification pass): T candidate tokens after the offset
+    cached ones, each seeing every cached key, itself and its ancestors (tree_mask).
+    -> positions (T,) = offset + depth, depth = ancestors seen; key_mask (1, 1, T, T_cached + T)
+    Example: a root and two children, mask [[T, F, F], [T, T, F], [T, F, T]] after 5 cached
+    tokens -> positions [5, 6, 6]: both children sit where the token after the root would."""
+    xp = array_module(tree_mask)
+    depth = tree_mask.sum(axis=1) - 1                                     # (T,)
+    T = tree_mask.shape[0]
+    prefix = xp.ones((T, offset), dtype=bool)                            # every node sees the cache
+    return offset + depth, xp.concatenate([prefix, tree_mask], axis=1)[None, None]
 
 
 # ---------------------------------------------------------------------------
@@ -458,7 +519,8 @@ class GPTCache(NamedTuple):
     head: object         # (V, C) the LM head's weight (wte when tied) (step 5)
 
 
-def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None, attention_mask=None):
+def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None, attention_mask=None,
+            tree_mask=None):
     """logits = GPT(idx): the next-token logits at every position.
 
     idx: (B, T) int ids in [0, V), T <= block_size. train: apply dropout (needs
@@ -467,12 +529,21 @@ def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None
     over everything cached (positions continue from the cache's length).
     attention_mask (inference): (B, T_cached + T) bool, False at left padding; pad
     keys get no attention and positions are cumsum(mask) - 1.
+    tree_mask (tree attention, Medusa): (T, T) bool, True where token i may see token j
+    of idx: itself and its ancestors in a tree of candidates (medusa.tree_buffers'
+    attn_mask). Each token also sees everything cached and sits at position
+    T_cached + its depth, so the logits at a node are those of a plain forward of the
+    cached tokens followed by that node's root path. Only the deepest path needs to fit
+    in block_size; the cache keeps all T (KVCache.keep then keeps the accepted path).
     -> logits: (B, T, V) in the params' dtype, cache (for :func:`backward`)
     """
-    _check_inputs(params, config, idx, train, rng, kv_cache, attention_mask)
+    _check_inputs(params, config, idx, train, rng, kv_cache, attention_mask, tree_mask)
     B, T = idx.shape
     offset = kv_cache.length(0) if kv_cache is not None else 0            # tokens already cached
-    positions, key_mask = _padding_positions(attention_mask, offset)      # (None, None): no padding
+    if tree_mask is None:
+        positions, key_mask = _padding_positions(attention_mask, offset)  # (None, None): no padding
+    else:
+        positions, key_mask = _tree_positions(tree_mask, offset)          # (T,), (1, 1, T, T_cached + T)
     p_drop = float(config.dropout) if train else 0.0
 
     x, tok, pos = _embed_forward(params, config, idx, positions, offset)  # 1. x = wte[idx] + wpe[pos]

@@ -14,6 +14,15 @@ else the Shakespeare corpus if it is cached, else minillm's own source code).
 It then times the target sampling alone against speculative decoding with the
 draft, reporting the acceptance rate, target calls and the speedup.
 
+Part 3 measures Medusa (minillm.medusa) on a trained GPT with trained heads
+(--checkpoint RUN after ``python -m minillm train medusa --checkpoint RUN``, or
+--medusa HEADS): greedy decoding with trees of --medusa-trees nodes (the first N of
+Medusa's mc_sim_7b_63) against plain greedy decoding with the KV cache, on held-out
+prompts: mean accepted length, base forward passes, tokens/s, and that the tokens are
+the same; then typical acceptance at --medusa-temperature against plain sampling, with
+the base model's mean log-likelihood of what each produced (its quality). The compared
+runs are interleaved prompt by prompt, and wall and CPU time are both reported.
+
 On a busy CPU a multi-threaded BLAS can thrash; OPENBLAS_NUM_THREADS=1 (set
 before Python starts; torch then gets the same thread count) often gives
 steadier numbers.
@@ -67,6 +76,16 @@ def add_arguments(parser):
     parser.add_argument("--data", default=None, help="text file to train part 2's models on (default: the "
                         "Shakespeare corpus if cached, else the .py files of the minillm package)")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, prompts and sampling")
+    parser.add_argument("--skip-medusa", action="store_true", help="leave out part 3 (Medusa)")
+    parser.add_argument("--medusa", default=None, metavar="HEADS",
+                        help="part 3's heads: a directory from python -m minillm train medusa "
+                             "(default: CHECKPOINT/medusa)")
+    parser.add_argument("--medusa-trees", default="1,10,64",
+                        help="part 3: tree sizes in nodes, comma-separated (the first N of mc_sim_7b_63)")
+    parser.add_argument("--medusa-prompts", type=int, default=8, help="part 3: held-out prompts")
+    parser.add_argument("--medusa-tokens", type=int, default=48, help="part 3: tokens generated per prompt")
+    parser.add_argument("--medusa-temperature", type=float, default=0.7,
+                        help="part 3: temperature of the typical-acceptance comparison")
 
 
 class Timing(NamedTuple):
@@ -324,6 +343,123 @@ def _part_speculative(args, gpt):
     print(f"  last sample: {tok.decode(ids)!r}")
 
 
+# ---------------------------------------------------------------------------
+# Part 3: Medusa
+# ---------------------------------------------------------------------------
+
+class _Tally:
+    """One method's sums over the prompts of part 3."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+        self.tokens = self.calls = 0
+        self.accepted = []
+        self.same = True
+        self.loglik = []
+
+    def add(self, t: Timing, n_new, calls, accepted, loglik):
+        self.wall += t.wall
+        self.cpu += t.cpu
+        self.tokens += n_new
+        self.calls += calls
+        self.accepted += list(accepted)
+        self.loglik.append(loglik)
+
+
+def _loglik(gpt, params, cfg, ids, n_prompt):
+    """The base model's mean log-probability (temperature 1) of the tokens after the prompt."""
+    x = np.asarray(ids[-cfg.block_size - 1:], dtype=np.int64)
+    logits, _ = gpt.forward(params, cfg, gpt.GPTDecoder(params, cfg).xp.asarray(x[None, :-1]))
+    lg = to_numpy(logits[0]).astype(np.float64)
+    logp = lg - np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lg.max(-1, keepdims=True)
+    n_new = len(ids) - n_prompt
+    rows = np.arange(len(x) - 1 - n_new, len(x) - 1)
+    return float(np.mean(logp[rows, x[rows + 1]]))
+
+
+def _medusa_setup(args, gpt):
+    """(params, cfg, heads, prompts, description) for part 3, or None (a note printed)."""
+    from minillm import medusa
+    from minillm.cli.train_medusa import load_heads
+    from minillm.data import load_tokens
+    if not args.checkpoint and not args.medusa:
+        print("  (needs a trained GPT with trained heads: --checkpoint RUN after python -m minillm train "
+              "medusa --checkpoint RUN; skipped)")
+        return None
+    target, tok, where = _load_target(gpt, args.checkpoint or "latest", args.device)
+    cfg, params = target.config, target.params
+    heads_dir = args.medusa or os.path.join(str(args.checkpoint), "medusa")
+    heads, meta = load_heads(heads_dir, cfg)
+    heads = {k: target.xp.asarray(v) for k, v in heads.items()}
+    run_dir = pathlib.Path(where.split(" (step")[0]).parent
+    val = run_dir / "val.npy"
+    tokens = np.asarray(load_tokens(val) if val.is_file() else tok.encode(_training_text(args.data)[0]))
+    n = min(args.medusa_tokens, cfg.block_size - args.prompt_len)
+    starts = np.linspace(0, len(tokens) - args.prompt_len - 1, args.medusa_prompts).astype(np.int64)
+    prompts = [[int(t) for t in tokens[s:s + args.prompt_len]] for s in starts]
+    source = "the held-out split" if val.is_file() else "the text"
+    print(f"  base: {where}, context {cfg.block_size}; heads: {meta['path']} ({medusa.n_heads(heads)}); "
+          f"{len(prompts)} prompts of {args.prompt_len} tokens from {source}, {n} new tokens each")
+    return params, cfg, heads, prompts, n, tok
+
+
+def _part_medusa(args, gpt):
+    from minillm import medusa
+    print("== Part 3: Medusa heads and tree attention ==")
+    setup = _medusa_setup(args, gpt)
+    if setup is None:
+        return
+    params, cfg, heads, prompts, n, tok = setup
+    K = medusa.n_heads(heads)
+    trees = {int(v): medusa.mc_sim_tree(int(v), K) for v in args.medusa_trees.split(",")}
+    sync = params["wte"]
+    for temperature in (0.0, args.medusa_temperature):
+        methods = {"plain": None, **{f"medusa {len(c) + 1}": c for c in trees.values()}}
+        tallies = {name: _Tally() for name in methods}
+        for choices in methods.values():                  # warm-up (allocations, caches)
+            _medusa_run(gpt, medusa, params, cfg, heads, prompts[0], 4, choices, temperature, 0)
+        for i, prompt in enumerate(prompts):               # interleaved: every method on each prompt,
+            names = list(methods)                          # in an order that rotates
+            names = names[i % len(names):] + names[:i % len(names)]
+            out = {}
+            for name in names:
+                t, out[name] = _timed(lambda: _medusa_run(gpt, medusa, params, cfg, heads, prompt, n,
+                                                          methods[name], temperature, args.seed + i), 1, sync)
+                ids, st = out[name]
+                tallies[name].add(t, n, st.base_calls if st else n, st.accepted_lengths if st else (),
+                                  loglik=_loglik(gpt, params, cfg, ids, len(prompt)))
+            for name in names:
+                tallies[name].same &= temperature > 0 or out[name][0] == out["plain"][0]
+        _medusa_table(temperature, tallies)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"  load average while measuring: {', '.join(f'{v:.1f}' for v in load) if load else 'unknown'} "
+          f"on {os.cpu_count()} CPUs (shared: wall time is noisy, CPU time steadier)")
+    print(f"  last Medusa sample: {tok.decode(ids)!r}")
+
+
+def _medusa_run(gpt, medusa, params, cfg, heads, prompt, n, choices, temperature, seed):
+    """-> (ids, MedusaStats or None): plain decoding (choices None) with the KV cache, or Medusa."""
+    if choices is None:
+        return gpt.generate(params, cfg, prompt, n, temperature=temperature, seed=seed), None
+    return medusa.generate(params, cfg, heads, prompt, n, choices=choices, temperature=temperature, seed=seed)
+
+
+def _medusa_table(temperature, tallies):
+    plain = tallies["plain"]
+    rows = []
+    for name, t in tallies.items():
+        acc = f"{np.mean(t.accepted):.2f}" if t.accepted else ("1.00" if name == "plain" else "")
+        rows.append([name if name == "plain" else f"{name}-node tree", f"{t.wall:.2f}", f"{t.cpu:.2f}",
+                     f"{t.tokens / t.wall:.1f}", acc, str(t.calls), f"{t.tokens / t.calls:.2f}",
+                     f"{plain.wall / t.wall:.2f}x ({plain.cpu / t.cpu:.2f}x)",
+                     f"{np.mean(t.loglik):.3f}", ("yes" if t.same else "NO") if temperature == 0 else ""])
+    what = "greedy" if temperature == 0 else f"temperature {temperature:g}: plain sampling vs typical acceptance"
+    print(f"  {what}:")
+    print_table(rows, ["method", "wall s", "cpu s", "tokens/s", "accepted length", "base calls",
+                       "tokens/call", "speedup wall (cpu)", "log-lik/token", "same as plain" if
+                       temperature == 0 else ""])
+
+
 def run(args):
     if args.device:
         os.environ["MINILLM_DEVICE"] = args.device
@@ -333,4 +469,7 @@ def run(args):
         print()
     if not args.skip_speculative:
         _part_speculative(args, gpt)
+        print()
+    if not args.skip_medusa:
+        _part_medusa(args, gpt)
     return 0

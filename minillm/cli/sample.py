@@ -5,6 +5,11 @@ holds the weights, the model config and the tokenizer) and continues a prompt,
 token by token, with the KV cache. A quantized checkpoint written by
 ``python -m minillm quantize`` works too: its weights are dequantized on load, so
 the text shows what the quantization kept.
+
+With ``--medusa`` the run's Medusa heads (``python -m minillm train medusa``) propose a
+tree of continuations that the model verifies in one forward pass per step: at
+temperature 0 the same text as plain greedy decoding, in fewer forward passes; above it,
+Medusa's typical acceptance.
 """
 
 from __future__ import annotations
@@ -45,6 +50,18 @@ def add_arguments(parser):
                              "(same output, slower: for comparison)")
     parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
                         help="where to run (default: $MINILLM_DEVICE, else cpu)")
+    group = parser.add_argument_group("Medusa decoding (minillm.medusa)")
+    group.add_argument("--medusa", nargs="?", const="", default=None, metavar="HEADS",
+                       help="decode with Medusa heads: a directory from python -m minillm train medusa "
+                            "(given alone: the run's own, RUN/medusa)")
+    group.add_argument("--medusa-tree", type=common.int_at_least(1), default=64, metavar="N",
+                       help="nodes of the candidate tree, the root included: the first N of Medusa's "
+                            "published 64-node tree mc_sim_7b_63, no deeper than the heads (default: 64)")
+    group.add_argument("--posterior-threshold", type=common.number_in(0.0, 1.0), default=0.09,
+                       help="typical acceptance (temperature > 0): accept a guessed token x if p(x) > "
+                            "min(this, alpha * exp(-entropy)) (default: 0.09)")
+    group.add_argument("--posterior-alpha", type=common.number_in(0.0, 1.0), default=0.3,
+                       help="typical acceptance's alpha (default: 0.3)")
 
 
 def latest_gpt_run(root="runs"):
@@ -86,6 +103,7 @@ def load_run(path=None, device=None):
 
 def run(args):
     config, params, tokenizer, ck = load_run(args.checkpoint, args.device)
+    heads = _medusa_heads(args, config, ck) if args.medusa is not None else None
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
         raise ValueError("prompt: expected text that encodes to at least one token, got an empty prompt")
@@ -96,6 +114,8 @@ def run(args):
     print(f"{ck['path']} (step {ck['step']}, {gpt.num_params(params):,} parameters); "
           f"temperature {args.temperature}, top_k {args.top_k}, top_p {args.top_p}, "
           f"{'no ' if args.no_cache else ''}KV cache")
+    if heads is not None:
+        return _sample_medusa(args, params, config, heads, tokenizer, prompt)
     for i in range(args.num_samples):
         t0 = time.perf_counter()
         seed = None if args.seed is None else args.seed + i
@@ -106,4 +126,37 @@ def run(args):
         print(tokenizer.decode(ids))
         print("-" * 60)
         print(f"{args.max_new_tokens} tokens in {dt:.2f} s ({args.max_new_tokens / max(dt, 1e-9):,.0f} tokens/s)")
+    return 0
+
+
+def _medusa_heads(args, config, ck):
+    """The heads of --medusa (alone: RUN/medusa), on the model's device; options Medusa does
+    not take are refused."""
+    from minillm.cli.train_medusa import load_heads
+    given = [flag for flag, on in (("--top-k", args.top_k is not None), ("--top-p", args.top_p is not None),
+                                   ("--no-cache", args.no_cache)) if on]
+    if given:
+        raise common.UsageError(f"--medusa: decodes greedily or by typical acceptance with its own "
+                                f"KV cache; {', '.join(given)} does not apply")
+    heads, meta = load_heads(args.medusa or Path(ck["path"]).parent, config)
+    print(f"Medusa: {meta['n_heads']} heads from {meta['path']}")
+    return backend.to_device(heads, args.device)
+
+
+def _sample_medusa(args, params, config, heads, tokenizer, prompt):
+    from minillm import medusa
+    choices = medusa.mc_sim_tree(args.medusa_tree, medusa.n_heads(heads))
+    for i in range(args.num_samples):
+        t0 = time.perf_counter()
+        seed = None if args.seed is None else args.seed + i
+        ids, stats = medusa.generate(params, config, heads, prompt, args.max_new_tokens, choices=choices,
+                                     temperature=args.temperature, posterior_threshold=args.posterior_threshold,
+                                     posterior_alpha=args.posterior_alpha, seed=seed)
+        dt = time.perf_counter() - t0
+        print("-" * 60)
+        print(tokenizer.decode(ids))
+        print("-" * 60)
+        print(f"{args.max_new_tokens} tokens in {dt:.2f} s ({args.max_new_tokens / max(dt, 1e-9):,.0f} tokens/s); "
+              f"Medusa, {stats.tree_nodes}-node tree: {stats.base_calls} base forward passes, mean accepted "
+              f"length {stats.mean_accepted_length:.2f}")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from minillm import backend, gpt
 from minillm import data as corpus
-from minillm.cli import common, train_bert
+from minillm.cli import common, train_bert, train_medusa
 from minillm.cli.common import UsageError
 from minillm.cli.sample import latest_gpt_run
 from minillm.data import TokenBatches
@@ -56,9 +56,10 @@ PRESETS = {
 def add_arguments(parser):
     parser.description = __doc__.split("\n\n")[1] + "\n\npresets:\n" + "\n".join(
         f"  {name:17s} {what}" for name, (what, _, _) in PRESETS.items())
-    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert"],
-                        help="which model to train: a GPT (next-token prediction) or a BERT "
-                             "(masked-language modelling, minillm.cli.train_bert) (default: gpt)")
+    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert", "medusa"],
+                        help="which model to train: a GPT (next-token prediction), a BERT "
+                             "(masked-language modelling, minillm.cli.train_bert) or Medusa heads on a "
+                             "trained GPT (minillm.cli.train_medusa) (default: gpt)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="model and training sizes (listed above) (default: default)")
     parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"],
@@ -93,6 +94,7 @@ def add_arguments(parser):
                         help="peak learning rate of the warmup + cosine schedule (default: the preset's)")
     parser.add_argument("--sample-tokens", type=common.count, default=500,
                         help="tokens to sample at the end (0: none) (default: 500)")
+    train_medusa.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------
@@ -152,6 +154,8 @@ def _build_tokenizer(kind, train_text, bpe_vocab, log):
 def run(args):
     if args.model == "bert":
         return train_bert.run(args)
+    if args.model == "medusa":
+        return train_medusa.run(args)
     return run_gpt(args)
 
 
