@@ -71,6 +71,9 @@ The baseline is the majority class of the training answers, per kind.
 Reading order: the chat tokens and the grown model, the template (build_example,
 build_prompt), batching, the loss (the plain loop first, then the batched one through the
 GPT), accuracy, the instruction data, and last the argument checks.
+
+This file builds on the GPT (its forward and backward), so it imports minillm.gpt; gpt.py
+never imports it.
 """
 
 from __future__ import annotations
