@@ -391,6 +391,7 @@ def instruction_dataset(docs, plays=PLAYS, n_speakers=8, eval_fraction=0.2, bloc
             rows["eval" if h else "train"].append((play, i, speaker, text))
     top = [s for s, _ in Counter(s for _, _, s, _ in rows["train"]).most_common(n_speakers)]
     longest = {"speaker": max(map(len, top)), "play": max(map(len, plays))}
+    _check_room(longest, block_size)
     out = {}
     for split, split_rows in rows.items():
         made = []
@@ -562,6 +563,13 @@ def _check_instruction_dataset(docs, plays, n_speakers, eval_fraction, block_siz
     check_int_arg("max_eval_per_kind", max_eval, lo=1)
     check_int_arg("seed", seed, lo=0)
     return texts
+
+
+def _check_room(longest, block_size):
+    need = max(4 + len(QUESTIONS[kind]) + 1 + n + _MIN_CHARS for kind, n in longest.items())
+    if need > block_size:
+        raise ValueError(f"block_size: the instructions need a context of at least {need} tokens (template, "
+                         f"question, {_MIN_CHARS} characters of speech, the longest answer), got {block_size}")
 
 
 def _check_fits(ids, block_size, instruction):

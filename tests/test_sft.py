@@ -386,3 +386,16 @@ def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
     r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "distill"], cwd=tmp_path, capture_output=True,
                        text=True)
     assert r.returncode == 2 and "invalid choice: 'distill'" in r.stderr
+
+
+def test_finetune_sft_mistakes_are_one_line_and_status_2(tmp_path):
+    tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    checkpoint.save_checkpoint(tmp_path / "short", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
+    (tmp_path / "empty").mkdir()
+    for argv, words in ((["--checkpoint", "short"], "block_size: the instructions need a context of at least 48 tokens"),
+                        (["--checkpoint", "empty"], "no checkpoint.npz in 'empty'"),
+                        (["--checkpoint", "short", "--steps", "0"], "argument --steps: expected an integer >= 1")):
+        r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "sft", *argv], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
