@@ -399,3 +399,13 @@ def test_finetune_sft_mistakes_are_one_line_and_status_2(tmp_path):
         r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "sft", *argv], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_chat_too_long_in_bpe_tokens_loses_the_end_of_its_speech():
+    tok = sft.add_chat_tokens(BPETokenizer.train("plain ascii", 256))   # the bytes alone: "é" is 2 ids
+    x = sft.Instruction("play", "é" * 30, "Pericles", "Pericles", 0)
+    ids, labels = sft.encode_instructions(tok, [x], 40)
+    assert ids.shape[1] <= 40
+    kept = tok.decode(ids[0]).split("Which play? ")[1].split("<|end|>")[0]
+    assert kept and set(kept) == {"é"} and len(kept) < 30
+    assert tok.decode([y for y in labels[0] if y != sft.IGNORE_INDEX]) == "Pericles<|end|>"
