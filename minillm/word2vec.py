@@ -23,6 +23,20 @@ relative frequency (they carry little information and dominate the pairs); and
 the context window is drawn uniformly in 1..window for each centre, so near
 neighbours count more often than far ones.
 
+CBOW (continuous bag of words), the paper's other model, turns the task around:
+predict the centre word from the mean of its context words' input vectors,
+
+    h = (1/|C|) sum_{j in C} v_j,   loss = -log sigma(u_t . h) - sum_k log sigma(-u_k . h)
+
+(C the unmasked context positions; a window cut short by a sentence edge has
+fewer). It is the SGNS loss with v_c replaced by h, so its gradient is SGNS's
+d/dv_c, shared equally by the context words: d/dv_j = (1/|C|) d/dh for j in C,
+and 0 at masked positions. With one context word h = v_j and CBOW's loss is
+skip-gram's for that pair. One example per centre instead of one per pair makes
+CBOW several times faster; averaging blurs the context, and the paper found
+skip-gram better on analogies (the seeds quote 61.2 % CBOW vs 73.8 % skip-gram on
+Google News; BENCHMARKS.md says what Shakespeare gives).
+
 After training, words used in the same contexts have nearby v vectors: the
 cosine similarity of ``w_in`` rows is the similarity of the words. An embedding
 table in a transformer (embeddings.py) is learned the same way, as a gather
@@ -32,6 +46,8 @@ whose backward is a scatter-add; here the loss is just much simpler.
     model = Word2Vec(vocab, dim=50, seed=0)
     model.train(encode(tokens, vocab), epochs=3, window=5, negatives=5)
     model.most_similar("king", k=5)
+    model.analogy("man", "king", "woman")           # "man is to king as woman is to ?"
+    model.save_word2vec_format("vectors.txt")       # readable by gensim's KeyedVectors
 """
 
 from __future__ import annotations
@@ -50,7 +66,8 @@ from .optim import Adam
 
 __all__ = ["Vocab", "build_vocab", "encode", "keep_probabilities", "subsample", "noise_distribution",
            "sample_negatives", "skipgram_pairs", "log_sigmoid", "sigmoid", "SGNSCache", "sgns_forward",
-           "sgns_backward", "sgns_loss_and_grads", "Word2Vec"]
+           "sgns_backward", "sgns_loss_and_grads", "cbow_windows", "CBOWCache", "cbow_forward", "cbow_backward",
+           "cbow_loss_and_grads", "Word2Vec"]
 
 
 # ---------------------------------------------------------------------------
@@ -297,6 +314,112 @@ def sgns_loss_and_grads(params: dict, centers, contexts, negatives):
 
 
 # ---------------------------------------------------------------------------
+# CBOW: the centre word from the mean of its context
+# ---------------------------------------------------------------------------
+
+def _check_cbow_windows(ids, window, segments):
+    _check_skipgram_pairs(ids, window, segments)
+
+
+def cbow_windows(ids, window, rng=None, segments=None):
+    """One CBOW example per centre: its id and the ids of its context window.
+
+    Offsets -window..-1, 1..window; a position is masked out (False) where it falls
+    off the text, crosses into another ``segments`` label, or lies beyond the
+    centre's dynamic window (with ``rng``: b ~ Uniform{1..window}, as skipgram_pairs).
+    Centres with no context at all are dropped. Masked ids are 0 (never used).
+    ids: (N,) int -> (targets (M,), contexts (M, 2 window), mask (M, 2 window) bool)
+    """
+    _check_cbow_windows(ids, window, segments)
+    ids = to_numpy(ids).astype(np.int64, copy=False)
+    n = len(ids)
+    segments = None if segments is None else to_numpy(segments)
+    reach = (np.full(n, window) if rng is None else make_rng(rng).integers(1, window + 1, size=n))
+    offsets = np.array([d for d in range(-window, window + 1) if d != 0])   # (2 window,)
+    pos = np.arange(n)[:, None] + offsets[None, :]                          # (N, 2 window)
+    inside = (pos >= 0) & (pos < n) & (np.abs(offsets)[None, :] <= reach[:, None])
+    safe = np.clip(pos, 0, max(n - 1, 0))
+    if segments is not None:
+        inside &= segments[safe] == segments[:, None]
+    keep = inside.any(axis=1)                                                # (N,)
+    contexts = np.where(inside, ids[safe], 0)
+    return ids[keep], contexts[keep], inside[keep]
+
+
+class CBOWCache(NamedTuple):
+    mask: object        # (B, W) bool, the context positions that count
+    count: object       # (B,) |C|, how many do
+    sgns: SGNSCache     # the SGNS cache with h in the centre's place
+
+
+def _check_cbow(context_vecs, context_mask, target_vecs, negative_vecs):
+    check_float("context_vecs", context_vecs)
+    check_ndim("context_vecs", context_vecs, 3)
+    b, w, d = context_vecs.shape
+    if getattr(context_mask, "dtype", None) != bool:
+        raise TypeError(f"context_mask: expected a bool array, got "
+                        f"{getattr(context_mask, 'dtype', type(context_mask).__name__)}")
+    check_shape("context_mask", context_mask, (b, w))
+    if b and w == 0:
+        raise ValueError("context_vecs: expected at least one context position (W >= 1), got W = 0")
+    empty = ~context_mask.any(axis=1)
+    if bool(empty.any()):
+        raise ValueError(f"context_mask: every row needs at least one unmasked context word; "
+                         f"rows {to_numpy(empty).nonzero()[0][:5].tolist()} have none")
+    _check_sgns(context_vecs[:, 0, :], target_vecs, negative_vecs)  # B >= 1, D, dtypes, (B, K, D)
+
+
+def cbow_forward(context_vecs, context_mask, target_vecs, negative_vecs):
+    """loss = mean_b [ -log sigma(u_t . h) - sum_k log sigma(-u_k . h) ], h the masked mean.
+
+    context_vecs v_j: (B, W, D), context_mask: (B, W) bool, target_vecs u_t: (B, D),
+    negative_vecs u_k: (B, K, D) -> loss: 0-d array, cache
+    """
+    _check_cbow(context_vecs, context_mask, target_vecs, negative_vecs)
+    m = context_mask.astype(context_vecs.dtype)                              # (B, W)
+    count = m.sum(axis=1)                                                    # (B,) |C|
+    h = (m[:, :, None] * context_vecs).sum(axis=1) / count[:, None]          # (B, D)
+    loss, sgns = sgns_forward(h, target_vecs, negative_vecs)                 # 0-d
+    return loss, CBOWCache(m, count, sgns)
+
+
+def cbow_backward(dloss, cache: CBOWCache):
+    """-> (d_context (B, W, D), d_target (B, D), d_negative (B, K, D)) for the mean loss.
+
+    Backward of the SGNS loss gives d/dh; the mean hands d/dh / |C| to every
+    unmasked context position and 0 to the masked ones.
+    """
+    m, count, sgns = cache
+    # 2. the loss of h: SGNS's backward with h as the centre
+    d_h, d_target, d_negative = sgns_backward(dloss, sgns)                   # (B, D)
+    # 1. h = sum_j m_j v_j / |C|
+    d_context = m[:, :, None] * (d_h / count[:, None])[:, None, :]           # (B, W, D)
+    return d_context, d_target, d_negative
+
+
+def cbow_loss_and_grads(params: dict, contexts, mask, targets, negatives):
+    """The CBOW loss for a batch, with gradients for the two whole tables.
+
+    h from w_in[contexts] (masked mean), u_t = w_out[targets], u_k = w_out[negatives];
+    the context rows' gradients are scatter-added into w_in at the unmasked positions.
+    params: {"w_in": (V, D), "w_out": (V, D)}; contexts, mask: (B, W); targets: (B,);
+    negatives: (B, K) -> (loss: float, {"w_in": (V, D), "w_out": (V, D)})
+    """
+    w_in, w_out = params["w_in"], params["w_out"]
+    xp = array_module(w_in)
+    contexts, mask, targets, negatives = (xp.asarray(a) for a in (contexts, mask, targets, negatives))
+    _check_sgns_ids(w_in.shape[0], contexts=contexts, targets=targets, negatives=negatives)
+    loss, cache = cbow_forward(w_in[contexts], mask, w_out[targets], w_out[negatives])
+    d_ctx, d_t, d_k = cbow_backward(1.0, cache)
+    g_in = xp.zeros_like(w_in)
+    g_out = xp.zeros_like(w_out)
+    scatter_add(g_in, contexts[mask], d_ctx[mask])
+    scatter_add(g_out, targets, d_t)
+    scatter_add(g_out, negatives.reshape(-1), d_k.reshape(-1, w_out.shape[1]))
+    return float(loss), {"w_in": g_in, "w_out": g_out}
+
+
+# ---------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------
 
@@ -328,17 +451,19 @@ def _check_train(ids, vocab_size, epochs, negatives, batch_size, optimizer, lr):
 
 def _check_has_pairs(centres, seq):
     if len(centres) == 0:
-        raise ValueError(f"ids: too short to make a skip-gram pair (got {len(seq)} ids after subsampling)")
+        raise ValueError(f"ids: too short to make a training example (got {len(seq)} ids after subsampling)")
 
 
-def _check_word2vec(vocab, dim):
+def _check_word2vec(vocab, dim, sg):
     if not isinstance(vocab, Vocab):
         raise TypeError(f"vocab: expected a Vocab (from build_vocab), got {type(vocab).__name__}")
     check_int_arg("dim", dim, lo=1)
+    check_choice("sg", sg, (0, 1))
 
 
 class Word2Vec:
-    """Two embedding tables trained with SGNS, and cosine-similarity queries.
+    """Two embedding tables trained with SGNS (sg=1, skip-gram) or CBOW (sg=0), and
+    cosine-similarity and analogy queries.
 
     params: {"w_in": (V, D) centre vectors (the word vectors you keep),
              "w_out": (V, D) context vectors}
@@ -346,10 +471,11 @@ class Word2Vec:
     first updates then move w_out towards the centres, and w_in follows).
     """
 
-    def __init__(self, vocab: Vocab, dim=50, seed=0, dtype=DEFAULT_DTYPE, device=None):
-        _check_word2vec(vocab, dim)
+    def __init__(self, vocab: Vocab, dim=50, seed=0, dtype=DEFAULT_DTYPE, device=None, sg=1):
+        _check_word2vec(vocab, dim, sg)
         self.vocab = vocab
         self.dim = int(dim)
+        self.sg = int(sg)   # 1: skip-gram (a centre predicts each context word), 0: CBOW
         self.rng = make_rng(seed)
         w_in = ((self.rng.random((len(vocab), dim)) - 0.5) / dim).astype(dtype)
         self.params = to_device({"w_in": w_in, "w_out": np.zeros((len(vocab), dim), dtype=dtype)}, device)
@@ -359,8 +485,9 @@ class Word2Vec:
         """Train on word ids, (N,) or a list of sentences; returns the mean loss of each batch.
 
         Each epoch subsamples frequent words (``subsample_t``; None to skip), makes
-        the skip-gram pairs with dynamic windows, shuffles them, and for each batch
-        draws ``negatives`` noise words per pair from the unigram^0.75 distribution.
+        the skip-gram pairs (sg=1) or the CBOW windows (sg=0) with dynamic windows,
+        shuffles them, and for each batch draws ``negatives`` noise words per example
+        from the unigram^0.75 distribution.
 
         optimizer "adam" (the default): dense table gradients from
         :func:`sgns_loss_and_grads` and :class:`minillm.optim.Adam` (default lr 0.01).
@@ -372,6 +499,8 @@ class Word2Vec:
         and with large batches on real text that step is too big for frequent
         words (the vectors collapse onto one direction). Use small batches with
         "sgd", or Adam, whose step size does not grow with the number of repeats.
+        CBOW with "sgd" applies the exact gradient, d/dh / |C| to each context word
+        (the C code and gensim give every context word the whole d/dh).
         """
         ids, segments = _id_stream(ids)
         lr0 = _check_train(ids, len(self.vocab), epochs, negatives, batch_size, optimizer, lr)
@@ -380,46 +509,65 @@ class Word2Vec:
         losses = []
         total_steps = None
         for _ in range(epochs):
-            centres, contexts = self._epoch_pairs(ids, segments, window, subsample_t)
-            if total_steps is None:  # pairs are only known after subsampling: epoch 1 sets the lr decay's length
-                total_steps = math.ceil(len(centres) / batch_size) * epochs
-            for start in range(0, len(centres), batch_size):
-                c, o = centres[start:start + batch_size], contexts[start:start + batch_size]
-                k = sample_negatives(noise, (len(c), negatives), self.rng)     # (batch, negatives)
+            examples = self._epoch_examples(ids, segments, window, subsample_t)
+            n = len(examples[0])
+            if total_steps is None:  # examples are only known after subsampling: epoch 1 sets the lr decay's length
+                total_steps = math.ceil(n / batch_size) * epochs
+            for start in range(0, n, batch_size):
+                batch = [a[start:start + batch_size] for a in examples]
+                k = sample_negatives(noise, (len(batch[0]), negatives), self.rng)   # (batch, negatives)
                 if opt is None:
                     frac = min(len(losses) / max(total_steps, 1), 1.0)          # share of training done
-                    loss = self._sgd_step(c, o, k, lr0 * max(1.0 - frac, min_lr_fraction))
+                    loss = self._sgd_step(batch, k, lr0 * max(1.0 - frac, min_lr_fraction))
                 else:
-                    loss, grads = sgns_loss_and_grads(self.params, c, o, k)
+                    loss, grads = self._loss_and_grads(batch, k)
                     opt.step(grads)
                 losses.append(loss)
                 if log_every and len(losses) % log_every == 0:
                     print(f"  step {len(losses):6d}  loss {np.mean(losses[-log_every:]):.4f}")
         return losses
 
-    def _epoch_pairs(self, ids, segments, window, subsample_t):
-        """One epoch's (centre, context) pairs: subsample frequent words, pair every
-        centre with its neighbours in a dynamic window, shuffle."""
+    def _epoch_examples(self, ids, segments, window, subsample_t):
+        """One epoch's examples, shuffled, after subsampling frequent words:
+        skip-gram: (centres, contexts), every centre paired with each neighbour in its
+        dynamic window; CBOW: (contexts (M, 2 window), mask, targets), one per centre."""
         seq, seg = ids, segments
         if subsample_t:
             keep = self.rng.random(ids.shape) < keep_probabilities(self.vocab.counts, subsample_t)[ids]
             seq, seg = ids[keep], (None if segments is None else segments[keep])
-        centres, contexts = skipgram_pairs(seq, window, self.rng, segments=seg)
-        _check_has_pairs(centres, seq)
-        order = self.rng.permutation(len(centres))
-        return centres[order], contexts[order]
+        if self.sg:
+            examples = skipgram_pairs(seq, window, self.rng, segments=seg)
+        else:
+            targets, contexts, mask = cbow_windows(seq, window, self.rng, segments=seg)
+            examples = (contexts, mask, targets)
+        _check_has_pairs(examples[0], seq)
+        order = self.rng.permutation(len(examples[0]))
+        return tuple(a[order] for a in examples)
 
-    def _sgd_step(self, c, o, k, rate):
-        """word2vec's own update of one batch, in place: each pair's gradient times ``rate``,
+    def _loss_and_grads(self, batch, k):
+        if self.sg:
+            return sgns_loss_and_grads(self.params, *batch, k)
+        return cbow_loss_and_grads(self.params, *batch, k)
+
+    def _sgd_step(self, batch, k, rate):
+        """word2vec's own update of one batch, in place: each example's gradient times ``rate``,
         scatter-added into the rows it touches. -> the batch's mean loss"""
         w_in, w_out = self.params["w_in"], self.params["w_out"]
         xp = array_module(w_in)
-        c, o, k = (xp.asarray(a) for a in (c, o, k))
-        loss, cache = sgns_forward(w_in[c], w_out[o], w_out[k])
-        d_c, d_o, d_k = sgns_backward(1.0, cache)
-        step_size = w_in.dtype.type(-rate * len(c))  # per-pair rate: undo the batch mean
-        scatter_add(w_in, c, step_size * d_c)
-        scatter_add(w_out, o, step_size * d_o)
+        batch, k = [xp.asarray(a) for a in batch], xp.asarray(k)
+        step_size = w_in.dtype.type(-rate * len(k))  # per-example rate: undo the batch mean
+        if self.sg:
+            c, o = batch
+            loss, cache = sgns_forward(w_in[c], w_out[o], w_out[k])
+            d_in, d_o, d_k = sgns_backward(1.0, cache)
+            rows_in, rows_o = c, o
+        else:
+            ctx, mask, t = batch
+            loss, cache = cbow_forward(w_in[ctx], mask, w_out[t], w_out[k])
+            d_ctx, d_o, d_k = cbow_backward(1.0, cache)
+            rows_in, d_in, rows_o = ctx[mask], d_ctx[mask], t
+        scatter_add(w_in, rows_in, step_size * d_in)
+        scatter_add(w_out, rows_o, step_size * d_o)
         scatter_add(w_out, k.reshape(-1), step_size * d_k.reshape(-1, self.dim))
         return float(loss)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from helpers import assert_close, assert_gradcheck, np_, on
+from helpers import assert_alive, assert_close, assert_gradcheck, np_, on
 from minillm import backprop as bp
 from minillm import word2vec as w2v
 from strategies import randn, seeds
@@ -226,3 +226,136 @@ def test_training_is_reproducible_from_the_seed_and_checks_its_input():
         m.most_similar("zebra")
     with pytest.raises(ValueError, match="k: expected"):
         m.most_similar("a1", k=0)
+
+
+# --- CBOW ----------------------------------------------------------------------
+
+@st.composite
+def cbow_cases(draw):
+    """(B, W >= 2, K, D, seed, mask): every row keeps at least one context word, and the
+    draws include partial masks (some rows with masked positions)."""
+    b, w, k, d = draw(st.integers(1, 4)), draw(st.integers(2, 5)), draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    seed = draw(seeds)
+    rng = np.random.default_rng(seed)
+    mask = rng.random((b, w)) < 0.6
+    mask[np.arange(b), rng.integers(0, w, size=b)] = True   # at least one per row
+    mask[0, 0], mask[0, 1] = True, False                       # row 0 is always partial
+    return b, w, k, d, seed, mask
+
+
+def cbow_inputs(xp, case, scale=1.0):
+    b, w, k, d, seed, mask = case
+    return on(xp, away_from_zero(seed, b, w, d, scale=scale), mask, away_from_zero(seed + 1, b, d, scale=scale),
+              away_from_zero(seed + 2, b, k, d, scale=scale))
+
+
+@given(case=cbow_cases(), scale=st.sampled_from([0.3, 0.7, 1.0]))
+def test_cbow_backward_matches_finite_differences_and_masked_positions_get_zero(xp, case, scale):
+    ctx, mask, t, n = cbow_inputs(xp, case, scale)
+    assert_gradcheck(bp.gradcheck(w2v.cbow_forward, w2v.cbow_backward, [ctx, mask, t, n], wrt=[0, 2, 3]))
+    _, cache = w2v.cbow_forward(ctx, mask, t, n)
+    d_ctx, d_t, d_n = w2v.cbow_backward(1.0, cache)
+    m = np_(mask)
+    assert not np.any(np_(d_ctx)[~m]), "a masked position got a gradient"
+    assert_alive([np_(d_ctx)[m], d_t, d_n])
+    # each unmasked position of a row gets the same share, d/dh / |C|
+    g = np_(d_ctx)
+    for r in range(m.shape[0]):
+        assert_close(g[r, m[r]], np.broadcast_to(g[r, m[r]][0], g[r, m[r]].shape), rtol=0, atol=0)
+
+
+@given(case=cbow_cases())
+def test_cbow_loss_is_the_formula_with_the_masked_mean(xp, case):
+    ctx, mask, t, n = cbow_inputs(np, case)
+    h = np.stack([ctx[r][mask[r]].mean(axis=0) for r in range(len(ctx))])
+    sig = lambda x: 1 / (1 + np.exp(-x))
+    want = np.mean(-np.log(sig((h * t).sum(-1))) - np.log(sig(-np.einsum("bkd,bd->bk", n, h))).sum(-1))
+    loss, _ = w2v.cbow_forward(*on(xp, ctx, mask, t, n))
+    assert loss.shape == () and float(loss) == pytest.approx(want, rel=1e-12)
+    # what sits at a masked position never matters
+    junk = np.where(mask[:, :, None], ctx, 1e3)
+    assert float(w2v.cbow_forward(*on(xp, junk, mask, t, n))[0]) == pytest.approx(want, rel=1e-12)
+
+
+@given(case=sgns_shapes(), w=st.integers(1, 4), at=st.integers(0, 3))
+def test_cbow_with_one_context_word_is_skipgram_for_that_pair(xp, case, w, at):
+    b, k, d, seed = case
+    at = at % w
+    v, u, n = randn(seed, b, d), randn(seed + 1, b, d), randn(seed + 2, b, k, d)
+    ctx = randn(seed + 3, b, w, d)
+    ctx[:, at] = v
+    mask = np.zeros((b, w), bool)
+    mask[:, at] = True
+    loss_c, cache_c = w2v.cbow_forward(*on(xp, ctx, mask, u, n))
+    loss_s, cache_s = w2v.sgns_forward(*on(xp, v, u, n))
+    assert float(loss_c) == pytest.approx(float(loss_s), rel=1e-12)
+    d_ctx, d_u, d_n = w2v.cbow_backward(1.0, cache_c)
+    d_v, d_u_s, d_n_s = w2v.sgns_backward(1.0, cache_s)
+    assert_close(np_(d_ctx)[:, at], d_v, rtol=1e-12)
+    assert_close(d_u, d_u_s, rtol=1e-12) and assert_close(d_n, d_n_s, rtol=1e-12)
+
+
+def test_cbow_windows_masks_edges_segments_and_dynamic_windows():
+    ids = np.array([10, 11, 12, 13, 14])
+    t, c, m = w2v.cbow_windows(ids, 2)
+    assert t.tolist() == ids.tolist() and c.shape == m.shape == (5, 4)
+    # offsets -2, -1, 1, 2: the first word has only right neighbours
+    assert m[0].tolist() == [False, False, True, True] and c[0][m[0]].tolist() == [11, 12]
+    assert c[2].tolist() == [10, 11, 13, 14] and m[2].all()
+    # the same (centre, context) pairs as skip-gram's full window
+    pairs = sorted((int(t[i]), int(x)) for i in range(len(t)) for x in c[i][m[i]])
+    assert pairs == sorted(zip(*[a.tolist() for a in w2v.skipgram_pairs(ids, 2)]))
+    t2, c2, m2 = w2v.cbow_windows(ids, 2, segments=np.array([0, 0, 0, 1, 2]))
+    assert t2.tolist() == [10, 11, 12] and c2[2][m2[2]].tolist() == [10, 11]   # 13 and 14 have no context
+    _, _, m3 = w2v.cbow_windows(np.arange(1000) % 7, 3, np.random.default_rng(0))
+    inner = m3[3:-3]
+    assert inner[:, [2, 3]].all()                                  # distance 1 always
+    assert 0.25 < inner[:, [0, 5]].mean() < 0.42                   # distance 3 with probability 1/3
+
+
+def test_cbow_table_gradients_scatter_repeated_words_correctly():
+    rng = np.random.default_rng(4)
+    v, d, b, w, k = 3, 2, 4, 3, 2
+    params = {"w_in": away_from_zero(0, v, d), "w_out": away_from_zero(1, v, d)}
+    ctx, t, n = rng.integers(0, v, (b, w)), rng.integers(0, v, b), rng.integers(0, v, (b, k))
+    mask = np.array([[True, False, True], [True, True, True], [False, True, False], [True, True, False]])
+    _, grads = w2v.cbow_loss_and_grads(params, ctx, mask, t, n)
+    f = lambda p: w2v.cbow_loss_and_grads(p, ctx, mask, t, n)[0]
+    assert_gradcheck(bp.check_dict_gradients(f, params, grads))
+
+
+def test_cbow_errors(xp):
+    ctx, mask, t, n = on(xp, np.ones((2, 3, 4)), np.ones((2, 3), bool), np.ones((2, 4)), np.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match="context_mask: every row needs at least one unmasked context word; rows \\[1\\]"):
+        w2v.cbow_forward(ctx, xp.asarray(np.array([[True, False, False], [False, False, False]])), t, n)
+    with pytest.raises(TypeError, match="context_mask: expected a bool array, got float64"):
+        w2v.cbow_forward(ctx, mask.astype(float), t, n)
+    with pytest.raises(ValueError, match=r"context_mask: expected shape \(2, 3\)"):
+        w2v.cbow_forward(ctx, xp.ones((2, 2), bool), t, n)
+    with pytest.raises(ValueError, match=r"context_vecs: expected 3"):
+        w2v.cbow_forward(t, mask, t, n)
+    with pytest.raises(ValueError, match=r"context_vecs: expected shape \(2, 4\)"):
+        w2v.cbow_forward(ctx, mask, xp.ones((2, 3)), n)
+    with pytest.raises(ValueError, match=r"negative_vecs: expected shape \(2, \*, 4\)"):
+        w2v.cbow_forward(ctx, mask, t, xp.ones((2, 5, 3)))
+    with pytest.raises(TypeError, match="negative_vecs: expected dtype float64"):
+        w2v.cbow_forward(ctx, mask, t, n.astype(np.float32))
+    _, cache = w2v.cbow_forward(ctx, mask, t, n)
+    with pytest.raises(ValueError, match="dloss: expected a scalar"):
+        w2v.cbow_backward(xp.ones(2), cache)
+    vocab = w2v.build_vocab(["a", "b"])
+    with pytest.raises(ValueError, match=r"sg: expected one of \(0, 1\)"):
+        w2v.Word2Vec(vocab, sg=2)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_cbow_training_separates_two_topic_clusters(optimizer):
+    sents, a, b = two_topic_corpus()
+    vocab = w2v.build_vocab([t for s in sents for t in s])
+    model = w2v.Word2Vec(vocab, dim=8, seed=0, sg=0)
+    losses = model.train([w2v.encode(s, vocab) for s in sents], epochs=8, window=3, negatives=3,
+                         batch_size=16 if optimizer == "sgd" else 64, optimizer=optimizer, subsample_t=None)
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+    within = np.mean([model.similarity(x, y) for g in (a, b) for x in g for y in g if x != y])
+    across = np.mean([model.similarity(x, y) for x in a for y in b])
+    assert within > across + 0.5, (within, across)
