@@ -23,6 +23,20 @@ relative frequency (they carry little information and dominate the pairs); and
 the context window is drawn uniformly in 1..window for each centre, so near
 neighbours count more often than far ones.
 
+Analogies ("man is to king as woman is to ?"): with unit vectors e_w, 3CosAdd answers
+
+    d* = argmax_{d not in {a, b, c}} cos(e_d, e_b - e_a + e_c)
+
+(Mikolov et al. 2013; the ranking is that of cos(d, b) - cos(d, a) + cos(d, c), Levy
+and Goldberg's reading). The standard test set, questions-words.txt (19,544
+questions, 14 sections such as capital-common-countries and gram3-comparative),
+ships with gensim; :func:`shakespeare_analogies` is a small set that fits a 1600s
+vocabulary (king:queen::lord:lady, thou:thee::he:him). A question counts only if
+all four words are in the vocabulary: report that coverage beside the accuracy.
+
+The word2vec text format, which gensim's KeyedVectors reads and writes: a header
+line "V D", then one line per word, "word x_1 ... x_D", most frequent first.
+
 CBOW (continuous bag of words), the paper's other model, turns the task around:
 predict the centre word from the mean of its context words' input vectors,
 
@@ -53,6 +67,7 @@ whose backward is a scatter-add; here the loss is just much simpler.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -61,13 +76,14 @@ import numpy as np
 
 from .backend import (DEFAULT_DTYPE, array_module, check_choice, check_float, check_ids, check_int,
                       check_int_arg, check_ndim, check_positive, check_same_dtype, check_shape, make_rng,
-                      scatter_add, to_device, to_numpy)
+                      atomic_write, scatter_add, to_device, to_numpy)
 from .optim import Adam
 
 __all__ = ["Vocab", "build_vocab", "encode", "keep_probabilities", "subsample", "noise_distribution",
            "sample_negatives", "skipgram_pairs", "log_sigmoid", "sigmoid", "SGNSCache", "sgns_forward",
            "sgns_backward", "sgns_loss_and_grads", "cbow_windows", "CBOWCache", "cbow_forward", "cbow_backward",
-           "cbow_loss_and_grads", "Word2Vec"]
+           "cbow_loss_and_grads", "Word2Vec", "analogy_scores", "read_analogies", "questions_words_path",
+           "shakespeare_analogies", "evaluate_analogies"]
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +436,144 @@ def cbow_loss_and_grads(params: dict, contexts, mask, targets, negatives):
 
 
 # ---------------------------------------------------------------------------
+# Analogies
+# ---------------------------------------------------------------------------
+
+def _unit_rows(vectors):
+    w = np.asarray(to_numpy(vectors), dtype=np.float64)
+    return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-12)
+
+
+def analogy_scores(unit, a, b, c):
+    """cos(e_d, q) for every word d, q = (e_b - e_a + e_c) / |.|, and -inf at a, b and c.
+
+    unit: (V, D) unit rows; a, b, c: (Q,) int ids -> (Q, V) float64
+    """
+    q = unit[b] - unit[a] + unit[c]                                   # (Q, D)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    scores = q @ unit.T                                               # (Q, V)
+    for ids in (a, b, c):                                             # a new array each time
+        scores = np.where(np.arange(unit.shape[0])[None, :] == np.asarray(ids)[:, None], -np.inf, scores)
+    return scores
+
+
+def read_analogies(source) -> list:
+    """Analogy questions in questions-words.txt's format: ": section" lines, then
+    "a b c d" lines (a is to b as c is to d). source: a path or an iterable of lines.
+    -> [(section, a, b, c, d)], words as written"""
+    lines = _analogy_lines(source)
+    out, section = [], ""
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith(":"):
+            section = line[1:].strip()
+            continue
+        words = line.split()
+        _check_analogy_line(source, n, line, words)
+        out.append((section, *words))
+    return out
+
+
+def questions_words_path():
+    """The path of questions-words.txt inside gensim's test data, or None without gensim."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        return None
+    path = datapath("questions-words.txt")
+    return path if os.path.isfile(path) else None
+
+
+# Our own analogy set: word pairs that recur in Shakespeare, lower case. Each section's
+# questions are every ordered choice of two different pairs (p, q): p0 p1 q0 q1.
+SHAKESPEARE_PAIRS = {
+    "gender": [("king", "queen"), ("lord", "lady"), ("prince", "princess"), ("duke", "duchess"),
+               ("father", "mother"), ("son", "daughter"), ("brother", "sister"), ("husband", "wife"),
+               ("man", "woman"), ("uncle", "aunt"), ("master", "mistress"), ("sir", "madam"),
+               ("gentleman", "gentlewoman"), ("boy", "girl"), ("he", "she"), ("his", "her"), ("him", "her"),
+               ("himself", "herself")],
+    "pronoun-subject-object": [("i", "me"), ("thou", "thee"), ("he", "him"), ("she", "her"), ("we", "us"),
+                               ("they", "them"), ("ye", "you"), ("who", "whom")],
+    "pronoun-subject-possessive": [("i", "my"), ("thou", "thy"), ("he", "his"), ("she", "her"), ("we", "our"),
+                                   ("you", "your"), ("they", "their")],
+    "plural": [("king", "kings"), ("lord", "lords"), ("man", "men"), ("woman", "women"), ("eye", "eyes"),
+               ("hand", "hands"), ("friend", "friends"), ("heart", "hearts"), ("word", "words"),
+               ("day", "days"), ("son", "sons"), ("brother", "brothers"), ("soldier", "soldiers"),
+               ("enemy", "enemies"), ("child", "children")],
+    "verb-thou-form": [("do", "dost"), ("have", "hast"), ("will", "wilt"), ("shall", "shalt"),
+                       ("can", "canst"), ("are", "art"), ("may", "mayst"), ("know", "knowest")],
+}
+
+
+def shakespeare_analogies() -> list:
+    """Our analogy questions from SHAKESPEARE_PAIRS: [(section, a, b, c, d)]."""
+    return [(section, p[0], p[1], q[0], q[1]) for section, pairs in SHAKESPEARE_PAIRS.items()
+            for p in pairs for q in pairs if p != q and p[0] != q[0] and p[1] != q[1]]
+
+
+def evaluate_analogies(vectors, words, questions, lowercase=True, batch=512) -> dict:
+    """3CosAdd accuracy of word vectors on analogy questions, over the questions whose
+    four words are all in ``words`` (the in-vocabulary coverage is reported beside it).
+
+    vectors: (V, D); words: V words (row order); questions: [(section, a, b, c, d)]
+    (from read_analogies) -> {"correct", "in_vocab", "total", "coverage", "accuracy",
+    "sections": {section: {"correct", "in_vocab", "total"}}}
+    """
+    _check_evaluate_analogies(vectors, words, questions)
+    index = {w: i for i, w in enumerate(words)}
+    norm = (lambda w: w.lower()) if lowercase else (lambda w: w)
+    sections, known = {}, []
+    for sec, *four in questions:
+        ids = [index.get(norm(w)) for w in four]
+        sections.setdefault(sec, {"correct": 0, "in_vocab": 0, "total": 0})["total"] += 1
+        if None not in ids:
+            known.append((sec, *ids))
+    unit = _unit_rows(vectors)
+    for start in range(0, len(known), batch):
+        chunk = known[start:start + batch]
+        a, b, c, d = (np.array([q[j] for q in chunk]) for j in range(1, 5))
+        guess = analogy_scores(unit, a, b, c).argmax(axis=1)           # (Q,)
+        for (sec, *_), ok in zip(chunk, guess == d):
+            sections[sec]["in_vocab"] += 1
+            sections[sec]["correct"] += int(ok)
+    correct, in_vocab = sum(v["correct"] for v in sections.values()), len(known)
+    return {"correct": correct, "in_vocab": in_vocab, "total": len(questions),
+            "coverage": in_vocab / max(len(questions), 1), "accuracy": correct / in_vocab if in_vocab else float("nan"),
+            "sections": sections}
+
+
+# ---------------------------------------------------------------------------
+# The word2vec text format
+# ---------------------------------------------------------------------------
+
+def _write_word2vec_text(f, words, vectors):
+    fmt = "%.17g" if vectors.dtype == np.float64 else "%.9g"   # enough digits to read back the same number
+    f.write(f"{len(words)} {vectors.shape[1]}\n")
+    for w, row in zip(words, vectors):
+        f.write(w + " " + " ".join(fmt % x for x in row.tolist()) + "\n")
+
+
+def _read_word2vec_text(path, dtype):
+    """-> (words, (V, D) array) of a word2vec text file."""
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().split()
+        _check_word2vec_header(path, header)
+        v, d = int(header[0]), int(header[1])
+        words, rows = [], []
+        for n, line in enumerate(f, 2):
+            if not line.strip():
+                continue
+            parts = line.rstrip("\n").rstrip().rsplit(" ", d)
+            _check_word2vec_row(path, n, parts, d)
+            words.append(parts[0])
+            rows.append([float(x) for x in parts[1:]])
+    _check_word2vec_count(path, words, v)
+    return words, np.array(rows, dtype=dtype).reshape(v, d)
+
+
+# ---------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------
 
@@ -584,9 +738,7 @@ class Word2Vec:
         return self.vocab.index[word]
 
     def _unit_vectors(self):
-        w = to_numpy(self.params["w_in"]).astype(np.float64)
-        norms = np.linalg.norm(w, axis=1, keepdims=True)
-        return w / np.maximum(norms, 1e-12)
+        return _unit_rows(self.params["w_in"])
 
     def similarity(self, a, b) -> float:
         """Cosine similarity of two words' centre vectors."""
@@ -603,3 +755,86 @@ class Word2Vec:
         sims[i] = -np.inf
         top = np.argsort(-sims, kind="stable")[: min(k, len(sims) - 1)]
         return [(self.vocab.words[j], float(sims[j])) for j in top]
+
+    def analogy(self, a, b, c, k=1) -> list:
+        """"a is to b as c is to ?" by 3CosAdd: the ``k`` words d (not a, b or c) with the
+        highest cos(e_d, e_b - e_a + e_c), as [(word, cosine)], best first."""
+        check_int_arg("k", k, lo=1)
+        ids = [np.array([self._id(w)]) for w in (a, b, c)]
+        scores = analogy_scores(self._unit_vectors(), *ids)[0]         # (V,)
+        top = np.argsort(-scores, kind="stable")[: min(k, max(len(scores) - 3, 0))]
+        return [(self.vocab.words[j], float(scores[j])) for j in top if np.isfinite(scores[j])]
+
+    def evaluate_analogies(self, questions, lowercase=True) -> dict:
+        """:func:`evaluate_analogies` of this model's centre vectors."""
+        return evaluate_analogies(self.params["w_in"], self.vocab.words, questions, lowercase=lowercase)
+
+    # -- the word2vec text format ----------------------------------------------
+
+    def save_word2vec_format(self, path) -> None:
+        """Write the centre vectors in the word2vec text format (gensim's
+        ``KeyedVectors.load_word2vec_format(path)`` reads it), atomically."""
+        _check_words_writable(self.vocab.words)
+        vectors = to_numpy(self.params["w_in"])
+        atomic_write(path, lambda f: _write_word2vec_text(f, self.vocab.words, vectors), mode="w")
+
+    @classmethod
+    def load_word2vec_format(cls, path, dtype=DEFAULT_DTYPE, device=None, sg=1) -> "Word2Vec":
+        """A Word2Vec whose centre vectors are read from a word2vec text file (gensim's
+        ``save_word2vec_format(path, binary=False)`` writes one). The file has no counts,
+        so the vocabulary's counts are stand-ins in its order, V, V-1, ..., 1 (as gensim
+        does); w_out is zero, as before training."""
+        words, vectors = _read_word2vec_text(path, dtype)
+        counts = np.arange(len(words), 0, -1, dtype=np.int64)
+        model = cls(Vocab(words, counts, {w: i for i, w in enumerate(words)}), dim=vectors.shape[1], sg=sg,
+                    dtype=dtype, device=device)
+        model.params["w_in"] = to_device(vectors, device)
+        return model
+
+
+# ---------------------------------------------------------------------------
+# Checks of analogies and the file format
+# ---------------------------------------------------------------------------
+
+def _analogy_lines(source):
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, encoding="utf-8") as f:
+            return f.read().splitlines()
+    return list(source)
+
+
+def _check_analogy_line(source, n, line, words):
+    if len(words) != 4:
+        raise ValueError(f"analogies: expected 4 words per question line, got {len(words)} on line {n} "
+                         f"of {source if isinstance(source, (str, os.PathLike)) else 'the input'}: {line!r}")
+
+
+def _check_evaluate_analogies(vectors, words, questions):
+    check_ndim("vectors", vectors, 2)
+    if len(words) != vectors.shape[0]:
+        raise ValueError(f"words: expected one word per row of vectors ({vectors.shape[0]}), got {len(words)}")
+    for q in questions[:1]:
+        if len(q) != 5:
+            raise ValueError(f"questions: expected (section, a, b, c, d) tuples, got {q!r}")
+
+
+def _check_words_writable(words):
+    bad = [w for w in words if not w or any(ch.isspace() for ch in w)]
+    if bad:
+        raise ValueError(f"vocab: the word2vec text format cannot hold words that are empty or contain "
+                         f"whitespace, got {bad[:3]!r}")
+
+
+def _check_word2vec_header(path, header):
+    if len(header) != 2 or not all(h.isdigit() for h in header) or int(header[1]) < 1:
+        raise ValueError(f"{path}: expected a word2vec text header 'V D' on line 1, got {' '.join(header)!r}")
+
+
+def _check_word2vec_row(path, n, parts, d):
+    if len(parts) != d + 1:
+        raise ValueError(f"{path}: expected a word and {d} numbers on line {n}, got {len(parts)} fields")
+
+
+def _check_word2vec_count(path, words, v):
+    if len(words) != v:
+        raise ValueError(f"{path}: the header promises {v} words, the file has {len(words)}")

@@ -359,3 +359,120 @@ def test_cbow_training_separates_two_topic_clusters(optimizer):
     within = np.mean([model.similarity(x, y) for g in (a, b) for x in g for y in g if x != y])
     across = np.mean([model.similarity(x, y) for x in a for y in b])
     assert within > across + 0.5, (within, across)
+
+
+# --- analogies and the word2vec text format ------------------------------------------
+
+def planted_model(seed=0, dim=8):
+    """A model with planted vectors: each word is a 'kind' direction plus a 'male' (e_1) or
+    'female' (e_2) one, so woman - man + king = queen exactly (plus a little noise)."""
+    words = ["man", "woman", "king", "queen", "boy", "girl", "prince", "princess", "apple", "stone"]
+    e = np.eye(dim)
+    kind = {"man": e[0], "king": e[3], "boy": e[4], "prince": e[5]}
+    vec = {}
+    for male, female in (("man", "woman"), ("king", "queen"), ("boy", "girl"), ("prince", "princess")):
+        vec[male], vec[female] = kind[male] + e[1], kind[male] + e[2]
+    vec["apple"], vec["stone"] = e[6], e[7]
+    rng = np.random.default_rng(seed)
+    vocab = w2v.Vocab(words, np.arange(len(words), 0, -1), {w: i for i, w in enumerate(words)})
+    model = w2v.Word2Vec(vocab, dim=dim)
+    model.params["w_in"] = np.stack([vec[w] for w in words]) + rng.standard_normal((len(words), dim)) * 0.05
+    return model
+
+
+def test_analogy_is_3cosadd_with_the_question_words_excluded():
+    model = planted_model()
+    assert model.analogy("man", "woman", "king")[0][0] == "queen"
+    assert model.analogy("king", "queen", "boy")[0][0] == "girl"
+    top = model.analogy("man", "woman", "king", k=4)
+    assert len(top) == 4 and not {"man", "woman", "king"} & {w for w, _ in top}
+    assert [s for _, s in top] == sorted((s for _, s in top), reverse=True)
+    # the score is the cosine with e_b - e_a + e_c (unit rows)
+    u = model._unit_vectors()
+    i = model.vocab.index
+    q = u[i["woman"]] - u[i["man"]] + u[i["king"]]
+    assert top[0][1] == pytest.approx(float(u[i["queen"]] @ q / np.linalg.norm(q)), rel=1e-12)
+    with pytest.raises(ValueError, match="word: 'zebra' is not in the vocabulary"):
+        model.analogy("man", "zebra", "king")
+    with pytest.raises(ValueError, match="k: expected"):
+        model.analogy("man", "woman", "king", k=0)
+
+
+def test_analogy_agrees_with_gensim_most_similar():
+    gensim_models = pytest.importorskip("gensim.models")
+    model = w2v.Word2Vec(w2v.build_vocab([f"w{i}" for i in range(40)]), dim=5, seed=1)
+    model.params["w_in"] = np.random.default_rng(2).standard_normal((40, 5))
+    kv = gensim_models.KeyedVectors(5)
+    kv.add_vectors(model.vocab.words, model.params["w_in"])
+    for a, b, c in [("w0", "w1", "w2"), ("w5", "w9", "w33"), ("w39", "w3", "w17")]:
+        ours = model.analogy(a, b, c, k=5)
+        theirs = kv.most_similar(positive=[b, c], negative=[a], topn=5)
+        assert [w for w, _ in ours] == [w for w, _ in theirs]
+        assert_close([s for _, s in ours], [s for _, s in theirs], rtol=1e-5)
+
+
+def test_evaluate_analogies_counts_coverage_and_accuracy(tmp_path):
+    model = planted_model()
+    path = tmp_path / "q.txt"
+    path.write_text(": family\nman woman king queen\nMan Woman Boy Girl\nman woman king zebra\n"
+                    ": wrong\nking queen man apple\n")
+    qs = w2v.read_analogies(path)
+    assert qs[0] == ("family", "man", "woman", "king", "queen") and len(qs) == 4
+    r = model.evaluate_analogies(qs)
+    assert (r["total"], r["in_vocab"], r["correct"]) == (4, 3, 2)
+    assert r["coverage"] == 0.75 and r["accuracy"] == pytest.approx(2 / 3)
+    assert r["sections"]["family"] == {"correct": 2, "in_vocab": 2, "total": 3}
+    assert model.evaluate_analogies(qs, lowercase=False)["in_vocab"] == 2   # "Man" is not "man"
+    with pytest.raises(ValueError, match="analogies: expected 4 words per question line, got 3 on line 2"):
+        w2v.read_analogies([": s", "a b c"])
+
+
+def test_shakespeare_analogies_are_well_formed_and_answerable():
+    qs = w2v.shakespeare_analogies()
+    assert len(qs) > 300 and {q[0] for q in qs} == set(w2v.SHAKESPEARE_PAIRS)
+    for _, a, b, c, d in qs:
+        assert d not in (a, b, c) and len({a, c}) == 2
+
+
+def test_questions_words_from_gensim():
+    pytest.importorskip("gensim")
+    qs = w2v.read_analogies(w2v.questions_words_path())
+    assert len(qs) == 19544 and len({q[0] for q in qs}) == 14
+    assert qs[0] == ("capital-common-countries", "Athens", "Greece", "Baghdad", "Iraq")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_word2vec_text_format_round_trips_ours_and_gensims(tmp_path, dtype):
+    gensim_models = pytest.importorskip("gensim.models")
+    words = ["the", "king's", "ça", "o'er", "x"]
+    vocab = w2v.Vocab(words, np.arange(5, 0, -1), {w: i for i, w in enumerate(words)})
+    model = w2v.Word2Vec(vocab, dim=3, dtype=dtype)
+    model.params["w_in"] = (np.random.default_rng(0).standard_normal((5, 3)) * 10.0 ** np.arange(-3, 2)[:, None]).astype(dtype)
+    ours = tmp_path / "ours.txt"
+    model.save_word2vec_format(ours)
+    back = w2v.Word2Vec.load_word2vec_format(ours, dtype=dtype)
+    assert back.vocab.words == words and np.array_equal(back.params["w_in"], model.params["w_in"])
+    kv = gensim_models.KeyedVectors.load_word2vec_format(str(ours), binary=False, datatype=dtype)
+    assert kv.index_to_key == words and np.array_equal(kv.vectors, model.params["w_in"])
+    # and what gensim writes, we read
+    theirs = tmp_path / "theirs.txt"
+    kv.save_word2vec_format(str(theirs), binary=False)
+    got = w2v.Word2Vec.load_word2vec_format(theirs, dtype=dtype)
+    assert got.vocab.words == words and np.array_equal(got.params["w_in"], kv.vectors)
+    assert got.most_similar("the", k=2) == back.most_similar("the", k=2)
+
+
+def test_word2vec_text_format_errors(tmp_path):
+    vocab = w2v.build_vocab(["a b", "c"])
+    with pytest.raises(ValueError, match="cannot hold words that are empty or contain whitespace, got \\['a b'\\]"):
+        w2v.Word2Vec(vocab, dim=2).save_word2vec_format(tmp_path / "x.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("2 3\na 1 2 3\nb 1 2\n")
+    with pytest.raises(ValueError, match="expected a word and 3 numbers on line 3, got 3 fields"):
+        w2v.Word2Vec.load_word2vec_format(bad)
+    bad.write_text("3 2\na 1 2\n")
+    with pytest.raises(ValueError, match="the header promises 3 words, the file has 1"):
+        w2v.Word2Vec.load_word2vec_format(bad)
+    bad.write_text("hello\n")
+    with pytest.raises(ValueError, match="expected a word2vec text header 'V D' on line 1"):
+        w2v.Word2Vec.load_word2vec_format(bad)
