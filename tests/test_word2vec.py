@@ -476,3 +476,22 @@ def test_word2vec_text_format_errors(tmp_path):
     bad.write_text("hello\n")
     with pytest.raises(ValueError, match="expected a word2vec text header 'V D' on line 1"):
         w2v.Word2Vec.load_word2vec_format(bad)
+
+
+# --- bench word2vec, on a small text instead of Shakespeare ------------------------------
+
+def test_bench_word2vec_trains_the_four_models_and_scores_them(monkeypatch, capsys):
+    pytest.importorskip("gensim")
+    from minillm.__main__ import main
+    from minillm.bench import word2vec as bench
+    sents, _, _ = two_topic_corpus(n_sent=60)
+    monkeypatch.setattr(bench, "corpus_segments", lambda limit=None: sents)
+    assert main(["bench", "word2vec", "--dim", "8", "--min-count", "1", "--batch-size", "64"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("model "):]
+    for name in bench.MODELS:
+        assert f"\n{name} " in table
+    assert "qw in-vocab" in table and "0/19544" in table   # no a0/b0 word is in questions-words.txt
+    assert "cross-check: gensim's own evaluate_word_analogies on gensim-sg" in out
+    assert main(["bench", "word2vec", "--models", "ours-sg,glove"]) == 2
+    assert "minillm bench word2vec: error: --models: expected names from" in capsys.readouterr().err

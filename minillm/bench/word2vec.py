@@ -37,8 +37,8 @@ MODELS = ("ours-sg", "ours-cbow", "gensim-sg", "gensim-cbow")
 
 def add_arguments(parser):
     parser.add_argument("--tokens", type=int, default=300_000,
-                        help="use the first N words of the corpus (default 300,000 of ~874,000, to keep the run to "
-                             "a few CPU minutes; 0 = all)")
+                        help="use about N words of the corpus, the same leading share of every document (default "
+                             "300,000 of ~874,000, to keep the run to a few CPU minutes; 0 = all)")
     parser.add_argument("--dim", type=int, default=100, help="vector size")
     parser.add_argument("--window", type=int, default=5, help="largest context distance (dynamic window 1..W)")
     parser.add_argument("--negatives", type=int, default=5, help="noise words per example")
@@ -54,17 +54,14 @@ def add_arguments(parser):
 
 def corpus_segments(limit=None):
     """Shakespeare as word lists, one per document, lower case, speaker tags (all-capital
-    words such as "HAMLET") dropped; at most ``limit`` words in all."""
+    words such as "HAMLET") dropped. With ``limit``, about that many words in all: the
+    same leading share of every document, so that every play is represented."""
     from minillm import data
-    out, n = [], 0
-    for _, text in data.shakespeare_documents():
-        words = [t.lower() for t in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", text) if not (t.isupper() and len(t) > 1)]
-        if limit:
-            words = words[: max(limit - n, 0)]
-        if words:
-            out.append(words)
-            n += len(words)
-    return out
+    docs = [[t.lower() for t in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", text) if not (t.isupper() and len(t) > 1)]
+            for _, text in data.shakespeare_documents()]
+    total = sum(len(d) for d in docs)
+    share = 1.0 if not limit else min(1.0, limit / max(total, 1))
+    return [d[: int(round(share * len(d)))] for d in docs if d and share * len(d) >= 1]
 
 
 def _train_ours(sg, segments, vocab, args):
@@ -131,14 +128,14 @@ def run(args):
             if qw_path is not None:
                 gensim_check.append((name, _gensim_own_score(kv, qw_path)))
         wps = in_vocab * args.epochs / wall
-        row = [name, f"{wps:,.0f}", f"{wall:.1f}", f"{cpu:.1f}"]
+        row = [name, f"{wps:,.0f}", f"{in_vocab * args.epochs / max(cpu, 1e-9):,.0f}", f"{wall:.1f}", f"{cpu:.1f}"]
         for qs_name in ("questions-words", "ours"):
             if qs_name in question_sets:
                 r = w2v.evaluate_analogies(vectors, words, question_sets[qs_name])
                 row += [f"{r['accuracy']:.3f}" if r["in_vocab"] else "-", f"{r['in_vocab']}/{r['total']}"]
         print(f"{name}: {note}; {wps:,.0f} words/s", flush=True)
         rows.append(row + [_example(vectors, words)])
-    headers = ["model", "words/s", "train s", "CPU s"]
+    headers = ["model", "words/s", "words/CPU-s", "train s", "CPU s"]
     if "questions-words" in question_sets:
         headers += ["qw acc", "qw in-vocab"]
     headers += ["ours acc", "ours in-vocab", "man:king::woman:?"]
