@@ -177,7 +177,8 @@ def test_logreg_matches_torch_gradients():
 def _fixed_case():
     rng = np.random.default_rng(7)
     docs = [rng.integers(0, 9, size=6) for _ in range(5)]
-    return bow.count_ids(docs, 9, dtype=np.float64), rng.standard_normal((9, 3)), rng.standard_normal(3), np.array([0, 1, 2, 1, 0]), 0
+    X = bow.count_ids(docs, 9, dtype=np.float64)
+    return X, rng.standard_normal((9, 3)), rng.standard_normal(3), np.array([0, 1, 2, 1, 0]), 0
 
 
 def test_trained_classifier_learns_topic_words():
@@ -205,7 +206,7 @@ def test_bow_errors():
         bow.count_ids([np.array([0.5])], 3)
     with pytest.raises(TypeError, match="docs: expected a list of word lists, got a str"):
         bow.count_vectors(["the dog"], {"the": 0})
-    with pytest.raises(ValueError, match=r"df: expected document frequencies in \[0, n_docs=2\], got values in \[0, 3\]"):
+    with pytest.raises(ValueError, match=r"df: expected document frequencies in \[0, n_docs=2\], got values in \[0, 3"):
         bow.idf_weights(np.array([0, 3]), 2)
     X = bow.count_ids([np.array([0, 1]), np.array([2])], 3, dtype=np.float64)
     with pytest.raises(ValueError, match=r"idf: expected shape \(3,\)"):
