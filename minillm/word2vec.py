@@ -1,4 +1,4 @@
-"""Word vectors by skip-gram with negative sampling (SGNS, Mikolov et al. 2013).
+"""Word vectors by skip-gram and CBOW with negative sampling (SGNS, Mikolov et al. 2013).
 
 The idea: a word is known by the company it keeps. Give every word two vectors,
 v_w (as a centre word, table ``w_in``) and u_w (as a context word, table
@@ -23,20 +23,6 @@ relative frequency (they carry little information and dominate the pairs); and
 the context window is drawn uniformly in 1..window for each centre, so near
 neighbours count more often than far ones.
 
-Analogies ("man is to king as woman is to ?"): with unit vectors e_w, 3CosAdd answers
-
-    d* = argmax_{d not in {a, b, c}} cos(e_d, e_b - e_a + e_c)
-
-(Mikolov et al. 2013; the ranking is that of cos(d, b) - cos(d, a) + cos(d, c), Levy
-and Goldberg's reading). The standard test set, questions-words.txt (19,544
-questions, 14 sections such as capital-common-countries and gram3-comparative),
-ships with gensim; :func:`shakespeare_analogies` is a small set that fits a 1600s
-vocabulary (king:queen::lord:lady, thou:thee::he:him). A question counts only if
-all four words are in the vocabulary: report that coverage beside the accuracy.
-
-The word2vec text format, which gensim's KeyedVectors reads and writes: a header
-line "V D", then one line per word, "word x_1 ... x_D", most frequent first.
-
 CBOW (continuous bag of words), the paper's other model, turns the task around:
 predict the centre word from the mean of its context words' input vectors,
 
@@ -51,13 +37,27 @@ CBOW several times faster; averaging blurs the context, and the paper found
 skip-gram better on analogies (the seeds quote 61.2 % CBOW vs 73.8 % skip-gram on
 Google News; BENCHMARKS.md says what Shakespeare gives).
 
+Analogies ("man is to king as woman is to ?"): with unit vectors e_w, 3CosAdd answers
+
+    d* = argmax_{d not in {a, b, c}} cos(e_d, e_b - e_a + e_c)
+
+(Mikolov et al. 2013; the ranking is that of cos(d, b) - cos(d, a) + cos(d, c), Levy
+and Goldberg's reading). The standard test set, questions-words.txt (19,544
+questions, 14 sections such as capital-common-countries and gram3-comparative),
+ships with gensim; :func:`shakespeare_analogies` is a small set that fits a 1600s
+vocabulary (king:queen::lord:lady, thou:thee::he:him). A question counts only if
+all four words are in the vocabulary: report that coverage beside the accuracy.
+
+The word2vec text format, which gensim's KeyedVectors reads and writes: a header
+line "V D", then one line per word, "word x_1 ... x_D", most frequent first.
+
 After training, words used in the same contexts have nearby v vectors: the
 cosine similarity of ``w_in`` rows is the similarity of the words. An embedding
 table in a transformer (embeddings.py) is learned the same way, as a gather
 whose backward is a scatter-add; here the loss is just much simpler.
 
     vocab = build_vocab(tokens, min_count=2)
-    model = Word2Vec(vocab, dim=50, seed=0)
+    model = Word2Vec(vocab, dim=50, seed=0)         # sg=1, skip-gram; sg=0 for CBOW
     model.train(encode(tokens, vocab), epochs=3, window=5, negatives=5)
     model.most_similar("king", k=5)
     model.analogy("man", "king", "woman")           # "man is to king as woman is to ?"
