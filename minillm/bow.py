@@ -116,6 +116,7 @@ def count_vectors(docs, vocab: dict, dtype=DEFAULT_DTYPE) -> SparseRows:
 
 def document_frequency(X: SparseRows) -> np.ndarray:
     """df_w: in how many rows word w has a non-zero entry. -> (V,) int64"""
+    _check_sparse("X", X)
     return np.bincount(X.indices[X.values != 0], minlength=X.n_cols).astype(np.int64)
 
 
@@ -146,6 +147,7 @@ def tfidf(X: SparseRows, idf, norm="l2") -> SparseRows:
 
 def sparse_matmul_plain(X: SparseRows, W) -> np.ndarray:
     """X W, one document at a time: row i = sum over its entries (w, x) of x W_w. -> (N, C)"""
+    _check_sparse_matmul(X, W, "W", X.n_cols)
     out = np.zeros((X.n_rows, W.shape[1]), dtype=W.dtype)
     for i in range(X.n_rows):
         s, e = X.indptr[i], X.indptr[i + 1]
@@ -202,6 +204,7 @@ def logreg_forward(X: SparseRows, W, b, labels, weight_decay=0.0):
 
 def logreg_backward(dloss, cache: LogRegCache):
     """-> (dW (V, C), db (C,)): dW = X^T G + lam W, db = sum_i G_i, G = dloss/dlogits."""
+    _check_dloss(dloss)
     X, W, ce_cache, lam = cache
     # 2. the cross-entropy (and the penalty, which depends on W alone)
     dlogits = softmax_cross_entropy_backward(float(dloss), ce_cache)              # (N, C)
@@ -308,6 +311,11 @@ def _check_logreg_forward(X, W, b, labels, weight_decay):
     check_number("weight_decay", weight_decay, 0.0)
     if X.n_rows == 0:
         raise ValueError("X: expected at least one document (N >= 1), got N = 0")
+
+
+def _check_dloss(dloss):
+    if hasattr(dloss, "shape") and dloss.ndim != 0:
+        raise ValueError(f"dloss: expected a scalar (the loss is a mean), got shape {tuple(dloss.shape)}")
 
 
 def _check_train_logreg(X, labels, n_classes, steps, lr, weight_decay):

@@ -449,6 +449,7 @@ def analogy_scores(unit, a, b, c):
 
     unit: (V, D) unit rows; a, b, c: (Q,) int ids -> (Q, V) float64
     """
+    _check_analogy_scores(unit, a=a, b=b, c=c)
     q = unit[b] - unit[a] + unit[c]                                   # (Q, D)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     scores = q @ unit.T                                               # (Q, V)
@@ -807,6 +808,18 @@ def _check_analogy_line(source, n, line, words):
     if len(words) != 4:
         raise ValueError(f"analogies: expected 4 words per question line, got {len(words)} on line {n} "
                          f"of {source if isinstance(source, (str, os.PathLike)) else 'the input'}: {line!r}")
+
+
+def _check_analogy_scores(unit, **ids):
+    check_ndim("unit", unit, 2)
+    n = None
+    for name, x in ids.items():
+        x = np.asarray(x)
+        check_ids(name, x, unit.shape[0])
+        check_ndim(name, x, 1)
+        if n is not None and len(x) != n:
+            raise ValueError(f"{name}: expected {n} ids, one per question, like a, got {len(x)}")
+        n = len(x)
 
 
 def _check_evaluate_analogies(vectors, words, questions):

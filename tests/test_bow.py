@@ -224,3 +224,14 @@ def test_bow_errors():
         bow.logreg_forward(X.to_dense(), W, b, np.array([0, 1]))
     with pytest.raises(ValueError, match="n_classes"):
         bow.train_logreg(X, np.array([0, 0]), 1)
+
+
+def test_more_bad_input():
+    X = bow.count_ids([np.array([0, 1]), np.array([2])], 3, dtype=np.float64)
+    with pytest.raises(TypeError, match="X: expected a SparseRows"):
+        bow.document_frequency(X.to_dense())
+    with pytest.raises(ValueError, match=r"W: expected shape \(3, \*\)"):
+        bow.sparse_matmul_plain(X, np.zeros((2, 2)))
+    _, cache = bow.logreg_forward(X, np.zeros((3, 2)), np.zeros(2), np.array([0, 1]))
+    with pytest.raises(ValueError, match="dloss: expected a scalar"):
+        bow.logreg_backward(np.ones(2), cache)

@@ -497,3 +497,11 @@ def test_bench_word2vec_trains_the_four_models_and_scores_them(monkeypatch, caps
     assert "cross-check: gensim's own evaluate_word_analogies on gensim-sg" in out
     assert main(["bench", "word2vec", "--models", "ours-sg,glove"]) == 2
     assert "minillm bench word2vec: error: --models: expected names from" in capsys.readouterr().err
+
+
+def test_analogy_scores_errors():
+    unit = np.eye(4)
+    with pytest.raises(ValueError, match=r"b: expected ids in \[0, 4\), got 4"):
+        w2v.analogy_scores(unit, np.array([0]), np.array([4]), np.array([1]))
+    with pytest.raises(ValueError, match="c: expected 1 ids, one per question, like a, got 2"):
+        w2v.analogy_scores(unit, np.array([0]), np.array([1]), np.array([1, 2]))
