@@ -1,8 +1,8 @@
 """python -m minillm bench TARGET: speed and memory, side by side with reference libraries.
 
 Each target is a module in ``minillm/bench/`` defining ``add_arguments(parser)`` and
-``run(args)``; they are found by name (minillm/bench/bow_genre.py is ``bench bow-genre``),
-so adding a benchmark touches no other file.
+``run(args)``; they are found by name, so adding a benchmark touches no other file
+(module ``train_run.py`` is target ``train-run``).
 Benchmarks are not tests: they measure and report, they do not assert.
 """
 
@@ -14,7 +14,7 @@ from minillm.cli.common import HelpFormatter, UsageError
 
 
 def targets():
-    """The target names: the modules' names, with "_" written "-" (bow_genre -> bow-genre)."""
+    """The target names: the modules of minillm/bench, with "-" for "_"."""
     return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(_bench_pkg.__path__)
                   if not m.name.startswith("_"))
 
