@@ -87,6 +87,15 @@ PLANTED = {
         import minillm.optim as m
         m.AdamW.step = lambda self, grads: None
         """, "the base model's loss on 'count by 1'"),
+    # A gradient check with a mask: CBOW handing gradient to the masked (absent) context slots.
+    "cbow_backward_feeds_masked_slots": ("14_bow_cbow.py", """
+        import minillm.word2vec as m
+        _right = m.cbow_backward
+        def _wrong(dloss, cache):
+            d_ctx, d_t, d_n = _right(dloss, cache)
+            return d_ctx + (1 - cache.mask)[:, :, None] * d_ctx.sum(axis=1, keepdims=True), d_t, d_n
+        m.cbow_backward = _wrong
+        """, "gradient check of cbow"),
 }
 
 
