@@ -136,8 +136,10 @@ class TrainConfig:
 
     # Fields that change the trajectory: a resumed run must agree on them to be exact.
     _TRAJECTORY = ("batch_size", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "betas", "eps", "optimizer", "momentum", "grad_accum_steps", "seed",
-                   "data", "val_fraction")
+                   "grad_clip", "betas", "eps", "optimizer", "momentum", "seed", "data", "val_fraction")
+    # Not grad_accum_steps: the global batch is drawn whole and then cut, so how many pieces
+    # it is cut into (ranks x grad_accum_steps) changes only the gradient's round-off (and which
+    # dropout masks are drawn); a resumed run may change it, and is told so.
     _POSITIVE_INTS = ("max_steps", "batch_size", "block_size", "eval_iters", "log_interval",
                       "grad_accum_steps")
     _NON_NEGATIVE_INTS = ("warmup_steps", "eval_interval", "checkpoint_interval", "seed")
@@ -483,6 +485,12 @@ def _restore_run(run) -> float:
     if run.task_rng is not None and rng.get("task") is not None:
         run.task_rng.bit_generator.state = rng["task"]
     run.step = run.start_step = ck["step"]
+    parts = run.world.size * run.cfg.grad_accum_steps
+    saved_parts = ck["metrics"].get("micro_batches", parts)
+    if parts != saved_parts:
+        run.progress.line(f"note: the global batch is now cut into {parts} micro-batches (ranks x grad_accum_steps), "
+                          f"{saved_parts} before: the same batches, gradients equal to round-off (dropout "
+                          f"masks differ)")
     run.last.update({k: ck["metrics"].get(k) for k in run.last})
     run.checkpoint = run.out / CHECKPOINT_FILE
     if run.writer:
@@ -557,7 +565,8 @@ def split_batch(batch, parts: int) -> list:
 
 def _reseed_task_rng(task_rng, base, m):
     """Micro-batch m of a step draws dropout from a generator seeded by (base, m), base drawn
-    once per step from the task's generator: which rank computes m then does not matter."""
+    once per step from the task's generator: which rank computes m then does not matter.
+    After the step the generator is seeded by (base, number of micro-batches) on every rank."""
     if task_rng is not None:
         task_rng.bit_generator.state = np.random.default_rng([base, m]).bit_generator.state
 
@@ -603,6 +612,7 @@ def train_step(task, optimizer, data_rng, cfg: TrainConfig, step: int, world=Non
         loss_sum += loss
         reducer.add(grads)
         del grads
+    _reseed_task_rng(task_rng, base, parts)          # every rank leaves the step in the same state
     grads = reducer.finish(parts)                    # the mean gradient (this rank's shard under ZeRO)
     loss_sum = float(world.allreduce_(np.array([loss_sum]))[0])
     if reducer.zero:
@@ -634,7 +644,8 @@ def _save_now(run) -> Path:
                  "task": run.task_rng.bit_generator.state if run.task_rng is not None else None}
     return save_checkpoint(run.out, run.task.params, optimizer=state, step=run.step, config=run.cfg,
                            model_config=run.task.model_config, tokenizer=run.task.tokenizer,
-                           rng_state=rng_state, metrics={**run.last, "elapsed_s": run.progress.elapsed()})
+                           rng_state=rng_state, metrics={**run.last, "elapsed_s": run.progress.elapsed(),
+                                                         "micro_batches": run.world.size * run.cfg.grad_accum_steps})
 
 
 def _every(interval, step) -> bool:
@@ -651,6 +662,7 @@ def _evaluate_and_save_if_due(run, final) -> None:
                 _evaluate_now(run)
             if due_save:
                 run.checkpoint = _save_now(run)
+                run.world.barrier()      # no rank runs ahead of a checkpoint being written
             if run.writer:
                 plot_metrics(run.out)
 

@@ -81,7 +81,7 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (default: the latest run under runs/) from its "
                              "checkpoint, exactly where it stopped; the run keeps its own model, tokenizer "
-                             "and settings, and only --max-steps (and --device) may change")
+                             "and settings, and only --max-steps, --device, --grad-accum and the number of --ddp ranks may change")
     parser.add_argument("--seed", type=common.seed, default=1337,
                         help="seed for the initialisation, the batches and dropout (default: 1337)")
     parser.add_argument("--eval-interval", type=common.count, default=None,
@@ -255,8 +255,7 @@ def _resumed_settings(args, log, world=None):
     """(checkpoint, TrainConfig, run directory) of the run that --resume continues: its own
     settings, with only --max-steps changed."""
     world = distributed.world_of_one() if world is None else world
-    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "batch_size", "block_size", "lr", "eval_interval",
-                                                         "grad_accum")
+    fixed = [f"--{name.replace('_', '-')}" for name in ("data", "batch_size", "block_size", "lr", "eval_interval")
              if getattr(args, name, None) is not None]
     if fixed:
         raise UsageError(f"--resume continues a run with the settings it was started with; {', '.join(fixed)} "
@@ -264,7 +263,9 @@ def _resumed_settings(args, log, world=None):
     out = world.bcast_obj(Path(args.out) if args.out else latest_gpt_run("runs") if world.rank == 0 else None)
     ck = load_checkpoint(out)
     tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
-                                  **({"max_steps": args.max_steps} if args.max_steps else {})})
+                                  **({"max_steps": args.max_steps} if args.max_steps else {}),
+                                  **({"grad_accum_steps": args.grad_accum} if getattr(args, "grad_accum", None)
+                                     else {})})
     log(f"resuming {out} at step {ck['step']} (its own model, tokenizer and training config)")
     return ck, tcfg, out
 
