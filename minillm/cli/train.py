@@ -97,6 +97,10 @@ def add_arguments(parser):
     parser.add_argument("--grad-accum", type=common.positive_int, default=None,
                         help="micro-batches per optimizer step on each process: --batch-size is cut into "
                              "ranks x K equal parts, each one forward and backward (default: 1)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="keep only each block's input during the forward and recompute the block in "
+                             "the backward: less memory for activations, one more forward's time, the same "
+                             "gradients")
     parser.add_argument("--ddp", action="store_true",
                         help="data-parallel training over the MPI ranks this was launched with "
                              "(mpiexec -n N python -m minillm train --ddp); --batch-size stays the global "
@@ -115,7 +119,7 @@ class GPTTask:
     """A GPT on two token streams, in the shape minillm.train.train expects."""
 
     def __init__(self, config, params, tokenizer, train_tokens, val_tokens, batch_size, block_size, xp,
-                 seed=0):
+                 seed=0, activation_checkpointing=False):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -124,6 +128,7 @@ class GPTTask:
         self.model_config = config.to_dict()
         self.rng = np.random.default_rng([int(seed), 99])   # dropout masks; checkpointed by the loop
         self.xp = xp
+        self.activation_checkpointing = activation_checkpointing
 
     def get_batch(self, split, rng):
         return self.batches.get_batch(split, rng)
@@ -139,7 +144,8 @@ class GPTTask:
 
     def loss_and_grads(self, params, batch):
         x, y = batch
-        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng())
+        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng(),
+                                  activation_checkpointing=self.activation_checkpointing)
 
     def eval_loss(self, params, batch):
         x, y = batch
@@ -163,7 +169,9 @@ def _build_tokenizer(kind, train_text, bpe_vocab, log):
 
 def run(args):
     parallel = [f for f, on in (("--ddp", getattr(args, "ddp", False)), ("--zero", getattr(args, "zero", 0)),
-                                ("--grad-accum", getattr(args, "grad_accum", None))) if on]
+                                ("--grad-accum", getattr(args, "grad_accum", None)),
+                                ("--activation-checkpointing", getattr(args, "activation_checkpointing", False)))
+                if on]
     if args.model != "gpt" and parallel:
         raise UsageError(f"{', '.join(parallel)}: only for training a GPT (train gpt), not {args.model}")
     if args.model == "bert":
@@ -216,7 +224,7 @@ def run_gpt(args, log=print):
     params = gpt.init_params(config, seed=tcfg.seed, device=device)
     _describe_model(config, params, tcfg, device, xp, out, log)
     task = GPTTask(config, params, tokenizer, train_tokens, val_tokens, tcfg.batch_size, tcfg.block_size,
-                   xp, seed=tcfg.seed)
+                   xp, seed=tcfg.seed, activation_checkpointing=getattr(args, "activation_checkpointing", False))
     if world.size > 1:
         log(f"data parallel: {world.size} ranks ({world.backend}), ZeRO stage {zero}, "
             f"{tcfg.batch_size // (world.size * tcfg.grad_accum_steps)} sequences per micro-batch, "
