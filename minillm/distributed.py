@@ -112,6 +112,15 @@ class World:
             self.comm.Reduce_scatter(buf, out, recvcounts=list(counts), op=MPI.SUM)
         return out
 
+    def reduce_(self, buf, root):
+        """-> on ``root``, the elementwise sum of every rank's buf (a new array); None elsewhere."""
+        if self.size == 1:
+            return buf.copy()
+        from mpi4py import MPI
+        out = np.empty_like(buf) if self.rank == root else None
+        self.comm.Reduce(buf, out, op=MPI.SUM, root=root)
+        return out
+
     def allgather_(self, piece, full, counts):
         """full <- the concatenation of every rank's piece (rank r's has counts[r] numbers)."""
         if self.size == 1:
@@ -254,7 +263,11 @@ class GradReducer:
     stage 0 and 1: every micro-batch is added into one full float64 buffer; at the
     end stage 0 all-reduces it (every rank gets the whole sum), stage 1
     reduce-scatters it (rank r gets its shard). stage 2: each micro-batch is
-    reduce-scattered at once and only the shard's sum is kept.
+    reduced at once, shard by shard, to the shard's owner (a reduce-scatter done
+    as N reduces, so that no full float64 copy is ever made), and only the
+    shard's sum is kept. The micro-batch's float32 gradients themselves are whole
+    on every rank in every stage here (gpt.backward returns them all at once;
+    DeepSpeed frees buckets during the backward).
     """
 
     def __init__(self, params: dict, world: World, zero: int = 0):
@@ -268,13 +281,17 @@ class GradReducer:
 
     def add(self, grads: dict) -> None:
         """One micro-batch's gradients (a full dict keyed like params)."""
+        lay = self.layout
         if self.zero == 2:
-            piece = self.world.reduce_scatter(flatten(grads, self.layout), self.layout.counts)
-            self.acc = piece if self.acc is None else self.acc + piece   # (counts[rank],) float64
+            for r in range(self.world.size):
+                piece = self.world.reduce_(flatten(grads, lay, names=lay.owned(r)), root=r)
+                if r == self.world.rank:                                  # (counts[rank],) float64
+                    self.acc = piece if self.acc is None else self.acc + piece
             return
         if self.acc is None:
-            self.acc = np.zeros(self.layout.total)                        # (total,) float64
-        self.acc += flatten(grads, self.layout)
+            self.acc = np.zeros(lay.total)                                # (total,) float64
+        for k in lay.names:                    # in place, array by array: no second full buffer
+            self.acc[lay.offset[k]:lay.offset[k] + lay.size[k]] += to_numpy(grads[k]).reshape(-1)
 
     def finish(self, n_micro_total: int) -> dict:
         """-> the mean gradient over all n_micro_total micro-batches, as arrays in the params'
