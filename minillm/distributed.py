@@ -61,7 +61,8 @@ from .optim import make_optimizer
 __all__ = ["World", "world_of_one", "mpi_world", "get_world", "ShardLayout", "shard_layout",
            "flatten", "unflatten_into", "allreduce_grads", "broadcast_params", "GradReducer",
            "ZeroOptimizer", "clip_grad_norm_sharded", "sharded_global_norm", "ZERO_STAGES",
-           "MPI_MISSING"]
+           "MPI_MISSING", "zero_model_states", "block_activation_elements", "activation_bytes",
+           "memory_per_rank", "measure_step_peak", "check_zero"]
 
 ZERO_STAGES = (0, 1, 2)
 MPI_MISSING = ("needs mpi4py and an MPI library (pip install 'minillm[distributed]', which "
@@ -413,8 +414,143 @@ class ZeroOptimizer:
 
 
 # ---------------------------------------------------------------------------
+# Memory accounting: where the bytes of a training step go
+# ---------------------------------------------------------------------------
+
+GB = 1e9
+
+
+def zero_model_states(n_params, n_ranks, stage, k=12, bytes_param=2, bytes_grad=2) -> dict:
+    """The ZeRO paper's model-state memory per rank (its section 5, "mixed precision").
+
+    Psi parameters kept in fp16 (2 Psi bytes) with fp16 gradients (2 Psi) and K Psi
+    bytes of optimizer state (Adam in mixed precision: fp32 master weights, momentum
+    and variance, K = 12); N ranks:
+
+        stage 0   (2 + 2 + K) Psi            stage 2   2 Psi + (2 + K) Psi / N
+        stage 1   4 Psi + K Psi / N          stage 3   (2 + 2 + K) Psi / N
+
+    -> {"params", "grads", "optimizer", "total"} in bytes.
+    """
+    _check_zero_model_states(n_params, n_ranks, stage, k)
+    n = n_ranks
+    params = bytes_param * n_params / (n if stage >= 3 else 1)
+    grads = bytes_grad * n_params / (n if stage >= 2 else 1)
+    optimizer = k * n_params / (n if stage >= 1 else 1)
+    return {"params": params, "grads": grads, "optimizer": optimizer, "total": params + grads + optimizer}
+
+
+def _norm_stats(config) -> int:
+    return 2 if config.norm == "layernorm" else 1                 # mean and 1/std, or 1/rms alone
+
+
+def block_activation_elements(config, T: int, train_dropout: bool = False) -> float:
+    """Numbers one block's backward cache keeps, per token (gpt._block_forward's caches):
+
+        norms        2 (C + s)          the input and s statistics (LayerNorm 2, RMSNorm 1)
+        attention    4 C + W + H T      its input, the scaled queries, the per-head output and
+                     (+ Hkv D with RoPE) the heads side by side (C each), the q/k/v buffer of
+                                        width W = (H + 2 Hkv) D, the probabilities (H T)
+        MLP          C + 3 F  (GELU)    its input, the pre-activation, Phi and the activation
+                     C + 4 F  (SwiGLU)  (F = the hidden width), or the up, gate, sigmoid, product
+        dropout      2 C + H T          the masks of the two residual branches and attention's
+    """
+    C, H, Hkv, D, F = config.n_embd, config.n_head, config.kv_heads, config.head_dim, config.mlp_width
+    norms = 2 * (C + _norm_stats(config))
+    attn = 4 * C + (H + 2 * Hkv) * D + H * T + (Hkv * D if config.pos == "rope" else 0)
+    mlp = C + (3 * F if config.mlp == "gelu" else 4 * F)
+    drop = (2 * C + H * T) if train_dropout else 0
+    return norms + attn + mlp + drop
+
+
+def activation_bytes(config, batch: int, T: int, activation_checkpointing=False, train_dropout=None,
+                     bytes_per=4) -> float:
+    """Bytes of the activations a step's backward needs for a micro-batch of ``batch`` x T.
+
+    n_layer blocks' caches (activation checkpointing: n_layer block inputs, C each, plus one
+    block's cache, rebuilt in the backward), the final norm and its output (2 C + s), the
+    embedding-dropout mask (C), the ids (int64: 2 float32 slots), and the head's three
+    B T V arrays at the loss: logits, softmax probabilities and dlogits.
+    """
+    train_dropout = config.dropout > 0 if train_dropout is None else train_dropout
+    C = config.n_embd
+    block = block_activation_elements(config, T, train_dropout)
+    blocks = config.n_layer * C + block if activation_checkpointing else config.n_layer * block
+    rest = 2 * C + _norm_stats(config) + (C if train_dropout else 0) + 2
+    return float(bytes_per * batch * T * (blocks + rest + 3 * config.vocab_size))
+
+
+def memory_per_rank(config, n_params, micro_batch, T, n_ranks=1, stage=0, grad_accum=1,
+                    activation_checkpointing=False) -> dict:
+    """What a rank of a minillm run holds at the peak of a step, in bytes (float32, AdamW):
+
+        params        4 P                    every stage here (stage 3 would be 4 P / N)
+        grads         4 P                    one micro-batch's gradients, as gpt.backward returns them
+        grad_sum      8 P    stages 0, 1     the float64 sum over micro-batches and ranks (only
+                      8 P/N  stage 2         when there is more than one micro-batch)
+        optimizer     8 P    stage 0         AdamW's two moments
+                      8 P/N  stages 1, 2
+        activations   activation_bytes(...)  of one micro-batch
+        workspace     one block's cache      the temporaries of one block's backward (its
+                                             gradients with respect to what it cached)
+    -> those keys and "total". Stage 3 is the formula alone (parameters sharded too).
+    """
+    _check_memory_per_rank(n_ranks, stage, grad_accum)
+    P, N = float(n_params), n_ranks
+    parts = n_ranks * grad_accum
+    out = {"params": 4 * P / (N if stage >= 3 else 1),
+           "grads": 4 * P,
+           "grad_sum": 0.0 if parts == 1 else 8 * P / (N if stage >= 2 else 1),
+           "optimizer": 8 * P / (N if stage >= 1 else 1),
+           "activations": activation_bytes(config, micro_batch, T, activation_checkpointing),
+           "workspace": 4.0 * micro_batch * T * block_activation_elements(config, T, config.dropout > 0)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def measure_step_peak(config, micro_batch, T, activation_checkpointing=False, seed=0) -> dict:
+    """The peak of NumPy's allocations (tracemalloc) while building the parameters and AdamW
+    and taking one training step on a random micro-batch -> {"peak", "params", "optimizer"}."""
+    import tracemalloc
+
+    from . import gpt
+    from .optim import AdamW
+    r = np.random.default_rng(seed)
+    x = r.integers(0, config.vocab_size, (micro_batch, T))
+    y = r.integers(0, config.vocab_size, (micro_batch, T))
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        params = gpt.init_params(config, seed=seed)
+        after_params = tracemalloc.get_traced_memory()[0]
+        opt = AdamW(params, lr=1e-3)
+        after_opt = tracemalloc.get_traced_memory()[0]
+        base = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        _, grads = gpt.loss_and_grads(params, config, x, y, train=True, rng=np.random.default_rng(seed),
+                                      activation_checkpointing=activation_checkpointing)
+        opt.step(grads)
+        peak = max(base, tracemalloc.get_traced_memory()[1])
+    finally:
+        tracemalloc.stop()
+    return {"peak": float(peak), "params": float(after_params), "optimizer": float(after_opt - after_params)}
+
+
+# ---------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------
+
+def _check_zero_model_states(n_params, n_ranks, stage, k):
+    check_int_arg("n_params", n_params, lo=1)
+    check_int_arg("n_ranks", n_ranks, lo=1)
+    check_choice("stage", stage, (0, 1, 2, 3))
+    check_int_arg("k", k, lo=0)
+
+
+def _check_memory_per_rank(n_ranks, stage, grad_accum):
+    check_int_arg("n_ranks", n_ranks, lo=1)
+    check_choice("stage", stage, (0, 1, 2, 3))
+    check_int_arg("grad_accum", grad_accum, lo=1)
 
 def _check_shard_layout(params, size):
     if not isinstance(params, dict) or not params:

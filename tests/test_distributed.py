@@ -286,3 +286,73 @@ def test_the_command_line_under_mpiexec_equals_grad_accum(tmp_path):
     one = _cli([*common, "--grad-accum", "2", "--out", "one"], cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert same(params_of(tmp_path / "ddp"), params_of(tmp_path / "one"))
+
+
+# --- memory accounting ----------------------------------------------------------------
+
+def test_the_zero_paper_example_7_5b_parameters_on_64_gpus():
+    """ZeRO (Rajbhandari et al. 2020), figure 1: Psi = 7.5B, N = 64, K = 12, mixed precision."""
+    got = [round(dist.zero_model_states(7_500_000_000, 64, s)["total"] / 1e9, 1) for s in range(4)]
+    assert got == [120.0, 31.4, 16.6, 1.9]
+    import argparse
+
+    import minillm.cli.memory as mem
+    from minillm.__main__ import main
+    lines = []
+    p = argparse.ArgumentParser()
+    mem.add_arguments(p)
+    assert mem.run(p.parse_args(["--params", "7.5e9", "--ranks", "64"]), log=lines.append) == 0
+    totals = [ln.split()[-1] for ln in lines[2:]]
+    assert totals == ["120.0", "31.4", "16.6", "1.9"] and "GB per rank" in lines[0]
+    assert main(["memory", "--params", "0.5"]) == 2          # a mistake: one line, exit 2
+
+
+@given(st.integers(1, 10**9), st.integers(1, 256))
+def test_each_zero_stage_removes_what_it_says(n_params, n):
+    s = [dist.zero_model_states(n_params, n, stage) for stage in range(4)]
+    assert s[0]["total"] == 16 * n_params
+    assert s[1]["optimizer"] == pytest.approx(s[0]["optimizer"] / n) and s[1]["grads"] == s[0]["grads"]
+    assert s[2]["grads"] == pytest.approx(s[0]["grads"] / n) and s[2]["params"] == s[0]["params"]
+    assert s[3]["total"] == pytest.approx(s[0]["total"] / n)
+    assert s[0]["total"] >= s[1]["total"] >= s[2]["total"] >= s[3]["total"]
+
+
+SIZES = [gpt.GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16),
+         gpt.GPTConfig(vocab_size=65, block_size=64, n_layer=3, n_head=4, n_embd=64, dropout=0.1)]
+MARGIN = 0.2      # the accounting is within 20% of tracemalloc's peak
+
+
+@pytest.mark.parametrize("config,batch", [(SIZES[0], 4), (SIZES[1], 8)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_accounting_agrees_with_the_measured_peak(config, batch, checkpointing):
+    n_params = sum(int(np.prod(s)) for s in gpt.param_shapes(config).values())
+    acc = dist.memory_per_rank(config, n_params, batch, config.block_size, 1, 0, 1, checkpointing)
+    m = dist.measure_step_peak(config, batch, config.block_size, checkpointing)
+    # the arrays themselves, to within Python's own objects (a dict, array headers: a few KB)
+    assert m["params"] == pytest.approx(acc["params"], rel=0.01, abs=16e3)
+    assert m["optimizer"] == pytest.approx(acc["optimizer"], rel=0.01, abs=16e3)
+    assert abs(m["peak"] / acc["total"] - 1) <= MARGIN, (m, acc)
+
+
+def test_activation_accounting_counts_what_the_caches_hold():
+    """The formula per block against the bytes of the arrays a real forward's cache keeps."""
+    for config in [SIZES[0], gpt.GPTConfig(vocab_size=9, block_size=8, n_layer=1, n_head=4, n_embd=16,
+                                           n_kv_head=2, norm="rmsnorm", pos="rope", mlp="swiglu", bias=False)]:
+        B, T = 3, config.block_size
+        params = gpt.init_params(config, seed=0)
+        _, cache = gpt.forward(params, config, np.zeros((B, T), np.int64))
+        seen, total = {id(p) for p in params.values()}, 0
+        stack = [cache.blocks[0]]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, np.ndarray):
+                base = o
+                while base.base is not None:
+                    base = base.base
+                if id(base) not in seen and base.dtype == np.float32:
+                    seen.add(id(base))
+                    total += base.nbytes
+            elif isinstance(o, (tuple, list)):
+                stack.extend(o)
+        rope_tables = 4 * (T * config.head_dim // 2) * 4 if config.pos == "rope" else 0   # cos/sin, q and k
+        assert total - rope_tables == 4 * B * T * dist.block_activation_elements(config, T)
