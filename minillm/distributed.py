@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import NamedTuple
 
 import numpy as np
@@ -86,6 +87,7 @@ class World:
         self.rank = 0 if comm is None else int(comm.Get_rank())
         self.size = 1 if comm is None else int(comm.Get_size())
         self.backend = "single" if comm is None else "mpi"
+        self.comm_s = 0.0        # seconds spent inside collectives (waiting for slower ranks included)
 
     def __repr__(self):
         return f"World(rank={self.rank}, size={self.size}, backend={self.backend!r})"
@@ -94,13 +96,17 @@ class World:
         """buf <- the elementwise sum of every rank's buf."""
         if self.size > 1:
             from mpi4py import MPI
+            t0 = time.perf_counter()
             self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            self.comm_s += time.perf_counter() - t0
         return buf
 
     def bcast_(self, buf, root=0):
         """buf <- root's buf."""
         if self.size > 1:
+            t0 = time.perf_counter()
             self.comm.Bcast(buf, root=root)
+            self.comm_s += time.perf_counter() - t0
         return buf
 
     def reduce_scatter(self, buf, counts):
@@ -110,7 +116,9 @@ class World:
             out[...] = buf
         else:
             from mpi4py import MPI
+            t0 = time.perf_counter()
             self.comm.Reduce_scatter(buf, out, recvcounts=list(counts), op=MPI.SUM)
+            self.comm_s += time.perf_counter() - t0
         return out
 
     def reduce_(self, buf, root):
@@ -119,7 +127,9 @@ class World:
             return buf.copy()
         from mpi4py import MPI
         out = np.empty_like(buf) if self.rank == root else None
+        t0 = time.perf_counter()
         self.comm.Reduce(buf, out, op=MPI.SUM, root=root)
+        self.comm_s += time.perf_counter() - t0
         return out
 
     def allgather_(self, piece, full, counts):
@@ -128,7 +138,9 @@ class World:
             full[...] = piece
         else:
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+            t0 = time.perf_counter()
             self.comm.Allgatherv(piece, [full, list(counts), displs, _mpi_type(full)])
+            self.comm_s += time.perf_counter() - t0
         return full
 
     def bcast_obj(self, obj, root=0):
