@@ -6,8 +6,9 @@ exactly its own run; the final validation loss against ln N is fitted with a
 parabola per budget, whose bottom is that budget's N_opt; then N_opt ~ C^alpha.
 Prints the fitted exponent and the tokens per parameter at each optimum, and writes
 isoflop.svg (loss against N per budget), optimum.svg (N_opt against C) and
-results.json. The defaults take about ten minutes on 2 CPU cores; --quick is a
-smaller sweep that checks the plumbing in seconds.
+results.json. The defaults are 18 runs sized for a 2-core CPU (27 minutes on the project's
+2 cores shared with other jobs, load ~15; see BENCHMARKS.md); --quick is a smaller sweep
+(about a minute), and --budgets/--widths set any other.
 """
 
 from __future__ import annotations
