@@ -87,7 +87,8 @@ def add_arguments(parser):
     parser.add_argument("--eval-interval", type=common.count, default=None,
                         help="evaluate train and validation loss every N steps (default: the preset's)")
     parser.add_argument("--batch-size", type=common.positive_int, default=None,
-                        help="sequences per step (default: the preset's)")
+                        help="sequences per optimizer step: the global batch, cut into ranks x "
+                             "--grad-accum micro-batches (default: the preset's)")
     parser.add_argument("--block-size", type=common.positive_int, default=None,
                         help="context length in tokens (default: the preset's)")
     parser.add_argument("--lr", type=common.nonnegative_number, default=None,
