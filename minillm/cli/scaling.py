@@ -6,7 +6,7 @@ exactly its own run; the final validation loss against ln N is fitted with a
 parabola per budget, whose bottom is that budget's N_opt; then N_opt ~ C^alpha.
 Prints the fitted exponent and the tokens per parameter at each optimum, and writes
 isoflop.svg (loss against N per budget), optimum.svg (N_opt against C) and
-results.json. The defaults are 18 runs sized for a 2-core CPU (27 minutes on the project's
+results.json. The defaults are 18 runs sized for a 2-core CPU (24 minutes on the project's
 2 cores shared with other jobs, load ~15; see BENCHMARKS.md); --quick is a smaller sweep
 (about a minute), and --budgets/--widths set any other.
 """
@@ -127,7 +127,7 @@ def run(args, log=print):
 def _report(points, budgets, out, log):
     from minillm import scaling
     from minillm.plot import line_plot
-    optima = {}
+    optima, inside_of = {}, {}
     for budget in budgets:
         pts = [p for p in points if p.budget == budget]
         coeffs = scaling.fit_parabola([math.log(p.n_params) for p in pts], [p.loss for p in pts])
@@ -140,12 +140,22 @@ def _report(points, budgets, out, log):
         n_opt = math.exp(x)
         optima[budget] = (n_opt, loss)
         inside = min(p.n_params for p in pts) <= n_opt <= max(p.n_params for p in pts)
+        inside_of[budget] = inside
         log(f"C {budget:.0e}: N_opt {n_opt:,.0f} params, loss {loss:.4f} at the optimum, D_opt {budget / (6 * n_opt):,.0f} "
             f"tokens = {budget / (6 * n_opt * n_opt):.1f} tokens/param{'' if inside else ' (outside the widths tried: extrapolated)'}")
-    alpha = None
+    alpha = alpha_all = None
+    bracketed = [b for b in optima if inside_of[b]]
     if len(optima) >= 2:
-        alpha, k = scaling.fit_power_law(list(optima), [v[0] for v in optima.values()])
-        log(f"fit: N_opt ~ C^{alpha:.3f} (Chinchilla: ~0.5); so D_opt ~ C^{1 - alpha:.3f}")
+        alpha_all, _ = scaling.fit_power_law(list(optima), [optima[b][0] for b in optima])
+    if len(bracketed) >= 2:     # an optimum outside the widths tried is an extrapolation: fit without it
+        alpha, _ = scaling.fit_power_law(bracketed, [optima[b][0] for b in bracketed])
+        log(f"fit over the {len(bracketed)} budgets whose optimum lies inside the widths tried: N_opt ~ "
+            f"C^{alpha:.3f} (Chinchilla: ~0.5); so D_opt ~ C^{1 - alpha:.3f}")
+        if len(bracketed) < len(optima):
+            log(f"(over every budget, extrapolated optima included: C^{alpha_all:.3f})")
+    elif alpha_all is not None:
+        alpha = alpha_all
+        log(f"fit: N_opt ~ C^{alpha:.3f}, from optima extrapolated beyond the widths tried (Chinchilla: ~0.5)")
     else:
         log("fit: fewer than 2 budgets have an optimum; no exponent")
     series = {f"C = {b:.0e}": [(p.n_params, p.loss) for p in points if p.budget == b] for b in budgets}
@@ -153,7 +163,7 @@ def _report(points, budgets, out, log):
               ylabel="val loss", log_x=True)
     line_plot(out / "optimum.svg", {"N_opt": [(b, v[0]) for b, v in optima.items()]},
               title="compute-optimal size", xlabel="FLOPs C", ylabel="N_opt", log_x=True, log_y=True)
-    results = {"points": [p._asdict() for p in points], "alpha": alpha,
+    results = {"points": [p._asdict() for p in points], "alpha": alpha, "alpha_all_budgets": alpha_all,
                "optima": {f"{b:g}": {"n_opt": v[0], "loss": v[1], "tokens_per_param": b / (6 * v[0] ** 2)}
                           for b, v in optima.items()}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
