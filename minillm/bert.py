@@ -527,10 +527,10 @@ def pooler_forward(hidden, w, b):
     return y, PoolerCache(dense, y, tuple(hidden.shape))
 
 
-def pooler_backward(dpooled, cache: PoolerCache):
+def pooler_backward(dy, cache: PoolerCache):
     """-> dhidden (B, T, C) (nonzero only at position 0), dw, db"""
-    xp = array_module(dpooled)
-    dz = dpooled * (1 - cache.y * cache.y)
+    xp = array_module(dy)
+    dz = dy * (1 - cache.y * cache.y)
     dcls, dw, db = linear_backward(dz, cache.dense)             # (B, C)
     dhidden = xp.zeros(cache.hidden_shape, dtype=dcls.dtype)    # (B, T, C)
     dhidden[:, 0] = dcls

@@ -40,10 +40,10 @@ def _check_lookup(ids, table, ids_name, table_name):
     check_same_device(ids_name, ids, table, table_name)
 
 
-def _check_dout(dout, cache: EmbeddingCache, dout_name):
+def _check_dy(dy, cache: EmbeddingCache, dy_name):
     want = (*cache.ids.shape, cache.table_shape[1])
-    if tuple(dout.shape) != want:
-        raise ValueError(f"{dout_name}: expected shape {want} (the forward output's), got {tuple(dout.shape)}")
+    if tuple(dy.shape) != want:
+        raise ValueError(f"{dy_name}: expected shape {want} (the forward output's), got {tuple(dy.shape)}")
 
 
 def _embedding_forward(ids, table, ids_name, table_name):
@@ -55,14 +55,14 @@ def _embedding_forward(ids, table, ids_name, table_name):
     return out, EmbeddingCache(ids, tuple(table.shape), table.dtype)
 
 
-def _embedding_backward(dout, cache: EmbeddingCache, dout_name):
+def _embedding_backward(dy, cache: EmbeddingCache, dy_name):
     """The scatter-add every public backward here shares."""
-    _check_dout(dout, cache, dout_name)
+    _check_dy(dy, cache, dy_name)
     ids, (V, C), dtype = cache
-    xp = array_module(dout)
+    xp = array_module(dy)
     dtable = xp.zeros((V, C), dtype=dtype)
-    # Repeated ids must accumulate, which plain dtable[ids] += dout would not do.
-    scatter_add(dtable, ids.reshape(-1), dout.reshape(-1, C))           # (V, C)
+    # Repeated ids must accumulate, which plain dtable[ids] += dy would not do.
+    scatter_add(dtable, ids.reshape(-1), dy.reshape(-1, C))           # (V, C)
     return dtable
 
 
@@ -75,14 +75,14 @@ def embedding_forward(ids, table):
     return _embedding_forward(ids, table, "ids", "table")
 
 
-def embedding_backward(dout, cache: EmbeddingCache):
-    """dtable[v] = sum of dout at every position where ids == v (zero for unused rows).
+def embedding_backward(dy, cache: EmbeddingCache):
+    """dtable[v] = sum of dy at every position where ids == v (zero for unused rows).
 
-    Equivalent to one_hot(ids)^T @ dout, without building the one-hot matrix.
-    dout: (..., C) -> dtable: (V, C)
-    Example: ids = [2, 0, 2], dout = [[1, 1], [5, 5], [3, 3]] -> dtable = [[5, 5], [0, 0], [4, 4]]
+    Equivalent to one_hot(ids)^T @ dy, without building the one-hot matrix.
+    dy: (..., C) -> dtable: (V, C)
+    Example: ids = [2, 0, 2], dy = [[1, 1], [5, 5], [3, 3]] -> dtable = [[5, 5], [0, 0], [4, 4]]
     """
-    return _embedding_backward(dout, cache, "dout")
+    return _embedding_backward(dy, cache, "dy")
 
 
 def _check_sinusoidal(T, C, base):
@@ -138,9 +138,9 @@ def segment_embedding_forward(token_type_ids, table):
     return _embedding_forward(token_type_ids, table, "token_type_ids", "table")
 
 
-def segment_embedding_backward(dout, cache: EmbeddingCache):
-    """-> dtable: (n_types, C), the scatter-add of dout by segment id."""
-    return _embedding_backward(dout, cache, "dout")
+def segment_embedding_backward(dy, cache: EmbeddingCache):
+    """-> dtable: (n_types, C), the scatter-add of dy by segment id."""
+    return _embedding_backward(dy, cache, "dy")
 
 
 def init_embedding(rng, V, C, std=0.02, dtype=DEFAULT_DTYPE, device=None):

@@ -167,7 +167,7 @@ def test_bad_input(xp):
     with pytest.raises(TypeError, match="token_type_ids: expected an integer array"):
         E.segment_embedding_forward(on(xp, np.array([0.0])), on(xp, np.zeros((2, 3))))
     _, cache = E.embedding_forward(on(xp, np.array([0, 1])), table)
-    with pytest.raises(ValueError, match=r"dout: expected shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"dy: expected shape \(2, 3\)"):
         E.embedding_backward(on(xp, np.zeros((2, 4))), cache)
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="T: expected a non-negative int"):

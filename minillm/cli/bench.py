@@ -1,7 +1,8 @@
 """python -m minillm bench TARGET: speed and memory, side by side with reference libraries.
 
 Each target is a module in ``minillm/bench/`` defining ``add_arguments(parser)`` and
-``run(args)``; they are found by name, so adding a benchmark touches no other file.
+``run(args)``; they are found by name, so adding a benchmark touches no other file
+(module ``train_run.py`` is target ``train-run``).
 Benchmarks are not tests: they measure and report, they do not assert.
 """
 
@@ -13,13 +14,15 @@ from minillm.cli.common import HelpFormatter, UsageError
 
 
 def targets():
-    return sorted(m.name for m in pkgutil.iter_modules(_bench_pkg.__path__) if not m.name.startswith("_"))
+    """The target names: the modules of minillm/bench, with "-" for "_"."""
+    return sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(_bench_pkg.__path__)
+                  if not m.name.startswith("_"))
 
 
 def add_arguments(parser):
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     for name in targets():
-        mod = importlib.import_module(f"minillm.bench.{name}")
+        mod = importlib.import_module(f"minillm.bench.{name.replace('-', '_')}")
         p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name,
                            description=mod.__doc__,
                            formatter_class=HelpFormatter)
