@@ -356,3 +356,19 @@ def test_activation_accounting_counts_what_the_caches_hold():
                 stack.extend(o)
         rope_tables = 4 * (T * config.head_dim // 2) * 4 if config.pos == "rope" else 0   # cos/sin, q and k
         assert total - rope_tables == 4 * B * T * dist.block_activation_elements(config, T)
+
+
+def test_bench_distributed_prints_a_row_per_rank_count_and_stage():
+    _mpiexec()
+    import argparse
+
+    from minillm.bench import distributed as bench
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    lines = []
+    args = p.parse_args(["--preset", "tiny", "--batch-size", "4", "--block-size", "8", "--steps", "1",
+                         "--ranks", "2,3", "--zero", "1"])
+    assert bench.run(args, log=lines.append) == 0
+    row = lines[2].split()
+    assert row[:2] == ["2", "1"] and float(row[2]) > 0 and float(row[4]) > 0   # comm time measured
+    assert "skipped: batch 4 does not divide into 3 ranks" in lines[3]
