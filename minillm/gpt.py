@@ -28,6 +28,14 @@ the bottom up, as in llm.c's gpt2_backward: each step is labelled with the forwa
 undoes ("forward step 4: x1 = x + a_drop"), every ``*_forward`` has its ``*_backward``, each
 returning its gradients, and each residual sum sends its gradient down both paths.
 
+Activation checkpointing (``activation_checkpointing=True`` in :func:`forward` and
+:func:`loss_and_grads`): the forward keeps only each block's input x (B, T, C) and a copy
+of the dropout generator as the block found it, and drops the block's cache; the
+backward, reaching block i, runs block i's forward again from that input (the same
+dropout masks, redrawn from the copy) and then its backward. Memory for activations
+falls from n_layer blocks' caches to n_layer inputs plus one block's cache, for one more
+forward pass of the blocks; the gradients are the same numbers, bit for bit.
+
 Parameters are a flat dict with dotted names (GPT-2's, shortened)::
 
     wte (V, C)  wpe (block_size, C)  [lm_head (V, C) when untied]
@@ -42,6 +50,7 @@ Conv1D, so GPT-2 checkpoints load without transposes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -270,7 +279,7 @@ def _check_param(name, a, shape, dtype):
 # ---------------------------------------------------------------------------
 
 def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, attention_mask=None,
-                  tree_mask=None):
+                  tree_mask=None, activation_checkpointing=False):
     """All of forward's checks, before any math: the config, every parameter's name, shape
     and dtype, idx's shape, length and device, the ids' range (one min/max pass over idx,
     which the math needs: a negative id would wrap around to the last rows of wte without
@@ -290,6 +299,11 @@ def _check_inputs(params, config, idx, train=False, rng=None, kv_cache=None, att
                              f"{(B, offset + T)}, got {attention_mask.dtype} {tuple(attention_mask.shape)}")
     if train and config.dropout > 0 and rng is None:
         raise TypeError("rng: expected a random Generator when train=True and dropout > 0, got None")
+    if not isinstance(activation_checkpointing, bool):
+        raise TypeError(f"activation_checkpointing: expected a bool, got {type(activation_checkpointing).__name__}")
+    if activation_checkpointing and kv_cache is not None:
+        raise ValueError("activation_checkpointing: expected no kv_cache (checkpointing saves memory for a "
+                         "backward pass; a KV cache is for inference), got one")
 
 
 def _check_idx(config, idx, name="idx", offset=0, span=None):
@@ -508,6 +522,20 @@ def _block_backward(config, dy, cache: BlockCache):
 # Forward
 # ---------------------------------------------------------------------------
 
+class BlockCheckpoint(NamedTuple):
+    """What activation checkpointing keeps of a block: its input, and how to redraw its dropout."""
+    x: object        # (B, T, C) the block's input
+    rng: object      # a copy of the generator as the block found it (None: no dropout)
+
+
+class Recompute(NamedTuple):
+    """What the backward needs to run a block's forward again."""
+    params: dict
+    p_drop: float
+    key_mask: object
+    positions: object
+
+
 class GPTCache(NamedTuple):
     config: GPTConfig
     tok: object          # EmbeddingCache of wte (step 1)
@@ -517,10 +545,11 @@ class GPTCache(NamedTuple):
     ln_f: object         # norm cache of the final norm (step 4)
     xf: object           # (B, T, C) the final norm's output: the LM head's input
     head: object         # (V, C) the LM head's weight (wte when tied) (step 5)
+    recompute: object = None   # Recompute under activation checkpointing (blocks: [BlockCheckpoint])
 
 
 def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None, attention_mask=None,
-            tree_mask=None):
+            tree_mask=None, activation_checkpointing=False):
     """logits = GPT(idx): the next-token logits at every position.
 
     idx: (B, T) int ids in [0, V), T <= block_size. train: apply dropout (needs
@@ -535,9 +564,11 @@ def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None
     T_cached + its depth, so the logits at a node are those of a plain forward of the
     cached tokens followed by that node's root path. Only the deepest path needs to fit
     in block_size; the cache keeps all T (KVCache.keep then keeps the accepted path).
+    activation_checkpointing: keep only each block's input; backward recomputes the rest.
     -> logits: (B, T, V) in the params' dtype, cache (for :func:`backward`)
     """
-    _check_inputs(params, config, idx, train, rng, kv_cache, attention_mask, tree_mask)
+    _check_inputs(params, config, idx, train, rng, kv_cache, attention_mask, tree_mask,
+                  activation_checkpointing)
     B, T = idx.shape
     offset = kv_cache.length(0) if kv_cache is not None else 0            # tokens already cached
     if tree_mask is None:
@@ -550,13 +581,18 @@ def forward(params, config: GPTConfig, idx, train=False, rng=None, kv_cache=None
     x, drop_emb = dropout_forward(x, p_drop, rng)                         # 2. x = dropout(x)
     blocks = []
     for layer in range(config.n_layer):                                   # 3. x = block(x), n_layer times
+        if activation_checkpointing:       # keep the input (and the dropout generator), drop the cache
+            blocks.append(BlockCheckpoint(x, copy.deepcopy(rng) if p_drop > 0 else None))
+            x, _ = _block_forward(params, config, layer, x, p_drop, rng, key_mask, positions, None)
+            continue
         x, block = _block_forward(params, config, layer, x, p_drop, rng, key_mask, positions, kv_cache)
         blocks.append(block)
     xf, ln_f = _norm_forward(config, params, "ln_f", x)                  # 4. xf = norm_f(x)
     head = params["wte"] if config.tie_embeddings else params["lm_head"]
     logits = xf.reshape(B * T, config.n_embd) @ head.T                    # 5. logits = xf @ head^T
     logits = logits.reshape(B, T, config.vocab_size)                      # (B, T, V)
-    return logits, GPTCache(config, tok, pos, drop_emb, blocks, ln_f, xf, head)
+    recompute = Recompute(params, p_drop, key_mask, positions) if activation_checkpointing else None
+    return logits, GPTCache(config, tok, pos, drop_emb, blocks, ln_f, xf, head, recompute)
 
 
 # ---------------------------------------------------------------------------
@@ -589,7 +625,8 @@ def backward(dlogits, cache: GPTCache, dhidden=None) -> dict:
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = _norm_backward(config, dxf, cache.ln_f)
     # forward step 3: x = block(x) for layer 0, 1, ..., n_layer - 1. Now from the last layer down
     for layer in reversed(range(config.n_layer)):
-        dx, block_grads = _block_backward(config, dx, cache.blocks[layer])
+        block = cache.blocks[layer] if cache.recompute is None else _recompute_block(cache, layer)
+        dx, block_grads = _block_backward(config, dx, block)
         grads.update({f"h.{layer}.{name}": g for name, g in block_grads.items()})
     # forward step 2: x = dropout(x)
     dx = dropout_backward(dx, cache.drop_emb)
@@ -602,20 +639,32 @@ def backward(dlogits, cache: GPTCache, dhidden=None) -> dict:
     return {name: grads[name] for name in _param_shapes(config)}
 
 
+def _recompute_block(cache: GPTCache, layer: int) -> BlockCache:
+    """Activation checkpointing: block ``layer``'s forward again, from its saved input, with a
+    copy of its saved generator (the same dropout masks; backward may run twice) -> its cache."""
+    r, saved = cache.recompute, cache.blocks[layer]
+    rng = copy.deepcopy(saved.rng)
+    _, block = _block_forward(r.params, cache.config, layer, saved.x, r.p_drop, rng, r.key_mask, r.positions, None)
+    return block
+
+
 def _check_targets(targets, idx):
     check_int("targets", targets)
     if tuple(targets.shape) != tuple(idx.shape):
         raise ValueError(f"targets: expected shape {tuple(idx.shape)} (that of idx), got {tuple(targets.shape)}")
 
 
-def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=None):
+def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=None,
+                   activation_checkpointing=False):
     """Mean next-token cross-entropy and its gradient.
 
     targets: (B, T) int, the token after each position (targets[:, t] = idx[:, t+1] for a
-    window of text), -100 where a position should not count.
+    window of text), -100 where a position should not count. activation_checkpointing:
+    recompute each block's forward during the backward (less memory, the same gradients).
     -> (loss: float, grads: {name: array} with the keys and shapes of params)
     """
-    logits, cache = forward(params, config, idx, train=train, rng=rng)
+    logits, cache = forward(params, config, idx, train=train, rng=rng,
+                            activation_checkpointing=activation_checkpointing)
     _check_targets(targets, idx)
     loss_value, ce = softmax_cross_entropy_forward(logits, targets)
     dlogits = softmax_cross_entropy_backward(logits.dtype.type(1.0), ce)

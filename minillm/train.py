@@ -29,12 +29,21 @@ The loop, :func:`train`, in full:
 One optimizer step, :func:`train_step`:
 
     lr = lr_schedule(step)                      warmup, then cosine decay
-    for each of grad_accum_steps micro-batches:
-        batch = task.get_batch("train", rng)
-        loss, grads = task.loss_and_grads(params, batch)
-        acc += grads / grad_accum_steps         the gradient of the mean loss
+    batch = task.get_batch("train", rng)        the global batch, batch_size rows
+    cut it into world.size x grad_accum_steps micro-batches; this rank takes its K
+    for each of its micro-batches:
+        loss, grads = task.loss_and_grads(params, micro_batch)
+        acc += grads                            in one float64 buffer
+    all-reduce acc over the ranks, / (N K)      the gradient of the mean loss
     clip_grad_norm(acc, grad_clip)
     optimizer.step(acc)
+
+With one process and grad_accum_steps 1 the batch goes to loss_and_grads whole.
+Under a world of N ranks (minillm.distributed; ``mpiexec -n N``) every rank draws
+the same global batch from the same generator and keeps its part, so the data
+stream does not depend on N: a run resumes under another number of ranks on the
+same batches. Only rank 0 logs, evaluates and writes files; ZeRO (``zero=1|2``)
+shards the optimizer state (and the gradients) across the ranks.
 
 Every ``eval_interval`` steps the mean loss over ``eval_iters`` batches of each
 split is measured, always on the same batches (a generator seeded afresh for each
@@ -60,6 +69,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -76,7 +86,8 @@ from .backend import (array_module, atomic_write, check_choice, check_int_arg, c
 # Re-exported: these lived here before checkpoint.py held the native format.
 from .checkpoint import (CHECKPOINT_FILE, CHECKPOINT_JSON, FORMAT, FORMAT_VERSION,  # noqa: F401
                          latest_run, load_checkpoint, save_checkpoint)
-from .optim import accumulate, clip_grad_norm, global_norm, lr_schedule, make_optimizer
+from . import distributed as dist
+from .optim import clip_grad_norm, global_norm, lr_schedule, make_optimizer
 from .plot import METRICS_FILE, PLOT_FILE, plot_metrics, read_metrics, write_loss_svg
 
 __all__ = ["TrainConfig", "train", "train_step", "evaluate", "save_checkpoint", "load_checkpoint",
@@ -93,7 +104,10 @@ class TrainConfig:
     """Everything that decides a training run (the model's own config lives with the task).
 
     Intervals count optimizer steps; an interval of 0 means "only at the end".
-    grad_clip <= 0 disables clipping. batch_size, block_size, data and
+    grad_clip <= 0 disables clipping. batch_size is the global batch of one
+    optimizer step: the task's get_batch returns that many rows, which the loop
+    cuts into (ranks x grad_accum_steps) equal micro-batches, so it must divide by
+    both. batch_size, block_size, data and
     val_fraction are read by whoever builds the task (its batches and its
     train/validation split); the loop records them in every checkpoint, so a
     checkpoint says what it was trained and validated on.
@@ -122,8 +136,10 @@ class TrainConfig:
 
     # Fields that change the trajectory: a resumed run must agree on them to be exact.
     _TRAJECTORY = ("batch_size", "block_size", "lr", "min_lr", "warmup_steps", "weight_decay",
-                   "grad_clip", "betas", "eps", "optimizer", "momentum", "grad_accum_steps", "seed",
-                   "data", "val_fraction")
+                   "grad_clip", "betas", "eps", "optimizer", "momentum", "seed", "data", "val_fraction")
+    # Not grad_accum_steps: the global batch is drawn whole and then cut, so how many pieces
+    # it is cut into (ranks x grad_accum_steps) changes only the gradient's round-off (and which
+    # dropout masks are drawn); a resumed run may change it, and is told so.
     _POSITIVE_INTS = ("max_steps", "batch_size", "block_size", "eval_iters", "log_interval",
                       "grad_accum_steps")
     _NON_NEGATIVE_INTS = ("warmup_steps", "eval_interval", "checkpoint_interval", "seed")
@@ -371,10 +387,17 @@ _TASK_ATTRS = ("params", "loss_and_grads", "eval_loss", "get_batch", "tokens_per
                "model_config", "tokenizer")
 
 
-def _check_train_args(task, cfg) -> TrainConfig:
+def _check_train_args(task, cfg, world, zero) -> tuple[TrainConfig, int]:
     cfg = TrainConfig() if cfg is None else cfg
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if not isinstance(world, dist.World):
+        raise TypeError(f"world: expected a distributed.World, got {type(world).__name__}")
+    zero = dist.check_zero(zero)
+    parts = world.size * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        raise ValueError(f"batch_size: expected a global batch divisible by ranks x grad_accum_steps = "
+                         f"{world.size} x {cfg.grad_accum_steps} = {parts}, got {cfg.batch_size}")
     missing = [a for a in _TASK_ATTRS if not hasattr(task, a)]
     if missing:
         raise TypeError(f"task: expected an object with {', '.join(_TASK_ATTRS)}; "
@@ -384,7 +407,7 @@ def _check_train_args(task, cfg) -> TrainConfig:
     rng = getattr(task, "rng", None)
     if rng is not None and not isinstance(rng, np.random.Generator):
         raise TypeError(f"task.rng: expected a numpy Generator or None, got {type(rng).__name__}")
-    return cfg
+    return cfg, zero
 
 
 @dataclass
@@ -401,31 +424,46 @@ class _Run:
     start_step: int = 0                # the step this session started from
     checkpoint: Path | None = None     # the latest checkpoint written (or resumed from)
     metrics_file: object = None        # metrics.jsonl, open for appending while the loop runs
+    world: object = None               # distributed.World: this rank among how many
+    reducer: object = None             # distributed.GradReducer, when there are micro-batches to sum
     # The latest of each, saved in checkpoints and returned by train():
     last: dict = dataclasses.field(default_factory=lambda: {
         "train_loss": None, "val_loss": None, "best_val_loss": None, "grad_norm": None})
 
+    @property
+    def writer(self) -> bool:
+        """True on the rank that writes files and logs (rank 0)."""
+        return self.world.rank == 0
+
     def record(self, rec: dict) -> None:
         """Append one record to metrics.jsonl (flushed: a crash loses at most the line being written)."""
+        if not self.writer:
+            return
         self.metrics_file.write(json.dumps(rec) + "\n")
         self.metrics_file.flush()
 
 
-def _start_run(task, cfg, resume, log) -> _Run:
+def _start_run(task, cfg, resume, log, world, zero) -> _Run:
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    optimizer = make_optimizer(cfg.optimizer, task.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                               betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum)
-    progress = _Progress(log, cfg.log_interval, cfg.max_steps,
-                         int(task.tokens_per_batch) * cfg.grad_accum_steps)
+    if world.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps, momentum=cfg.momentum)
+    optimizer = (dist.ZeroOptimizer(cfg.optimizer, task.params, world, **kw) if zero
+                 else make_optimizer(cfg.optimizer, task.params, **kw))
+    progress = _Progress(log, cfg.log_interval, cfg.max_steps, int(task.tokens_per_batch))
+    parts = world.size * cfg.grad_accum_steps
     run = _Run(task, cfg, out, optimizer, np.random.default_rng(cfg.seed), getattr(task, "rng", None),
-               progress)
+               progress, world=world,
+               reducer=dist.GradReducer(task.params, world, zero) if parts > 1 else None)
     elapsed_before = _restore_run(run) if resume else _start_fresh(run)
+    dist.broadcast_params(task.params, world)      # every rank starts from rank 0's parameters
     progress.start_clock(elapsed_before)
     return run
 
 
 def _start_fresh(run) -> float:
+    if not run.writer:
+        return 0.0
     if (run.out / CHECKPOINT_FILE).exists():
         run.progress.line(f"note: {run.out / CHECKPOINT_FILE} is from an earlier run and will be "
                           f"overwritten (pass resume=True / --resume to continue it instead)")
@@ -447,9 +485,16 @@ def _restore_run(run) -> float:
     if run.task_rng is not None and rng.get("task") is not None:
         run.task_rng.bit_generator.state = rng["task"]
     run.step = run.start_step = ck["step"]
+    parts = run.world.size * run.cfg.grad_accum_steps
+    saved_parts = ck["metrics"].get("micro_batches", parts)
+    if parts != saved_parts:
+        run.progress.line(f"note: the global batch is now cut into {parts} micro-batches (ranks x grad_accum_steps), "
+                          f"{saved_parts} before: the same batches, gradients equal to round-off (dropout "
+                          f"masks differ)")
     run.last.update({k: ck["metrics"].get(k) for k in run.last})
     run.checkpoint = run.out / CHECKPOINT_FILE
-    _rewrite_metrics(run.out, run.step)
+    if run.writer:
+        _rewrite_metrics(run.out, run.step)
     run.progress.line(f"resumed {ck['path']} at step {run.step}/{run.cfg.max_steps}")
     return float(ck["metrics"].get("elapsed_s", 0.0))
 
@@ -504,29 +549,79 @@ def _rewrite_metrics(out: Path, keep_through_step: int):
 # The loop: a step, an evaluation, a checkpoint
 # ---------------------------------------------------------------------------
 
-def train_step(task, optimizer, data_rng, cfg: TrainConfig, step: int) -> tuple[float, float, float]:
+def split_batch(batch, parts: int) -> list:
+    """A batch cut into ``parts`` equal micro-batches along its first axis: a tuple (or list)
+    of arrays is cut array by array, an array directly. ValueError if the rows do not divide."""
+    arrays = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    rows = int(arrays[0].shape[0])
+    if rows % parts or any(int(a.shape[0]) != rows for a in arrays):
+        raise ValueError(f"batch_size: expected a batch whose {rows} rows divide into {parts} equal "
+                         f"micro-batches (ranks x grad_accum_steps), got rows "
+                         f"{[int(a.shape[0]) for a in arrays]}")
+    n = rows // parts
+    cut = [[a[i * n:(i + 1) * n] for a in arrays] for i in range(parts)]
+    return [type(batch)(c) if isinstance(batch, (tuple, list)) else c[0] for c in cut]
+
+
+def _reseed_task_rng(task_rng, base, m):
+    """Micro-batch m of a step draws dropout from a generator seeded by (base, m), base drawn
+    once per step from the task's generator: which rank computes m then does not matter.
+    After the step the generator is seeded by (base, number of micro-batches) on every rank."""
+    if task_rng is not None:
+        task_rng.bit_generator.state = np.random.default_rng([base, m]).bit_generator.state
+
+
+def _micro_loss_and_grads(task, micro, step, lr, cfg):
+    loss, grads = task.loss_and_grads(task.params, micro)
+    loss = float(loss)
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"loss is {loss} at step {step}: training diverged. Lower lr (now {lr:.3g}), "
+            f"keep grad_clip on, or resume from the last checkpoint in {Path(cfg.out_dir)}")
+    return loss, grads
+
+
+def train_step(task, optimizer, data_rng, cfg: TrainConfig, step: int, world=None,
+               reducer=None) -> tuple[float, float, float]:
     """One optimizer step from ``step`` steps done -> (train loss, gradient norm, lr).
 
-    The loss is the mean over the grad_accum_steps micro-batches; the norm is the
+    The loss is the mean over the global batch's micro-batches; the norm is the
     gradient's global norm before clipping. A non-finite loss is FloatingPointError.
+    ``world`` (default: a world of one) and ``reducer`` (a distributed.GradReducer,
+    made here when None) say how micro-batch gradients are summed across ranks.
     """
     lr = lr_schedule(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr)
     optimizer.lr = lr
-    n_micro = cfg.grad_accum_steps
-    grads_mean, loss_sum = None, 0.0       # grads_mean: the sum of grads / n_micro so far
-    for _ in range(n_micro):
-        batch = task.get_batch("train", data_rng)
-        loss, grads = task.loss_and_grads(task.params, batch)
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss} at step {step}: training diverged. Lower lr (now {lr:.3g}), "
-                f"keep grad_clip on, or resume from the last checkpoint in {Path(cfg.out_dir)}")
+    world = dist.world_of_one() if world is None else world
+    k, parts = cfg.grad_accum_steps, world.size * cfg.grad_accum_steps
+    batch = task.get_batch("train", data_rng)
+    if parts == 1:                                   # one process, one micro-batch: no buffer needed
+        loss, grads = _micro_loss_and_grads(task, batch, step, lr, cfg)
+        grad_norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(grads)
+        optimizer.step(grads)
+        return loss, grad_norm, lr
+    reducer = dist.GradReducer(task.params, world) if reducer is None else reducer
+    task_rng = getattr(task, "rng", None)
+    base = int(task_rng.integers(2**63)) if task_rng is not None else 0
+    mine = split_batch(batch, parts)[world.rank * k:(world.rank + 1) * k]
+    reducer.begin()
+    loss_sum = 0.0
+    for i, micro in enumerate(mine):
+        _reseed_task_rng(task_rng, base, world.rank * k + i)
+        loss, grads = _micro_loss_and_grads(task, micro, step, lr, cfg)
         loss_sum += loss
-        grads_mean = grads if n_micro == 1 else accumulate(grads_mean, grads, 1.0 / n_micro)
-    grad_norm = clip_grad_norm(grads_mean, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(grads_mean)
-    optimizer.step(grads_mean)
-    return loss_sum / n_micro, grad_norm, lr
+        reducer.add(grads)
+        del grads
+    _reseed_task_rng(task_rng, base, parts)          # every rank leaves the step in the same state
+    grads = reducer.finish(parts)                    # the mean gradient (this rank's shard under ZeRO)
+    loss_sum = float(world.allreduce_(np.array([loss_sum]))[0])
+    if reducer.zero:
+        grad_norm = (dist.clip_grad_norm_sharded(grads, cfg.grad_clip, world, reducer.layout)
+                     if cfg.grad_clip > 0 else dist.sharded_global_norm(grads, world, reducer.layout))
+    else:
+        grad_norm = clip_grad_norm(grads, cfg.grad_clip) if cfg.grad_clip > 0 else global_norm(grads)
+    optimizer.step(grads)
+    return loss_sum / parts, grad_norm, lr
 
 
 def _evaluate_now(run) -> None:
@@ -540,12 +635,17 @@ def _evaluate_now(run) -> None:
 
 
 def _save_now(run) -> Path:
-    """A checkpoint of everything the next step depends on; -> its path."""
+    """A checkpoint of everything the next step depends on; -> its path. Every rank calls it
+    (a sharded optimizer gathers its state); rank 0 writes."""
+    state = run.optimizer.state_dict()
+    if not run.writer:
+        return run.out / CHECKPOINT_FILE
     rng_state = {"data": run.data_rng.bit_generator.state,
                  "task": run.task_rng.bit_generator.state if run.task_rng is not None else None}
-    return save_checkpoint(run.out, run.task.params, optimizer=run.optimizer, step=run.step, config=run.cfg,
+    return save_checkpoint(run.out, run.task.params, optimizer=state, step=run.step, config=run.cfg,
                            model_config=run.task.model_config, tokenizer=run.task.tokenizer,
-                           rng_state=rng_state, metrics={**run.last, "elapsed_s": run.progress.elapsed()})
+                           rng_state=rng_state, metrics={**run.last, "elapsed_s": run.progress.elapsed(),
+                                                         "micro_batches": run.world.size * run.cfg.grad_accum_steps})
 
 
 def _every(interval, step) -> bool:
@@ -558,14 +658,17 @@ def _evaluate_and_save_if_due(run, final) -> None:
     due_save = final or _every(run.cfg.checkpoint_interval, run.step)
     if due_eval or due_save:
         with run.progress.paused():
-            if due_eval:
+            if due_eval and run.writer:
                 _evaluate_now(run)
             if due_save:
                 run.checkpoint = _save_now(run)
-            plot_metrics(run.out)
+                run.world.barrier()      # no rank runs ahead of a checkpoint being written
+            if run.writer:
+                plot_metrics(run.out)
 
 
-def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print) -> dict:
+def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print, world=None,
+          zero: int = 0) -> dict:
     """Train ``task`` (see the module docstring) under ``cfg``; return the final metrics.
 
     resume=True continues from ``cfg.out_dir/checkpoint.npz`` exactly where it was
@@ -574,18 +677,46 @@ def train(task, cfg: TrainConfig | None = None, resume: bool = False, log=print)
     evaluates, writes a checkpoint and returns with "interrupted": True; a second
     Ctrl-C stops at once. Returns {"step", "train_loss", "val_loss", "best_val_loss",
     "grad_norm", "tokens_per_s", "elapsed_s", "checkpoint", "out_dir", "interrupted"}.
+
+    ``world``: a distributed.World (default: a world of one). Every rank calls train
+    with the same task and cfg; rank 0 alone logs, evaluates and writes. ``zero``: 0
+    (DDP), 1 or 2 (ZeRO stage). A rank that fails prints its error and ends every
+    rank (MPI_Abort); checkpoints are written atomically, so the last complete one
+    stays intact.
     """
-    cfg = _check_train_args(task, cfg)
-    run = _start_run(task, cfg, resume, log)
+    world = dist.world_of_one() if world is None else world
+    cfg, zero = _check_train_args(task, cfg, world, zero)
+    if world.rank != 0:
+        log = _quiet
+    try:
+        return _train(task, cfg, resume, log, world, zero)
+    except BaseException as e:
+        if world.size == 1:
+            raise
+        print(f"minillm: rank {world.rank} of {world.size} failed: {type(e).__name__}: {e}; ending every "
+              f"rank. The last complete checkpoint in {cfg.out_dir} is intact (--resume continues from it).",
+              file=sys.stderr, flush=True)
+        world.abort(1)
+
+
+def _quiet(_line):
+    pass
+
+
+def _train(task, cfg, resume, log, world, zero) -> dict:
+    run = _start_run(task, cfg, resume, log, world, zero)
     interrupted = False
-    with open(run.out / METRICS_FILE, "a", encoding="utf-8") as metrics_file, _StopOnInterrupt() as stop:
+    metrics_path = run.out / METRICS_FILE if run.writer else os.devnull
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file, _StopOnInterrupt() as stop:
         run.metrics_file = metrics_file
         try:
             while run.step < cfg.max_steps:
-                train_loss, grad_norm, lr = train_step(task, run.optimizer, run.data_rng, cfg, run.step)
+                train_loss, grad_norm, lr = train_step(task, run.optimizer, run.data_rng, cfg, run.step,
+                                                       world, run.reducer)
                 run.step += 1
                 run.last.update(train_loss=train_loss, grad_norm=grad_norm)
-                interrupted = stop.requested and run.step < cfg.max_steps
+                requested = float(world.allreduce_(np.array([float(stop.requested)]))[0]) > 0
+                interrupted = requested and run.step < cfg.max_steps   # every rank agrees
                 final = run.step == cfg.max_steps or interrupted   # Ctrl-C: log, evaluate, save, stop
                 timing = run.progress.step_done(run.step, train_loss, lr, final)
                 if timing is not None:

@@ -82,6 +82,18 @@ PLANTED = {
             return grads
         m.backward = _wrong
         """, "dwpe by hand vs gpt.backward"),
+    # Bit-for-bit claims: activation checkpointing that recomputes a block from an input off
+    # by one part in 1e7 changes the gradients, and walkthrough 19 must notice.
+    "recompute_from_a_nudged_input": ("19_distributed.py", """
+        import minillm.gpt as m
+        _right = m._recompute_block
+        def _wrong(cache, layer):
+            saved = cache.blocks[layer]
+            blocks = list(cache.blocks)
+            blocks[layer] = saved._replace(x=saved.x * (1 + 1e-7))
+            return _right(cache._replace(blocks=blocks), layer)
+        m._recompute_block = _wrong
+        """, "checkpointing should not change a gradient"),
     # Trained vs baseline: an optimizer that never moves the weights cannot beat a guess.
     "adamw_step_does_nothing": ("13_lora.py", """
         import minillm.optim as m

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minillm import backend, gpt
+from minillm import backend, distributed, gpt
 from minillm import data as corpus
 from minillm.cli import common, train_bert, train_medusa
 from minillm.cli.common import UsageError
@@ -81,19 +81,34 @@ def add_arguments(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out (default: the latest run under runs/) from its "
                              "checkpoint, exactly where it stopped; the run keeps its own model, tokenizer "
-                             "and settings, and only --max-steps (and --device) may change")
+                             "and settings, and only --max-steps, --device, --grad-accum and the number of --ddp ranks may change")
     parser.add_argument("--seed", type=common.seed, default=1337,
                         help="seed for the initialisation, the batches and dropout (default: 1337)")
     parser.add_argument("--eval-interval", type=common.count, default=None,
                         help="evaluate train and validation loss every N steps (default: the preset's)")
     parser.add_argument("--batch-size", type=common.positive_int, default=None,
-                        help="sequences per step (default: the preset's)")
+                        help="sequences per optimizer step: the global batch, cut into ranks x "
+                             "--grad-accum micro-batches (default: the preset's)")
     parser.add_argument("--block-size", type=common.positive_int, default=None,
                         help="context length in tokens (default: the preset's)")
     parser.add_argument("--lr", type=common.nonnegative_number, default=None,
                         help="peak learning rate of the warmup + cosine schedule (default: the preset's)")
     parser.add_argument("--sample-tokens", type=common.count, default=500,
                         help="tokens to sample at the end (0: none) (default: 500)")
+    parser.add_argument("--grad-accum", type=common.positive_int, default=None,
+                        help="micro-batches per optimizer step on each process: --batch-size is cut into "
+                             "ranks x K equal parts, each one forward and backward (default: 1)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="keep only each block's input during the forward and recompute the block in "
+                             "the backward: less memory for activations, one more forward's time, the same "
+                             "gradients")
+    parser.add_argument("--ddp", action="store_true",
+                        help="data-parallel training over the MPI ranks this was launched with "
+                             "(mpiexec -n N python -m minillm train --ddp); --batch-size stays the global "
+                             "batch and only rank 0 writes files (needs the distributed extra: mpi4py)")
+    parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3],
+                        help="with --ddp, a ZeRO stage: 1 shards AdamW's moments across the ranks, 2 the "
+                             "gradients too (3, the parameters, is not implemented) (default: 0)")
     train_medusa.add_arguments(parser)
 
 
@@ -105,7 +120,7 @@ class GPTTask:
     """A GPT on two token streams, in the shape minillm.train.train expects."""
 
     def __init__(self, config, params, tokenizer, train_tokens, val_tokens, batch_size, block_size, xp,
-                 seed=0):
+                 seed=0, activation_checkpointing=False):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -114,6 +129,7 @@ class GPTTask:
         self.model_config = config.to_dict()
         self.rng = np.random.default_rng([int(seed), 99])   # dropout masks; checkpointed by the loop
         self.xp = xp
+        self.activation_checkpointing = activation_checkpointing
 
     def get_batch(self, split, rng):
         return self.batches.get_batch(split, rng)
@@ -129,7 +145,8 @@ class GPTTask:
 
     def loss_and_grads(self, params, batch):
         x, y = batch
-        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng())
+        return gpt.loss_and_grads(params, self.config, x, y, train=True, rng=self._dropout_rng(),
+                                  activation_checkpointing=self.activation_checkpointing)
 
     def eval_loss(self, params, batch):
         x, y = batch
@@ -152,6 +169,12 @@ def _build_tokenizer(kind, train_text, bpe_vocab, log):
 
 
 def run(args):
+    parallel = [f for f, on in (("--ddp", getattr(args, "ddp", False)), ("--zero", getattr(args, "zero", 0)),
+                                ("--grad-accum", getattr(args, "grad_accum", None)),
+                                ("--activation-checkpointing", getattr(args, "activation_checkpointing", False)))
+                if on]
+    if args.model != "gpt" and parallel:
+        raise UsageError(f"{', '.join(parallel)}: only for training a GPT (train gpt), not {args.model}")
     if args.model == "bert":
         return train_bert.run(args)
     if args.model == "medusa":
@@ -159,21 +182,41 @@ def run(args):
     return run_gpt(args)
 
 
+def _world_for(args):
+    """(world, zero) from --ddp and --zero; a mistake is a UsageError before any work."""
+    ddp, zero = getattr(args, "ddp", False), getattr(args, "zero", 0)
+    if zero == 3:
+        raise UsageError("--zero 3 (sharding the parameters too) is not implemented; use --zero 1 or 2")
+    if zero and not ddp:
+        raise UsageError(f"--zero {zero} shards state across the ranks of a --ddp run; add --ddp "
+                         f"(mpiexec -n N python -m minillm train --ddp --zero {zero})")
+    if not ddp:
+        return distributed.world_of_one(), 0
+    try:
+        return distributed.mpi_world(), zero
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def run_gpt(args, log=print):
     """Train a GPT: settings (a new run's or a resumed one's), corpus and tokens, model,
     the training loop, then a report and a sample of its text."""
+    world, zero = _world_for(args)
+    if world.rank != 0:
+        log = _quiet
     xp = backend.xp_for(args.device)
     device = backend.device_name(args.device)
     if args.resume:
-        ck, tcfg, out = _resumed_settings(args, log)
+        ck, tcfg, out = _resumed_settings(args, log, world)
         config, tokenizer = gpt.GPTConfig.from_dict(ck["model_config"]), tokenizer_from_dict(ck["tokenizer"])
     else:
-        ck, (tcfg, out) = None, _new_settings(args, log)
+        ck, (tcfg, out) = None, _new_settings(args, log, world)
+    _check_parallel_batch(tcfg, world)
     t0 = time.perf_counter()
     train_docs, val_docs = _load_corpus(tcfg, log)
     if ck is None:
         tokenizer = _build_tokenizer(args.tokenizer, corpus.join_documents(train_docs), args.bpe_vocab, log)
-    train_tokens, val_tokens = corpus.tokenize_splits(train_docs, val_docs, tokenizer, out)
+    train_tokens, val_tokens = _tokenize_on_rank_0_first(train_docs, val_docs, tokenizer, out, world)
     log(f"tokenizer: {type(tokenizer).__name__}, {tokenizer.vocab_size} tokens; {len(train_tokens):,} "
         f"training and {len(val_tokens):,} validation tokens ({time.perf_counter() - t0:.1f} s)")
     if ck is None:
@@ -182,31 +225,61 @@ def run_gpt(args, log=print):
     params = gpt.init_params(config, seed=tcfg.seed, device=device)
     _describe_model(config, params, tcfg, device, xp, out, log)
     task = GPTTask(config, params, tokenizer, train_tokens, val_tokens, tcfg.batch_size, tcfg.block_size,
-                   xp, seed=tcfg.seed)
-    result = train(task, tcfg, resume=ck is not None, log=log)
+                   xp, seed=tcfg.seed, activation_checkpointing=getattr(args, "activation_checkpointing", False))
+    if world.size > 1:
+        log(f"data parallel: {world.size} ranks ({world.backend}), ZeRO stage {zero}, "
+            f"{tcfg.batch_size // (world.size * tcfg.grad_accum_steps)} sequences per micro-batch, "
+            f"{tcfg.grad_accum_steps} micro-batch(es) per rank per step")
+    result = train(task, tcfg, resume=ck is not None, log=log, world=world, zero=zero)
+    if world.rank != 0:
+        return 0
     _report(result, out, log)
     if args.sample_tokens > 0:
         _show_sample(params, config, tokenizer, args.sample_tokens, tcfg.seed, log)
     return 0
 
 
-def _resumed_settings(args, log):
+def _quiet(_line):
+    pass
+
+
+def _check_parallel_batch(tcfg, world):
+    parts = world.size * tcfg.grad_accum_steps
+    if tcfg.batch_size % parts:
+        raise UsageError(f"--batch-size {tcfg.batch_size} (the global batch) must divide into {world.size} "
+                         f"rank(s) x {tcfg.grad_accum_steps} micro-batch(es) = {parts} equal parts")
+
+
+def _tokenize_on_rank_0_first(train_docs, val_docs, tokenizer, out, world):
+    """Rank 0 writes the token files; the others wait, then read them."""
+    if world.rank == 0:
+        splits = corpus.tokenize_splits(train_docs, val_docs, tokenizer, out)
+    world.barrier()
+    if world.rank != 0:
+        splits = corpus.tokenize_splits(train_docs, val_docs, tokenizer, out)
+    return splits
+
+
+def _resumed_settings(args, log, world=None):
     """(checkpoint, TrainConfig, run directory) of the run that --resume continues: its own
     settings, with only --max-steps changed."""
+    world = distributed.world_of_one() if world is None else world
     fixed = [f"--{name.replace('_', '-')}" for name in ("data", "batch_size", "block_size", "lr", "eval_interval")
-             if getattr(args, name) is not None]
+             if getattr(args, name, None) is not None]
     if fixed:
         raise UsageError(f"--resume continues a run with the settings it was started with; {', '.join(fixed)} "
                          f"cannot change (leave {'it' if len(fixed) == 1 else 'them'} out, or start a new run)")
-    out = Path(args.out) if args.out else latest_gpt_run("runs")
+    out = world.bcast_obj(Path(args.out) if args.out else latest_gpt_run("runs") if world.rank == 0 else None)
     ck = load_checkpoint(out)
     tcfg = TrainConfig.from_dict({**ck["config"], "out_dir": str(out),
-                                  **({"max_steps": args.max_steps} if args.max_steps else {})})
+                                  **({"max_steps": args.max_steps} if args.max_steps else {}),
+                                  **({"grad_accum_steps": args.grad_accum} if getattr(args, "grad_accum", None)
+                                     else {})})
     log(f"resuming {out} at step {ck['step']} (its own model, tokenizer and training config)")
     return ck, tcfg, out
 
 
-def _new_settings(args, log):
+def _new_settings(args, log, world=None):
     """(TrainConfig, run directory) of a new run: the preset's settings, overridden by the options."""
     what, _, train_kw = PRESETS[args.preset]
     over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
@@ -216,8 +289,10 @@ def _new_settings(args, log):
     if "lr" in over and tk["min_lr"] > tk["lr"]:
         tk["min_lr"] = tk["lr"] / 10
     tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])   # a short run: warm up for all of it
-    out = Path(args.out or _default_out("gpt", args.preset))
-    tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1)
+    world = distributed.world_of_one() if world is None else world
+    out = Path(world.bcast_obj(args.out or _default_out("gpt", args.preset)))   # one name for every rank
+    tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1,
+                       grad_accum_steps=getattr(args, "grad_accum", None) or 1)
     log(f"preset {args.preset!r}: {what}")
     return tcfg, out
 
