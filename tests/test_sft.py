@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from helpers import assert_alive, assert_close, assert_gradcheck, scaled
 from minillm import backprop as bp
@@ -409,3 +409,26 @@ def test_a_chat_too_long_in_bpe_tokens_loses_the_end_of_its_speech():
     kept = tok.decode(ids[0]).split("Which play? ")[1].split("<|end|>")[0]
     assert kept and set(kept) == {"é"} and len(kept) < 30
     assert tok.decode([y for y in labels[0] if y != sft.IGNORE_INDEX]) == "Pericles<|end|>"
+
+
+@given(batch=st.lists(chats(), min_size=1, max_size=3), seed=seeds)
+def test_response_loss_is_hugging_faces_shifted_loss(batch, seed):
+    """Hugging Face's causal-LM convention: labels aligned with the ids (-100 off the response)
+    and the model shifts them, loss = CE(logits[:, :-1], labels_hf[:, 1:]) (PyTorch computes it).
+    Ours are already shifted: labels[t] = labels_hf[t + 1]. Same loss."""
+    torch = pytest.importorskip("torch")
+    examples = [sft.build_example(TINY_CHAT, m) for m in batch]
+    examples = [(i[:TINY.block_size], y[:min(len(i), TINY.block_size) - 1] + [sft.IGNORE_INDEX])
+                for i, y in examples]
+    ids, labels = sft.pad_batch(examples, sft.chat_token_ids(TINY_CHAT)["pad"])
+    labels_hf = np.full_like(ids, sft.IGNORE_INDEX)
+    labels_hf[:, 1:] = labels[:, :-1]                # the response tokens themselves, in place
+    counted = labels_hf != sft.IGNORE_INDEX
+    assume(counted.any())                            # PyTorch's mean over nothing is NaN, ours 0
+    assert np.array_equal(labels_hf[counted], ids[counted])
+    params = gpt.init_params(TINY, seed=seed % 1000, dtype=np.float64)
+    ours, _ = sft.response_loss_and_grads(params, TINY, ids, labels)
+    logits, _ = gpt.forward(params, TINY, ids)
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:, :-1]).reshape(-1, TINY.vocab_size),
+                                            torch.from_numpy(labels_hf[:, 1:]).reshape(-1), ignore_index=-100)
+    assert ours == pytest.approx(float(ref), rel=1e-12)
