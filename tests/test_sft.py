@@ -2,7 +2,9 @@
 the response loss through a GPT checked by finite differences, greedy exact match, the
 instruction data's split, the LoRA path, and finetune sft on the command line."""
 import json
+import os
 import subprocess
+from pathlib import Path
 import sys
 from functools import lru_cache
 
@@ -360,19 +362,15 @@ def test_bad_input_is_a_clear_error():
 # The command line, at a tiny size
 # ---------------------------------------------------------------------------
 
-def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
+def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path, capsys, monkeypatch):
+    from minillm.__main__ import main
+    monkeypatch.setenv("MINILLM_DEVICE", "cpu")
     tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
     cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
     checkpoint.save_checkpoint(tmp_path / "base", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
-
-    def cli(*argv):
-        r = subprocess.run([sys.executable, "-m", "minillm", *argv], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    out = cli("finetune", "sft", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4",
-              "--lora", "--lora-rank", "2", "--eval-interval", "0")
+    assert main(["finetune", "sft", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4",
+                 "--lora", "--lora-rank", "2", "--eval-interval", "0"]) == 0
+    out = capsys.readouterr().out
     assert "majority baseline (held out): speaker" in out and "held-out accuracy after: speaker" in out
     run = tmp_path / "base" / "sft-lora"
     results = json.loads((run / "sft.json").read_text())
@@ -381,24 +379,31 @@ def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
     chat = tokenizer_from_dict(ck["tokenizer"])
     assert ck["model_config"]["vocab_size"] == chat.vocab_size == tok.vocab_size + 5
     assert sft.has_chat_tokens(chat)
-    text = cli("sample", "--checkpoint", str(run), "--max-new-tokens", "4", "--prompt", "Who")
-    assert "4 tokens" in text
-    r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "distill"], cwd=tmp_path, capture_output=True,
-                       text=True)
-    assert r.returncode == 2 and "invalid choice: 'distill'" in r.stderr
+    assert main(["sample", "--checkpoint", str(run), "--max-new-tokens", "4", "--prompt", "Who"]) == 0
+    assert "4 tokens" in capsys.readouterr().out
 
 
 def test_finetune_sft_mistakes_are_one_line_and_status_2(tmp_path):
+    """As a user meets them: a fresh ``python -m minillm`` per case (tests/cli_runner.py forks them)."""
     tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
     cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
     checkpoint.save_checkpoint(tmp_path / "short", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
     (tmp_path / "empty").mkdir()
-    for argv, words in ((["--checkpoint", "short"], "block_size: the instructions need a context of at least 48 tokens"),
-                        (["--checkpoint", "empty"], "no checkpoint.npz in 'empty'"),
-                        (["--checkpoint", "short", "--steps", "0"], "argument --steps: expected an integer >= 1")):
-        r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "sft", *argv], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    cases = [(["--checkpoint", "short"], "block_size: the instructions need a context of at least 48 tokens"),
+             (["--checkpoint", "empty"], "no checkpoint.npz in 'empty'"),
+             (["--checkpoint", "short", "--steps", "0"], "argument --steps: expected an integer >= 1")]
+    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
+    cases_file.write_text(json.dumps([{"argv": ["finetune", "sft", *argv], "cwd": str(tmp_path), "env": {}}
+                                      for argv, _ in cases] +
+                                     [{"argv": ["finetune", "distill"], "cwd": str(tmp_path), "env": {}}]))
+    runner = Path(__file__).parent / "cli_runner.py"
+    env = dict(os.environ, PYTHONPATH=str(runner.parents[1]), MINILLM_DEVICE="cpu", OPENBLAS_NUM_THREADS="1")
+    env.pop("MINILLM_DEBUG", None)
+    subprocess.run([sys.executable, str(runner), str(cases_file), str(results_file)], check=True, timeout=300, env=env)
+    results = json.loads(results_file.read_text())
+    for (argv, words), r in zip(cases + [(["distill"], "invalid choice: 'distill'")], results):
+        assert r["returncode"] == 2 and words in r["stderr"], (argv, r)
+        assert len(r["stderr"].strip().splitlines()) == 1, r["stderr"]
 
 
 def test_a_chat_too_long_in_bpe_tokens_loses_the_end_of_its_speech():
