@@ -5,8 +5,9 @@ sft: supervised fine-tuning of a trained GPT on instructions made from Shakespea
 title. The chat tokens are added to the run's tokenizer (existing ids unchanged) and the
 model's vocabulary grown to match; the loss counts the assistant's answers only. Full
 fine-tuning by default; --lora trains low-rank adapters (minillm.lora) on the attention
-and MLP weights, and the new tokens' embedding rows, the base frozen. Held-out accuracy (exact match of the greedy answer) is
-printed per instruction kind before and after, with the majority-class baseline.
+and MLP weights, and the new tokens' embedding rows, the base frozen. Held-out accuracy
+(exact match of the greedy answer) is printed per instruction kind before and after,
+with the majority-class baseline. Measured numbers: BENCHMARKS.md, "Supervised fine-tuning".
 
 The output run directory (--out, default RUN/sft or RUN/sft-lora) is a normal GPT run:
 
@@ -22,7 +23,9 @@ The output run directory (--out, default RUN/sft or RUN/sft-lora) is a normal GP
                              metrics.jsonl, loss.svg); checkpoint.npz above is the base with the
                              rows in place and the adapters merged
 
-Dropout is off during fine-tuning (the default base has none).
+Dropout is off during fine-tuning (the default base has none). `sample --prompt` encodes
+its prompt as plain text, so the chat tokens cannot be typed there: to ask the model a
+question, build the prompt with sft.build_prompt (sft.greedy_answer does).
 """
 
 from __future__ import annotations
