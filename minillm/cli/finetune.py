@@ -1,0 +1,212 @@
+"""python -m minillm finetune sft --checkpoint RUN [--lora] [--steps N] [--out DIR]: post-training.
+
+sft: supervised fine-tuning of a trained GPT on instructions made from Shakespeare's plays
+(minillm.sft): "Who speaks? <a speech>" -> the speaker, "Which play? <a speech>" -> the
+title. The chat tokens are added to the run's tokenizer (existing ids unchanged) and the
+model's vocabulary grown to match; the loss counts the assistant's answers only. Full
+fine-tuning by default; --lora trains low-rank adapters (minillm.lora) on the attention
+and MLP weights, the base frozen. Held-out accuracy (exact match of the greedy answer) is
+printed per instruction kind before and after, with the majority-class baseline.
+
+The output run directory (--out, default RUN/sft or RUN/sft-lora) is a normal GPT run:
+
+    checkpoint.npz / .json   the fine-tuned GPT (vocabulary grown by the five chat tokens)
+                             in minillm's native format, its model_config and a tokenizer
+                             holding the chat tokens: `python -m minillm sample --checkpoint
+                             DIR` and sft.prepare_model / the rlhf methods load it as it is
+    sft.json                 what was measured: accuracy per kind before and after, the
+                             majority baseline, the dataset's sizes, the settings
+    metrics.jsonl, loss.svg  the training loop's log (response-only loss, train and held out)
+    lora/                    --lora only: the training loop's run (checkpoint.npz of the adapters
+                             and their optimizer state, metrics.jsonl, loss.svg); checkpoint.npz
+                             above is the base with the adapters merged
+
+Dropout is off during fine-tuning (the default base has none).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from minillm import backend, gpt, lora, sft
+from minillm import data as corpus
+from minillm.cli import common
+from minillm.cli.sample import load_run
+from minillm.train import TrainConfig, save_checkpoint, train
+
+METHODS = ["sft"]                    # reward, ppo, dpo: minillm.rlhf
+LORA_TARGETS = r"attn\.w_(qkv|o)$|mlp\.(w1|w2|w_gate|w_up|w_down)$"
+RESULTS_FILE = "sft.json"
+
+
+def add_arguments(parser):
+    parser.description = __doc__.split("\n\n")[1]
+    parser.add_argument("method", choices=METHODS,
+                        help="sft: supervised fine-tuning on instructions, response-only loss")
+    parser.add_argument("--checkpoint", default=None,
+                        help="the GPT run to fine-tune (a directory with checkpoint.npz; default: the "
+                             "latest GPT run under runs/)")
+    parser.add_argument("--out", default=None,
+                        help="run directory for the fine-tuned model (default: CHECKPOINT/sft, or "
+                             "CHECKPOINT/sft-lora with --lora)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train LoRA adapters on the attention and MLP weights instead of every "
+                             "parameter (the base, new token rows included, stays frozen)")
+    parser.add_argument("--lora-rank", type=common.positive_int, default=8, help="LoRA rank r (default: 8)")
+    parser.add_argument("--lora-alpha", type=common.positive_number, default=16.0,
+                        help="LoRA alpha: the update is scaled by alpha / r (default: 16)")
+    parser.add_argument("--steps", type=common.positive_int, default=300,
+                        help="optimizer steps (default: 300, a few minutes on a 2-core CPU)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=32,
+                        help="conversations per step (default: 32)")
+    parser.add_argument("--lr", type=common.positive_number, default=None,
+                        help="peak learning rate, cosine-decayed to a tenth (default: 1e-3 full, "
+                             "3e-3 with --lora)")
+    parser.add_argument("--eval-interval", type=common.count, default=100,
+                        help="held-out response loss every N steps (0: at the end only) (default: 100)")
+    parser.add_argument("--n-speakers", type=common.positive_int, default=8,
+                        help="'who speaks?' answers: the N commonest speakers (default: 8)")
+    parser.add_argument("--seed", type=common.seed, default=1337,
+                        help="seed for the new token rows, the adapters and the batches (default: 1337)")
+    parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
+                        help="NumPy on the CPU or CuPy on a GPU (default: $MINILLM_DEVICE, else cpu)")
+
+
+def run(args):
+    return {"sft": run_sft}[args.method](args)
+
+
+# ---------------------------------------------------------------------------
+# The task the training loop drives
+# ---------------------------------------------------------------------------
+
+class SFTTask:
+    """Conversations (padded ids and response-only labels) in the shape minillm.train.train
+    expects. With ``lora`` = (rank, alpha) the trained params are adapters over ``params``,
+    which stays frozen; else ``params`` itself is trained."""
+
+    def __init__(self, config, params, tokenizer, data, batch_size, xp, lora_settings=None, seed=0):
+        self.config, self.tokenizer, self.xp = config, tokenizer, xp
+        self.data = data                                  # {"train" | "val": (ids (N, T), labels (N, T))}
+        self.batch_size = batch_size
+        self.tokens_per_batch = batch_size * data["train"][0].shape[1]
+        self.lora_settings = lora_settings
+        if lora_settings is None:
+            self.base, self.params = None, params
+            self.model_config = config.to_dict()
+        else:
+            rank, alpha = lora_settings
+            self.base = params
+            self.params = lora.init_lora(params, LORA_TARGETS, rank=rank, alpha=alpha, seed=seed)
+            self.model_config = {"lora": {"rank": rank, "alpha": alpha, "targets": LORA_TARGETS},
+                                 "gpt": config.to_dict()}
+
+    def get_batch(self, split, rng):
+        ids, labels = self.data[split]
+        rows = rng.integers(0, ids.shape[0], size=self.batch_size)
+        return self.xp.asarray(ids[rows]), self.xp.asarray(labels[rows])
+
+    def loss_and_grads(self, params, batch):
+        x, y = batch
+        if self.lora_settings is None:
+            return sft.response_loss_and_grads(params, self.config, x, y)
+        rank, alpha = self.lora_settings
+        return lora.lora_loss_and_grads(lambda p: sft.response_loss_and_grads(p, self.config, x, y),
+                                        self.base, params, alpha, rank)
+
+    def eval_loss(self, params, batch):
+        x, y = batch
+        return gpt.loss(self.model_params(params), self.config, x, y)
+
+    def model_params(self, params=None):
+        """The GPT's parameters now: the trained ones, or the base with the adapters merged."""
+        params = self.params if params is None else params
+        if self.lora_settings is None:
+            return params
+        rank, alpha = self.lora_settings
+        return lora.merge_lora(self.base, params, alpha, rank)
+
+
+# ---------------------------------------------------------------------------
+# finetune sft
+# ---------------------------------------------------------------------------
+
+def _load_base(args, log):
+    config, params, tokenizer, ck = load_run(args.checkpoint, backend.device_name(args.device))
+    base_dir = Path(ck["path"]).parent
+    params, config, tokenizer = sft.prepare_model(params, config, tokenizer, seed=args.seed)
+    log(f"base: {ck['path']} (step {ck['step']}): GPT {config.n_layer} layers x {config.n_embd}, context "
+        f"{config.block_size}; {type(tokenizer).__name__} with the chat tokens, {config.vocab_size} ids")
+    return config, params, tokenizer, base_dir
+
+
+def _instructions(tokenizer, config, n_speakers, log):
+    ds = sft.instruction_dataset(corpus.shakespeare_documents(), n_speakers=n_speakers,
+                                 block_size=config.block_size)
+    counts = {split: {k: sum(x.kind == k for x in rows) for k in sft.QUESTIONS} for split, rows in ds.items()}
+    log(f"instructions from {', '.join(sft.PLAYS)} (plays held out of pretraining): train {counts['train']}, "
+        f"held out {counts['eval']} (passages of {sft.SPEECHES_PER_PASSAGE} speeches never trained on)")
+    arrays = {"train": sft.encode_instructions(tokenizer, ds["train"], config.block_size),
+              "val": sft.encode_instructions(tokenizer, ds["eval"], config.block_size)}
+    return ds, arrays, counts
+
+
+def _show_accuracy(label, acc, log):
+    log(f"{label}: " + " | ".join(f"{k} {v['accuracy']:.3f}" for k, v in acc.items()))
+
+
+def run_sft(args, log=print):
+    """Load, prepare, measure, fine-tune, measure again, save (the module docstring)."""
+    xp = backend.xp_for(args.device)
+    config, params, tokenizer, base_dir = _load_base(args, log)
+    out = Path(args.out) if args.out else base_dir / ("sft-lora" if args.lora else "sft")
+    ds, arrays, counts = _instructions(tokenizer, config, args.n_speakers, log)
+    baseline = sft.majority_baseline(ds["train"], ds["eval"])
+    log("majority baseline (held out): " + " | ".join(f"{k} {v['accuracy']:.3f} (always {v['answer']!r})"
+                                                      for k, v in baseline.items()))
+    t0 = time.perf_counter()
+    before = sft.accuracy(params, config, tokenizer, ds["eval"])
+    _show_accuracy(f"held-out accuracy before ({time.perf_counter() - t0:.1f} s)", before, log)
+    lr = args.lr or (3e-3 if args.lora else 1e-3)
+    task = SFTTask(config, params, tokenizer, arrays, args.batch_size, xp,
+                   (args.lora_rank, args.lora_alpha) if args.lora else None, seed=args.seed)
+    if args.lora:
+        log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha:g}, {lora.lora_param_count(task.params):,} "
+            f"trainable of {gpt.num_params(params):,} parameters")
+    tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, block_size=config.block_size, lr=lr,
+                       min_lr=lr / 10, warmup_steps=min(20, args.steps), weight_decay=0.0,
+                       eval_interval=args.eval_interval, eval_iters=5, log_interval=10, checkpoint_interval=0,
+                       seed=args.seed, out_dir=str(out / "lora" if args.lora else out))
+    result = train(task, tcfg, log=log)
+    tuned = task.model_params()
+    after = sft.accuracy(tuned, config, tokenizer, ds["eval"])
+    _show_accuracy("held-out accuracy after", after, log)
+    _show_examples(tuned, config, tokenizer, ds["eval"], log)
+    if args.lora:
+        save_checkpoint(out, tuned, step=result["step"], config=tcfg, model_config=config.to_dict(),
+                        tokenizer=tokenizer, metrics={k: result[k] for k in ("train_loss", "val_loss")})
+    _write_results(out, args, lr, counts, baseline, before, after, result)
+    log(f"fine-tuned model: {out / 'checkpoint.npz'} (python -m minillm sample --checkpoint {out})")
+    return 0
+
+
+def _show_examples(params, config, tokenizer, held, log, n=4):
+    """A few held-out questions with the model's greedy answers."""
+    step = max(1, len(held) // n)
+    for x in held[::step][:n]:
+        answer = sft.greedy_answer(params, config, tokenizer, sft.to_messages(x, with_answer=False))
+        log(f"  {sft.QUESTIONS[x.kind]} {x.text!r} -> {answer!r} (right: {x.answer!r})")
+
+
+def _write_results(out, args, lr, counts, baseline, before, after, result):
+    results = {"method": "sft-lora" if args.lora else "sft", "checkpoint": str(args.checkpoint),
+               "steps": result["step"], "lr": lr, "batch_size": args.batch_size, "seed": args.seed,
+               "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha} if args.lora else None,
+               "examples": counts, "majority_baseline": baseline, "accuracy_before": before,
+               "accuracy_after": after, "train_loss": result["train_loss"], "val_loss": result["val_loss"],
+               "elapsed_s": result["elapsed_s"]}
+    text = json.dumps(results, indent=1) + "\n"
+    backend.atomic_write(out / RESULTS_FILE, lambda f: f.write(text.encode("utf-8")))
+

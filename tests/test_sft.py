@@ -1,0 +1,388 @@
+"""sft.py: chat tokens that leave a trained tokenizer's ids alone, response-only labels, padding,
+the response loss through a GPT checked by finite differences, greedy exact match, the
+instruction data's split, the LoRA path, and finetune sft on the command line."""
+import json
+import subprocess
+import sys
+from functools import lru_cache
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import assert_alive, assert_close, assert_gradcheck, scaled
+from minillm import backprop as bp
+from minillm import checkpoint, data, gpt, lora, sft
+from minillm.cli.finetune import SFTTask
+from minillm.tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from strategies import seeds
+
+ALPHABET = "abcde ?!"
+CHAR = CharTokenizer.from_text(ALPHABET + "<|>nusr", unk="~")   # spells the chat tokens too
+
+
+@lru_cache(maxsize=1)
+def bpe():
+    return BPETokenizer.train("abc abd abe ab cd? de! " * 20, 270, special_tokens=["<|endoftext|>"])
+
+
+TOKENIZERS = {"char": lambda: CHAR, "bpe": bpe}
+
+texts = st.lists(st.sampled_from(list(ALPHABET) + ["<|end|>", "<|user|>"]), max_size=6).map("".join)
+
+
+@st.composite
+def chats(draw):
+    """A conversation: an optional system turn, then user/assistant turns with at least one
+    assistant turn; contents may contain the chat tokens' strings (plain text, not tokens)."""
+    turns = [{"role": "system", "content": draw(texts)}] if draw(st.booleans()) else []
+    roles = draw(st.lists(st.sampled_from(["user", "assistant"]), min_size=1, max_size=4))
+    if "assistant" not in roles:
+        roles[draw(st.integers(0, len(roles) - 1))] = "assistant"
+    return turns + [{"role": r, "content": draw(texts)} for r in roles]
+
+
+def encode_plain(tok, text):
+    return tok.encode_ordinary(text) if isinstance(tok, BPETokenizer) else tok.encode(text)
+
+
+# ---------------------------------------------------------------------------
+# Chat tokens
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+@given(text=st.text(alphabet=ALPHABET, max_size=20))
+def test_chat_tokens_get_new_ids_and_leave_every_existing_id_alone(kind, text):
+    tok = TOKENIZERS[kind]()
+    chat = sft.add_chat_tokens(tok)
+    assert chat.vocab_size == tok.vocab_size + len(sft.CHAT_TOKENS)
+    assert sorted(sft.chat_token_ids(chat).values()) == list(range(tok.vocab_size, chat.vocab_size))
+    assert chat.encode(text) == tok.encode(text)
+    assert chat.decode(list(range(tok.vocab_size))) == tok.decode(list(range(tok.vocab_size)))
+    if kind == "bpe":
+        assert chat.special_tokens["<|endoftext|>"] == tok.special_tokens["<|endoftext|>"]
+    again = sft.add_chat_tokens(chat)            # adding twice changes nothing
+    assert again.to_dict() == chat.to_dict()
+    assert sft.chat_token_ids(tokenizer_from_dict(json.loads(json.dumps(chat.to_dict())))) == \
+        sft.chat_token_ids(chat)                 # as a checkpoint stores it
+
+
+# ---------------------------------------------------------------------------
+# The template and its labels
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", TOKENIZERS)
+@given(messages=chats())
+def test_labels_are_minus_100_exactly_off_the_responses(kind, messages):
+    tok = sft.add_chat_tokens(TOKENIZERS[kind]())
+    ids_of = sft.chat_token_ids(tok)
+    ids, labels = sft.build_example(tok, messages)
+    # the expected mask, built turn by turn from the template: role token, text, <|end|>
+    expected_ids, response = [], []
+    for m in messages:
+        text = encode_plain(tok, m["content"])
+        expected_ids += [ids_of[m["role"]]] + text + [ids_of["end"]]
+        response += [False] + [m["role"] == "assistant"] * (len(text) + 1)
+    assert ids == expected_ids and len(labels) == len(ids)
+    for t in range(len(ids)):
+        counted = t + 1 < len(ids) and response[t + 1]
+        assert labels[t] == (ids[t + 1] if counted else sft.IGNORE_INDEX), t
+    n_response = sum(len(encode_plain(tok, m["content"])) + 1 for m in messages if m["role"] == "assistant")
+    assert sum(y != sft.IGNORE_INDEX for y in labels) == n_response
+    # round trip: the ids decode to the template written out, chat-token strings in the text included
+    assert sft.render(tok, ids) == "".join(sft.CHAT_TOKENS[m["role"]] + m["content"] + "<|end|>"
+                                           for m in messages)
+    prompt = sft.build_prompt(tok, messages[:1]) if messages[0]["role"] != "assistant" else None
+    if prompt is not None:
+        assert prompt[-1] == ids_of["assistant"] and ids[:len(prompt) - 1] == prompt[:-1]
+
+
+def test_labels_follow_the_gpt_loss_convention():
+    """labels[t] is the target of the prediction at t: the loss gpt.loss_and_grads gives with
+    them is the mean -log p(response token | everything before it)."""
+    tok = sft.add_chat_tokens(CHAR)
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    params = gpt.init_params(cfg, seed=1, dtype=np.float64)
+    ids, labels = sft.build_example(tok, [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}])
+    x = np.array([ids])
+    logits, _ = gpt.forward(params, cfg, x)
+    logp = bp.log_softmax(logits[0])
+    answer_start = len(ids) - 3                       # c, d, <|end|>: the last three tokens
+    by_hand = -np.mean([logp[t - 1, ids[t]] for t in range(answer_start, len(ids))])
+    assert gpt.loss(params, cfg, x, np.array([labels])) == pytest.approx(by_hand, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Padding
+# ---------------------------------------------------------------------------
+
+TINY_CHAT = sft.add_chat_tokens(CHAR)
+TINY = gpt.GPTConfig(vocab_size=TINY_CHAT.vocab_size, block_size=24, n_layer=1, n_head=2, n_embd=8)
+
+
+@given(batch=st.lists(chats(), min_size=1, max_size=3), extra=st.integers(0, 3))
+def test_right_padding_changes_no_real_position(batch, extra):
+    examples = [sft.build_example(TINY_CHAT, m) for m in batch]
+    examples = [(i[:TINY.block_size - 3], y[:TINY.block_size - 3]) for i, y in examples]
+    pad = sft.chat_token_ids(TINY_CHAT)["pad"]
+    width = max(len(i) for i, _ in examples) + extra
+    ids, labels = sft.pad_batch(examples, pad, width=width)
+    assert ids.shape == labels.shape == (len(examples), width) and ids.dtype == labels.dtype == np.int64
+    params = gpt.init_params(TINY, seed=2, dtype=np.float64)
+    logits, _ = gpt.forward(params, TINY, ids)
+    for b, (row_ids, row_labels) in enumerate(examples):
+        n = len(row_ids)
+        assert list(ids[b, :n]) == row_ids and list(labels[b, :n]) == row_labels
+        assert np.all(ids[b, n:] == pad) and np.all(labels[b, n:] == sft.IGNORE_INDEX)
+        alone, _ = gpt.forward(params, TINY, np.array([row_ids]))
+        assert_close(logits[b, :n], alone[0], rtol=1e-12, atol=1e-13)   # causal: pads on the right are invisible
+
+
+# ---------------------------------------------------------------------------
+# The response-only loss and its gradient through the GPT
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=scaled(4))
+@given(batch=st.lists(chats(), min_size=1, max_size=3), seed=seeds,
+       config=st.sampled_from([TINY, gpt.GPTConfig(vocab_size=TINY_CHAT.vocab_size, block_size=24, n_layer=1,
+                                                    n_head=2, n_embd=8, tie_embeddings=False, norm="rmsnorm")]))
+def test_response_loss_gradient_matches_finite_differences_through_the_gpt(batch, seed, config):
+    examples = [sft.build_example(TINY_CHAT, m) for m in batch]
+    examples = [(i[:config.block_size], y[:min(len(i), config.block_size) - 1] + [sft.IGNORE_INDEX])
+                for i, y in examples]
+    ids, labels = sft.pad_batch(examples, sft.chat_token_ids(TINY_CHAT)["pad"])
+    counted = labels != sft.IGNORE_INDEX
+    if not counted.any() or ids.shape[1] < 2:
+        labels[0, 0] = ids[0, 1] if ids.shape[1] > 1 else 0   # keep a counted target: the gradient must be alive
+        counted = labels != sft.IGNORE_INDEX
+    params = gpt.init_params(config, seed=seed % 1000, dtype=np.float64)
+    loss, grads = sft.response_loss_and_grads(params, config, ids, labels)
+    ref_loss, ref_grads = gpt.loss_and_grads(params, config, ids, labels)
+    logits, _ = gpt.forward(params, config, ids)
+    assert loss == pytest.approx(ref_loss, rel=1e-12) == pytest.approx(sft.response_loss_naive(logits, labels))
+    for k in params:
+        assert_close(grads[k], ref_grads[k], rtol=1e-12, atol=1e-15)
+    assert_alive({k: g for k, g in grads.items() if k != "wpe"}, loss=loss, counted=counted.sum())
+    n = counted.sum()
+    y_safe = np.where(counted, labels, 0)
+
+    def per_position_losses(p):      # the loss as an array whose sum it is: round-off cancels
+        lg, _ = gpt.forward(p, config, ids)
+        lp = bp.log_softmax(lg)
+        return -np.take_along_axis(lp, y_safe[..., None], axis=-1)[..., 0] * counted / n
+
+    rep = bp.check_dict_gradients(per_position_losses, params, grads, max_checks_per_param=4, seed=seed % 97)
+    assert_gradcheck(rep)
+
+
+def test_prompt_tokens_get_no_gradient_as_targets():
+    """Changing what the user says after the last response changes neither the loss nor the
+    gradient's source: only response positions are targets."""
+    tok = TINY_CHAT
+    params = gpt.init_params(TINY, seed=3, dtype=np.float64)
+    a = sft.build_example(tok, [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"},
+                                {"role": "user", "content": "dd"}])
+    b = sft.build_example(tok, [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c"},
+                                {"role": "user", "content": "ee"}])
+    la = sft.response_loss_and_grads(params, TINY, np.array([a[0]]), np.array([a[1]]))[0]
+    lb = sft.response_loss_and_grads(params, TINY, np.array([b[0]]), np.array([b[1]]))[0]
+    assert la == lb
+
+
+# ---------------------------------------------------------------------------
+# The grown model
+# ---------------------------------------------------------------------------
+
+@given(seed=seeds, tied=st.booleans(), noise=st.sampled_from([0.0, 0.1]))
+def test_grow_vocab_keeps_old_rows_and_old_logits(seed, tied, noise):
+    config = gpt.GPTConfig(vocab_size=CHAR.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8,
+                           tie_embeddings=tied)
+    params = gpt.init_params(config, seed=seed % 1000, dtype=np.float64)
+    before = {k: v.copy() for k, v in params.items()}
+    grown, cfg = sft.grow_vocab(params, config, config.vocab_size + 5, noise=noise, seed=seed % 7)
+    assert cfg.vocab_size == config.vocab_size + 5 and cfg.n_embd == config.n_embd
+    for name in ("wte",) if tied else ("wte", "lm_head"):
+        old, new = params[name], grown[name][config.vocab_size:]
+        assert np.array_equal(grown[name][:config.vocab_size], old)
+        if noise == 0:
+            assert_close(new, np.broadcast_to(old.mean(axis=0), new.shape))
+        else:
+            assert np.all(np.abs(new - old.mean(axis=0)) <= 6 * noise * old.std(axis=0) + 1e-12)
+            assert len({tuple(r) for r in new}) == 5   # the new tokens stay apart
+    ids = np.array([[0, 1, 2, 3]])
+    old_logits, _ = gpt.forward(params, config, ids)
+    new_logits, _ = gpt.forward(grown, cfg, ids)
+    assert_close(new_logits[..., :config.vocab_size], old_logits, rtol=1e-12, atol=1e-14)
+    grown["wte"][0, 0] += 1.0                   # a copy: training the grown model leaves the base alone
+    assert all(np.array_equal(params[k], before[k]) for k in params)
+
+
+# ---------------------------------------------------------------------------
+# Accuracy: greedy exact match in one pass
+# ---------------------------------------------------------------------------
+
+TAUGHT = [("ab", "cd"), ("ba", "e"), ("dd", "a b")]
+
+
+@lru_cache(maxsize=1)
+def taught_model():
+    """The tiny GPT after a few hundred Adam steps on the TAUGHT chats: it answers them, and
+    (mostly) not others, so both outcomes of the exact match occur."""
+    from minillm.optim import make_optimizer
+    params = gpt.init_params(TINY, seed=5, dtype=np.float64)
+    rows = [sft.build_example(TINY_CHAT, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+            for q, a in TAUGHT]
+    ids, labels = sft.pad_batch(rows, sft.chat_token_ids(TINY_CHAT)["pad"])
+    opt = make_optimizer("adam", params, lr=3e-2)
+    for _ in range(150):
+        opt.step(sft.response_loss_and_grads(params, TINY, ids, labels)[1])
+    return params
+
+
+@given(pick=st.integers(0, len(TAUGHT) - 1), question=st.text(alphabet="abcde", min_size=1, max_size=4),
+       answer=st.text(alphabet="abcde ", min_size=1, max_size=3), taught=st.booleans())
+def test_greedy_correct_is_what_greedy_decoding_writes(pick, question, answer, taught):
+    params = taught_model()
+    if taught:
+        question, answer = TAUGHT[pick]
+    ask = [{"role": "user", "content": question}]
+    ids, labels = sft.build_example(TINY_CHAT, ask + [{"role": "assistant", "content": answer}])
+    prompt = sft.build_prompt(TINY_CHAT, ask)
+    want = TINY_CHAT.encode(answer) + [sft.chat_token_ids(TINY_CHAT)["end"]]
+    wrote = gpt.generate(params, TINY, prompt, len(want), temperature=0.0)[len(prompt):]
+    correct = sft.greedy_correct(params, TINY, np.array([ids]), np.array([labels]))
+    assert bool(correct[0]) == (wrote == want)
+    if taught:
+        assert correct[0] and sft.greedy_answer(params, TINY, TINY_CHAT, ask) == answer   # alive: it learned them
+
+
+# ---------------------------------------------------------------------------
+# Instructions from the corpus
+# ---------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def dataset():
+    return sft.instruction_dataset(data.shakespeare_documents())
+
+
+def test_instruction_plays_are_the_ones_pretraining_holds_out():
+    _, val = data.split_documents(data.shakespeare_documents(), 0.1, seed=0)
+    assert set(sft.PLAYS) <= {title for title, _ in val}
+
+
+def test_no_evaluation_example_is_trained_on():
+    ds = dataset()
+    train, held = ds["train"], ds["eval"]
+    assert {x.kind for x in held} == set(sft.QUESTIONS) and len(held) >= 400
+    assert not {(x.kind, x.text) for x in train} & {(x.kind, x.text) for x in held}
+    assert not {(x.play, x.speech) for x in train} & {(x.play, x.speech) for x in held}   # split by speech
+    tok = sft.add_chat_tokens(CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd"))
+    enc = {split: sft.encode_instructions(tok, rows, 64)[0] for split, rows in ds.items()}
+    assert enc["train"].shape[1] <= 64 and enc["eval"].shape[1] <= 64
+    assert not {r.tobytes() for r in enc["train"]} & {r.tobytes() for r in enc["eval"]}
+    speakers = {x.answer for x in train if x.kind == "speaker"}
+    assert len(speakers) == 8 and {x.answer for x in held if x.kind == "speaker"} <= speakers
+    assert {x.answer for x in train if x.kind == "play"} == set(sft.PLAYS)
+    base = sft.majority_baseline(train, held)
+    assert base["play"]["answer"] == "Coriolanus" and 0 < base["speaker"]["accuracy"] < 0.5
+
+
+def test_speeches_read_the_headings():
+    play = "Persons.\n\nROMEO, a lover.\n\nACT I.\n\nSCENE I. A street.\n\nROMEO.\nO, she doth [Aside.] teach\n" \
+           "the torches.\n\nLADY CAPULET. \nWhat, ho!\n\n"
+    assert sft.speeches(play) == [("Romeo", "O, she doth teach the torches."), ("Lady Capulet", "What, ho!")]
+
+
+# ---------------------------------------------------------------------------
+# LoRA: only the adapters train
+# ---------------------------------------------------------------------------
+
+def test_lora_task_trains_only_the_adapters():
+    from minillm.train import train_step, TrainConfig
+    from minillm.optim import make_optimizer
+    params = gpt.init_params(TINY, seed=4)
+    base = {k: v.copy() for k, v in params.items()}
+    chats_ = [[{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]] * 4
+    ids, labels = sft.pad_batch([sft.build_example(TINY_CHAT, m) for m in chats_], 0)
+    task = SFTTask(TINY, params, TINY_CHAT, {"train": (ids, labels), "val": (ids, labels)}, 2, np,
+                   lora_settings=(2, 4.0), seed=1)
+    adapters = {k: v.copy() for k, v in task.params.items()}
+    assert all(k.endswith((lora.SUFFIX_A, lora.SUFFIX_B)) for k in task.params)
+    cfg = TrainConfig(max_steps=3, batch_size=2, block_size=TINY.block_size, lr=1e-2, warmup_steps=0)
+    opt = make_optimizer("adamw", task.params, lr=1e-2)
+    rng = np.random.default_rng(0)
+    for step in range(3):
+        train_step(task, opt, rng, cfg, step)
+    assert all(np.array_equal(params[k], base[k]) for k in params)           # the base never moves
+    assert all(not np.array_equal(task.params[k], adapters[k]) for k in task.params)
+    merged = task.model_params()
+    assert not np.array_equal(merged["h.0.attn.w_qkv"], base["h.0.attn.w_qkv"])
+    assert np.array_equal(merged["wte"], base["wte"])
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------
+
+def test_bad_input_is_a_clear_error():
+    tok = TINY_CHAT
+    with pytest.raises(ValueError, match="tokenizer: lacks the chat tokens"):
+        sft.build_example(CHAR, [{"role": "assistant", "content": "a"}])
+    with pytest.raises(ValueError, match="messages: expected at least one assistant turn"):
+        sft.build_example(tok, [{"role": "user", "content": "a"}])
+    with pytest.raises(ValueError, match=r"messages\[1\]\['role'\]: expected one of"):
+        sft.build_example(tok, [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
+    with pytest.raises(ValueError, match="a system turn may only come first"):
+        sft.build_example(tok, [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                                {"role": "assistant", "content": "c"}])
+    with pytest.raises(TypeError, match=r"messages\[0\]: expected a dict"):
+        sft.build_example(tok, [("user", "a")])
+    with pytest.raises(TypeError, match="messages: expected a non-empty list"):
+        sft.build_example(tok, [])
+    with pytest.raises(ValueError, match="the last turn is the assistant's"):
+        sft.build_prompt(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+    with pytest.raises(TypeError, match="tokenizer: expected a CharTokenizer or BPETokenizer"):
+        sft.add_chat_tokens("abc")
+    with pytest.raises(ValueError, match="width: expected at least the longest"):
+        sft.pad_batch([([1, 2, 3], [1, 2, 3])], 0, width=2)
+    with pytest.raises(ValueError, match=r"examples\[0\]: expected an \(ids, labels\) pair of equal lengths"):
+        sft.pad_batch([([1, 2, 3], [1, 2])], 0)
+    with pytest.raises(ValueError, match="vocab_size: expected an int >= 8"):
+        sft.grow_vocab(gpt.init_params(gpt.GPTConfig(8, 4, 1, 1, 4)), gpt.GPTConfig(8, 4, 1, 1, 4), 7)
+    with pytest.raises(ValueError, match="labels: expected the shape of ids"):
+        sft.response_loss_and_grads(gpt.init_params(TINY), TINY, np.zeros((1, 3), dtype=np.int64),
+                                    np.zeros((1, 4), dtype=np.int64))
+    with pytest.raises(ValueError, match="plays: not in docs"):
+        sft.instruction_dataset([("Hamlet", "x")])
+
+
+# ---------------------------------------------------------------------------
+# The command line, at a tiny size
+# ---------------------------------------------------------------------------
+
+def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
+    tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    checkpoint.save_checkpoint(tmp_path / "base", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
+
+    def cli(*argv):
+        r = subprocess.run([sys.executable, "-m", "minillm", *argv], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    out = cli("finetune", "sft", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4",
+              "--lora", "--lora-rank", "2", "--eval-interval", "0")
+    assert "majority baseline (held out): speaker" in out and "held-out accuracy after: speaker" in out
+    run = tmp_path / "base" / "sft-lora"
+    results = json.loads((run / "sft.json").read_text())
+    assert set(results["accuracy_after"]) == {"speaker", "play"} and results["steps"] == 2
+    ck = checkpoint.load_checkpoint(run)
+    chat = tokenizer_from_dict(ck["tokenizer"])
+    assert ck["model_config"]["vocab_size"] == chat.vocab_size == tok.vocab_size + 5
+    assert sft.has_chat_tokens(chat)
+    text = cli("sample", "--checkpoint", str(run), "--max-new-tokens", "4", "--prompt", "Who")
+    assert "4 tokens" in text
+    r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "distill"], cwd=tmp_path, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "invalid choice: 'distill'" in r.stderr
