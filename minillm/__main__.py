@@ -39,7 +39,7 @@ COMMANDS = {
     "bench": ("minillm.cli.bench", "measure speed and memory, side by side with reference libraries"),
     "quantize": ("minillm.cli.quantize", "quantize a trained checkpoint and compare perplexity, size and speed"),
     "embed": ("minillm.cli.embed", "sentence embeddings and cosine similarities from a BERT checkpoint"),
-    "finetune": ("minillm.cli.finetune", "post-training: sft now; reward, ppo, dpo in minillm.rlhf"),
+    "finetune": ("minillm.cli.finetune", "post-training: SFT on instructions, a reward model, PPO and DPO from preferences"),
 }
 
 

@@ -382,6 +382,112 @@ def value_loss_backward(dloss, cache: ValueCache):
 
 
 # ---------------------------------------------------------------------------
+# 4. A rater that can be checked, rollouts, and one step of each method
+# ---------------------------------------------------------------------------
+
+# The labeller: a stand-in for the human raters, the DPO paper's IMDb sentiment setting
+# with a word list instead of a classifier. A stem counts wherever it occurs, also inside a
+# longer word ("lovely", "beloved"): a small character-level model spells roughly, and the
+# rater should still see "dear" in "deary".
+POSITIVE = ("love", "good", "sweet", "fair", "joy", "happ", "gentle", "noble", "kind", "bless", "dear",
+            "merry", "grace", "honour", "peace", "hope", "glad", "smil", "friend", "true", "heaven",
+            "beaut", "brave", "rich", "comfort", "mercy", "pleas", "best", "well", "fine", "thank", "sing")
+NEGATIVE = ("death", "dead", "die", "kill", "hate", "blood", "curse", "foul", "vile", "grief", "woe",
+            "villain", "false", "poison", "fear", "sorrow", "tear", "weep", "hell", "wretch", "murder",
+            "sick", "plague", "shame", "traitor", "fool", "devil", "poor", "mad", "cruel", "ill", "bad",
+            "not", "never")
+
+
+def sentiment_score(text: str) -> float:
+    """(occurrences of positive stems - occurrences of negative stems) in ``text``, lower-cased:
+    the labeller's score.
+
+    >>> sentiment_score("Sweet love and joy")
+    3.0
+    >>> sentiment_score("Not death, my lord!")
+    -2.0
+    """
+    t = str(text).lower()
+    return float(sum(t.count(w) for w in POSITIVE) - sum(t.count(w) for w in NEGATIVE))
+
+
+def sequences(prompts, responses):
+    """A GPT's (idx, targets) for prompt + response: idx (N, P + n - 1) the sequence without its
+    last token, targets the next tokens with -100 on the prompt (only the response counts)."""
+    xp = array_module(prompts)
+    full = xp.concatenate([prompts, responses], axis=1)                       # (N, P + n)
+    targets = full[:, 1:].copy()
+    targets[:, :prompts.shape[1] - 1] = IGNORE                                 # predicting prompt tokens
+    return full[:, :-1], targets
+
+
+def rollout(params, config, prompts, n_new, seed, temperature=1.0):
+    """n_new sampled tokens after each prompt (all prompts of one length). -> (N, n_new) int"""
+    out = gpt.generate(params, config, [list(map(int, p)) for p in prompts], n_new,
+                       temperature=temperature, seed=seed)
+    return np.array([row[prompts.shape[1]:] for row in out], dtype=np.int64)
+
+
+def token_logprobs(params, config, idx, targets, batch_size=64):
+    """log pi(target_t) per token, no gradient, in chunks. -> (N, T)"""
+    xp = array_module(params["wte"])
+    rows = [token_logprobs_forward(gpt.forward(params, config, xp.asarray(idx[i:i + batch_size]))[0],
+                                   xp.asarray(targets[i:i + batch_size]))[0]
+            for i in range(0, idx.shape[0], batch_size)]
+    return xp.concatenate(rows)
+
+
+def rewards_of(params, config, head, full, batch_size=64):
+    """The reward model's score of each whole sequence (N, P + n). -> (N,)"""
+    xp = array_module(params["wte"])
+    out = []
+    for i in range(0, full.shape[0], batch_size):
+        chunk = xp.asarray(full[i:i + batch_size])
+        out.append(reward_forward(params, config, head, chunk, xp.ones(chunk.shape, dtype=bool))[0])
+    return xp.concatenate(out)
+
+
+def reward_model_step(params, config, head, chosen, rejected):
+    """The reward model's loss and gradient on a batch of pairs of whole sequences (B, L).
+    -> (loss, accuracy on the batch, {GPT grads, head grads})"""
+    xp = array_module(chosen)
+    both = xp.concatenate([chosen, rejected])                                  # (2B, L)
+    r, cache = reward_forward(params, config, head, both, xp.ones(both.shape, dtype=bool))
+    B = chosen.shape[0]
+    loss, lcache = reward_loss_forward(r[:B], r[B:])
+    dr_c, dr_r = reward_loss_backward(1.0, lcache)
+    grads, head_grads = reward_backward(xp.concatenate([dr_c, dr_r]), cache)
+    return float(loss), float((r[:B] > r[B:]).mean()), {**grads, **head_grads}
+
+
+def dpo_step(params, config, idx_c, tgt_c, idx_r, tgt_r, ref_c, ref_r, beta=0.1):
+    """DPO's loss and gradient on a batch of pairs: one GPT pass over chosen and rejected
+    together. -> (loss, implicit-reward accuracy, grads)"""
+    xp = array_module(idx_c)
+    B = idx_c.shape[0]
+    logits, trunk = gpt.forward(params, config, xp.concatenate([idx_c, idx_r]))
+    logp, lcache = sequence_logprobs_forward(logits, xp.concatenate([tgt_c, tgt_r]))   # (2B,)
+    loss, dcache = dpo_loss_forward(logp[:B], logp[B:], ref_c, ref_r, beta=beta)
+    d_c, d_r = dpo_loss_backward(1.0, dcache)
+    grads = gpt.backward(sequence_logprobs_backward(xp.concatenate([d_c, d_r]), lcache), trunk)
+    return float(loss), float((dcache.margin > 0).mean()), grads
+
+
+def ppo_step(params, config, head, batch, clip=0.2, vf_coef=0.1, vf_clip=0.2):
+    """PPO's loss on a minibatch of rollouts and the gradient of policy and value head.
+    batch: idx, targets, mask, logp_old, values_old, advantages (whitened), returns.
+    -> (policy loss, value loss, {GPT grads, head grads})"""
+    idx, targets, mask, logp_old, v_old, adv, ret = batch
+    logits, values, cache = value_forward(params, config, head, idx)
+    logp, lcache = token_logprobs_forward(logits, targets)                     # (B, T)
+    lp, pcache = ppo_loss_forward(logp, logp_old, adv, mask, clip=clip)
+    lv, vcache = value_loss_forward(values, v_old, ret, mask, clip=vf_clip)
+    dlogits = token_logprobs_backward(ppo_loss_backward(1.0, pcache), lcache)
+    grads, head_grads = value_backward(dlogits, value_loss_backward(vf_coef, vcache), cache)
+    return float(lp), float(lv), {**grads, **head_grads}
+
+
+# ---------------------------------------------------------------------------
 # Argument checks
 # ---------------------------------------------------------------------------
 
