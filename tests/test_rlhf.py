@@ -373,3 +373,58 @@ def test_bad_input_names_the_argument():
         rlhf.reward_forward(params, cfg, _head(0, 4), np.zeros((1, 3), dtype=int), np.zeros((1, 3), dtype=bool))
     with pytest.raises(ValueError, match="head"):
         rlhf.head_forward(np.zeros((1, 2, 4)), {"head.w": np.zeros(3), "head.b": np.zeros(1)})
+
+
+# ---------------------------------------------------------------------------
+# The labeller, rollouts and the command line, at a tiny size
+# ---------------------------------------------------------------------------
+
+def test_sentiment_score_counts_stems_anywhere():
+    assert rlhf.sentiment_score("My beloved, DEAR friend") == 3.0          # love inside beloved, any case
+    assert rlhf.sentiment_score("the villain will die") == -4.0     # villain, ill in villain and in will, die
+    assert rlhf.sentiment_score("") == 0.0
+
+
+def test_sequences_count_only_the_response():
+    prompts, responses = np.array([[1, 2, 3]]), np.array([[4, 5]])
+    idx, targets = rlhf.sequences(prompts, responses)
+    assert idx.tolist() == [[1, 2, 3, 4]] and targets.tolist() == [[-100, -100, 4, 5]]
+
+
+def test_finetune_reward_dpo_ppo_at_a_tiny_size(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from minillm import checkpoint, data
+    from minillm.tokenizer import CharTokenizer
+    text = "love die ill vile " * 200
+    tok = CharTokenizer.from_text(text)
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=1, n_head=2, n_embd=16)
+    base = tmp_path / "base"
+    checkpoint.save_checkpoint(base, gpt.init_params(cfg, seed=1), model_config=cfg.to_dict(), tokenizer=tok)
+    ids = np.random.default_rng(0).integers(0, tok.vocab_size, 2000)       # prompts: random characters
+    data.write_tokens(ids, base / "train.npy", tok.vocab_size)
+    data.write_tokens(ids[:500], base / "val.npy", tok.vocab_size)
+
+    def cli(*argv, code=0):
+        r = subprocess.run([sys.executable, "-m", "minillm", "finetune", *argv, "--checkpoint", str(base),
+                            "--prompt-len", "4", "--response-len", "40", "--pairs", "48", "--eval-prompts", "16",
+                            "--steps", "2", "--batch-size", "4", "--eval-interval", "1"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert r.returncode == code, r.stderr[-3000:]
+        return r
+
+    r = cli("ppo", code=2)                          # no reward model yet: one line, exit 2
+    assert "ppo needs a reward model" in r.stderr and "Traceback" not in r.stderr
+    assert "held-out pair accuracy" in cli("reward").stdout
+    out = base / "rlhf"
+    rm = json.loads((out / "reward" / "reward.json").read_text())
+    assert rm["train_pairs"] > 0 and 0.0 <= rm["val_accuracy"] <= 1.0
+    for method in ("dpo", "ppo"):
+        cli(method)
+        res = json.loads((out / method / f"{method}.json").read_text())
+        assert [c["step"] for c in res["curve"]] == [0, 1, 2]
+        assert res["curve"][0]["kl"] == 0.0 and 0.0 <= res["win_rate"] <= 1.0
+        assert checkpoint.load_checkpoint(out / method)["model_config"] == cfg.to_dict()
+    svg = (out / "frontier.svg").read_text()
+    assert "PPO" in svg and "DPO" in svg
