@@ -127,17 +127,22 @@ def _prompts(tokens, P, n, seed):
     return np.stack([np.asarray(tokens[s:s + P], dtype=np.int64) for s in starts])
 
 
-def _sample_in_batches(params, config, prompts, n, seed, batch=64):
-    return np.concatenate([rlhf.rollout(params, config, prompts[i:i + batch], n, seed=seed + i)
-                           for i in range(0, len(prompts), batch)])
+def _sample_in_batches(params, config, prompts, n, seed, batch=64, log=None):
+    """rlhf.rollout over ``prompts`` in batches (seeded per batch); ``log``: progress lines."""
+    out, t0 = [], time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        out.append(rlhf.rollout(params, config, prompts[i:i + batch], n, seed=seed + i))
+        if log is not None and len(prompts) > 4 * batch and (i // batch) % 4 == 3:
+            log(f"  sampled {i + len(out[-1])}/{len(prompts)} responses ({time.perf_counter() - t0:.0f} s)")
+    return np.concatenate(out)
 
 
 def make_pairs(setup, prompts, seed, log, what):
     """Two samples of pi_ref per prompt, ranked by the labeller; ties dropped.
     -> {"chosen", "rejected": (N, P + n) full sequences, "score_chosen", "score_rejected"}"""
     t0 = time.perf_counter()
-    a = _sample_in_batches(setup.ref, setup.config, prompts, setup.n, seed)
-    b = _sample_in_batches(setup.ref, setup.config, prompts, setup.n, seed + 10 ** 6)
+    a = _sample_in_batches(setup.ref, setup.config, prompts, setup.n, seed, log=log)
+    b = _sample_in_batches(setup.ref, setup.config, prompts, setup.n, seed + 10 ** 6, log=log)
     sa, sb = setup.scores(a), setup.scores(b)
     keep = sa != sb
     first = (sa > sb)[keep, None]
