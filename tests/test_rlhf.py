@@ -153,6 +153,39 @@ def test_ppo_and_value_losses_through_the_shared_trunk(seed, B, T):
                                           max_checks_per_param=4, seed=seed))
 
 
+@settings(max_examples=scaled(3))
+@given(seed=seeds, B=st.integers(1, 2), beta=st.floats(0.05, 1.0))
+@example(seed=0, B=2, beta=0.1)
+def test_dpo_and_reward_model_steps_match_finite_differences(seed, B, beta):
+    """The training steps: DPO through one GPT pass over chosen and rejected, and the reward
+    model's Bradley-Terry loss through head and trunk."""
+    cfg, params = _tiny_gpt(seed)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(0, 7, (B, 2))
+    ic, tc = rlhf.sequences(prompts, rng.integers(0, 7, (B, 3)))
+    ir, tr = rlhf.sequences(prompts, rng.integers(0, 7, (B, 3)))
+    ref_c, ref_r = randn(seed + 1, B) - 5, randn(seed + 2, B) - 5
+    loss, _, grads = rlhf.dpo_step(params, cfg, ic, tc, ir, tr, ref_c, ref_r, beta=beta)
+
+    def dpo_terms(p):       # the loss pair by pair (terms that do not move cancel exactly)
+        lp = rlhf.sequence_logprobs_forward(gpt.forward(p, cfg, np.r_[ic, ir])[0], np.r_[tc, tr])[0]
+        return -rlhf.log_sigmoid(beta * ((lp[:B] - ref_c) - (lp[B:] - ref_r))) / B
+
+    assert math.isclose(dpo_terms(params).sum(), loss, rel_tol=1e-12)
+    assert_gradcheck(check_dict_gradients(dpo_terms, params, grads, max_checks_per_param=3, seed=seed))
+    head = _head(seed + 3, cfg.n_embd)
+    full_c, full_r = np.c_[ic, tc[:, -1]], np.c_[ir, tr[:, -1]]
+    loss, _, g = rlhf.reward_model_step(params, cfg, head, full_c, full_r)
+
+    def rm_terms(p):
+        r = rlhf.reward_forward({k: p[k] for k in params}, cfg, {k: p[k] for k in head}, np.r_[full_c, full_r],
+                                np.ones((2 * B, full_c.shape[1]), dtype=bool))[0]
+        return -rlhf.log_sigmoid(r[:B] - r[B:]) / B
+
+    assert math.isclose(rm_terms({**params, **head}).sum(), loss, rel_tol=1e-12)
+    assert_gradcheck(check_dict_gradients(rm_terms, {**params, **head}, g, max_checks_per_param=3, seed=seed))
+
+
 def test_head_backward_matches_finite_differences():
     hidden = randn(0, 2, 3, 4)
     head = _head(1, 4)

@@ -56,10 +56,10 @@ def add_arguments(parser):
     g.add_argument("--response-len", type=common.positive_int, default=48,
                    help="reward/ppo/dpo: sampled tokens in each response; prompt + response must fit "
                         "the context (default: 48)")
-    g.add_argument("--pairs", type=common.positive_int, default=1000,
-                   help="reward/dpo: training prompts to sample pairs for (ties are dropped) (default: 1000)")
-    g.add_argument("--eval-prompts", type=common.positive_int, default=128,
-                   help="held-out prompts for pair accuracy and for judging ppo/dpo (default: 128)")
+    g.add_argument("--pairs", type=common.positive_int, default=2000,
+                   help="reward/dpo: training prompts to sample pairs for (ties are dropped) (default: 2000)")
+    g.add_argument("--eval-prompts", type=common.positive_int, default=256,
+                   help="held-out prompts for pair accuracy and for judging ppo/dpo (default: 256)")
     g.add_argument("--beta", type=common.positive_number, default=0.1,
                    help="dpo: beta, the strength of the implicit KL constraint (default: 0.1)")
     g.add_argument("--beta-kl", type=common.nonnegative_number, default=0.05,
