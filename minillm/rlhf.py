@@ -68,9 +68,19 @@ tokens, -100 where the target is a prompt token (it does not count).
 Numerics: -log sigmoid(u) = logaddexp(0, -u) and sigmoid(-u) = exp(-logaddexp(0, u)), so a
 margin of +-1000 gives a finite loss and gradient (no exp overflow).
 
+5. The rater. Human labellers are replaced by a program whose verdict can be checked:
+   :func:`sentiment_score`, positive minus negative Shakespearean words (the DPO paper's
+   IMDb setting, a word list instead of a sentiment classifier). Preference pairs are two
+   samples of pi_ref for one prompt, the higher-scoring one chosen (ties dropped).
+
 Reading order: the sequence log-probabilities, the reward and value heads on the GPT, the
-losses (reward model, GAE, whitening, PPO, value, DPO), then the argument checks.
-Training loops, the labeller and the pairs live in minillm/cli/finetune_rl.py.
+losses (reward model, DPO, KL rewards, GAE, whitening, PPO, value), then the labeller,
+rollouts and one training step of each method (reward_model_step, dpo_step, ppo_step), and
+last the argument checks. The loops around those steps (pairs, judging, the frontier plot)
+are the command ``python -m minillm finetune reward|ppo|dpo`` (minillm/cli/finetune_rl.py).
+
+This file builds on the GPT (its trunk's hidden state, gpt.backward's dhidden), so it
+imports minillm.gpt; gpt.py never imports it.
 """
 
 from __future__ import annotations
@@ -88,7 +98,9 @@ __all__ = ["token_logprobs_forward", "token_logprobs_backward", "sequence_logpro
            "reward_forward", "reward_backward", "value_forward", "value_backward",
            "reward_loss_forward", "reward_loss_backward", "kl_rewards", "gae", "whiten",
            "ppo_loss_forward", "ppo_loss_backward", "value_loss_forward", "value_loss_backward",
-           "dpo_loss_forward", "dpo_loss_backward", "dpo_implicit_reward", "log_sigmoid"]
+           "dpo_loss_forward", "dpo_loss_backward", "dpo_implicit_reward", "log_sigmoid",
+           "POSITIVE", "NEGATIVE", "sentiment_score", "sequences", "rollout", "token_logprobs", "rewards_of",
+           "reward_model_step", "dpo_step", "ppo_step"]
 
 IGNORE = -100
 
