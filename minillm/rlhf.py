@@ -426,6 +426,7 @@ def sentiment_score(text: str) -> float:
 def sequences(prompts, responses):
     """A GPT's (idx, targets) for prompt + response: idx (N, P + n - 1) the sequence without its
     last token, targets the next tokens with -100 on the prompt (only the response counts)."""
+    _check_sequences(prompts, responses)
     xp = array_module(prompts)
     full = xp.concatenate([prompts, responses], axis=1)                       # (N, P + n)
     targets = full[:, 1:].copy()
@@ -612,3 +613,13 @@ def _check_value_loss(values, values_old, returns, mask, clip):
     _check_same_shape(values=values, values_old=values_old, returns=returns)
     _check_mask(mask, values)
     check_number("clip", clip, lo=0.0, lo_open=True)
+
+
+def _check_sequences(prompts, responses):
+    check_int("prompts", prompts)
+    check_int("responses", responses)
+    if prompts.ndim != 2 or prompts.shape[1] < 1:
+        raise ValueError(f"prompts: expected shape (N, P) with P >= 1, got {tuple(prompts.shape)}")
+    if responses.ndim != 2 or responses.shape[0] != prompts.shape[0] or responses.shape[1] < 1:
+        raise ValueError(f"responses: expected shape ({prompts.shape[0]}, n) with n >= 1 (one row per "
+                         f"prompt), got {tuple(responses.shape)}")

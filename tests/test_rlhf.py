@@ -13,6 +13,12 @@ from minillm.backprop import check_dict_gradients, gradcheck
 from strategies import randn, seeds
 
 
+def test_doctests():
+    import doctest
+    result = doctest.testmod(rlhf, verbose=False)
+    assert result.attempted >= 2 and result.failed == 0
+
+
 def _targets(seed, B, T, V, prompt_len=None):
     """Random targets, -100 on a random prompt prefix of each row (at least one counted)."""
     rng = np.random.default_rng(seed)
@@ -422,6 +428,8 @@ def test_sequences_count_only_the_response():
     prompts, responses = np.array([[1, 2, 3]]), np.array([[4, 5]])
     idx, targets = rlhf.sequences(prompts, responses)
     assert idx.tolist() == [[1, 2, 3, 4]] and targets.tolist() == [[-100, -100, 4, 5]]
+    with pytest.raises(ValueError, match="responses"):
+        rlhf.sequences(prompts, np.array([[4, 5], [6, 7]]))
 
 
 def test_finetune_reward_dpo_ppo_at_a_tiny_size(tmp_path):
