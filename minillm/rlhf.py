@@ -90,11 +90,12 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gpt
-from .backend import (array_module, check_float, check_int, check_number, check_same_device)
+from .backend import (array_module, check_choice, check_float, check_int, check_number, check_same_device)
 from .backprop import log_softmax
 
 __all__ = ["token_logprobs_forward", "token_logprobs_backward", "sequence_logprobs_forward",
            "sequence_logprobs_backward", "init_head", "head_forward", "head_backward", "last_index",
+           "pool_forward", "pool_backward", "response_mask",
            "reward_forward", "reward_backward", "value_forward", "value_backward",
            "reward_loss_forward", "reward_loss_backward", "kl_rewards", "gae", "whiten",
            "ppo_loss_forward", "ppo_loss_backward", "value_loss_forward", "value_loss_backward",
@@ -189,30 +190,52 @@ def last_index(counted):
     return T - 1 - xp.argmax(counted[:, ::-1], axis=1)                         # (B,)
 
 
+class PoolCache(NamedTuple):
+    counted: object      # (B, T) bool
+    last: object         # (B,) int, the read position ("last"), or None ("sum")
+
+
+def pool_forward(v, counted, pool="last"):
+    """One score per row from per-position scores v (B, T): "last", v at the last counted
+    position (InstructGPT's reward model); "sum", the sum over counted positions (a reward
+    that adds up token by token, as a word-count rater does). -> r (B,), cache"""
+    _check_pool(v, counted, pool)
+    xp = array_module(v)
+    if pool == "sum":
+        return (v * counted).sum(axis=1), PoolCache(counted, None)
+    last = last_index(counted)                                                 # (B,)
+    return v[xp.arange(v.shape[0]), last], PoolCache(counted, last)
+
+
+def pool_backward(dr, cache: PoolCache):
+    """"last": dr goes to the read position only; "sum": to every counted one. -> dv (B, T)"""
+    counted, last = cache
+    xp = array_module(dr)
+    if last is None:
+        return dr[:, None] * counted
+    return (xp.arange(counted.shape[1]) == last[:, None]) * dr[:, None]
+
+
 class ScoreCache(NamedTuple):
     gpt: object          # GPTCache of the trunk
     head: object         # HeadCache
-    last: object         # (B,) int, where the score was read (reward) or None (value)
+    pool: object         # PoolCache (reward) or None (value)
 
 
-def reward_forward(params, config, head, idx, counted):
-    """r(x, y) = the scalar head at the last counted position of each row.
-    idx (B, T) int, counted (B, T) bool -> r (B,), cache"""
+def reward_forward(params, config, head, idx, counted, pool="last"):
+    """r(x, y) = the scalar head at the last counted position of each row (pool="sum": summed
+    over the counted positions). idx (B, T) int, counted (B, T) bool -> r (B,), cache"""
     _check_counted(counted, idx)
     _, trunk = gpt.forward(params, config, idx)
     v, hc = head_forward(trunk.xf, head)                                       # (B, T)
-    last = last_index(counted)                                                 # (B,)
-    xp = array_module(v)
-    return v[xp.arange(v.shape[0]), last], ScoreCache(trunk, hc, last)
+    r, pc = pool_forward(v, counted, pool)                                     # (B,)
+    return r, ScoreCache(trunk, hc, pc)
 
 
 def reward_backward(dr, cache: ScoreCache):
     """dr (B,) -> (grads of the GPT params, grads of the head)"""
-    trunk, hc, last = cache
-    xp = array_module(dr)
-    B, T = hc.hidden.shape[:2]
-    dv = xp.zeros((B, T), dtype=hc.hidden.dtype)
-    dv[xp.arange(B), last] = dr                   # only the read position got a gradient
+    trunk, hc, pc = cache
+    dv = pool_backward(dr, pc).astype(hc.hidden.dtype)                         # (B, T)
     dhidden, head_grads = head_backward(dv, hc)
     return gpt.backward(None, trunk, dhidden=dhidden), head_grads
 
@@ -450,22 +473,27 @@ def token_logprobs(params, config, idx, targets, batch_size=64):
     return xp.concatenate(rows)
 
 
-def rewards_of(params, config, head, full, batch_size=64):
+def response_mask(shape, prompt_len, xp=np):
+    """(N, L) bool: True on the response of whole sequences prompt + response."""
+    return xp.broadcast_to(xp.arange(shape[1]) >= prompt_len, tuple(shape))
+
+
+def rewards_of(params, config, head, full, prompt_len, pool="last", batch_size=64):
     """The reward model's score of each whole sequence (N, P + n). -> (N,)"""
     xp = array_module(params["wte"])
     out = []
     for i in range(0, full.shape[0], batch_size):
         chunk = xp.asarray(full[i:i + batch_size])
-        out.append(reward_forward(params, config, head, chunk, xp.ones(chunk.shape, dtype=bool))[0])
+        out.append(reward_forward(params, config, head, chunk, response_mask(chunk.shape, prompt_len, xp), pool)[0])
     return xp.concatenate(out)
 
 
-def reward_model_step(params, config, head, chosen, rejected):
-    """The reward model's loss and gradient on a batch of pairs of whole sequences (B, L).
-    -> (loss, accuracy on the batch, {GPT grads, head grads})"""
+def reward_model_step(params, config, head, chosen, rejected, prompt_len=1, pool="last"):
+    """The reward model's loss and gradient on a batch of pairs of whole sequences (B, L), the
+    response after prompt_len tokens. -> (loss, accuracy on the batch, {GPT grads, head grads})"""
     xp = array_module(chosen)
     both = xp.concatenate([chosen, rejected])                                  # (2B, L)
-    r, cache = reward_forward(params, config, head, both, xp.ones(both.shape, dtype=bool))
+    r, cache = reward_forward(params, config, head, both, response_mask(both.shape, prompt_len, xp), pool)
     B = chosen.shape[0]
     loss, lcache = reward_loss_forward(r[:B], r[B:])
     dr_c, dr_r = reward_loss_backward(1.0, lcache)
@@ -623,3 +651,12 @@ def _check_sequences(prompts, responses):
     if responses.ndim != 2 or responses.shape[0] != prompts.shape[0] or responses.shape[1] < 1:
         raise ValueError(f"responses: expected shape ({prompts.shape[0]}, n) with n >= 1 (one row per "
                          f"prompt), got {tuple(responses.shape)}")
+
+
+def _check_pool(v, counted, pool):
+    check_choice("pool", pool, ("last", "sum"))
+    if not hasattr(counted, "dtype") or counted.dtype != bool or tuple(counted.shape) != tuple(v.shape):
+        raise ValueError(f"counted: expected a bool array of shape {tuple(v.shape)}, got "
+                         f"{getattr(counted, 'dtype', type(counted).__name__)} {tuple(getattr(counted, 'shape', ()))}")
+    if not bool(counted.any(axis=1).all()):
+        raise ValueError("counted: every row needs at least one counted token to read the reward at")

@@ -97,27 +97,29 @@ def test_sequence_logprob_gradient_through_the_gpt(seed, B, T, pos):
 
 
 @settings(max_examples=scaled(4))
-@given(seed=seeds, B=st.integers(1, 3), T=st.integers(2, 5))
-@example(seed=0, B=2, T=4)
-def test_reward_model_gradient_through_the_head_and_the_gpt(seed, B, T):
+@given(seed=seeds, B=st.integers(1, 3), T=st.integers(2, 5), pool=st.sampled_from(["last", "sum"]))
+@example(seed=0, B=2, T=4, pool="last")
+@example(seed=0, B=2, T=4, pool="sum")
+def test_reward_model_gradient_through_the_head_and_the_gpt(seed, B, T, pool):
     cfg, params = _tiny_gpt(seed)
     head = _head(seed + 1, cfg.n_embd)
     idx = np.random.default_rng(seed).integers(0, 7, (B, T))
     counted = _targets(seed + 2, B, T, 7) != -100
     counted[np.arange(B), np.random.default_rng(seed).integers(0, T, B)] = False   # ragged: right padding
     counted[:, 0] = True
-    r, cache = rlhf.reward_forward(params, cfg, head, idx, counted)
+    r, cache = rlhf.reward_forward(params, cfg, head, idx, counted, pool=pool)
     last = rlhf.last_index(counted)
     assert all(counted[b, last[b]] and not counted[b, last[b] + 1:].any() for b in range(B))
     _, trunk = gpt.forward(params, cfg, idx)
-    assert_close(r, trunk.xf[np.arange(B), last] @ head["head.w"] + head["head.b"][0])
+    v = trunk.xf @ head["head.w"] + head["head.b"][0]                       # (B, T) per-position scores
+    assert_close(r, v[np.arange(B), last] if pool == "last" else (v * counted).sum(1))
     dr = randn(seed + 3, B)
     grads, head_grads = rlhf.reward_backward(dr, cache)
     both = {**params, **head}
 
     def f(p):
         trunk_p = {k: p[k] for k in params}
-        return rlhf.reward_forward(trunk_p, cfg, {k: p[k] for k in head}, idx, counted)[0] * dr
+        return rlhf.reward_forward(trunk_p, cfg, {k: p[k] for k in head}, idx, counted, pool=pool)[0] * dr
 
     assert_gradcheck(check_dict_gradients(f, both, {**grads, **head_grads}, max_checks_per_param=4, seed=seed))
 
@@ -181,15 +183,26 @@ def test_dpo_and_reward_model_steps_match_finite_differences(seed, B, beta):
     assert_gradcheck(check_dict_gradients(dpo_terms, params, grads, max_checks_per_param=3, seed=seed))
     head = _head(seed + 3, cfg.n_embd)
     full_c, full_r = np.c_[ic, tc[:, -1]], np.c_[ir, tr[:, -1]]
-    loss, _, g = rlhf.reward_model_step(params, cfg, head, full_c, full_r)
+    pool = "sum" if seed % 2 else "last"
+    loss, _, g = rlhf.reward_model_step(params, cfg, head, full_c, full_r, prompt_len=2, pool=pool)
 
     def rm_terms(p):
+        counted = np.arange(full_c.shape[1])[None, :].repeat(2 * B, 0) >= 2      # the response
         r = rlhf.reward_forward({k: p[k] for k in params}, cfg, {k: p[k] for k in head}, np.r_[full_c, full_r],
-                                np.ones((2 * B, full_c.shape[1]), dtype=bool))[0]
+                                counted, pool=pool)[0]
         return -rlhf.log_sigmoid(r[:B] - r[B:]) / B
 
     assert math.isclose(rm_terms({**params, **head}).sum(), loss, rel_tol=1e-12)
     assert_gradcheck(check_dict_gradients(rm_terms, {**params, **head}, g, max_checks_per_param=3, seed=seed))
+
+
+@given(seed=seeds, B=st.integers(1, 3), T=st.integers(2, 5), pool=st.sampled_from(["last", "sum"]))
+def test_pool_backward_matches_finite_differences(seed, B, T, pool):
+    counted = _targets(seed, B, T, 3) != -100
+    rep = gradcheck(lambda v: rlhf.pool_forward(v, counted, pool), rlhf.pool_backward, [randn(seed, B, T)], seed=seed)
+    assert_gradcheck(rep)
+    with pytest.raises(ValueError, match="pool"):
+        rlhf.pool_forward(randn(seed, B, T), counted, "mean")
 
 
 def test_head_backward_matches_finite_differences():

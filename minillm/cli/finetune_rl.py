@@ -44,7 +44,8 @@ from minillm.train import load_checkpoint, save_checkpoint
 METHODS = ["reward", "ppo", "dpo"]
 PAIRS_FILE, FRONTIER_SVG = "pairs.npz", "frontier.svg"
 # method -> (steps, batch size, lr, eval interval): minutes on a 2-core CPU with the default run
-DEFAULTS = {"reward": (150, 16, 3e-4, 50), "ppo": (30, 16, 1e-4, 10), "dpo": (60, 16, 1e-4, 20)}
+DEFAULTS = {"reward": (150, 16, 3e-4, 50), "reward-head": (2000, 64, 1e-2, 500), "ppo": (30, 16, 1e-4, 10),
+            "dpo": (60, 16, 1e-4, 20)}
 
 
 def add_arguments(parser):
@@ -72,6 +73,13 @@ def add_arguments(parser):
                    help="ppo: optimisation passes over each batch of rollouts (default: 2)")
     g.add_argument("--ptx-coef", type=common.nonnegative_number, default=0.0,
                    help="ppo: gamma of PPO-ptx, the weight of the pretraining LM loss (default: 0)")
+    g.add_argument("--rm-pool", default="sum", choices=["sum", "last"],
+                   help="reward: the score is the head summed over the response's tokens (sum) or read at "
+                        "its last token (last, InstructGPT's) (default: sum)")
+    g.add_argument("--rm-train", default="head", choices=["head", "all"],
+                   help="reward: train the head on the reference's frozen trunk (head: its features are "
+                        "computed once; 2000 steps of 64 pairs) or the trunk too (all: 150 steps of 16) "
+                        "(default: head)")
     g.add_argument("--reward-model", default=None,
                    help="ppo: the reward model directory (default: OUT/reward)")
 
@@ -85,7 +93,7 @@ class Setup:
 
     def __init__(self, args, log):
         from minillm.cli.sample import load_run
-        self.xp = backend.xp_for(args.device)
+        self.xp, self.device = backend.xp_for(args.device), backend.device_name(args.device)
         self.config, self.ref, self.tokenizer, ck = load_run(args.checkpoint, backend.device_name(args.device))
         self.run_dir = Path(ck["path"]).parent
         self.out = Path(args.out) if args.out else self.run_dir / "rlhf"
@@ -235,49 +243,93 @@ def _copy(params):
 # finetune reward
 # ---------------------------------------------------------------------------
 
-def pair_accuracy(params, config, head, chosen, rejected, xp):
+class RewardModel:
+    """The reward model being trained: the reference's trunk + a scalar head, pooled over the
+    response ("sum") or read at its last token ("last"). With ``train_trunk`` False the trunk
+    is frozen, so its final hidden states are computed once per sequence (``features``) and
+    only the head learns: a linear probe of the reference's features."""
+
+    def __init__(self, setup, pool, train_trunk):
+        self.setup, self.pool, self.train_trunk = setup, pool, train_trunk
+        self.params = _copy(setup.ref) if train_trunk else setup.ref
+        self.head = rlhf.init_head(setup.config, dtype=setup.ref["wte"].dtype,
+                                   device=setup.device)
+        self.trained = {**self.params, **self.head} if train_trunk else self.head
+
+    def features(self, full, batch=64):
+        """The trunk's final hidden states (N, L, C) of whole sequences, no gradient."""
+        xp = self.setup.xp
+        return xp.concatenate([gpt.forward(self.setup.ref, self.setup.config, xp.asarray(full[i:i + batch]))[1].xf
+                               for i in range(0, len(full), batch)])
+
+    def scores(self, data, batch=64):
+        """Scores of sequences (trunk trained) or of their features (trunk frozen). -> NumPy (N,)"""
+        xp, P = self.setup.xp, self.setup.P
+        if self.train_trunk:
+            return backend.to_numpy(rlhf.rewards_of(self.params, self.setup.config, self.head, data, P, self.pool))
+        v, _ = rlhf.head_forward(data, self.head)
+        return backend.to_numpy(rlhf.pool_forward(v, rlhf.response_mask(v.shape, P, xp), self.pool)[0])
+
+    def step(self, chosen, rejected):
+        """Loss, batch accuracy and gradient of the trained parameters on a batch of pairs."""
+        xp, P = self.setup.xp, self.setup.P
+        if self.train_trunk:
+            return rlhf.reward_model_step(self.params, self.setup.config, self.head, chosen, rejected, P, self.pool)
+        v, hc = rlhf.head_forward(xp.concatenate([chosen, rejected]), self.head)
+        r, pc = rlhf.pool_forward(v, rlhf.response_mask(v.shape, P, xp), self.pool)
+        B = chosen.shape[0]
+        loss, lc = rlhf.reward_loss_forward(r[:B], r[B:])
+        dr_c, dr_r = rlhf.reward_loss_backward(1.0, lc)
+        _, grads = rlhf.head_backward(rlhf.pool_backward(xp.concatenate([dr_c, dr_r]), pc), hc)
+        return float(loss), float((r[:B] > r[B:]).mean()), grads
+
+
+def _accuracy(rm, chosen, rejected):
     """Share of pairs the reward model ranks like the labeller (a tie counts half)."""
-    rc = backend.to_numpy(rlhf.rewards_of(params, config, head, xp.asarray(chosen)))
-    rr = backend.to_numpy(rlhf.rewards_of(params, config, head, xp.asarray(rejected)))
+    rc, rr = rm.scores(chosen), rm.scores(rejected)
     return float(np.mean(rc > rr) + 0.5 * np.mean(rc == rr))
 
 
 def run_reward(args, log=print):
     setup = Setup(args, log)
-    xp, config = setup.xp, setup.config
-    steps, batch, lr, every = _settings(args, "reward")
+    xp = setup.xp
+    frozen = args.rm_train == "head"
+    steps, batch, lr, every = _settings(args, "reward-head" if frozen else "reward")
     pairs = load_or_make_pairs(setup, args, log)
-    params, head = _copy(setup.ref), rlhf.init_head(config, dtype=setup.ref["wte"].dtype,
-                                                    device=backend.device_name(args.device))
-    model = {**params, **head}             # the same arrays: the optimizer updates both dicts
-    opt = AdamW(model, lr=lr, weight_decay=0.0)
-    tc, tr = pairs["train_chosen"], pairs["train_rejected"]
-    vc, vr = pairs["val_chosen"], pairs["val_rejected"]
-    if len(tc) == 0 or len(vc) == 0:
+    if len(pairs["train_chosen"]) == 0 or len(pairs["val_chosen"]) == 0:
         raise UsageError("every pair tied: sample more prompts (--pairs, --eval-prompts) or longer responses")
-    log(f"reward model: the reference's trunk + a scalar head; {steps} steps of {batch} pairs, lr {lr:g}")
+    rm = RewardModel(setup, args.rm_pool, train_trunk=not frozen)
+    data = {k: pairs[k] for k in ("train_chosen", "train_rejected", "val_chosen", "val_rejected")}
+    t0 = time.perf_counter()
+    if frozen:
+        data = {k: rm.features(v) for k, v in data.items()}
+        log(f"the reference's features of {sum(len(v) for v in data.values())} sequences in "
+            f"{time.perf_counter() - t0:.0f} s (its trunk stays frozen)")
+    tc, tr, vc, vr = data["train_chosen"], data["train_rejected"], data["val_chosen"], data["val_rejected"]
+    opt = AdamW(rm.trained, lr=lr, weight_decay=0.0)
+    log(f"reward model: the reference's trunk ({'frozen' if frozen else 'trained'}) + a scalar head "
+        f"({'summed over the response' if args.rm_pool == 'sum' else 'at the last token'}); {steps} steps of "
+        f"{batch} pairs, lr {lr:g}")
     rng = np.random.default_rng(args.seed)
-    before = pair_accuracy(params, config, head, vc, vr, xp)
-    curve, t0 = [], time.perf_counter()
+    before, curve = _accuracy(rm, vc, vr), []
     for step in range(1, steps + 1):
         rows = rng.integers(0, len(tc), batch)
-        loss, acc, grads = rlhf.reward_model_step(params, config, head, xp.asarray(tc[rows]), xp.asarray(tr[rows]))
+        loss, acc, grads = rm.step(xp.asarray(tc[rows]), xp.asarray(tr[rows]))
         clip_grad_norm(grads, 1.0)
         opt.step(grads)
-        if step % 10 == 0 or step == steps:
-            log(f"step {step}/{steps} | loss {loss:.4f} | batch accuracy {acc:.2f} | "
-                f"{time.perf_counter() - t0:.0f} s")
+        if step % max(1, steps // 15) == 0 or step == steps:
+            log(f"step {step}/{steps} | loss {loss:.4f} | batch accuracy {acc:.2f} | {time.perf_counter() - t0:.0f} s")
         if _due(step, every, steps):
-            curve.append({"step": step, "loss": loss, "val_accuracy": pair_accuracy(params, config, head, vc, vr, xp)})
+            curve.append({"step": step, "loss": loss, "val_accuracy": _accuracy(rm, vc, vr)})
             log(f"  held-out pair accuracy {curve[-1]['val_accuracy']:.3f}")
-    result = {"method": "reward", "checkpoint": str(args.checkpoint), "steps": steps, "batch_size": batch,
-              "lr": lr, "train_pairs": int(len(tc)), "val_pairs": int(len(vc)),
+    result = {"method": "reward", "checkpoint": str(args.checkpoint), "pool": args.rm_pool, "train": args.rm_train,
+              "steps": steps, "batch_size": batch, "lr": lr, "train_pairs": int(len(tc)), "val_pairs": int(len(vc)),
               "val_accuracy_before": before, "val_accuracy": curve[-1]["val_accuracy"],
-              "train_accuracy": pair_accuracy(params, config, head, tc[:256], tr[:256], xp),
-              "curve": curve, "elapsed_s": time.perf_counter() - t0}
+              "train_accuracy": _accuracy(rm, tc, tr), "curve": curve, "elapsed_s": time.perf_counter() - t0}
     out = setup.out / "reward"
-    save_checkpoint(out, model, step=steps, model_config={"reward_model": config.to_dict()},
-                    tokenizer=setup.tokenizer, metrics={"val_accuracy": result["val_accuracy"]})
+    save_checkpoint(out, {**rm.params, **rm.head}, step=steps, tokenizer=setup.tokenizer,
+                    model_config={"reward_model": setup.config.to_dict(), "pool": args.rm_pool,
+                                  "prompt_len": setup.P}, metrics={"val_accuracy": result["val_accuracy"]})
     _write_json(out / "reward.json", result)
     log(f"held-out pair accuracy: {result['val_accuracy']:.3f} ({len(vc)} pairs; {before:.3f} before "
         f"training, 0.5 is chance); train {result['train_accuracy']:.3f}. Reward model: {out}")
@@ -294,8 +346,8 @@ def load_reward_model(path, config):
         raise UsageError(f"--reward-model: its vocabulary ({rm_config.vocab_size}) is not the policy's "
                          f"({config.vocab_size})")
     p = ck["params"]
-    return rm_config, {k: v for k, v in p.items() if not k.startswith("head.")}, \
-        {k: v for k, v in p.items() if k.startswith("head.")}
+    return (rm_config, {k: v for k, v in p.items() if not k.startswith("head.")},
+            {k: v for k, v in p.items() if k.startswith("head.")}, ck["model_config"].get("pool", "last"))
 
 
 # ---------------------------------------------------------------------------
@@ -365,14 +417,15 @@ def reward_normaliser(setup, rm, seed, n=128):
     its reward model the same way) and the scale of r is comparable with the KL penalty."""
     prompts = setup.train_prompts[-n:]
     responses = _sample_in_batches(setup.ref, setup.config, prompts, setup.n, seed)
-    r = backend.to_numpy(rlhf.rewards_of(rm[1], rm[0], rm[2], setup.xp.asarray(np.concatenate([prompts, responses], 1))))
+    full = setup.xp.asarray(np.concatenate([prompts, responses], 1))
+    r = backend.to_numpy(rlhf.rewards_of(rm[1], rm[0], rm[2], full, setup.P, rm[3]))
     return float(r.mean()), float(r.std() + 1e-8)
 
 
 def _rollout_batch(setup, policy, vhead, rm, prompts, seed, beta_kl, norm):
     """Sample, score, and compute what PPO's epochs need (no gradient here)."""
     xp, config = setup.xp, setup.config
-    rm_config, rm_params, rm_head = rm
+    rm_config, rm_params, rm_head, pool = rm
     responses = rlhf.rollout(policy, config, prompts, setup.n, seed=seed)
     idx, targets = (xp.asarray(a) for a in rlhf.sequences(prompts, responses))
     mask = (targets != rlhf.IGNORE).astype(policy["wte"].dtype)
@@ -380,7 +433,7 @@ def _rollout_batch(setup, policy, vhead, rm, prompts, seed, beta_kl, norm):
     logp_old = rlhf.token_logprobs_forward(logits, targets)[0]
     logp_ref = rlhf.token_logprobs(setup.ref, config, idx, targets)
     full = xp.asarray(np.concatenate([prompts, responses], 1))
-    scores = (rlhf.rewards_of(rm_params, rm_config, rm_head, full) - norm[0]) / norm[1]
+    scores = (rlhf.rewards_of(rm_params, rm_config, rm_head, full, setup.P, pool) - norm[0]) / norm[1]
     rewards = rlhf.kl_rewards(logp_old, logp_ref, mask, scores, beta_kl)
     adv, ret = rlhf.gae(rewards, values, mask, gamma=1.0, lam=0.95)
     stats = {"rm_score": float(scores.mean()),   # normalised: the reference's samples average 0
@@ -399,7 +452,7 @@ def run_ppo(args, log=print):
                          f"--checkpoint {args.checkpoint} first, or pass --reward-model)")
     rm = load_reward_model(rm_dir, config)
     rm = (rm[0], backend.to_device(rm[1], backend.device_name(args.device)),
-          backend.to_device(rm[2], backend.device_name(args.device)))
+          backend.to_device(rm[2], backend.device_name(args.device)), rm[3])
     policy = _copy(setup.ref)
     vhead = rlhf.init_head(config, dtype=policy["wte"].dtype, device=backend.device_name(args.device))
     model = {**policy, **vhead}
