@@ -71,6 +71,9 @@ The baseline is the majority class of the training answers, per kind.
 Reading order: the chat tokens and the grown model, the template (build_example,
 build_prompt), batching, the loss (the plain loop first, then the batched one through the
 GPT), accuracy, the instruction data, and last the argument checks.
+
+This file builds on the GPT (its forward and backward), so it imports minillm.gpt; gpt.py
+never imports it.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import gpt
-from .backend import array_module, check_array, check_int, check_int_arg, check_number, make_rng
+from .backend import array_module, check_array, check_int, check_int_arg, check_number, make_rng, to_numpy
 from .backprop import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_dict
 
@@ -300,7 +303,7 @@ def greedy_correct(params, config, ids, labels, batch_size=64):
         logits, _ = gpt.forward(params, config, x)                 # (b, T, V)
         counted = y != IGNORE_INDEX                                # (b, T)
         hit = (xp.argmax(logits, axis=-1) == y) | ~counted          # (b, T)
-        out.append(np.asarray(xp.all(hit, axis=1) & xp.any(counted, axis=1)).astype(bool))
+        out.append(to_numpy(xp.all(hit, axis=1) & xp.any(counted, axis=1)).astype(bool))
     return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
@@ -311,7 +314,7 @@ def greedy_answer(params, config, tokenizer, messages, max_new_tokens=32):
     end = chat_token_ids(tokenizer)["end"]
     room = max(1, min(max_new_tokens, config.block_size - len(prompt)))
     ids = gpt.generate(params, config, prompt, room, temperature=0.0, eos_id=end)[len(prompt):]
-    return tokenizer.decode([i for i in ids[:ids.index(end)]] if end in ids else ids)
+    return tokenizer.decode(ids[:ids.index(end)] if end in ids else ids)
 
 
 # ---------------------------------------------------------------------------
@@ -388,6 +391,7 @@ def instruction_dataset(docs, plays=PLAYS, n_speakers=8, eval_fraction=0.2, bloc
             rows["eval" if h else "train"].append((play, i, speaker, text))
     top = [s for s, _ in Counter(s for _, _, s, _ in rows["train"]).most_common(n_speakers)]
     longest = {"speaker": max(map(len, top)), "play": max(map(len, plays))}
+    _check_room(longest, block_size)
     out = {}
     for split, split_rows in rows.items():
         made = []
@@ -423,19 +427,28 @@ def to_messages(instruction, with_answer=True):
 
 def encode_instructions(tokenizer, instructions, block_size):
     """(ids, labels) int64 arrays (N, T), right-padded, T <= block_size. A chat that comes out
-    longer than block_size tokens (a character that takes several BPE bytes) loses the end
-    of its speech text until it fits."""
+    longer than block_size tokens (a character that takes several BPE bytes) keeps the
+    longest start of its speech text that fits."""
     pad = chat_token_ids(tokenizer)["pad"]
     examples = []
     for x in instructions:
         ids, labels = build_example(tokenizer, to_messages(x))
-        text = x.text
-        while len(ids) > block_size and text:
-            text = text[:len(text) - (len(ids) - block_size)].rstrip() if len(text) > len(ids) - block_size else ""
-            ids, labels = build_example(tokenizer, to_messages(x._replace(text=text)))
-        _check_fits(ids, block_size, x)
+        if len(ids) > block_size:
+            ids, labels = _longest_fitting(tokenizer, x, block_size)
         examples.append((ids, labels))
     return pad_batch(examples, pad)
+
+
+def _longest_fitting(tokenizer, x, block_size):
+    """build_example of ``x`` with its text cut to the longest prefix that fits (bisection)."""
+    fits, too_long = 0, len(x.text)             # text[:fits] fits, text[:too_long] does not
+    while too_long - fits > 1:
+        mid = (fits + too_long) // 2
+        n_ids = len(build_example(tokenizer, to_messages(x._replace(text=x.text[:mid])))[0])
+        fits, too_long = (mid, too_long) if n_ids <= block_size else (fits, mid)
+    ids, labels = build_example(tokenizer, to_messages(x._replace(text=x.text[:fits].rstrip())))
+    _check_fits(ids, block_size, x)
+    return ids, labels
 
 
 def accuracy(params, config, tokenizer, instructions, block_size=None):
@@ -559,6 +572,13 @@ def _check_instruction_dataset(docs, plays, n_speakers, eval_fraction, block_siz
     check_int_arg("max_eval_per_kind", max_eval, lo=1)
     check_int_arg("seed", seed, lo=0)
     return texts
+
+
+def _check_room(longest, block_size):
+    need = max(4 + len(QUESTIONS[kind]) + 1 + n + _MIN_CHARS for kind, n in longest.items())
+    if need > block_size:
+        raise ValueError(f"block_size: the instructions need a context of at least {need} tokens (template, "
+                         f"question, {_MIN_CHARS} characters of speech, the longest answer), got {block_size}")
 
 
 def _check_fits(ids, block_size, instruction):

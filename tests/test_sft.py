@@ -2,13 +2,15 @@
 the response loss through a GPT checked by finite differences, greedy exact match, the
 instruction data's split, the LoRA path, and finetune sft on the command line."""
 import json
+import os
 import subprocess
+from pathlib import Path
 import sys
 from functools import lru_cache
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from helpers import assert_alive, assert_close, assert_gradcheck, scaled
 from minillm import backprop as bp
@@ -360,19 +362,15 @@ def test_bad_input_is_a_clear_error():
 # The command line, at a tiny size
 # ---------------------------------------------------------------------------
 
-def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
+def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path, capsys, monkeypatch):
+    from minillm.__main__ import main
+    monkeypatch.setenv("MINILLM_DEVICE", "cpu")
     tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
     cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16)
     checkpoint.save_checkpoint(tmp_path / "base", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
-
-    def cli(*argv):
-        r = subprocess.run([sys.executable, "-m", "minillm", *argv], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return r.stdout
-
-    out = cli("finetune", "sft", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4",
-              "--lora", "--lora-rank", "2", "--eval-interval", "0")
+    assert main(["finetune", "sft", "--checkpoint", str(tmp_path / "base"), "--steps", "2", "--batch-size", "4",
+                 "--lora", "--lora-rank", "2", "--eval-interval", "0"]) == 0
+    out = capsys.readouterr().out
     assert "majority baseline (held out): speaker" in out and "held-out accuracy after: speaker" in out
     run = tmp_path / "base" / "sft-lora"
     results = json.loads((run / "sft.json").read_text())
@@ -381,8 +379,61 @@ def test_finetune_sft_writes_a_run_that_sample_loads(tmp_path):
     chat = tokenizer_from_dict(ck["tokenizer"])
     assert ck["model_config"]["vocab_size"] == chat.vocab_size == tok.vocab_size + 5
     assert sft.has_chat_tokens(chat)
-    text = cli("sample", "--checkpoint", str(run), "--max-new-tokens", "4", "--prompt", "Who")
-    assert "4 tokens" in text
-    r = subprocess.run([sys.executable, "-m", "minillm", "finetune", "distill"], cwd=tmp_path, capture_output=True,
-                       text=True)
-    assert r.returncode == 2 and "invalid choice: 'distill'" in r.stderr
+    assert main(["sample", "--checkpoint", str(run), "--max-new-tokens", "4", "--prompt", "Who"]) == 0
+    assert "4 tokens" in capsys.readouterr().out
+
+
+def test_finetune_sft_mistakes_are_one_line_and_status_2(tmp_path):
+    """As a user meets them: a fresh ``python -m minillm`` per case (tests/cli_runner.py forks them)."""
+    tok = CharTokenizer.from_text(data.shakespeare_text(), unk="\ufffd")
+    cfg = gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16)
+    checkpoint.save_checkpoint(tmp_path / "short", gpt.init_params(cfg), model_config=cfg.to_dict(), tokenizer=tok)
+    (tmp_path / "empty").mkdir()
+    cases = [(["--checkpoint", "short"], "block_size: the instructions need a context of at least 48 tokens"),
+             (["--checkpoint", "empty"], "no checkpoint.npz in 'empty'"),
+             (["--checkpoint", "short", "--steps", "0"], "argument --steps: expected an integer >= 1")]
+    cases_file, results_file = tmp_path / "cases.json", tmp_path / "results.json"
+    cases_file.write_text(json.dumps([{"argv": ["finetune", "sft", *argv], "cwd": str(tmp_path), "env": {}}
+                                      for argv, _ in cases] +
+                                     [{"argv": ["finetune", "distill"], "cwd": str(tmp_path), "env": {}}]))
+    runner = Path(__file__).parent / "cli_runner.py"
+    env = dict(os.environ, PYTHONPATH=str(runner.parents[1]), MINILLM_DEVICE="cpu", OPENBLAS_NUM_THREADS="1")
+    env.pop("MINILLM_DEBUG", None)
+    subprocess.run([sys.executable, str(runner), str(cases_file), str(results_file)], check=True, timeout=300, env=env)
+    results = json.loads(results_file.read_text())
+    for (argv, words), r in zip(cases + [(["distill"], "invalid choice: 'distill'")], results):
+        assert r["returncode"] == 2 and words in r["stderr"], (argv, r)
+        assert len(r["stderr"].strip().splitlines()) == 1, r["stderr"]
+
+
+def test_a_chat_too_long_in_bpe_tokens_loses_the_end_of_its_speech():
+    tok = sft.add_chat_tokens(BPETokenizer.train("plain ascii", 256))   # the bytes alone: "é" is 2 ids
+    x = sft.Instruction("play", "é" * 30, "Pericles", "Pericles", 0)
+    ids, labels = sft.encode_instructions(tok, [x], 40)
+    assert ids.shape[1] <= 40
+    kept = tok.decode(ids[0]).split("Which play? ")[1].split("<|end|>")[0]
+    assert kept and set(kept) == {"é"} and len(kept) < 30
+    assert tok.decode([y for y in labels[0] if y != sft.IGNORE_INDEX]) == "Pericles<|end|>"
+
+
+@given(batch=st.lists(chats(), min_size=1, max_size=3), seed=seeds)
+def test_response_loss_is_hugging_faces_shifted_loss(batch, seed):
+    """Hugging Face's causal-LM convention: labels aligned with the ids (-100 off the response)
+    and the model shifts them, loss = CE(logits[:, :-1], labels_hf[:, 1:]) (PyTorch computes it).
+    Ours are already shifted: labels[t] = labels_hf[t + 1]. Same loss."""
+    torch = pytest.importorskip("torch")
+    examples = [sft.build_example(TINY_CHAT, m) for m in batch]
+    examples = [(i[:TINY.block_size], y[:min(len(i), TINY.block_size) - 1] + [sft.IGNORE_INDEX])
+                for i, y in examples]
+    ids, labels = sft.pad_batch(examples, sft.chat_token_ids(TINY_CHAT)["pad"])
+    labels_hf = np.full_like(ids, sft.IGNORE_INDEX)
+    labels_hf[:, 1:] = labels[:, :-1]                # the response tokens themselves, in place
+    counted = labels_hf != sft.IGNORE_INDEX
+    assume(counted.any())                            # PyTorch's mean over nothing is NaN, ours 0
+    assert np.array_equal(labels_hf[counted], ids[counted])
+    params = gpt.init_params(TINY, seed=seed % 1000, dtype=np.float64)
+    ours, _ = sft.response_loss_and_grads(params, TINY, ids, labels)
+    logits, _ = gpt.forward(params, TINY, ids)
+    ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits[:, :-1]).reshape(-1, TINY.vocab_size),
+                                            torch.from_numpy(labels_hf[:, 1:]).reshape(-1), ignore_index=-100)
+    assert ours == pytest.approx(float(ref), rel=1e-12)
