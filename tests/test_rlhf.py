@@ -470,10 +470,11 @@ def test_finetune_reward_dpo_ppo_at_a_tiny_size(tmp_path):
 
     r = cli("ppo", code=2)                          # no reward model yet: one line, exit 2
     assert "ppo needs a reward model" in r.stderr and "Traceback" not in r.stderr
-    assert "held-out pair accuracy" in cli("reward").stdout
     out = base / "rlhf"
-    rm = json.loads((out / "reward" / "reward.json").read_text())
-    assert rm["train_pairs"] > 0 and 0.0 <= rm["val_accuracy"] <= 1.0
+    for extra, train in ((("--rm-train", "all", "--rm-pool", "last"), "all"), ((), "head")):
+        assert "held-out pair accuracy" in cli("reward", *extra).stdout
+        rm = json.loads((out / "reward" / "reward.json").read_text())
+        assert rm["train"] == train and rm["train_pairs"] > 0 and 0.0 <= rm["val_accuracy"] <= 1.0
     for method in ("dpo", "ppo"):
         cli(method)
         res = json.loads((out / method / f"{method}.json").read_text())
