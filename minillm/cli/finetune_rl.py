@@ -44,7 +44,7 @@ from minillm.train import load_checkpoint, save_checkpoint
 METHODS = ["reward", "ppo", "dpo"]
 PAIRS_FILE, FRONTIER_SVG = "pairs.npz", "frontier.svg"
 # method -> (steps, batch size, lr, eval interval): minutes on a 2-core CPU with the default run
-DEFAULTS = {"reward": (150, 16, 3e-4, 50), "reward-head": (2000, 4096, 1e-2, 500), "ppo": (30, 16, 1e-4, 10),
+DEFAULTS = {"reward": (150, 16, 3e-4, 50), "reward-head": (2000, 64, 1e-2, 500), "ppo": (30, 16, 1e-4, 10),
             "dpo": (60, 16, 1e-4, 20)}
 
 
@@ -78,7 +78,8 @@ def add_arguments(parser):
                         "its last token (last, InstructGPT's) (default: sum)")
     g.add_argument("--rm-train", default="head", choices=["head", "all"],
                    help="reward: train the head on the reference's frozen trunk (head: its features are "
-                        "computed once; 2000 full-batch steps, up to 4096 pairs) or the trunk too (all: 150 steps of 16) "
+                        "computed once; 2000 steps of 64 pairs, a --batch-size above the pair count is the full batch) or the "
+                        "trunk too (all: 150 steps of 16) "
                         "(default: head)")
     g.add_argument("--reward-model", default=None,
                    help="ppo: the reward model directory (default: OUT/reward)")
