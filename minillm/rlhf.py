@@ -23,6 +23,8 @@ tokens, -100 where the target is a prompt token (it does not count).
        dr_c = -sigmoid(-(r_c - r_r)) / B,   dr_r = -dr_c
 
    It sees only the difference r_c - r_r: adding a constant to every reward changes nothing.
+   (pool="sum" instead sums the head's scores over the response, r = sum_t m_t (h_t . w + b):
+   a reward that adds up token by token, as the word-counting rater below does.)
 
 3. PPO. Rollouts y ~ pi(. | x); per-token reward (Ziegler et al. 2019, InstructGPT):
 

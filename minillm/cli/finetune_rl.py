@@ -8,8 +8,12 @@ validation text. All three commands share one directory, OUT (--out, default RUN
 
     reward  pairs.npz: two samples of pi_ref per training prompt, ranked by the labeller (ties
             dropped), and the same for held-out prompts; then a reward model (RUN's GPT trunk
-            + a scalar head at the last token) trained on the training pairs only, scored by its
-            accuracy on the held-out pairs. -> OUT/reward/checkpoint.npz, reward.json
+            + a scalar head) trained on the training pairs only, scored by its accuracy on the
+            held-out pairs. By default the trunk is frozen and the head's scores are summed over
+            the response (a linear probe of the reference's features: on 751 pairs it ranked
+            0.60 of held-out pairs right, against 0.56 for InstructGPT's shape, the whole trunk
+            trained and the score read at the last token: --rm-train all --rm-pool last).
+            -> OUT/reward/checkpoint.npz, reward.json
     ppo     rollouts of the policy (initialised as pi_ref), per-token reward -beta_kl (log pi -
             log pi_ref) + the reward model's score at the last token, a value head on the
             policy's trunk, GAE, whitened advantages, the clipped surrogate and clipped value
