@@ -470,6 +470,7 @@ def test_finetune_reward_dpo_ppo_at_a_tiny_size(tmp_path):
 
     r = cli("ppo", code=2)                          # no reward model yet: one line, exit 2
     assert "ppo needs a reward model" in r.stderr and "Traceback" not in r.stderr
+    assert "--lora: LoRA applies to finetune sft" in cli("dpo", "--lora", code=2).stderr
     out = base / "rlhf"
     for extra, train in ((("--rm-train", "all", "--rm-pool", "last"), "all"), ((), "head")):
         assert "held-out pair accuracy" in cli("reward", *extra).stdout

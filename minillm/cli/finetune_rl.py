@@ -495,4 +495,6 @@ def run_ppo(args, log=print):
 
 
 def run(args, log=print):
+    if getattr(args, "lora", False):
+        raise UsageError(f"--lora: LoRA applies to finetune sft; {args.method} trains every weight of its model")
     return {"reward": run_reward, "ppo": run_ppo, "dpo": run_dpo}[args.method](args, log)
