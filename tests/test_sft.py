@@ -299,27 +299,58 @@ def test_speeches_read_the_headings():
 # LoRA: only the adapters train
 # ---------------------------------------------------------------------------
 
-def test_lora_task_trains_only_the_adapters():
-    from minillm.train import train_step, TrainConfig
+def test_lora_task_trains_only_the_adapters_and_the_new_rows():
+    from minillm.cli.finetune import NEW_ROWS
     from minillm.optim import make_optimizer
+    from minillm.train import TrainConfig, train_step
     params = gpt.init_params(TINY, seed=4)
     base = {k: v.copy() for k, v in params.items()}
     chats_ = [[{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"}]] * 4
     ids, labels = sft.pad_batch([sft.build_example(TINY_CHAT, m) for m in chats_], 0)
     task = SFTTask(TINY, params, TINY_CHAT, {"train": (ids, labels), "val": (ids, labels)}, 2, np,
-                   lora_settings=(2, 4.0), seed=1)
-    adapters = {k: v.copy() for k, v in task.params.items()}
-    assert all(k.endswith((lora.SUFFIX_A, lora.SUFFIX_B)) for k in task.params)
+                   lora_settings=(2, 4.0), seed=1, n_new=len(sft.CHAT_TOKENS))
+    trained = {k: v.copy() for k, v in task.params.items()}
+    assert set(trained) == set(lora.init_lora(params, task_targets(), 2, 4.0)) | {"wte" + NEW_ROWS}
+    assert trained["wte" + NEW_ROWS].shape == (5, TINY.n_embd)
     cfg = TrainConfig(max_steps=3, batch_size=2, block_size=TINY.block_size, lr=1e-2, warmup_steps=0)
     opt = make_optimizer("adamw", task.params, lr=1e-2)
     rng = np.random.default_rng(0)
     for step in range(3):
         train_step(task, opt, rng, cfg, step)
     assert all(np.array_equal(params[k], base[k]) for k in params)           # the base never moves
-    assert all(not np.array_equal(task.params[k], adapters[k]) for k in task.params)
+    assert all(not np.array_equal(task.params[k], trained[k]) for k in task.params)
     merged = task.model_params()
     assert not np.array_equal(merged["h.0.attn.w_qkv"], base["h.0.attn.w_qkv"])
-    assert np.array_equal(merged["wte"], base["wte"])
+    old = TINY.vocab_size - 5
+    assert np.array_equal(merged["wte"][:old], base["wte"][:old])             # trained tokens' rows: frozen
+    assert np.array_equal(merged["wte"][old:], task.params["wte" + NEW_ROWS])
+
+
+def task_targets():
+    from minillm.cli.finetune import LORA_TARGETS
+    return LORA_TARGETS
+
+
+def test_lora_task_gradient_matches_finite_differences():
+    """dL/d(adapters, new rows) through the merged GPT, in float64."""
+    params = gpt.init_params(TINY, seed=6, dtype=np.float64)
+    chats_ = [[{"role": "user", "content": "ab"}, {"role": "assistant", "content": "c<|end|>"}]]
+    ids, labels = sft.pad_batch([sft.build_example(TINY_CHAT, m) for m in chats_], 0)
+    task = SFTTask(TINY, params, TINY_CHAT, {"train": (ids, labels), "val": (ids, labels)}, 1, np,
+                   lora_settings=(2, 4.0), seed=1, n_new=5)
+    for i, k in enumerate(sorted(task.params)):      # B != 0, else dA = s dW B^T is trivially 0
+        if k.endswith(lora.SUFFIX_B):
+            task.params[k] = np.random.default_rng(i).standard_normal(task.params[k].shape) * 0.5
+    loss, grads = task.loss_and_grads(task.params, (ids, labels))
+    assert_alive(grads, loss=loss)
+    counted = labels != sft.IGNORE_INDEX
+    y_safe = np.where(counted, labels, 0)
+
+    def per_position(p):
+        lp = bp.log_softmax(gpt.forward(task.model_params(p), TINY, ids)[0])
+        return -np.take_along_axis(lp, y_safe[..., None], axis=-1)[..., 0] * counted / counted.sum()
+
+    assert_gradcheck(bp.check_dict_gradients(per_position, task.params, grads, max_checks_per_param=6))
 
 
 # ---------------------------------------------------------------------------

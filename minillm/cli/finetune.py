@@ -7,8 +7,9 @@ sft: supervised fine-tuning of a trained GPT on instructions made from Shakespea
 title. The chat tokens are added to the run's tokenizer (existing ids unchanged) and the
 model's vocabulary grown to match; the loss counts the assistant's answers only. Full
 fine-tuning by default; --lora trains low-rank adapters (minillm.lora) on the attention
-and MLP weights, the base frozen. Held-out accuracy (exact match of the greedy answer) is
-printed per instruction kind before and after, with the majority-class baseline.
+and MLP weights, and the new tokens' embedding rows, the base frozen. Held-out accuracy
+(exact match of the greedy answer) is printed per instruction kind before and after,
+with the majority-class baseline. Measured numbers: BENCHMARKS.md, "Supervised fine-tuning".
 
 The output run directory (--out, default RUN/sft or RUN/sft-lora) is a normal GPT run:
 
@@ -19,11 +20,14 @@ The output run directory (--out, default RUN/sft or RUN/sft-lora) is a normal GP
     sft.json                 what was measured: accuracy per kind before and after, the
                              majority baseline, the dataset's sizes, the settings
     metrics.jsonl, loss.svg  the training loop's log (response-only loss, train and held out)
-    lora/                    --lora only: the training loop's run (checkpoint.npz of the adapters
-                             and their optimizer state, metrics.jsonl, loss.svg); checkpoint.npz
-                             above is the base with the adapters merged
+    lora/                    --lora only: the training loop's run (checkpoint.npz of the adapters,
+                             the new token rows ("wte.new_rows") and their optimizer state,
+                             metrics.jsonl, loss.svg); checkpoint.npz above is the base with the
+                             rows in place and the adapters merged
 
-Dropout is off during fine-tuning (the default base has none).
+Dropout is off during fine-tuning (the default base has none). `sample --prompt` encodes
+its prompt as plain text, so the chat tokens cannot be typed there: to ask the model a
+question, build the prompt with sft.build_prompt (sft.greedy_answer does).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ METHODS = ["sft", "reward", "ppo", "dpo"]   # reward, ppo, dpo: minillm.rlhf, in
 SFT_DEFAULTS = {"steps": 300, "batch_size": 32, "eval_interval": 100}
 LORA_TARGETS = r"attn\.w_(qkv|o)$|mlp\.(w1|w2|w_gate|w_up|w_down)$"
 RESULTS_FILE = "sft.json"
+NEW_ROWS = ".new_rows"      # --lora: the trained rows of the chat tokens, e.g. "wte.new_rows"
 
 
 def add_arguments(parser):
@@ -57,8 +62,8 @@ def add_arguments(parser):
                         help="run directory for the fine-tuned model (default: CHECKPOINT/sft, or "
                              "CHECKPOINT/sft-lora with --lora)")
     parser.add_argument("--lora", action="store_true",
-                        help="train LoRA adapters on the attention and MLP weights instead of every "
-                             "parameter (the base, new token rows included, stays frozen)")
+                        help="train LoRA adapters on the attention and MLP weights and the new chat "
+                             "tokens' embedding rows instead of every parameter (the base stays frozen)")
     parser.add_argument("--lora-rank", type=common.positive_int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--lora-alpha", type=common.positive_number, default=16.0,
                         help="LoRA alpha: the update is scaled by alpha / r (default: 16)")
@@ -100,10 +105,13 @@ def run(args):
 
 class SFTTask:
     """Conversations (padded ids and response-only labels) in the shape minillm.train.train
-    expects. With ``lora`` = (rank, alpha) the trained params are adapters over ``params``,
-    which stays frozen; else ``params`` itself is trained."""
+    expects. Without ``lora_settings`` every parameter trains. With ``lora_settings`` =
+    (rank, alpha) the trained params are adapters over ``params``, plus the embedding (and
+    untied head) rows of the ``n_new`` chat tokens, under names ending in NEW_ROWS; every
+    base weight, the trained tokens' rows included, stays frozen. (Without their rows the
+    adapters cannot make the model say <|end|>: its row is a frozen average, see BENCHMARKS.)"""
 
-    def __init__(self, config, params, tokenizer, data, batch_size, xp, lora_settings=None, seed=0):
+    def __init__(self, config, params, tokenizer, data, batch_size, xp, lora_settings=None, seed=0, n_new=0):
         self.config, self.tokenizer, self.xp = config, tokenizer, xp
         self.data = data                                  # {"train" | "val": (ids (N, T), labels (N, T))}
         self.batch_size = batch_size
@@ -112,12 +120,14 @@ class SFTTask:
         if lora_settings is None:
             self.base, self.params = None, params
             self.model_config = config.to_dict()
-        else:
-            rank, alpha = lora_settings
-            self.base = params
-            self.params = lora.init_lora(params, LORA_TARGETS, rank=rank, alpha=alpha, seed=seed)
-            self.model_config = {"lora": {"rank": rank, "alpha": alpha, "targets": LORA_TARGETS},
-                                 "gpt": config.to_dict()}
+            return
+        rank, alpha = lora_settings
+        self.base, self.n_old = params, config.vocab_size - n_new
+        self.params = lora.init_lora(params, LORA_TARGETS, rank=rank, alpha=alpha, seed=seed)
+        for name in _head_names(config) if n_new else ():
+            self.params[name + NEW_ROWS] = params[name][self.n_old:].copy()       # (n_new, C)
+        self.model_config = {"lora": {"rank": rank, "alpha": alpha, "targets": LORA_TARGETS, "new_rows": n_new},
+                             "gpt": config.to_dict()}
 
     def get_batch(self, split, rng):
         ids, labels = self.data[split]
@@ -129,20 +139,38 @@ class SFTTask:
         if self.lora_settings is None:
             return sft.response_loss_and_grads(params, self.config, x, y)
         rank, alpha = self.lora_settings
-        return lora.lora_loss_and_grads(lambda p: sft.response_loss_and_grads(p, self.config, x, y),
-                                        self.base, params, alpha, rank)
+        adapters, rows = self._split(params)
+        loss, grads = sft.response_loss_and_grads(self.model_params(params), self.config, x, y)
+        out = lora.lora_grads_from_full(grads, adapters, lora.lora_scale(alpha, rank))   # dA, dB
+        out.update({key: grads[key[:-len(NEW_ROWS)]][self.n_old:] for key in rows})       # the new rows' part
+        return loss, {key: out[key] for key in params}
 
     def eval_loss(self, params, batch):
         x, y = batch
         return gpt.loss(self.model_params(params), self.config, x, y)
 
+    def _split(self, params):
+        """(adapters, new rows) of the trained params."""
+        rows = {k: v for k, v in params.items() if k.endswith(NEW_ROWS)}
+        return {k: v for k, v in params.items() if k not in rows}, rows
+
     def model_params(self, params=None):
-        """The GPT's parameters now: the trained ones, or the base with the adapters merged."""
+        """The GPT's parameters now: the trained ones, or the base with the new rows in place
+        and the adapters merged (copies: the base is never written)."""
         params = self.params if params is None else params
         if self.lora_settings is None:
             return params
         rank, alpha = self.lora_settings
-        return lora.merge_lora(self.base, params, alpha, rank)
+        adapters, rows = self._split(params)
+        base = dict(self.base)
+        for key, r in rows.items():
+            name = key[:-len(NEW_ROWS)]
+            base[name] = self.xp.concatenate([self.base[name][:self.n_old], r], axis=0)
+        return lora.merge_lora(base, adapters, alpha, rank)
+
+
+def _head_names(config):
+    return ("wte",) if config.tie_embeddings else ("wte", "lm_head")
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +180,9 @@ class SFTTask:
 def _load_base(args, log):
     config, params, tokenizer, ck = load_run(args.checkpoint, backend.device_name(args.device))
     base_dir = Path(ck["path"]).parent
+    n_before = config.vocab_size
     params, config, tokenizer = sft.prepare_model(params, config, tokenizer, seed=args.seed)
+    args.n_new = config.vocab_size - n_before
     log(f"base: {ck['path']} (step {ck['step']}): GPT {config.n_layer} layers x {config.n_embd}, context "
         f"{config.block_size}; {type(tokenizer).__name__} with the chat tokens, {config.vocab_size} ids")
     return config, params, tokenizer, base_dir
@@ -187,10 +217,10 @@ def run_sft(args, log=print):
     _show_accuracy(f"held-out accuracy before ({time.perf_counter() - t0:.1f} s)", before, log)
     lr = args.lr or (3e-3 if args.lora else 1e-3)
     task = SFTTask(config, params, tokenizer, arrays, args.batch_size, xp,
-                   (args.lora_rank, args.lora_alpha) if args.lora else None, seed=args.seed)
+                   (args.lora_rank, args.lora_alpha) if args.lora else None, seed=args.seed, n_new=args.n_new)
     if args.lora:
-        log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha:g}, {lora.lora_param_count(task.params):,} "
-            f"trainable of {gpt.num_params(params):,} parameters")
+        log(f"LoRA: rank {args.lora_rank}, alpha {args.lora_alpha:g}, {gpt.num_params(task.params):,} "
+            f"trainable (the adapters and the {args.n_new} new token rows) of {gpt.num_params(params):,} parameters")
     tcfg = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, block_size=config.block_size, lr=lr,
                        min_lr=lr / 10, warmup_steps=min(20, args.steps), weight_decay=0.0,
                        eval_interval=args.eval_interval, eval_iters=5, log_interval=10, checkpoint_interval=0,
