@@ -67,8 +67,9 @@ def add_arguments(parser):
                    help="held-out prompts for pair accuracy and for judging ppo/dpo (default: 256)")
     g.add_argument("--beta", type=common.positive_number, default=0.1,
                    help="dpo: beta, the strength of the implicit KL constraint (default: 0.1)")
-    g.add_argument("--beta-kl", type=common.nonnegative_number, default=0.05,
-                   help="ppo: the per-token KL penalty coefficient (default: 0.05)")
+    g.add_argument("--beta-kl", type=common.nonnegative_number, default=0.2,
+                   help="ppo: the per-token KL penalty coefficient (0.05 let the KL reach 12 nats for "
+                        "nothing; see BENCHMARKS.md) (default: 0.2)")
     g.add_argument("--clip", type=common.fraction, default=0.2,
                    help="ppo: the ratio clip epsilon, in (0, 1) (default: 0.2)")
     g.add_argument("--vf-coef", type=common.nonnegative_number, default=0.1,
