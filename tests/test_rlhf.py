@@ -490,11 +490,12 @@ def test_finetune_reward_dpo_ppo_at_a_tiny_size(tmp_path):
         assert "held-out pair accuracy" in cli("reward", *extra).stdout
         rm = json.loads((out / "reward" / "reward.json").read_text())
         assert rm["train"] == train and rm["train_pairs"] > 0 and 0.0 <= rm["val_accuracy"] <= 1.0
-    for method in ("dpo", "ppo"):
-        cli(method)
+    for method, extra in (("dpo", ()), ("ppo", ("--ptx-coef", "0.5"))):   # PPO-ptx: the pretraining term too
+        cli(method, *extra)
         res = json.loads((out / method / f"{method}.json").read_text())
         assert [c["step"] for c in res["curve"]] == [0, 1, 2]
         assert res["curve"][0]["kl"] == 0.0 and 0.0 <= res["win_rate"] <= 1.0
+        assert method == "dpo" or res["ptx_coef"] == 0.5
         assert checkpoint.load_checkpoint(out / method)["model_config"] == cfg.to_dict()
     svg = (out / "frontier.svg").read_text()
     assert "PPO" in svg and "DPO" in svg
