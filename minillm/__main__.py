@@ -41,7 +41,7 @@ COMMANDS = {
     "embed": ("minillm.cli.embed", "sentence embeddings and cosine similarities from a BERT checkpoint"),
     "memory": ("minillm.cli.memory", "bytes per rank of a training step under DDP and ZeRO 1-3, beside a measured step"),
     "scaling": ("minillm.cli.scaling", "an IsoFLOP sweep at toy scale: the compute-optimal model size per budget"),
-    "finetune": ("minillm.cli.finetune", "post-training: sft now; reward, ppo, dpo in minillm.rlhf"),
+    "finetune": ("minillm.cli.finetune", "post-training: SFT on instructions, a reward model, PPO and DPO from preferences"),
 }
 
 

@@ -94,6 +94,15 @@ PLANTED = {
             return _right(cache._replace(blocks=blocks), layer)
         m._recompute_block = _wrong
         """, "checkpointing should not change a gradient"),
+    # Trained vs baseline: DPO whose gradient pushes the rejected response up instead of the chosen.
+    "dpo_backward_swapped": ("20_rlhf.py", """
+        import minillm.rlhf as m
+        _right = m.dpo_loss_backward
+        def _wrong(dloss, cache):
+            d_chosen, d_rejected = _right(dloss, cache)
+            return d_rejected, d_chosen
+        m.dpo_loss_backward = _wrong
+        """, "DPO's true reward"),
     # Trained vs baseline: an optimizer that never moves the weights cannot beat a guess.
     "adamw_step_does_nothing": ("13_lora.py", """
         import minillm.optim as m

@@ -1,4 +1,6 @@
-"""python -m minillm finetune sft --checkpoint RUN [--lora] [--steps N] [--out DIR]: post-training.
+"""python -m minillm finetune sft|reward|ppo|dpo --checkpoint RUN [--steps N] [--out DIR]: post-training.
+
+reward, ppo, dpo: learning from preferences (minillm.rlhf); see minillm/cli/finetune_rl.py.
 
 sft: supervised fine-tuning of a trained GPT on instructions made from Shakespeare's plays
 (minillm.sft): "Who speaks? <a speech>" -> the speaker, "Which play? <a speech>" -> the
@@ -40,16 +42,19 @@ from minillm.cli import common
 from minillm.cli.sample import load_run
 from minillm.train import TrainConfig, save_checkpoint, train
 
-METHODS = ["sft"]                    # reward, ppo, dpo: minillm.rlhf
+METHODS = ["sft", "reward", "ppo", "dpo"]   # reward, ppo, dpo: minillm.rlhf, in minillm.cli.finetune_rl
+SFT_DEFAULTS = {"steps": 300, "batch_size": 32, "eval_interval": 100}
 LORA_TARGETS = r"attn\.w_(qkv|o)$|mlp\.(w1|w2|w_gate|w_up|w_down)$"
 RESULTS_FILE = "sft.json"
 NEW_ROWS = ".new_rows"      # --lora: the trained rows of the chat tokens, e.g. "wte.new_rows"
 
 
 def add_arguments(parser):
-    parser.description = __doc__.split("\n\n")[1]
+    parser.description = "\n\n".join(__doc__.split("\n\n")[1:3])
     parser.add_argument("method", choices=METHODS,
-                        help="sft: supervised fine-tuning on instructions, response-only loss")
+                        help="sft: supervised fine-tuning on instructions, response-only loss; reward: a "
+                             "reward model on preference pairs; ppo: RL from it with a KL penalty; dpo: "
+                             "direct preference optimisation (see minillm.cli.finetune_rl)")
     parser.add_argument("--checkpoint", default=None,
                         help="the GPT run to fine-tune (a directory with checkpoint.npz; default: the "
                              "latest GPT run under runs/)")
@@ -62,25 +67,36 @@ def add_arguments(parser):
     parser.add_argument("--lora-rank", type=common.positive_int, default=8, help="LoRA rank r (default: 8)")
     parser.add_argument("--lora-alpha", type=common.positive_number, default=16.0,
                         help="LoRA alpha: the update is scaled by alpha / r (default: 16)")
-    parser.add_argument("--steps", type=common.positive_int, default=300,
-                        help="optimizer steps (default: 300, a few minutes on a 2-core CPU)")
-    parser.add_argument("--batch-size", type=common.positive_int, default=32,
-                        help="conversations per step (default: 32)")
+    parser.add_argument("--steps", type=common.positive_int, default=None,
+                        help="optimizer steps (PPO: iterations) (default: sft 300, reward 150, ppo 30, dpo 60; "
+                             "a few minutes each on a 2-core CPU)")
+    parser.add_argument("--batch-size", type=common.positive_int, default=None,
+                        help="conversations (sft), pairs (reward, dpo) or rollouts (ppo) per step "
+                             "(default: sft 32, others 16)")
     parser.add_argument("--lr", type=common.positive_number, default=None,
-                        help="peak learning rate, cosine-decayed to a tenth (default: 1e-3 full, "
-                             "3e-3 with --lora)")
-    parser.add_argument("--eval-interval", type=common.count, default=100,
-                        help="held-out response loss every N steps (0: at the end only) (default: 100)")
+                        help="peak learning rate; sft: cosine-decayed to a tenth (default: sft 1e-3 full, "
+                             "3e-3 with --lora; reward 3e-4; ppo, dpo 1e-4, constant)")
+    parser.add_argument("--eval-interval", type=common.count, default=None,
+                        help="evaluate on held-out data every N steps (0: at the end only) (default: sft 100, "
+                             "reward 50, ppo 10, dpo 20)")
     parser.add_argument("--n-speakers", type=common.positive_int, default=8,
                         help="'who speaks?' answers: the N commonest speakers (default: 8)")
     parser.add_argument("--seed", type=common.seed, default=1337,
                         help="seed for the new token rows, the adapters and the batches (default: 1337)")
     parser.add_argument("--device", default=None, choices=["cpu", "gpu"],
                         help="NumPy on the CPU or CuPy on a GPU (default: $MINILLM_DEVICE, else cpu)")
+    from minillm.cli import finetune_rl
+    finetune_rl.add_arguments(parser)
 
 
 def run(args):
-    return {"sft": run_sft}[args.method](args)
+    if args.method != "sft":
+        from minillm.cli import finetune_rl
+        return finetune_rl.run(args)
+    for name, value in SFT_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return run_sft(args)
 
 
 # ---------------------------------------------------------------------------
