@@ -1,5 +1,5 @@
 """Attention: scaled dot-product, masks, multi-head, GQA/MQA, RoPE, cross-attention,
-a KV cache for decoding, and tiled (FlashAttention-style) attention.
+a KV cache for decoding, tiled (FlashAttention-style) and fused causal attention.
 
 The one formula everything here is built around:
 
@@ -30,8 +30,9 @@ Conventions:
 Reading order: scaled dot-product attention (the plain version, which keeps the
 Tq x Tk probabilities), masks, multi-head self-attention with GQA, RoPE,
 cross-attention, the KV cache, then tiled attention (the fast version: the same
-output without the Tq x Tk matrix, tested equal to the plain one), and last the
-argument checks.
+output without the Tq x Tk matrix, tested equal to the plain one), fused causal
+attention (the fast path the GPT trains with: only the scores a causal query can
+see, softmax in place, tested equal to the plain one), and last the argument checks.
 """
 
 from __future__ import annotations

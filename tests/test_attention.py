@@ -1,4 +1,4 @@
-"""attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled attention."""
+"""attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled and fused causal attention."""
 from typing import NamedTuple
 
 import numpy as np
