@@ -1,5 +1,5 @@
 """Attention: scaled dot-product, masks, multi-head, GQA/MQA, RoPE, cross-attention,
-a KV cache for decoding, and tiled (FlashAttention-style) attention.
+a KV cache for decoding, tiled (FlashAttention-style) and fused causal attention.
 
 The one formula everything here is built around:
 
@@ -30,8 +30,9 @@ Conventions:
 Reading order: scaled dot-product attention (the plain version, which keeps the
 Tq x Tk probabilities), masks, multi-head self-attention with GQA, RoPE,
 cross-attention, the KV cache, then tiled attention (the fast version: the same
-output without the Tq x Tk matrix, tested equal to the plain one), and last the
-argument checks.
+output without the Tq x Tk matrix, tested equal to the plain one), fused causal
+attention (the fast path the GPT trains with: only the scores a causal query can
+see, softmax in place, tested equal to the plain one), and last the argument checks.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from .ffn import linear_backward, linear_forward
 __all__ = [
     "sdpa_forward", "sdpa_backward",
     "flash_attention_forward", "flash_attention_backward",
+    "causal_attention_forward", "causal_attention_backward",
     "rope_forward", "rope_backward", "rope_angles",
     "self_attention_forward", "self_attention_backward",
     "cross_attention_forward", "cross_attention_backward",
@@ -247,7 +249,8 @@ def self_attention_forward(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head=None, ca
     at ``positions`` ((T,) or (B, T) int; default arange(T) + the kv_cache's length).
     kv_cache (inference only): this block's k, v are appended to layer ``layer`` and the
     queries attend over everything cached. dropout_p, rng: attention-probability dropout.
-    impl: "plain" (sdpa_forward) or "tiled" (flash_attention_forward, block_size).
+    impl: "plain" (sdpa_forward), "tiled" (flash_attention_forward, block_size) or
+    "fused" (causal_attention_forward when causal with no mask and no dropout, else plain).
     -> y: (B, T, C), cache
     """
     _check_self_attention(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head, positions, rope_base,
@@ -331,16 +334,24 @@ def _positions_or_default(positions, kv_cache, layer, T, xp):
 
 
 def _attend(q, k, v, mask, causal, dropout_p, rng, impl, block_size):
-    """Plain (sdpa_forward) or tiled (flash_attention_forward) attention."""
+    """Plain (sdpa_forward), tiled (flash_attention_forward) or fused causal
+    (causal_attention_forward, where it applies: causal, no mask, no dropout) attention."""
     if impl == "tiled":
         return flash_attention_forward(q, k, v, causal=causal, mask=mask, block_size=block_size)
+    if impl == "fused" and causal and mask is None and not dropout_p:
+        return causal_attention_forward(q, k, v, block_size=_FUSED_BLOCK)
     return sdpa_forward(q, k, v, mask=mask, causal=causal, dropout_p=dropout_p, rng=rng)
 
 
 def _attend_backward(dy, cache):
     if isinstance(cache, FlashCache):
         return flash_attention_backward(dy, cache)
+    if isinstance(cache, CausalCache):
+        return causal_attention_backward(dy, cache)
     return sdpa_backward(dy, cache)
+
+
+_FUSED_BLOCK = 32   # query rows per block of the fused path: a (bq x Tk) score tile per head
 
 
 # ---------------------------------------------------------------------------
@@ -772,7 +783,103 @@ def _tile_bias(i0, i1, j0, j1, t: _Tiling):
 
 
 # ---------------------------------------------------------------------------
-# 8. Argument checks (one _check_<op> per public function)
+# 8. Fused causal attention (the fast version of sdpa_forward(causal=True))
+# ---------------------------------------------------------------------------
+
+class CausalCache(NamedTuple):
+    qs: object        # (B, Hkv, G, Tq, D) q * scale, grouped by K/V head
+    k: object         # (B, Hkv, 1, Tk, D), broadcast over the G query heads
+    v: object         # (B, Hkv, 1, Tk, D)
+    p: list           # per query block: (B, Hkv, G, bq, j1) probabilities of its visible keys
+    y: object         # (B, Hkv, G, Tq, D) the output, for rowsum(dy * y)
+    blocks: list      # [(i0, i1, j1)]: query rows [i0, i1) see keys [0, j1)
+    scale: object     # scalar of q's dtype
+    shape: tuple      # (B, H, Tq, D)
+
+
+def causal_attention_forward(q, k, v, scale=None, block_size=32):
+    """The y of sdpa_forward(q, k, v, causal=True), in fewer passes over the scores.
+
+    Query rows are taken block_size at a time; rows [i0, i1) can see only keys
+    j < j1 = Tk - Tq + i1, so the key columns past j1 (which the plain version
+    fills with -inf and exponentiates to 0) are never made: about half of the
+    Tq x Tk work disappears. Each block's scores are small enough to stay in cache
+    while the softmax runs over them in place (max, subtract, exp, scale by 1/sum)
+    and become the probabilities the backward needs. Only the diagonal tile gets
+    the -inf bias; every row sees at least its own key, so no row is empty.
+    q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D), Tq <= Tk -> y: (B, H, Tq, D), cache
+    """
+    _check_causal_attention(q, k, v, scale, block_size)
+    xp = array_module(q)
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    scale = _scale_value(scale, D, q.dtype)
+    qs = (q * scale).reshape(B, Hkv, G, Tq, D)                           # (B, Hkv, G, Tq, D)
+    k5, v5 = k[:, :, None], v[:, :, None]                                # (B, Hkv, 1, Tk, D)
+    y = xp.empty(qs.shape, dtype=q.dtype)                                # (B, Hkv, G, Tq, D)
+    blocks = _causal_blocks(Tq, Tk, int(block_size))
+    p = []
+    for i0, i1, j1 in blocks:
+        s = xp.matmul(qs[..., i0:i1, :], k5[..., :j1, :].swapaxes(-1, -2))   # (B, Hkv, G, bq, j1)
+        s[..., j1 - (i1 - i0):] += _causal_bias(xp, i1 - i0, i1 - i0, q.dtype)  # the diagonal tile
+        _softmax_rows_inplace(s)                                         # now the probabilities
+        xp.matmul(s, v5[..., :j1, :], out=y[..., i0:i1, :])              # (B, Hkv, G, bq, D)
+        p.append(s)
+    cache = CausalCache(qs, k5, v5, p, y, blocks, scale, (B, H, Tq, D))
+    return y.reshape(B, H, Tq, D), cache
+
+
+def causal_attention_backward(dy, cache: CausalCache):
+    """Backward of causal_attention_forward: sdpa_backward's formulas, block by block.
+    -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D)
+
+    Per query block i with probabilities P_i over keys [0, j1):
+    dV[:j1] += P_i^T dY_i,  dS_i = P_i * (dY_i V[:j1]^T - delta_i),
+    dQ_i = dS_i K[:j1] * scale,  dK[:j1] += dS_i^T (Q_i * scale).
+    """
+    _check_causal_attention_backward(dy, cache)
+    qs, k5, v5, p, y, blocks, scale, shape = cache
+    xp = array_module(y)
+    dy5 = dy.reshape(y.shape)                                            # (B, Hkv, G, Tq, D)
+    delta = xp.sum(dy5 * y, axis=-1, keepdims=True)                      # (B, Hkv, G, Tq, 1)
+    dq = xp.empty(qs.shape, dtype=qs.dtype)                              # (B, Hkv, G, Tq, D)
+    dk = xp.zeros(k5.shape, dtype=k5.dtype)                              # (B, Hkv, 1, Tk, D)
+    dv = xp.zeros(v5.shape, dtype=v5.dtype)                              # (B, Hkv, 1, Tk, D)
+    for (i0, i1, j1), p_i in zip(blocks, p):
+        dy_i = dy5[..., i0:i1, :]                                        # (B, Hkv, G, bq, D)
+        dv[..., :j1, :] += _sum_groups(xp.matmul(p_i.swapaxes(-1, -2), dy_i))
+        ds = xp.matmul(dy_i, v5[..., :j1, :].swapaxes(-1, -2))           # dP_i: (B, Hkv, G, bq, j1)
+        ds -= delta[..., i0:i1, :]
+        ds *= p_i                                                        # now dS_i
+        xp.matmul(ds, k5[..., :j1, :], out=dq[..., i0:i1, :])
+        dk[..., :j1, :] += _sum_groups(xp.matmul(ds.swapaxes(-1, -2), qs[..., i0:i1, :]))
+    dq *= scale
+    return dq.reshape(shape), dk[:, :, 0], dv[:, :, 0]
+
+
+def _causal_blocks(Tq, Tk, block):
+    """(i0, i1, j1) per block of query rows: rows [i0, i1) see keys [0, j1), j1 = Tk - Tq + i1."""
+    return [(i0, min(i0 + block, Tq), Tk - Tq + min(i0 + block, Tq)) for i0 in range(0, Tq, block)]
+
+
+def _softmax_rows_inplace(s):
+    """Softmax over the last axis of s, written into s (rows must have a finite entry)."""
+    xp = array_module(s)
+    s -= xp.max(s, axis=-1, keepdims=True)
+    xp.exp(s, out=s)
+    s *= 1 / xp.sum(s, axis=-1, keepdims=True)
+    return s
+
+
+def _sum_groups(a):
+    """(B, Hkv, G, n, D) -> (B, Hkv, 1, n, D): a K/V head's share from its G query heads."""
+    return a if a.shape[2] == 1 else a.sum(axis=2, keepdims=True)
+
+
+
+# ---------------------------------------------------------------------------
+# 9. Argument checks (one _check_<op> per public function)
 # ---------------------------------------------------------------------------
 
 def _check_sdpa(q, k, v, mask, causal, scale, dropout_p):
@@ -793,6 +900,16 @@ def _check_flash_attention(q, k, v, mask, causal, scale, block_size):
 def _check_flash_attention_backward(dy, cache):
     check_array("dy", dy)
     check_shape("dy", dy, cache.y.shape)
+
+
+def _check_causal_attention(q, k, v, scale, block_size):
+    _check_attention_inputs(q, k, v, None, True, scale)
+    check_int_arg("block_size", block_size, lo=1)
+
+
+def _check_causal_attention_backward(dy, cache):
+    check_array("dy", dy)
+    check_shape("dy", dy, cache.shape)
 
 
 def _check_attention_inputs(q, k, v, mask, causal, scale):
@@ -896,7 +1013,7 @@ def _check_self_attention(x, w_qkv, b_qkv, w_o, b_o, n_head, n_kv_head, position
     if positions is not None and rope_base is None:
         raise ValueError("positions: only used by RoPE, but rope_base is None (pass rope_base=10000.0 "
                          "to rotate q and k, or leave positions out)")
-    check_choice("impl", impl, ("plain", "tiled"))
+    check_choice("impl", impl, ("plain", "tiled", "fused"))
     if impl == "tiled" and dropout_p:
         raise ValueError("dropout_p: attention dropout is only implemented for impl='plain', "
                          f"got dropout_p={dropout_p!r} with impl='tiled'")

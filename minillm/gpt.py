@@ -482,7 +482,7 @@ def _block_forward(params, config, layer, x, p_drop, rng, key_mask, positions, k
         h1, params[prefix + "attn.w_qkv"], params.get(prefix + "attn.b_qkv"), params[prefix + "attn.w_o"],
         params.get(prefix + "attn.b_o"), config.n_head, config.n_kv_head, causal=True, mask=key_mask,
         positions=positions if rope else None, rope_base=config.rope_base if rope else None,
-        kv_cache=kv_cache, layer=layer, dropout_p=p_drop, rng=rng)
+        kv_cache=kv_cache, layer=layer, dropout_p=p_drop, rng=rng, impl="fused")
     a_drop, drop_1 = dropout_forward(a, p_drop, rng)                         # 3. a_drop = dropout(a)
     x1 = x + a_drop                                                          # 4. x1 = x + a_drop
     h2, ln_2 = _norm_forward(config, params, prefix + "ln_2", x1)           # 5. h2 = norm_2(x1)

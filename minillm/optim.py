@@ -148,8 +148,9 @@ class Optimizer:
         """Update every parameter in place from ``grads`` (a dict with params' keys and shapes)."""
         _check_grads(self.params, grads)
         self.t += 1
+        update = self._update_fast if getattr(self, "fast", False) else self._update
         for name, p in self.params.items():
-            self._update(name, p, grads[name], self.decayed[name])
+            update(name, p, grads[name], self.decayed[name])
 
     def hparams(self) -> dict:
         return {"lr": self.lr, "weight_decay": self.weight_decay,
@@ -211,6 +212,12 @@ def _check_loaded(params, arrays, what):
             raise TypeError(f"{what}[{name!r}]: expected dtype {p.dtype}, got {a.dtype}")
 
 
+def _check_fast(fast) -> bool:
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast: expected a bool, got {type(fast).__name__}")
+    return fast
+
+
 def _check_sgd(momentum, nesterov) -> float:
     momentum = check_number("momentum", momentum, 0.0)
     if not isinstance(nesterov, bool):
@@ -260,9 +267,11 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 no_decay=default_no_decay):
+                 no_decay=default_no_decay, fast=True):
         self.betas = _check_betas(betas)
         self.eps = check_number("eps", eps, 0.0)
+        self.fast = _check_fast(fast)   # step with _update_fast: the same numbers, no fresh temporaries
+        self._scratch = {}
         super().__init__(params, lr, weight_decay, no_decay)
 
     def _update(self, name, p, g, decay):
@@ -286,6 +295,37 @@ class Adam(Optimizer):
         denom += self.eps  # outside the sqrt: a floor on the denominator, not on v
         p -= step_size * (m / denom)
 
+    def _update_fast(self, name, p, g, decay):
+        """_update's operations in the same order, so the same numbers bit for bit, but
+        every full-size intermediate is written into one scratch buffer per parameter
+        that lives across steps: no fresh array (and its page faults) per step."""
+        xp = array_module(p)
+        b1, b2 = self.betas
+        if decay:
+            if self._decoupled:
+                p *= 1.0 - self.lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p
+        m = self.state["exp_avg"][name]
+        v = self.state["exp_avg_sq"][name]
+        s = self._scratch.get(name)
+        if s is None:
+            s = self._scratch[name] = xp.empty_like(p)
+        m *= b1
+        xp.multiply(g, 1.0 - b1, out=s)
+        m += s                                   # m = b1 m + (1 - b1) g
+        v *= b2
+        xp.multiply(g, g, out=s)
+        s *= 1.0 - b2
+        v += s                                   # v = b2 v + (1 - b2) g^2
+        step_size = self.lr / (1.0 - b1 ** self.t)
+        xp.sqrt(v, out=s)
+        s /= math.sqrt(1.0 - b2 ** self.t)
+        s += self.eps                            # s = denom
+        xp.divide(m, s, out=s)
+        s *= step_size
+        p -= s
+
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): p *= 1 - lr * wd, then Adam's step.
@@ -297,8 +337,8 @@ class AdamW(Adam):
     _decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01,
-                 no_decay=default_no_decay):
-        super().__init__(params, lr, betas, eps, weight_decay, no_decay)
+                 no_decay=default_no_decay, fast=True):
+        super().__init__(params, lr, betas, eps, weight_decay, no_decay, fast)
 
 
 _OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}

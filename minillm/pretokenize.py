@@ -35,7 +35,8 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern"]
+__all__ = ["PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
+           "compile_splitter"]
 
 # GPT-2: contractions, optional-space + letters, optional-space + numbers,
 # optional-space + other symbols, whitespace (leaving the last space to the next word).
@@ -51,12 +52,28 @@ _WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u2
 
 
 @lru_cache(maxsize=16)
-def compile_pattern(pattern):
-    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string."""
-    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern)))
+def compile_pattern(pattern, ascii_only=False):
+    """A compiled ``re`` pattern for a pattern name ("gpt2", "gpt4") or a tiktoken-syntax string.
+
+    ascii_only=True: the same pattern for text that is all ASCII (see translate_pattern).
+    """
+    return re.compile(translate_pattern(PATTERNS.get(pattern, pattern), ascii_only=ascii_only))
 
 
-def translate_pattern(pattern):
+def compile_splitter(pattern):
+    """text -> its chunks (a list of str), the findall of compile_pattern(pattern).
+
+    The fast path: text that is all ASCII (``str.isascii``, one C pass) is split by
+    the ASCII-only translation, whose classes are small bitmaps instead of the
+    Unicode ranges (and their astral alternatives): the same chunks, ~1.7x faster
+    on English text. Other text takes the full pattern.
+    """
+    full = compile_pattern(pattern).findall
+    ascii_only = compile_pattern(pattern, ascii_only=True).findall
+    return lambda text: ascii_only(text) if text.isascii() else full(text)
+
+
+def translate_pattern(pattern, ascii_only=False):
     """Rewrite a pre-split pattern in tiktoken/Rust syntax for Python's ``re``.
 
     ``\\p{X}`` / ``\\pX`` (X a general category or its first letter, also inside
@@ -65,23 +82,28 @@ def translate_pattern(pattern):
     possessive quantifiers (``?+``, ``++``, ``*+``) lose their ``+``, which is
     equivalent for GPT2_PATTERN and GPT4_PATTERN (their possessive parts cannot
     backtrack into a different match anyway).
+
+    ascii_only=True: a pattern that splits text made only of ASCII characters exactly
+    as the full one does: each class keeps just its ASCII members (on such text no
+    other character can occur, so nothing else could match).
     """
     _check_pattern(pattern)
+    klass = _ascii_class if ascii_only else (lambda fragment: fragment)
     out, i, n = [], 0, len(pattern)
     while i < n:
         char = pattern[i]
         if char == "[":
             negated, raw, ranges, i = _parse_class(pattern, i)
-            out.append(_class_regex(negated, raw, ranges))
+            out.append(klass(_class_regex(negated, raw, ranges)))
             continue
         if char == "\\" and i + 1 < n:
             escaped = pattern[i + 1]
             if escaped in "pP":
                 ranges, i = _property_ranges(pattern, i)
-                out.append(_class_regex(escaped == "P", "", ranges))
+                out.append(klass(_class_regex(escaped == "P", "", ranges)))
                 continue
             if escaped in "sS":
-                out.append(_class_regex(escaped == "S", _WHITE_SPACE, []))
+                out.append(klass(_class_regex(escaped == "S", _WHITE_SPACE, [])))
             else:
                 out.append(pattern[i:i + 2])
             i += 2
@@ -215,6 +237,18 @@ def _class_regex(negated, raw, ranges):
         if first is None:
             return second
     return f"(?:{first}|{second})"
+
+
+def _ascii_class(fragment):
+    """The class ``fragment`` restricted to ASCII: a class of exactly the ASCII
+    characters it matches (found by trying all 128), or one that matches nothing."""
+    compiled = re.compile(fragment)
+    members = np.array([compiled.fullmatch(chr(c)) is not None for c in range(128)])
+    if not members.any():
+        return "(?!)"
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], members.view(np.int8), [0]))))
+    runs = ("\\x%02x" % a if a == b - 1 else "\\x%02x-\\x%02x" % (a, b - 1) for a, b in zip(edges[::2], edges[1::2]))
+    return "[" + "".join(runs) + "]"
 
 
 def _check_pattern(pattern):

@@ -61,12 +61,13 @@ import numpy as np
 
 from minillm.backend import atomic_write, check_choice, check_int_arg, is_int, to_numpy
 # The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
-from minillm.pretokenize import GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, translate_pattern
+from minillm.pretokenize import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, compile_splitter,
+                                 translate_pattern)
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
     "get_pair_counts", "merge_pair", "train_bpe_naive",
-    "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
+    "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern", "compile_splitter",
 ]
 
 
@@ -239,7 +240,7 @@ class BPETokenizer:
         self.ranks = {bytes(token): int(rank) for token, rank in ranks.items()}
         self.special_tokens = {token: int(i) for token, i in special_tokens.items()}
         self.pattern = pattern
-        self._split = None if pattern is None else compile_pattern(pattern).findall
+        self._split = None if pattern is None else compile_splitter(pattern)
         self.vocab_size = max(chain(self.ranks.values(), self.special_tokens.values())) + 1
         self._decoder = self._id_to_bytes()  # list: id -> bytes, None for an id no token has
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
@@ -528,7 +529,7 @@ class BPETokenizer:
 
 def _count_chunks(text, pattern, special_tokens):
     """{chunk: occurrences} over the pre-split of ``text``, the special tokens cut out first."""
-    split = (lambda piece: [piece] if piece else []) if pattern is None else compile_pattern(pattern).findall
+    split = (lambda piece: [piece] if piece else []) if pattern is None else compile_splitter(pattern)
     pieces = [text]
     if special_tokens:
         pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)

@@ -1,4 +1,4 @@
-"""attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled attention."""
+"""attention.py: SDPA, masks, GQA/MQA, RoPE, self/cross-attention, KV cache, tiled and fused causal attention."""
 from typing import NamedTuple
 
 import numpy as np
@@ -291,6 +291,60 @@ def test_flash_backward_matches_finite_differences(xp, case, bs):
     assert_gradcheck(rep)
 
 
+# --- fused causal attention (the fast path of sdpa_forward(causal=True)) --------
+
+@st.composite
+def causal_case(draw, max_t=6):
+    """A causal case without a mask: Tq <= Tk, Tk >= 2 (queries after a cache when Tq < Tk)."""
+    Tq = draw(st.integers(1, max_t))
+    c = Sdpa(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), G=draw(st.integers(1, 3)),
+             D=draw(st.integers(1, 4)), Tq=Tq, Tk=draw(st.integers(max(Tq, 2), Tq + 2)), causal=True, kind=None,
+             scale=draw(st.sampled_from([None, 0.3])), seed=draw(seeds))
+    q, k, v, kw = sdpa_inputs(c)
+    return q, k, v, kw["scale"]
+
+
+@given(case=causal_case())
+def test_fused_causal_equals_plain_for_every_block_size(xp, case):
+    q, k, v, scale = case
+    qq, kk, vv = on(xp, q, k, v)
+    out, cache = A.sdpa_forward(qq, kk, vv, causal=True, scale=scale)
+    dout = on(xp, np.random.default_rng(4).standard_normal(q.shape))
+    grads = A.sdpa_backward(dout, cache)
+    for bs in range(1, q.shape[2] + 2):     # sizes that do not divide Tq, and > Tq
+        out_f, cache_f = A.causal_attention_forward(qq, kk, vv, scale=scale, block_size=bs)
+        assert_close(out_f, out, rtol=1e-12, atol=1e-13, msg=f"block_size={bs}")
+        for g_f, g in zip(A.causal_attention_backward(dout, cache_f), grads):
+            assert_close(g_f, g, rtol=1e-11, atol=1e-12, msg=f"block_size={bs}")
+
+
+@example(case=(*LIVE_SDPA[1][:3], 0.3), bs=1)    # MQA, queries after a cache
+@example(case=(*LIVE_SDPA[2][:3], None), bs=3)
+@given(case=causal_case(max_t=4), bs=st.integers(1, 5))
+def test_fused_causal_backward_matches_finite_differences(xp, case, bs):
+    q, k, v, scale = case
+    assert_attention_alive(q, k, v, {"causal": True}, A.causal_attention_backward(
+        on(xp, np.ones(q.shape)), A.causal_attention_forward(*on(xp, q, k, v), scale=scale, block_size=bs)[1]))
+    rep = gradcheck(A.causal_attention_forward, A.causal_attention_backward, list(on(xp, q, k, v)),
+                    kwargs=dict(scale=scale, block_size=bs))
+    assert_gradcheck(rep)
+
+
+def test_fused_causal_is_stable_and_keeps_float32(xp):
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((1, 2, 5, 3)) * 1e3 for _ in range(3))     # near one-hot rows
+    for dtype in (np.float32, np.float64):
+        qq, kk, vv = (on(xp, a.astype(dtype)) for a in (q, k, v))
+        out, cache = A.causal_attention_forward(qq, kk, vv, block_size=2)
+        ref, _ = A.sdpa_forward(qq, kk, vv, causal=True)
+        grads = A.causal_attention_backward(out, cache)
+        assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+        assert all(np.all(np.isfinite(np_(a))) for a in (out,) + grads)
+        assert_close(out, ref, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="block_size"):
+        A.causal_attention_forward(qq, kk, vv, block_size=0)
+
+
 def test_flash_keeps_no_quadratic_state(xp):
     rng = np.random.default_rng(6)
     q, k, v = (on(xp, rng.standard_normal((1, 2, 40, 4))) for _ in range(3))
@@ -431,7 +485,7 @@ def mha_case(draw, max_t=4):
     c = Mha(B=draw(st.integers(1, 2)), Hkv=draw(st.integers(1, 2)), G=draw(st.integers(1, 2)),
             D=draw(st.integers(1, 3)), T=draw(st.integers(2, max_t)), seed=draw(seeds), qkv_bias=draw(b),
             o_bias=draw(b), kv_none=draw(b), causal=draw(b), padded=draw(b), rope=draw(b), interleaved=draw(b),
-            per_batch=draw(b), impl=draw(st.sampled_from(["plain", "tiled"])),
+            per_batch=draw(b), impl=draw(st.sampled_from(["plain", "tiled", "fused"])),
             block_size=draw(st.integers(1, 3)))
     return mha_inputs(c)
 

@@ -90,6 +90,27 @@ def test_plain_and_fast_gelu_agree(xp, shape, seed, approximate, scale):
     assert np.all(np.abs(np_(y32).astype(float) - np_(ffn.gelu_forward(x32, approximate)[0])) <= 1e-6 * (1 + np.abs(x)))
 
 
+@given(shape=shapes(1, 3), seed=seeds, chunk=st.integers(1, 7))
+def test_fast_gelu_in_pieces_equals_plain_and_whole(xp, shape, seed, chunk):
+    # The fast tanh GELU runs over the flat arrays _CHUNK elements at a time; with tiny
+    # pieces every boundary case (a piece cut short, one element) is drawn. Elementwise
+    # work does not care where the pieces end: the same numbers as one whole piece.
+    x, dy = randn(seed, *shape, scale=4.0), randn(seed + 1, *shape)
+    y_whole, c_whole = ffn.gelu_forward(on(xp, x), "tanh")
+    dx_whole = ffn.gelu_backward(on(xp, dy), c_whole)
+    whole, ffn._CHUNK = ffn._CHUNK, chunk
+    try:
+        y, c = ffn.gelu_forward(on(xp, x), "tanh")
+        dx = ffn.gelu_backward(on(xp, dy), c)
+    finally:
+        ffn._CHUNK = whole
+    assert_close(y, y_whole, rtol=1e-15, atol=0)
+    assert_close(dx, dx_whole, rtol=1e-15, atol=0)
+    y_plain, c_plain = ffn.gelu_forward_plain(on(xp, x), "tanh")
+    assert np.all(np.abs(np_(y_plain) - np_(y)) <= 4e-15 * (1 + np.abs(x)))
+    assert np.all(np.abs(np_(ffn.gelu_backward_plain(on(xp, dy), c_plain)) - np_(dx)) <= 1e-13 * np.abs(dy))
+
+
 def test_plain_gelu_is_its_formula_and_loses_only_the_far_tail(xp):
     x = np.array([-10.0, -1.0, 0.0, 1.0, 2.0])
     c = math.sqrt(2 / math.pi)

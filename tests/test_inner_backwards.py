@@ -45,7 +45,7 @@ def test_mlm_head_backward(xp, seed, N):
     assert_gradcheck(rep)
 
 
-@pytest.mark.parametrize("impl", ["plain", "tiled"])
+@pytest.mark.parametrize("impl", ["plain", "tiled", "fused"])
 @given(seed=seeds, causal=st.booleans())
 def test_attend_backward(xp, impl, seed, causal):
     q, k, v = (on(xp, randn(seed + i, 1, 2, 3, 4)) for i in range(3))

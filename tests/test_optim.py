@@ -194,6 +194,24 @@ def test_state_dict_round_trip_continues_identically(xp, make):
             assert np.array_equal(np_(v), snap[b][k])
 
 
+@given(seed=seeds, kind=st.sampled_from(["adam", "adamw"]), dtype=st.sampled_from([np.float32, np.float64]),
+       wd=st.sampled_from([0.0, 0.1]))
+def test_fast_adam_step_equals_the_plain_one_bit_for_bit(xp, seed, kind, dtype, wd):
+    # _update_fast does _update's operations in the same order into a reused buffer.
+    cls = optim.Adam if kind == "adam" else optim.AdamW
+    pa, pb = make_params(xp, seed, dtype), make_params(xp, seed, dtype)
+    plain, fast = cls(pa, lr=0.01, weight_decay=wd, fast=False), cls(pb, lr=0.01, weight_decay=wd)
+    assert fast.fast and not plain.fast
+    for t in range(4):
+        g = grads_like(xp, pa, seed + 10 + t, floor=0.1 * t)
+        plain.step(g)
+        fast.step({k: v.copy() for k, v in g.items()})
+        for k in pa:
+            assert np.array_equal(np_(pa[k]), np_(pb[k])), (t, k)
+    with pytest.raises(TypeError, match="fast"):
+        cls(pa, fast=1)
+
+
 # --- references without torch: the papers' update rules, one float at a time ------------
 #
 # Each reference below is a plain Python loop over scalars, written from the published rule

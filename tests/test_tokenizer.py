@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from minillm import pretokenize, tokenizer
 from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
-                               WordPieceTokenizer, compile_pattern, get_pair_counts, merge_pair,
+                               WordPieceTokenizer, compile_pattern, compile_splitter, get_pair_counts, merge_pair,
                                tokenizer_from_dict, train_bpe_naive, translate_pattern)
 
 EOT = "<|endoftext|>"
@@ -438,6 +438,21 @@ def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
     assert compile_pattern(pattern).findall(text) == regex.findall(PATTERNS[pattern], text)
     tok = bpe_all[pattern]
     assert tok.encode_ordinary(text) == _tiktoken_encoding(tok).encode_ordinary(text)
+
+
+ascii_texts = (st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
+               | st.text(alphabet="aZ09 '\n\r\t\x0b\x0c\x1c.,_-sdtlmvre", max_size=40))
+
+
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+@given(s=ascii_texts)
+def test_ascii_splitter_gives_the_chunks_of_the_full_pattern(pattern, s):
+    # compile_splitter's fast path (ASCII text, ASCII-only classes) is the full pattern's findall.
+    full = compile_pattern(pattern).findall
+    assert compile_pattern(pattern, ascii_only=True).findall(s) == full(s)
+    split = compile_splitter(pattern)
+    assert split(s) == full(s)
+    assert split(s + "\u00e9 \u3000x") == full(s + "\u00e9 \u3000x")   # not ASCII: the full pattern
 
 
 @given(assigned_texts | wordy_texts)
