@@ -43,8 +43,9 @@ are passed to the backward as ``dh_last`` (and ``dc_last``) and added to what fl
 step T; they default to zero. The backward returns dh0 (and dc0), the gradients at the
 initial states, which an earlier chunk would receive as its dh_last / dc_last.
 
-Reading order: the shared checks' contract, then rnn_forward / rnn_backward, lstm_*,
-gru_*, then the checks. Only the time loop is sequential: the input projection
+Reading order: rnn_forward / rnn_backward, lstm_*, gru_*, final_state, then a
+character-level language model built from them (RNNLMConfig, lm_forward, lm_backward,
+RNNDecoder for minillm.sampling), then the checks. Only the time loop is sequential: the input projection
 x_t W_ih + b_ih of every step is one matmul over all B*T positions before the loop, and its
 gradients (dx, dW_ih, db_ih) one matmul after the backward loop. What cannot be batched is
 h_{t-1} W_hh: step t needs step t-1's result. A Transformer has no such chain.
@@ -52,15 +53,23 @@ h_{t-1} W_hh: step t needs step t-1's result. A Transformer has no such chain.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
-from .backend import array_module, check_choice, check_float, check_ndim, check_shape, check_same_device
-from .ffn import sigmoid
+from .backend import (DEFAULT_DTYPE, array_module, check_choice, check_float, check_int_arg, check_ndim,
+                      check_same_device, check_shape, make_rng, to_device)
+from .backprop import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from .embeddings import embedding_backward, embedding_forward
+from .ffn import linear_backward, linear_forward, sigmoid
+from .sampling import generate as _sampling_generate
 
 __all__ = ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward", "gru_forward", "gru_backward",
-           "final_state", "NONLINEARITIES"]
+           "final_state", "NONLINEARITIES",
+           "CELLS", "RNNLMConfig", "lm_param_shapes", "init_lm_params", "lm_zero_state", "lm_forward",
+           "lm_final_state", "lm_backward", "lm_loss_and_grads", "lm_loss", "RNNDecoder", "lm_generate"]
 
 NONLINEARITIES = ("tanh", "relu")
 
@@ -304,6 +313,189 @@ def final_state(cache):
 
 
 # ---------------------------------------------------------------------------
+# A character-level language model: embedding -> recurrent layers -> LM head
+# ---------------------------------------------------------------------------
+
+CELLS = ("rnn", "lstm", "gru")
+_GATES = {"rnn": 1, "lstm": 4, "gru": 3}
+MODEL_NAME = "rnn-lm"          # model_config["model"] in a checkpoint: tells an RNN run from a GPT's
+
+
+@dataclass(frozen=True)
+class RNNLMConfig:
+    """logits = (layers of cell over wte[ids]) W_head + b_head.
+
+    cell: "rnn", "lstm" or "gru"; n_layer recurrent layers of n_hidden units, the first
+    reading n_embd-wide embeddings; block_size is the training window (the BPTT length):
+    a recurrent model runs on sequences of any length, so sampling has no context limit.
+    """
+    cell: str = "lstm"
+    vocab_size: int = 65
+    n_embd: int = 64
+    n_hidden: int = 256
+    n_layer: int = 1
+    block_size: int = 64
+    nonlinearity: str = "tanh"     # the plain RNN's f
+
+    def __post_init__(self):
+        _check_lm_config(self)
+
+    def to_dict(self) -> dict:
+        return {"model": MODEL_NAME, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RNNLMConfig":
+        if not isinstance(d, dict) or d.get("model") != MODEL_NAME:
+            raise ValueError(f"config: expected a dict with model={MODEL_NAME!r}, got "
+                             f"{d.get('model') if isinstance(d, dict) else type(d).__name__!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"model"})
+        if unknown:
+            raise ValueError(f"config: unknown RNNLMConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**{k: v for k, v in d.items() if k != "model"})
+
+
+def lm_param_shapes(config: RNNLMConfig) -> dict:
+    k, H = _GATES[config.cell], config.n_hidden
+    shapes = {"wte": (config.vocab_size, config.n_embd)}
+    for layer in range(config.n_layer):
+        n_in = config.n_embd if layer == 0 else H
+        shapes.update({f"rnn.{layer}.w_ih": (n_in, k * H), f"rnn.{layer}.w_hh": (H, k * H),
+                       f"rnn.{layer}.b_ih": (k * H,), f"rnn.{layer}.b_hh": (k * H,)})
+    shapes.update({"lm_head.w": (H, config.vocab_size), "lm_head.b": (config.vocab_size,)})
+    return shapes
+
+
+def init_lm_params(config: RNNLMConfig, seed=0, dtype=DEFAULT_DTYPE, device=None) -> dict:
+    """PyTorch's initialisation: embeddings ~ N(0, 1), the recurrent weights, biases and the
+    head ~ U(-1/sqrt(H), 1/sqrt(H)); an LSTM's forget-gate bias b_hh[H:2H] starts at 1 (so
+    the cell remembers from the start, Jozefowicz et al. 2015). Drawn on the CPU from
+    ``seed``, then moved to ``device``."""
+    rng = make_rng(seed)
+    bound = 1.0 / np.sqrt(config.n_hidden)
+    params = {}
+    for name, shape in lm_param_shapes(config).items():
+        if name == "wte":
+            params[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            params[name] = rng.uniform(-bound, bound, shape).astype(dtype)
+    if config.cell == "lstm":
+        H = config.n_hidden
+        for layer in range(config.n_layer):
+            params[f"rnn.{layer}.b_hh"][H:2 * H] = 1.0
+    return to_device(params, device)
+
+
+class LMCache(NamedTuple):
+    emb: object        # the embedding's cache
+    layers: list       # one RNN/LSTM/GRU cache per layer
+    head: object       # the head's linear cache
+
+
+def _layer_forward(config, params, layer, x, state):
+    p = [params[f"rnn.{layer}.{n}"] for n in ("w_ih", "w_hh", "b_ih", "b_hh")]
+    if config.cell == "lstm":
+        return lstm_forward(x, state[0], state[1], *p)
+    if config.cell == "gru":
+        return gru_forward(x, state, *p)
+    return rnn_forward(x, state, *p, nonlinearity=config.nonlinearity)
+
+
+def lm_zero_state(config: RNNLMConfig, batch_size, like):
+    """The state a sequence starts from: per layer h0 = 0 (and c0 = 0), shaped (B, H) like ``like``."""
+    xp = array_module(like)
+    z = lambda: xp.zeros((batch_size, config.n_hidden), dtype=like.dtype)   # noqa: E731
+    return [(z(), z()) if config.cell == "lstm" else z() for _ in range(config.n_layer)]
+
+
+def lm_forward(params, config: RNNLMConfig, ids, state=None):
+    """ids (B, T) int -> logits (B, T, V), cache. ``state``: per layer h (LSTM: (h, c)), each
+    (B, H), where the previous chunk stopped (default: zeros); lm_final_state(cache) gives
+    the state after this chunk."""
+    _check_lm_forward(params, config, ids, state)
+    x, emb = embedding_forward(ids, params["wte"])                  # (B, T, E)
+    if state is None:
+        state = lm_zero_state(config, ids.shape[0], params["wte"])
+    layers = []
+    for layer in range(config.n_layer):
+        x, cache = _layer_forward(config, params, layer, x, state[layer])   # (B, T, H)
+        layers.append(cache)
+    logits, head = linear_forward(x, params["lm_head.w"], params["lm_head.b"])   # (B, T, V)
+    return logits, LMCache(emb, layers, head)
+
+
+def lm_final_state(cache: LMCache) -> list:
+    """The state after the chunk, per layer (copies): what lm_forward's ``state`` takes next."""
+    out = []
+    for c in cache.layers:
+        s = final_state(c)
+        out.append(tuple(a.copy() for a in s) if isinstance(s, tuple) else s.copy())
+    return out
+
+
+def lm_backward(dlogits, cache: LMCache, config: RNNLMConfig) -> dict:
+    """Backward of lm_forward, in reverse: head, layers from the top, embedding.
+    dlogits (B, T, V) -> grads keyed like params (the gradient stops at the initial state)."""
+    grads = {}
+    dx, grads["lm_head.w"], grads["lm_head.b"] = linear_backward(dlogits, cache.head)
+    for layer in reversed(range(config.n_layer)):
+        c = cache.layers[layer]
+        if config.cell == "lstm":
+            dx, _, _, *dw = lstm_backward(dx, c)
+        else:
+            dx, _, *dw = (gru_backward if config.cell == "gru" else rnn_backward)(dx, c)
+        for n, g in zip(("w_ih", "w_hh", "b_ih", "b_hh"), dw):
+            grads[f"rnn.{layer}.{n}"] = g
+    grads["wte"] = embedding_backward(dx, cache.emb)
+    return grads
+
+
+def lm_loss_and_grads(params, config: RNNLMConfig, x, y, state=None):
+    """Mean next-token cross-entropy of lm_forward(x) against y (B, T), and its gradients."""
+    logits, cache = lm_forward(params, config, x, state)
+    loss, ce = softmax_cross_entropy_forward(logits, y)
+    return float(loss), lm_backward(softmax_cross_entropy_backward(1.0, ce), cache, config)
+
+
+def lm_loss(params, config: RNNLMConfig, x, y, state=None) -> float:
+    return float(softmax_cross_entropy_forward(lm_forward(params, config, x, state)[0], y)[0])
+
+
+class RNNDecoder:
+    """An RNN LM behind minillm.sampling's decoder protocol. Its "cache" is the recurrent
+    state: feeding a block continues from it, so generation costs one step per token, with
+    no context limit (block_size is unbounded). Left padding would feed pad tokens into the
+    state, so a decoder samples unpadded rows only (one prompt, or prompts of one length)."""
+
+    def __init__(self, params, config: RNNLMConfig):
+        _check_lm_forward(params, config, None, None)
+        self.params, self.config = params, config
+        self.vocab_size, self.block_size = config.vocab_size, 2 ** 62
+        self.xp = array_module(params["wte"])
+
+    def new_cache(self, batch_size, max_len):
+        return {"state": None}
+
+    def logits(self, ids, cache=None, attention_mask=None):
+        if attention_mask is not None and not bool(self.xp.asarray(attention_mask).all()):
+            raise ValueError("prompt_ids: a recurrent model samples prompts of one length only "
+                             "(left padding would run through its state)")
+        ids = self.xp.asarray(ids)
+        out, c = lm_forward(self.params, self.config, ids, None if cache is None else cache["state"])
+        if cache is not None:
+            cache["state"] = lm_final_state(c)
+        return out
+
+
+def lm_generate(params, config: RNNLMConfig, prompt_ids, max_new_tokens, temperature=1.0, top_k=None,
+                top_p=None, seed=None, **kwargs):
+    """Sample after ``prompt_ids`` (a list of ints) with minillm.sampling.generate, the state
+    carried from token to token. -> the prompt then the new tokens, a list of ints."""
+    return _sampling_generate(RNNDecoder(params, config), list(prompt_ids), max_new_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------
 
@@ -353,3 +545,28 @@ def _check_backward(dy, y_shape, d_last, state_shape, name):
         if tuple(d_last.shape) != tuple(state_shape):
             raise ValueError(f"{name}: expected shape {tuple(state_shape)} (the final state's), "
                              f"got {tuple(d_last.shape)}")
+
+
+def _check_lm_config(config):
+    check_choice("cell", config.cell, CELLS)
+    check_choice("nonlinearity", config.nonlinearity, NONLINEARITIES)
+    for name in ("vocab_size", "n_embd", "n_hidden", "n_layer", "block_size"):
+        check_int_arg(name, getattr(config, name), lo=1)
+
+
+def _check_lm_forward(params, config, ids, state):
+    if not isinstance(config, RNNLMConfig):
+        raise TypeError(f"config: expected an RNNLMConfig, got {type(config).__name__}")
+    if not isinstance(params, dict):
+        raise TypeError(f"params: expected a dict of arrays, got {type(params).__name__}")
+    shapes = lm_param_shapes(config)
+    if params.keys() != shapes.keys():
+        raise ValueError(f"params: expected the names {sorted(shapes)}, missing "
+                         f"{sorted(set(shapes) - set(params))}, extra {sorted(set(params) - set(shapes))}")
+    for name, shape in shapes.items():
+        check_shape(f"params[{name!r}]", params[name], shape)
+    if ids is not None:
+        check_ndim("ids", ids, 2)
+    if state is not None and (not isinstance(state, (list, tuple)) or len(state) != config.n_layer):
+        raise ValueError(f"state: expected a list of {config.n_layer} per-layer states, got "
+                         f"{type(state).__name__} of length {len(state) if hasattr(state, '__len__') else '?'}")

@@ -275,3 +275,44 @@ def test_empty_sequence_mismatched_states_and_unknown_nonlinearity_are_rejected(
         rnn.rnn_backward(y, cache, dh_last=np.zeros((2, 4)))
     with pytest.raises(TypeError, match="cache: expected an RNN, LSTM or GRU cache"):
         rnn.final_state((y,))
+
+
+# --- the character-level language model ---------------------------------------------------
+
+@given(cell=st.sampled_from(rnn.CELLS), seed=seeds, n_layer=st.integers(1, 2), T=st.integers(2, 4))
+def test_language_model_gradients_match_finite_differences(xp, cell, seed, n_layer, T):
+    from minillm.backprop import check_dict_gradients
+    cfg = rnn.RNNLMConfig(cell=cell, vocab_size=5, n_embd=3, n_hidden=3, n_layer=n_layer, block_size=T)
+    params = {k: on(xp, np_(v).astype(np.float64)) for k, v in rnn.init_lm_params(cfg, seed=seed).items()}
+    rng = np.random.default_rng(seed)
+    x, y = on(xp, rng.integers(0, 5, (2, T)), rng.integers(0, 5, (2, T)))
+    loss, grads = rnn.lm_loss_and_grads(params, cfg, x, y)
+    assert grads.keys() == params.keys()
+    assert_alive({k: g for k, g in grads.items() if k != "wte"}, loss=loss)
+
+    def f(p):   # the per-position losses, summed by the checker: cancellation-free
+        logits = rnn.lm_forward(p, cfg, x)[0]
+        return -bp.log_softmax(logits).reshape(-1, 5)[np.arange(2 * T), np_(y).reshape(-1)] / (2 * T)
+
+    assert_gradcheck(check_dict_gradients(f, params, grads))
+
+
+def test_language_model_carries_state_and_samples_the_same_with_or_without_it():
+    cfg = rnn.RNNLMConfig(cell="lstm", vocab_size=7, n_embd=4, n_hidden=5, n_layer=2, block_size=6)
+    params = rnn.init_lm_params(cfg, seed=3, dtype=np.float64)
+    ids = np.random.default_rng(0).integers(0, 7, (2, 6))
+    whole, _ = rnn.lm_forward(params, cfg, ids)
+    first, cache = rnn.lm_forward(params, cfg, ids[:, :4])
+    second, _ = rnn.lm_forward(params, cfg, ids[:, 4:], state=rnn.lm_final_state(cache))
+    assert_close(np.concatenate([first, second], axis=1), whole, rtol=1e-13, atol=1e-14)
+    # the decoder's cache is the state: sampling with it = re-running the whole sequence
+    a = rnn.lm_generate(params, cfg, [1, 2, 3], 12, temperature=0.9, seed=5)
+    b = rnn.lm_generate(params, cfg, [1, 2, 3], 12, temperature=0.9, seed=5, use_cache=False)
+    assert a == b and a[:3] == [1, 2, 3] and len(a) == 15
+    assert rnn.RNNLMConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="config: expected a dict with model='rnn-lm'"):
+        rnn.RNNLMConfig.from_dict({"n_layer": 1})
+    with pytest.raises(ValueError, match=r"cell: expected one of \('rnn', 'lstm', 'gru'\), got 'transformer'"):
+        rnn.RNNLMConfig(cell="transformer")
+    with pytest.raises(ValueError, match=r"state: expected a list of 2 per-layer states"):
+        rnn.lm_forward(params, cfg, ids, state=[np.zeros((2, 5))])
