@@ -316,3 +316,39 @@ def test_language_model_carries_state_and_samples_the_same_with_or_without_it():
         rnn.RNNLMConfig(cell="transformer")
     with pytest.raises(ValueError, match=r"state: expected a list of 2 per-layer states"):
         rnn.lm_forward(params, cfg, ids, state=[np.zeros((2, 5))])
+
+
+# --- the command line: train rnn|lstm|gru, resume, sample ---------------------------------
+
+@pytest.mark.parametrize("cell", rnn.CELLS)
+def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys, monkeypatch, cell):
+    from minillm.__main__ import main
+    from minillm.train import load_checkpoint
+    monkeypatch.setenv("MINILLM_DEVICE", "cpu")
+    text = tmp_path / "poem.txt"
+    text.write_text("Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n" * 20)
+    out = tmp_path / "run"
+    assert main(["train", cell, "--preset", "tiny", "--data", str(text), "--out", str(out), "--max-steps", "3",
+                 "--eval-interval", "2", "--sample-tokens", "20"]) == 0
+    said = capsys.readouterr().out
+    for words in ("corpus:", "tokenizer: CharTokenizer", f"model: {cell.upper()} LM", "final:", "checkpoint:",
+                  "sample (20 tokens"):
+        assert words in said, words
+    ck = load_checkpoint(out)
+    assert ck["step"] == 3 and ck["model_config"]["cell"] == cell and (out / "loss.svg").is_file()
+    assert main(["train", cell, "--resume", "--out", str(out), "--max-steps", "4", "--sample-tokens", "0"]) == 0
+    assert "resuming" in capsys.readouterr().out and load_checkpoint(out)["step"] == 4
+    args = ["sample", "--checkpoint", str(out), "--prompt", "Thou", "--max-new-tokens", "12", "--seed", "3"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[:3] == first.splitlines()[:3]   # same seed, same text
+    assert "Thou" in first and f"{cell.upper()}" in first
+    # a GPT preset, a GPT-only sampling option, another cell's run: one line, exit 2
+    assert main(["train", cell, "--preset", "llama", "--data", str(text)]) == 2
+    assert "--preset: train" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", str(out), "--no-cache"]) == 2
+    assert "applies to GPTs only" in capsys.readouterr().err
+    other = "gru" if cell != "gru" else "lstm"
+    assert main(["train", other, "--resume", "--out", str(out)]) == 2
+    assert f"does not hold a {other} run" in capsys.readouterr().err
