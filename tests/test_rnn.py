@@ -352,3 +352,59 @@ def test_train_resume_and_sample_from_the_command_line(tmp_path, capsys, monkeyp
     other = "gru" if cell != "gru" else "lstm"
     assert main(["train", other, "--resume", "--out", str(out)]) == 2
     assert f"does not hold a {other} run" in capsys.readouterr().err
+
+
+# --- bench sequence-models: the gradient it plots, and a run at toy size ------------------
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+def test_bench_state_gradients_match_torch_autograd(cell):
+    # bench part 3 reads dL/dh_t (dL/dc_t) off truncated BPTT; torch's cells, unrolled by
+    # hand with retain_grad on every state, give the same numbers
+    torch = pytest.importorskip("torch")
+    from minillm.bench.sequence_models import rnn_state_gradients
+    cfg = rnn.RNNLMConfig(cell=cell, vocab_size=6, n_embd=3, n_hidden=4, block_size=5)
+    p = rnn.init_lm_params(cfg, seed=2, dtype=np.float64)
+    ids = np.random.default_rng(1).integers(0, 6, (3, 6))
+    x, y = ids[:, :5], ids[:, 1:]
+    hn, cn = rnn_state_gradients(p, cfg, x, y)
+    tp = {k: torch.tensor(v) for k, v in p.items()}
+    cellmod = (torch.nn.LSTMCell(3, 4) if cell == "lstm" else torch.nn.RNNCell(3, 4)).double()
+    with torch.no_grad():
+        for name in ("w_ih", "w_hh"):
+            getattr(cellmod, name.replace("w_", "weight_")).copy_(tp[f"rnn.0.{name}"].T)
+        for name in ("b_ih", "b_hh"):
+            getattr(cellmod, name.replace("b_", "bias_")).copy_(tp[f"rnn.0.{name}"])
+    emb = tp["wte"][torch.from_numpy(x)]
+    h, c = torch.zeros(3, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    hs, cs = [], []
+    for t in range(5):
+        if cell == "lstm":
+            h, c = cellmod(emb[:, t], (h, c))
+            c.retain_grad()
+            cs.append(c)
+        else:
+            h = cellmod(emb[:, t], h)
+        h.retain_grad()
+        hs.append(h)
+    logits = hs[-1] @ tp["lm_head.w"] + tp["lm_head.b"]
+    torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[:, -1])).backward()
+    assert_close(hn, [float(v.grad.norm(dim=1).mean()) for v in hs], rtol=1e-10, atol=1e-14)
+    if cell == "lstm":
+        assert_close(cn, [float(v.grad.norm(dim=1).mean()) for v in cs], rtol=1e-10, atol=1e-14)
+
+
+def test_bench_sequence_models_runs_at_toy_size(tmp_path):
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "minillm", "bench", "sequence-models", "--seconds", "0",
+                        "--steps", "2", "--params", "3000", "--models", "gpt,lstm,min-char-rnn",
+                        "--lengths", "4,8", "--grad-length", "4", "--eval-batches", "1", "--batch-size", "2",
+                        "--block-size", "8", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [m["model"] for m in res["part1"]] == ["gpt", "lstm", "min-char-rnn"]
+    assert all(np.isfinite(m["val_at_time"]) for m in res["part1"])
+    assert {"rnn h_t (init)", "lstm c_t (trained)", "gpt residual stream (trained)"} <= set(res["part3_grad_norms"])
+    for name in ("val_loss.svg", "step_time.svg", "gradient_norms.svg"):
+        assert (tmp_path / name).read_text().startswith("<svg")

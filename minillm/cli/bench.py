@@ -20,7 +20,8 @@ def add_arguments(parser):
     sub = parser.add_subparsers(dest="target", metavar="TARGET")
     for name in targets():
         mod = importlib.import_module(f"minillm.bench.{name}")
-        p = sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name,
+        aliases = [name.replace("_", "-")] if "_" in name else []    # sequence_models: also sequence-models
+        p = sub.add_parser(name, aliases=aliases, help=(mod.__doc__ or "").strip().splitlines()[0] if mod.__doc__ else name,
                            description=mod.__doc__,
                            formatter_class=HelpFormatter)
         mod.add_arguments(p)
