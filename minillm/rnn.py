@@ -43,12 +43,14 @@ are passed to the backward as ``dh_last`` (and ``dc_last``) and added to what fl
 step T; they default to zero. The backward returns dh0 (and dc0), the gradients at the
 initial states, which an earlier chunk would receive as its dh_last / dc_last.
 
+Only the time loop is sequential: the input projection x_t W_ih + b_ih of every step is
+one matmul over all B*T positions before the loop, and its gradients (dx, dW_ih, db_ih) one
+matmul after the backward loop. What cannot be batched is h_{t-1} W_hh: step t needs step
+t-1's result. A Transformer has no such chain.
+
 Reading order: rnn_forward / rnn_backward, lstm_*, gru_*, final_state, then a
 character-level language model built from them (RNNLMConfig, lm_forward, lm_backward,
-RNNDecoder for minillm.sampling), then the checks. Only the time loop is sequential: the input projection
-x_t W_ih + b_ih of every step is one matmul over all B*T positions before the loop, and its
-gradients (dx, dW_ih, db_ih) one matmul after the backward loop. What cannot be batched is
-h_{t-1} W_hh: step t needs step t-1's result. A Transformer has no such chain.
+RNNDecoder for minillm.sampling), then the checks.
 """
 
 from __future__ import annotations

@@ -418,7 +418,9 @@ def run(args):
     if "1" in parts:
         results["part1"] = part1(args, list(models.values()), V, train_tokens, batches, val_batches, log)
         curves = {r["model"]: r["curve"] for r in results["part1"]}
-        log(f"plot: {line_plot(Path(args.out) / 'val_loss.svg', curves, title='validation loss', xlabel=f'training time ({args.clock} s)', ylabel='nats per character', x_from_zero=True)}")
+        path = line_plot(Path(args.out) / "val_loss.svg", curves, title="validation loss",
+                         xlabel=f"training time ({args.clock} s)", ylabel="nats per character", x_from_zero=True)
+        log(f"plot: {path}")
     if "2" in parts and names:
         results["part2_ms_per_step"] = part2(args, names, V, log)
     if "3" in parts:
