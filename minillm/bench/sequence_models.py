@@ -177,10 +177,12 @@ def _train_timed(model, batches, val_batches, args, log):
             break
         if step == args.steps:
             rec["val_at_steps"], rec["time_at_steps"] = _val_loss(model.loss, val_batches), clock()
+            log(f"    {model.name} step {step}: {clock():.0f} {args.clock} s, val loss {rec['val_at_steps']:.4f}")
         while marks and clock() >= marks[0]:
             marks.pop(0)
             v = _val_loss(model.loss, val_batches)
             rec["curve"].append((clock(), v))
+            log(f"    {model.name} step {step}: {clock():.0f} {args.clock} s, val loss {v:.4f}")
             if not marks:
                 rec.update(val_at_time=v, steps_in_time=step, wall_s=wall, cpu_s=cpu, train_loss=float(loss),
                            tokens_per_s=step * batches.tokens_per_batch / max(clock(), 1e-9))
@@ -235,6 +237,7 @@ def _min_char_rnn(V, train_tokens, val_batches, args, log):
         while marks and clock() >= marks[0]:
             marks.pop(0)
             rec["curve"].append((clock(), _val_loss(loss, val_batches)))
+            log(f"    min-char-rnn window {step}: {clock():.0f} {args.clock} s, val loss {rec['curve'][-1][1]:.4f}")
     v = rec["curve"][-1][1] if rec["curve"] else _val_loss(loss, val_batches)
     rec.update(val_at_time=v, steps_in_time=step, wall_s=wall, cpu_s=cpu,
                tokens_per_s=step * seq / max(clock(), 1e-9))
