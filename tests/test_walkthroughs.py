@@ -103,6 +103,17 @@ PLANTED = {
             return d_rejected, d_chosen
         m.dpo_loss_backward = _wrong
         """, "DPO's true reward"),
+
+    # BPTT: an LSTM whose gradient at the initial cell is off by one part in a million.
+    "lstm_backward_dc0_off_by_1e-6": ("15_rnn.py", """
+        import minillm.rnn as m
+        _right = m.lstm_backward
+        def _wrong(dy, cache, **kwargs):
+            g = list(_right(dy, cache, **kwargs))
+            g[2] = g[2] * (1 + 1e-6)
+            return tuple(g)
+        m.lstm_backward = _wrong
+        """, "gradient check of LSTM backward"),
     # Trained vs baseline: an optimizer that never moves the weights cannot beat a guess.
     "adamw_step_does_nothing": ("13_lora.py", """
         import minillm.optim as m

@@ -1,4 +1,5 @@
 """python -m minillm sample: generate text from a trained GPT (default: the latest run under runs/).
+A recurrent run of ``python -m minillm train rnn|lstm|gru`` samples too: give it with --checkpoint.
 
 Loads a run directory written by ``python -m minillm train`` (its checkpoint.npz
 holds the weights, the model config and the tokenizer) and continues a prompt,
@@ -78,10 +79,13 @@ def latest_gpt_run(root="runs"):
     return latest_run(root)    # none recognisable: let the loader explain what it finds
 
 
-def load_run(path=None, device=None):
+def load_run(path=None, device=None, loaded=None):
     """(config, params, tokenizer, checkpoint dict) of a GPT run directory (default: the latest),
-    or of a quantized checkpoint (params dequantized to float32)."""
-    if path is not None and is_quantized_checkpoint(path):
+    or of a quantized checkpoint (params dequantized to float32). ``loaded``: the checkpoint
+    dict of ``path``, when the caller has read it already."""
+    if loaded is not None:
+        ck = loaded
+    elif path is not None and is_quantized_checkpoint(path):
         q = load_quantized(path)
         s = q["meta"]["settings"]
         ck = {"path": f"{path} ({s['scheme']} {s['bits']}-bit, {s['granularity']})", "step": q["meta"]["step"],
@@ -102,7 +106,13 @@ def load_run(path=None, device=None):
 
 
 def run(args):
-    config, params, tokenizer, ck = load_run(args.checkpoint, args.device)
+    loaded = None
+    if args.checkpoint is not None and not is_quantized_checkpoint(args.checkpoint):
+        from minillm.cli import train_rnn
+        loaded = load_checkpoint(args.checkpoint)
+        if train_rnn.is_rnn_checkpoint(loaded):     # python -m minillm train rnn|lstm|gru
+            return train_rnn.sample_checkpoint(args, loaded)
+    config, params, tokenizer, ck = load_run(args.checkpoint, args.device, loaded)
     heads = _medusa_heads(args, config, ck) if args.medusa is not None else None
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
