@@ -1,4 +1,4 @@
-"""python -m minillm train [gpt|bert] [options]: train a model, then show what it learned.
+"""python -m minillm train [gpt|bert|medusa|t5] [options]: train a model, then show what it learned.
 
 With no arguments: a character-level GPT on Shakespeare's works, sized so that a
 2-core CPU gets below 2.0 validation loss (nats per character) in about five
@@ -20,7 +20,7 @@ import numpy as np
 
 from minillm import backend, gpt
 from minillm import data as corpus
-from minillm.cli import common, train_bert, train_medusa
+from minillm.cli import common, train_bert, train_medusa, train_t5
 from minillm.cli.common import UsageError
 from minillm.cli.sample import latest_gpt_run
 from minillm.data import TokenBatches
@@ -56,10 +56,12 @@ PRESETS = {
 def add_arguments(parser):
     parser.description = __doc__.split("\n\n")[1] + "\n\npresets:\n" + "\n".join(
         f"  {name:17s} {what}" for name, (what, _, _) in PRESETS.items())
-    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert", "medusa"],
+    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert", "medusa", "t5"],
                         help="which model to train: a GPT (next-token prediction), a BERT "
-                             "(masked-language modelling, minillm.cli.train_bert) or Medusa heads on a "
-                             "trained GPT (minillm.cli.train_medusa) (default: gpt)")
+                             "(masked-language modelling, minillm.cli.train_bert), Medusa heads on a "
+                             "trained GPT (minillm.cli.train_medusa) or a T5 encoder-decoder (span "
+                             "corruption, then restoring capitals and punctuation: minillm.cli.train_t5) "
+                             "(default: gpt)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
                         help="model and training sizes (listed above) (default: default)")
     parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"],
@@ -95,6 +97,7 @@ def add_arguments(parser):
     parser.add_argument("--sample-tokens", type=common.count, default=500,
                         help="tokens to sample at the end (0: none) (default: 500)")
     train_medusa.add_arguments(parser)
+    train_t5.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------
@@ -156,6 +159,8 @@ def run(args):
         return train_bert.run(args)
     if args.model == "medusa":
         return train_medusa.run(args)
+    if args.model == "t5":
+        return train_t5.run(args)
     return run_gpt(args)
 
 
