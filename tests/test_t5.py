@@ -383,3 +383,33 @@ def test_load_hf_rejects_other_models_and_unknown_variants(tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="model_type: expected one of .*'t5'.* got 'bart'"):
         checkpoint.load_hf(tmp_path / "t5")
+
+
+# --- the docstring examples and the command line -----------------------------------
+
+def test_docstring_examples():
+    import doctest
+    from minillm import bleu
+    for mod in (t5, bleu):
+        assert doctest.testmod(mod).failed == 0, mod.__name__
+
+
+def test_train_t5_cli_at_tiny_size(tmp_path):
+    import subprocess
+    import sys
+    lines = ["O Romeo, Romeo! wherefore art thou Romeo?", "Deny thy father and refuse thy name;",
+             "Or, if thou wilt not, be but sworn my love,", "And I'll no longer be a Capulet.",
+             "'Tis but thy name that is my enemy;", "Thou art thyself, though not a Montague."]
+    (tmp_path / "text.txt").write_text("\n".join(lines * 8) + "\n", encoding="utf-8")
+    argv = [sys.executable, "-m", "minillm", "train", "t5", "--data", str(tmp_path / "text.txt"),
+            "--pretrain-steps", "2", "--max-steps", "2", "--eval-lines", "3", "--batch-size", "4",
+            "--out", str(tmp_path / "run")]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact match" in r.stdout and "copy the source" in r.stdout
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert 0 <= results["t5_exact_match"] <= 1 and results["t5_cer"] >= 0 and results["pretrain_steps"] == 2
+    config, _ = checkpoint.load_hf(tmp_path / "run" / "hf-t5", device="cpu")
+    assert config.feed_forward_proj == "gated-gelu"
+    bad = subprocess.run(argv[:4] + ["t5", "--resume"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--resume does not apply" in bad.stderr

@@ -219,12 +219,13 @@ def run(args, log=print):
     pairs = [(vocab.encode(source_of(l)), vocab.encode(l)) for l in train_lines]
     n_val = max(1, len(pairs) // 50)
     model_config = {"t5": config.to_dict()}
+    B = args.batch_size or DEFAULTS["batch_size"]
     result = {}
     if args.pretrain_steps:
         lines_ids = [np.array(vocab.encode(l)) for l in train_lines]
-        task = T5Task(config, params, vocab, lines_ids[n_val:], lines_ids[:n_val], 32, True, xp, model_config)
+        task = T5Task(config, params, vocab, lines_ids[n_val:], lines_ids[:n_val], B, True, xp, model_config)
         result["pretrain"] = _phase("pretrain", task, args, out, args.pretrain_steps, log)
-    task = T5Task(config, params, vocab, pairs[n_val:], pairs[:n_val], 32, False, xp, model_config)
+    task = T5Task(config, params, vocab, pairs[n_val:], pairs[:n_val], B, False, xp, model_config)
     result["finetune"] = _phase("finetune", task, args, out, args.max_steps or DEFAULTS["max_steps"], log)
     return _report(params, config, vocab, test_lines, result, out, xp, args, log)
 
