@@ -836,23 +836,25 @@ def span_corruption(ids, noise_density=0.15, mean_span_length=3.0, sentinel_star
     return (np.concatenate(inputs).astype(np.int64), np.concatenate(targets).astype(np.int64))
 
 
-def span_corruption_reconstruct(inputs, targets, sentinel_start, n_sentinels=None):
-    """The sequence that span_corruption(inputs, targets) came from: each sentinel in the
-    inputs replaced by what follows it in the targets. Ids in (sentinel_start -
-    n_sentinels, sentinel_start] are sentinels (n_sentinels default: the count in inputs)."""
+def span_corruption_reconstruct(inputs, targets, sentinel_start):
+    """The sequence that span_corruption's (inputs, targets) came from: the k-th sentinel
+    (id sentinel_start - k) in the inputs replaced by what follows it in the targets.
+    Sentinels are read in order, so only ids reserved for them must never be ordinary ids."""
     inputs, targets = [int(t) for t in inputs], [int(t) for t in targets]
-    lo = sentinel_start - (n_sentinels if n_sentinels is not None else len(inputs))
-    is_sentinel = [lo < t <= sentinel_start for t in targets]
-    spans, current = {}, None
-    for t, s in zip(targets, is_sentinel):
-        if s:
-            current = t
-            spans[current] = []
-        elif current is not None:
-            spans[current].append(t)
-    out = []
+    spans, k = [], 0
+    for t in targets:
+        if t == sentinel_start - k:                 # the next sentinel opens the next span
+            spans.append([])
+            k += 1
+        elif spans:
+            spans[-1].append(t)
+    out, k = [], 0
     for t in inputs:
-        out += spans[t] if t in spans else [t]
+        if k < len(spans) and t == sentinel_start - k:
+            out += spans[k]
+            k += 1
+        else:
+            out.append(t)
     return out
 
 
