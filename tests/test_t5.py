@@ -285,11 +285,13 @@ def test_greedy_generation_equals_transformers(monkeypatch):
     assert any(len(r) > 1 for r in ours)
 
 
-@pytest.mark.parametrize("ff", FF)
-def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, ff):
+@pytest.mark.parametrize("ff,tie", [("relu", True), ("gated-gelu", False)])
+def test_save_hf_loads_in_transformers_with_the_same_logits(tmp_path, ff, tie):
+    """Tied (v1.0) and untied (v1.1/Flan: lm_head.weight in the file, tie_word_embeddings
+    false, which transformers then leaves untied and unscaled)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    config = tiny(feed_forward_proj=ff, d_model=16, d_kv=4, num_heads=2)
+    config = tiny(feed_forward_proj=ff, tie_word_embeddings=tie, d_model=16, d_kv=4, num_heads=2)
     params = t5.init_params(config, seed=5)
     checkpoint.save_hf(tmp_path, config, params)
     model = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
