@@ -725,7 +725,9 @@ class T5Decoder:
     On construction the encoder runs once, and (use_cache) each decoder layer's
     cross-attention keys and values of its output are computed once. ``logits`` with a
     KVCache feeds only the new decoder tokens; without one it re-runs the decoder over the
-    whole prefix and, when the cross K/V are not cached, recomputes them too.
+    whole prefix and, when the cross K/V are not cached, recomputes them too. Its batch
+    rows are the sources' (fixed): sampling.generate drives it, beam search (which reorders
+    cache rows) does not.
     """
 
     block_size = 2 ** 31 - 1       # relative positions: no longest context
