@@ -787,6 +787,7 @@ def generate(params, config: T5Config, input_ids, max_new_tokens, temperature=0.
 
 def _as_source(input_ids, params):
     xp = array_module(params["shared"])
+    _check_source(input_ids)
     flat = isinstance(input_ids, (list, tuple)) and len(input_ids) > 0 and is_int(input_ids[0])
     flat = flat or (hasattr(input_ids, "ndim") and input_ids.ndim == 1)
     ids = xp.asarray(input_ids)
@@ -903,6 +904,15 @@ def _check_inputs(params, config, input_ids, decoder_input_ids, attention_mask, 
         _check_mask("decoder_attention_mask", decoder_attention_mask, decoder_input_ids, "decoder_input_ids")
     if train and config.dropout_rate > 0 and rng is None:
         raise TypeError("rng: expected a random Generator when train=True and dropout_rate > 0, got None")
+
+
+def _check_source(input_ids):
+    if isinstance(input_ids, (list, tuple)):
+        if len(input_ids) == 0:
+            raise ValueError("input_ids: expected at least one source, got an empty list")
+        if isinstance(input_ids[0], (list, tuple)) and len({len(r) for r in input_ids}) > 1:
+            raise ValueError(f"input_ids: sources of different lengths {sorted({len(r) for r in input_ids})}; "
+                             f"pad them to one length and pass attention_mask (0 at the padding)")
 
 
 def _check_labels(labels, config):

@@ -357,6 +357,8 @@ def test_bad_input_is_named():
         t5.loss_and_grads(params, config, ids, np.array([[2, -5]]))
     with pytest.raises(TypeError, match="rng: expected a random Generator"):
         t5.forward(params, tiny(dropout_rate=0.1), ids, ids, train=True)
+    with pytest.raises(ValueError, match="input_ids: sources of different lengths \\[2, 3\\]; pad them"):
+        t5.generate(params, config, [[2, 3], [4, 5, 6]], 3)
     with pytest.raises(TypeError, match="sentinel_start: expected"):
         t5.span_corruption([1, 2, 3])
 
