@@ -21,12 +21,14 @@ scored on works it never saw.
    distance / reference length, over the corpus) and corpus BLEU (minillm.bleu, 13a
    tokens: punctuation counts as words), beside the "copy the source" baseline.
 
-What to expect from the defaults (measured on the shared 2-core machine, BENCHMARKS.md:
-about 1.5 CPU-minutes of training): the model has not yet learned to copy its source.
-It writes Shakespeare-like character strings with a capital first letter and a final
-stop, but the words drift: CER 0.76 and BLEU 0.5 against 0.11 and 41.9 for copying the
-lower-cased source, exact match 0. Span-corruption pretraining moved the held-out loss by
-0.01 nats, no difference one seed can show. Give it more --max-steps to get further.
+What to expect from the defaults (300 + 1500 steps, about 3.5 CPU-minutes; measured on
+the shared 2-core machine, one seed, BENCHMARKS.md): exact match 0.19, CER 0.111 and
+BLEU 59.7 on the held-out lines, against 0.00, 0.112 and 41.9 for copying the
+lower-cased source. The model learns to copy the words first (the loss drops from
+about 1.5 to 0.5 nats per character between steps 450 and 650) and then to punctuate.
+Span-corruption pretraining did not help at this size: without it (--pretrain-steps 0)
+the same 1500 steps gave 0.20, 0.092 and 61.3. After only 600 steps neither run had
+learned to copy yet (CER 0.76 and 0.78).
 
 Outputs under --out: pretrain/ and finetune/ (checkpoints, metrics.jsonl, loss.svg),
 hf-t5/ (a Hugging Face T5ForConditionalGeneration directory) and results.json.
@@ -52,7 +54,7 @@ N_SENTINELS = 16
 PAD, EOS, UNK = 0, 1, 2
 MODEL = dict(d_model=64, d_kv=16, d_ff=192, num_layers=2, num_decoder_layers=2, num_heads=4,
              feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=False)
-DEFAULTS = dict(max_steps=600, batch_size=32, lr=3e-3, eval_interval=100)
+DEFAULTS = dict(max_steps=1500, batch_size=32, lr=3e-3, eval_interval=250)
 
 
 def add_arguments(parser):
