@@ -25,7 +25,7 @@ What to expect from the defaults (300 + 1500 steps, about 3.5 CPU-minutes; measu
 the shared 2-core machine, one seed, BENCHMARKS.md): exact match 0.19, CER 0.111 and
 BLEU 59.7 on the held-out lines, against 0.00, 0.112 and 41.9 for copying the
 lower-cased source. The model learns to copy the words first (the loss drops from
-about 1.5 to 0.5 nats per character between steps 450 and 650) and then to punctuate.
+about 1.5 to 0.5 nats per character between steps 400 and 650) and then to punctuate.
 Span-corruption pretraining did not help at this size: without it (--pretrain-steps 0)
 the same 1500 steps gave 0.20, 0.092 and 61.3. After only 600 steps neither run had
 learned to copy yet (CER 0.76 and 0.78).
