@@ -72,15 +72,19 @@ class SDPACache(NamedTuple):
     drop: object      # DropoutCache of the probabilities, or None without dropout
     scale: object     # scalar of q's dtype
     shape: tuple      # (B, H, Tq, D): q's shape, to give dq back
+    bias_shape: tuple = None   # the additive score bias's shape, or None without one
 
 
-def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None):
-    """y = softmax(q k^T * scale + mask_bias) v, per head, with grouped K/V heads.
+def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rng=None, bias=None):
+    """y = softmax(q k^T * scale + bias + mask_bias) v, per head, with grouped K/V heads.
 
     q: (B, H, Tq, D); k, v: (B, Hkv, Tk, D) with H a multiple of Hkv; mask: bool,
     broadcastable to (B, H, Tq, Tk), True = may attend; causal: query i sees keys
     j <= i + Tk - Tq (requires Tq <= Tk); scale: default 1/sqrt(D).
     dropout_p, rng: optional dropout on the attention probabilities (training only).
+    bias: optional float scores added before the softmax, broadcastable to (B, H, Tq, Tk):
+    a learned position bias (T5's relative buckets, minillm.t5; ALiBi's slopes). It is
+    differentiable: sdpa_backward then returns its gradient as a fourth value.
     A fully masked query row gets output 0 and gradient 0.
     -> y: (B, H, Tq, D), cache
 
@@ -95,7 +99,7 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     >>> np.round(y, 3).tolist()               # 0.67 * [1, 2] + 0.33 * [3, 4]
     [[[[1.66, 2.66]]]]
     """
-    _check_sdpa(q, k, v, mask, causal, scale, dropout_p)
+    _check_sdpa(q, k, v, mask, causal, scale, dropout_p, bias)
     xp = array_module(q)
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -108,6 +112,8 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     qs = (q * scale).reshape(B, Hkv, G * Tq, D)                       # (B, Hkv, G*Tq, D)
     scores = xp.matmul(qs, k.swapaxes(-1, -2)).reshape(B, H, Tq, Tk)  # (B, H, Tq, Tk)
     # S = Q K^T * scale + bias: the bias is part of the scores, added where they are made.
+    if bias is not None:
+        scores = scores + bias                                        # a learned bias (e.g. T5's)
     if causal:
         scores += _causal_bias(xp, Tq, Tk, q.dtype)                   # -inf above the diagonal
     if mask is not None:
@@ -116,12 +122,14 @@ def sdpa_forward(q, k, v, mask=None, causal=False, scale=None, dropout_p=0.0, rn
     p = p.reshape(B, Hkv, G * Tq, Tk)                                 # grouped again (a view)
     p_kept, drop = dropout_forward(p, dropout_p, rng) if dropout_p else (p, None)
     y = xp.matmul(p_kept, v)                                          # (B, Hkv, G*Tq, D)
-    cache = SDPACache(qs, k, v, p, y, drop, scale, (B, H, Tq, D))
+    bias_shape = None if bias is None else tuple(bias.shape)
+    cache = SDPACache(qs, k, v, p, y, drop, scale, (B, H, Tq, D), bias_shape)
     return y.reshape(B, H, Tq, D), cache
 
 
 def sdpa_backward(dy, cache: SDPACache):
-    """Backward of sdpa_forward. -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D).
+    """Backward of sdpa_forward. -> dq: (B, H, Tq, D), dk, dv: (B, Hkv, Tk, D), and when the
+    forward had a ``bias``, dbias as a fourth value: dS summed to the bias's shape.
 
     With P = softmax(S), Y = P V:  dV = P^T dY,  dP = dY V^T,
     dS = P * (dP - rowsum(dP * P)),  dQ = dS K * scale,  dK = dS^T (Q * scale).
@@ -130,7 +138,7 @@ def sdpa_backward(dy, cache: SDPACache):
     grouped matmuls contract over the G*Tq rows.
     """
     _check_sdpa_backward(dy, cache)
-    qs, k, v, p, y, drop, scale, shape = cache
+    qs, k, v, p, y, drop, scale, shape = cache[:8]
     xp = array_module(p)
     dy_grouped = dy.reshape(y.shape)                            # (B, Hkv, G*Tq, D), grouped like y
     p_kept = p if drop is None else p * drop.mask               # what V was averaged with
@@ -142,7 +150,19 @@ def sdpa_backward(dy, cache: SDPACache):
     ds = p * (dp - delta)                                       # (B, Hkv, G*Tq, Tk); masked: p = 0
     dq = xp.matmul(ds, k) * scale                               # (B, Hkv, G*Tq, D)
     dk = xp.matmul(ds.swapaxes(-1, -2), qs)                     # (B, Hkv, Tk, D); qs carries the scale
-    return dq.reshape(shape), dk, dv
+    if cache.bias_shape is None:
+        return dq.reshape(shape), dk, dv
+    # S = Q K^T * scale + bias: dbias = dS, summed over the axes the bias was broadcast along.
+    dbias = _sum_to_shape(ds.reshape(shape[0], shape[1], shape[2], -1), cache.bias_shape)
+    return dq.reshape(shape), dk, dv, dbias
+
+
+def _sum_to_shape(a, shape):
+    """Sum a broadcast result back to ``shape`` (the reverse of broadcasting)."""
+    lead = a.ndim - len(shape)
+    a = a.sum(axis=tuple(range(lead))) if lead else a
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and a.shape[i] != 1)
+    return a.sum(axis=axes, keepdims=True) if axes else a
 
 
 def _softmax_rows(scores, may_be_empty):
@@ -882,9 +902,16 @@ def _sum_groups(a):
 # 9. Argument checks (one _check_<op> per public function)
 # ---------------------------------------------------------------------------
 
-def _check_sdpa(q, k, v, mask, causal, scale, dropout_p):
+def _check_sdpa(q, k, v, mask, causal, scale, dropout_p, bias=None):
     _check_attention_inputs(q, k, v, mask, causal, scale)
     check_probability("dropout_p", dropout_p)
+    if bias is not None:
+        check_float("bias", bias)
+        check_same_dtype(q=q, bias=bias)
+        B, H, Tq, _ = q.shape
+        target, shp = (B, H, Tq, k.shape[2]), tuple(bias.shape)
+        if len(shp) > 4 or not all(m in (1, t) for m, t in zip(shp[::-1], target[::-1])):
+            raise ValueError(f"bias: expected a shape broadcastable to (B, H, Tq, Tk) = {target}, got {shp}")
 
 
 def _check_sdpa_backward(dy, cache):

@@ -33,7 +33,7 @@ round-to-nearest-even on writing.
 
 Each model family maps its own parameter names to Hugging Face's through an
 :class:`HFMapping` registered in :data:`HF_MAPPINGS` under the config's
-``model_type`` ("gpt2" here; other model files add theirs with
+``model_type`` ("gpt2", "bert" and "t5" here; other model files add theirs with
 :func:`register_hf_mapping`). :func:`load_hf`, :func:`save_hf` and
 :func:`hf_state_dict` only dispatch.
 """
@@ -738,3 +738,154 @@ def _bert_mapping() -> HFMapping:
 
 
 _LAZY["bert"] = "minillm.checkpoint:_bert_mapping"
+
+
+# ---------------------------------------------------------------------------
+# T5 (model_type "t5": T5ForConditionalGeneration, v1.0 "relu" and v1.1/Flan "gated-gelu")
+# ---------------------------------------------------------------------------
+#
+# Hugging Face keeps q, k, v and o as four bias-free nn.Linear (out, in); minillm fuses
+# self-attention's into w_qkv (C, 3 H Dk) = [q | k | v] and cross-attention's k and v into
+# w_kv (C, 2 H Dk), stored (in, out): each part is a transposed column block. The relative
+# bias table lives in block 0 of each stack (layer.0.SelfAttention.relative_attention_bias).
+# transformers 5 ties lm_head to shared whatever config.json says, and reads
+# tie_word_embeddings only to decide whether the head's input is scaled; an untied
+# (v1.1) file still carries its own lm_head.weight, which is what load_hf reads.
+
+_T5_FF = {"relu": ("wi", "wo"), "gated-gelu": ("wi_0", "wi_1", "wo")}
+
+
+def _t5_rows(config) -> list:
+    """(our name, HF name, how): how is "copy", "T", or (part, n_parts) for a transposed
+    column block of a fused projection."""
+    rows = [("shared", "shared.weight", "copy")]
+    for stack, n_layers in (("encoder", config.num_layers), ("decoder", config.n_decoder_layers)):
+        rows.append((f"{stack}.rel_bias", f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                     "copy"))
+        for i in range(n_layers):
+            p, q = f"{stack}.{i}.", f"{stack}.block.{i}.layer."
+            rows.append((p + "ln_attn.weight", q + "0.layer_norm.weight", "copy"))
+            rows += [(p + "attn.w_qkv", q + f"0.SelfAttention.{x}.weight", (j, 3)) for j, x in enumerate("qkv")]
+            rows.append((p + "attn.w_o", q + "0.SelfAttention.o.weight", "T"))
+            ff = 1
+            if stack == "decoder":
+                ff = 2
+                rows += [(p + "ln_cross.weight", q + "1.layer_norm.weight", "copy"),
+                         (p + "cross.w_q", q + "1.EncDecAttention.q.weight", "T"),
+                         (p + "cross.w_kv", q + "1.EncDecAttention.k.weight", (0, 2)),
+                         (p + "cross.w_kv", q + "1.EncDecAttention.v.weight", (1, 2)),
+                         (p + "cross.w_o", q + "1.EncDecAttention.o.weight", "T")]
+            rows.append((p + "ln_ff.weight", q + f"{ff}.layer_norm.weight", "copy"))
+            rows += [(p + f"ff.{w}", q + f"{ff}.DenseReluDense.{w}.weight", "T")
+                     for w in _T5_FF[config.feed_forward_proj]]
+        rows.append((f"{stack}.ln_f.weight", f"{stack}.final_layer_norm.weight", "copy"))
+    if not config.tie_word_embeddings:
+        rows.append(("lm_head", "lm_head.weight", "copy"))
+    return rows
+
+
+# Tensors a T5 file may hold that minillm does not read: the tied copies of shared.
+_T5_IGNORED = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+               "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
+
+
+def _t5_config_from_hf(h: dict):
+    from .t5 import FEED_FORWARD_PROJ, T5Config
+    ffp = h.get("feed_forward_proj", "relu")
+    if ffp not in FEED_FORWARD_PROJ:
+        raise ValueError(f"config.json feed_forward_proj: expected one of {FEED_FORWARD_PROJ}, got {ffp!r}")
+    pad = h.get("pad_token_id", 0)
+    pad = 0 if pad is None else int(pad)
+    eos = h.get("eos_token_id", 1)
+    eos = int(eos[0] if isinstance(eos, list) else (1 if eos is None else eos))
+    start = h.get("decoder_start_token_id", pad)
+    return T5Config(vocab_size=int(h["vocab_size"]), d_model=int(h["d_model"]), d_kv=int(h["d_kv"]),
+                    d_ff=int(h["d_ff"]), num_layers=int(h["num_layers"]),
+                    num_decoder_layers=h.get("num_decoder_layers"), num_heads=int(h["num_heads"]),
+                    relative_attention_num_buckets=int(h.get("relative_attention_num_buckets", 32)),
+                    relative_attention_max_distance=int(h.get("relative_attention_max_distance", 128)),
+                    feed_forward_proj=ffp, tie_word_embeddings=bool(h.get("tie_word_embeddings", True)),
+                    layer_norm_epsilon=float(h.get("layer_norm_epsilon", 1e-6)),
+                    dropout_rate=float(h.get("dropout_rate", 0.1)), pad_token_id=pad, eos_token_id=eos,
+                    decoder_start_token_id=pad if start is None else int(start))
+
+
+def _t5_config_to_hf(config, params=None) -> dict:
+    return {
+        "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "is_encoder_decoder": True,
+        "vocab_size": config.vocab_size, "d_model": config.d_model, "d_kv": config.d_kv, "d_ff": config.d_ff,
+        "num_layers": config.num_layers, "num_decoder_layers": config.n_decoder_layers,
+        "num_heads": config.num_heads, "relative_attention_num_buckets": config.relative_attention_num_buckets,
+        "relative_attention_max_distance": config.relative_attention_max_distance,
+        "feed_forward_proj": config.feed_forward_proj, "tie_word_embeddings": config.tie_word_embeddings,
+        "layer_norm_epsilon": config.layer_norm_epsilon, "dropout_rate": config.dropout_rate,
+        "initializer_factor": 1.0, "pad_token_id": config.pad_token_id, "eos_token_id": config.eos_token_id,
+        "decoder_start_token_id": config.decoder_start_token_id, "use_cache": True,
+    }
+
+
+def _t5_to_hf(config, params) -> dict:
+    """minillm T5 params (or grads) -> {HF name: array}: pure re-layout (transposes, slices)."""
+    rows = _t5_rows(config)
+    extra = sorted(set(params) - {r[0] for r in rows})
+    if extra:
+        raise ValueError(f"params: unexpected entries for this T5 config: {extra[:5]}")
+    out = {}
+    for ours, theirs, how in rows:
+        if ours not in params:
+            raise ValueError(f"params: missing {ours!r} (needed for {theirs!r})")
+        a = params[ours]
+        if how == "T":
+            a = a.T
+        elif isinstance(how, tuple):
+            part, n = how
+            w = a.shape[1] // n
+            a = a[:, part * w:(part + 1) * w].T
+        out[theirs] = a
+    return out
+
+
+def _t5_from_hf(config, tensors) -> dict:
+    from .t5 import param_shapes
+    rows = _t5_rows(config)
+    known = {r[1] for r in rows} | set(_T5_IGNORED) | {"lm_head.weight"}
+    unknown = sorted(k for k in tensors if k not in known)
+    if unknown:
+        raise ValueError(f"checkpoint: unexpected tensors for a T5 model with feed_forward_proj="
+                         f"{config.feed_forward_proj!r}: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    shapes = param_shapes(config)
+    params = {}
+    for ours, theirs, how in rows:
+        if theirs not in tensors:
+            why = " (tie_word_embeddings is false)" if theirs == "lm_head.weight" else ""
+            raise ValueError(f"checkpoint: tensor {theirs!r} is missing{why} (needed for {ours!r})")
+        a = np.asarray(tensors[theirs])
+        if isinstance(how, tuple):
+            part, n = how
+            C, W = shapes[ours]
+            want = (W // n, C)
+            if tuple(a.shape) != want:
+                raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {want} from config.json, "
+                                 f"got {tuple(a.shape)}")
+            if ours not in params:
+                params[ours] = np.zeros(shapes[ours], dtype=a.dtype)
+            params[ours][:, part * (W // n):(part + 1) * (W // n)] = a.T
+            continue
+        a = a.T if how == "T" else a
+        if tuple(a.shape) != tuple(shapes[ours]):
+            raise ValueError(f"checkpoint: tensor {theirs!r}: expected shape {tuple(shapes[ours])} "
+                             f"from config.json, got {tuple(a.shape)}")
+        params[ours] = np.ascontiguousarray(a)
+    return {k: params[k] for k in shapes}
+
+
+def _t5_fill(config, params) -> dict:
+    return params
+
+
+def _t5_mapping() -> HFMapping:
+    from .t5 import T5Config
+    return HFMapping(T5Config, _t5_config_from_hf, _t5_config_to_hf, _t5_to_hf, _t5_from_hf, _t5_fill)
+
+
+_LAZY["t5"] = "minillm.checkpoint:_t5_mapping"

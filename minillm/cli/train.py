@@ -1,4 +1,4 @@
-"""python -m minillm train [gpt|bert|medusa|rnn|lstm|gru] [options]: train a model, then show what it learned.
+"""python -m minillm train [gpt|bert|medusa|t5|rnn|lstm|gru] [options]: train a model, then show what it learned.
 
 With no arguments: a character-level GPT on Shakespeare's works, sized so that a
 2-core CPU gets below 2.0 validation loss (nats per character) in about five
@@ -20,7 +20,7 @@ import numpy as np
 
 from minillm import backend, distributed, gpt
 from minillm import data as corpus
-from minillm.cli import common, train_bert, train_medusa, train_rnn
+from minillm.cli import common, train_bert, train_medusa, train_rnn, train_t5
 from minillm.cli.common import UsageError
 from minillm.cli.sample import latest_gpt_run
 from minillm.data import TokenBatches
@@ -56,10 +56,12 @@ PRESETS = {
 def add_arguments(parser):
     parser.description = __doc__.split("\n\n")[1] + "\n\npresets:\n" + "\n".join(
         f"  {name:17s} {what}" for name, (what, _, _) in PRESETS.items())
-    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert", "medusa", "rnn", "lstm", "gru"],
+    parser.add_argument("model", nargs="?", default="gpt", choices=["gpt", "bert", "medusa", "t5", "rnn", "lstm", "gru"],
                         help="which model to train: a GPT (next-token prediction), a BERT "
                              "(masked-language modelling, minillm.cli.train_bert), Medusa heads on a "
-                             "trained GPT (minillm.cli.train_medusa), or a recurrent char-level LM: a plain "
+                             "trained GPT (minillm.cli.train_medusa), a T5 encoder-decoder (span "
+                             "corruption, then restoring capitals and punctuation: minillm.cli.train_t5), "
+                             "or a recurrent char-level LM: a plain "
                              "RNN, an LSTM or a GRU (minillm.cli.train_rnn; presets default and tiny) "
                              "(default: gpt)")
     parser.add_argument("--preset", default="default", choices=sorted(PRESETS),
@@ -112,6 +114,7 @@ def add_arguments(parser):
                         help="with --ddp, a ZeRO stage: 1 shards AdamW's moments across the ranks, 2 the "
                              "gradients too (3, the parameters, is not implemented) (default: 0)")
     train_medusa.add_arguments(parser)
+    train_t5.add_arguments(parser)
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +186,8 @@ def run(args):
         return train_medusa.run(args)
     if args.model in ("rnn", "lstm", "gru"):
         return train_rnn.run(args)
+    if args.model == "t5":
+        return train_t5.run(args)
     return run_gpt(args)
 
 
