@@ -76,6 +76,20 @@ def test_every_parameter_matches_finite_differences(xp, ff, tie, seed, B, S, T, 
     assert len(rep.per_input) == len(t5.param_shapes(config))
 
 
+@pytest.mark.parametrize("ff,tie", [("relu", True), ("gated-gelu", False)])
+def test_every_entry_of_every_parameter_matches_finite_differences(xp, ff, tie):
+    """All 500-odd entries of the tiny model, not a sample: one case per feed-forward,
+    with padding in both stacks, so no entry's gradient goes unchecked without torch."""
+    config = fd_tiny(feed_forward_proj=ff, tie_word_embeddings=tie)
+    params = random_params(xp, config, 11)
+    ids, labels, mask = on(xp, *batch(config, 11, 2, 5, 4, 1, 1))
+    loss, grads = t5.loss_and_grads(params, config, ids, labels, mask)
+    assert_alive(grads, loss=loss)
+    rep = check_dict_gradients(lambda p: t5.loss(p, config, ids, labels, mask), params, grads)
+    assert_gradcheck(rep)
+    assert set(rep.per_input) == set(t5.param_shapes(config))
+
+
 def test_gradients_with_a_decoder_padding_mask_and_dropout(xp):
     """forward's decoder_attention_mask and training dropout (a fixed rng: the same masks
     on every call) are differentiated too."""
