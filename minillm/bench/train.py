@@ -91,8 +91,9 @@ def _torch_model(torch, cfg, params, device):
 
 
 def run(args):
+    """Build the model and one batch, the minillm step, the torch steps (same weights, loss
+    checked equal first), then time them at each thread count; optionally profile ours."""
     from minillm import backend, gpt
-    from minillm.optim import AdamW
 
     device = backend.device_name(args.device)
     xp = backend.xp_for(device)
@@ -101,83 +102,106 @@ def run(args):
     params = gpt.init_params(cfg, seed=0, device=device)
     rng = np.random.default_rng(0)
     B, T = args.batch_size, args.block_size
-    idx_np = rng.integers(0, cfg.vocab_size, (B, T))
-    tgt_np = rng.integers(0, cfg.vocab_size, (B, T))
-    idx, tgt = xp.asarray(idx_np), xp.asarray(tgt_np)
+    batch_np = rng.integers(0, cfg.vocab_size, (B, T)), rng.integers(0, cfg.vocab_size, (B, T))
     threads, how = _blas_threads()
     print(f"GPT {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, vocab {cfg.vocab_size}: "
           f"{gpt.num_params(params):,} parameters; batch {B} x {T} = {B * T:,} tokens; float32; "
           f"device {device}; BLAS threads {threads} ({how})")
+    ours = _minillm_step(cfg, params, [xp.asarray(a) for a in batch_np])
+    impls = [("minillm (numpy)" if xp is np else "minillm (cupy)", ours)]
+    torch = None if args.skip_reference else _import_torch()
+    tdev = "cuda" if device == "gpu" else "cpu"
+    if torch is not None:
+        if tdev == "cpu":
+            torch.set_num_threads(threads)
+        impls += _torch_steps(torch, cfg, params, batch_np, tdev)
+    counts = [int(t) for t in args.threads.split(",")] if args.threads else [threads]
+    for n_threads in counts:
+        _time_at_threads(impls, args, n_threads, threads, B * T, torch if tdev == "cpu" else None,
+                         torch is not None)
+    if args.profile:
+        _profile(ours, max(1, args.repeat // 2))
+    return 0
 
+
+def _minillm_step(cfg, params, batch):
+    """One step of ours: loss, the whole backward and an AdamW update, synchronised."""
+    from minillm import backend, gpt
+    from minillm.optim import AdamW
+    idx, tgt = batch
     opt = AdamW(params, lr=1e-4, weight_decay=0.1)
 
-    def ours():
+    def step():
         loss, grads = gpt.loss_and_grads(params, cfg, idx, tgt)
         opt.step(grads)
         backend.synchronize(params["wte"])
         return loss
+    return step
 
-    impls = [("minillm (numpy)" if xp is np else "minillm (cupy)", ours)]
-    torch = None
-    if not args.skip_reference:
-        try:
-            import torch
-        except ImportError:
-            print("torch is not installed: the PyTorch reference is skipped")
-    if torch is not None:
-        tdev = "cuda" if device == "gpu" else "cpu"
-        if tdev == "cpu":
-            torch.set_num_threads(threads)
-        P, tforward = _torch_model(torch, cfg, {k: backend.to_numpy(v) for k, v in params.items()}, tdev)
-        topt = torch.optim.AdamW(P.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
-        tidx = torch.tensor(idx_np, device=tdev)
-        ttgt = torch.tensor(tgt_np, device=tdev)
 
-        def ref(fused):
-            def step():
-                topt.zero_grad(set_to_none=True)
-                logits = tforward(tidx, fused)
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ttgt.reshape(-1))
-                loss.backward()
-                topt.step()
-                if tdev == "cuda":
-                    torch.cuda.synchronize()
-                return loss.item()
-            return step
+def _import_torch():
+    try:
+        import torch
+        return torch
+    except ImportError:
+        print("torch is not installed: the PyTorch reference is skipped")
+        return None
 
-        # Same weights, same batch: the losses must agree before any update.
-        with torch.no_grad():
-            tl = torch.nn.functional.cross_entropy(tforward(tidx, False).reshape(-1, cfg.vocab_size),
-                                                   ttgt.reshape(-1)).item()
-        ml = gpt.loss(params, cfg, idx, tgt)
-        print(f"check: loss before training, minillm {ml:.6f} vs torch {tl:.6f} (|diff| {abs(ml - tl):.1e})")
-        impls += [(f"torch {torch.__version__} eager", ref(False)), ("torch, fused SDPA", ref(True))]
 
-    counts = [int(t) for t in args.threads.split(",")] if args.threads else [threads]
-    for n_threads in counts:
-        limiter = _limit_threads(n_threads) if args.threads else None
-        if args.threads and limiter is None:
-            print(f"threadpoolctl is not installed: NumPy's BLAS keeps {threads} thread(s); set "
-                  f"OPENBLAS_NUM_THREADS={n_threads} before starting to change it")
-        if torch is not None and tdev == "cpu":
-            torch.set_num_threads(n_threads)
-        try:
-            _time_all(impls, args, B * T, f"{n_threads} thread(s)", torch is not None)
-        finally:
-            if limiter is not None:
-                limiter.restore_original_limits()
+def _torch_steps(torch, cfg, params, batch_np, tdev):
+    """[(name, step)] for torch eager and fused SDPA, after checking that torch's loss on the
+    same weights and batch equals ours (so both provably compute the same thing)."""
+    from minillm import backend, gpt
+    P, tforward = _torch_model(torch, cfg, {k: backend.to_numpy(v) for k, v in params.items()}, tdev)
+    topt = torch.optim.AdamW(P.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    tidx, ttgt = (torch.tensor(a, device=tdev) for a in batch_np)
 
-    if args.profile:
-        import cProfile
-        import pstats
-        pr = cProfile.Profile()
-        pr.enable()
-        for _ in range(max(1, args.repeat // 2)):
-            ours()
-        pr.disable()
-        print("\ncProfile of minillm's step (own time):")
-        pstats.Stats(pr).sort_stats("tottime").print_stats(15)
-    return 0
+    def ref(fused):
+        def step():
+            topt.zero_grad(set_to_none=True)
+            logits = tforward(tidx, fused)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ttgt.reshape(-1))
+            loss.backward()
+            topt.step()
+            if tdev == "cuda":
+                torch.cuda.synchronize()
+            return loss.item()
+        return step
+
+    with torch.no_grad():
+        tl = torch.nn.functional.cross_entropy(tforward(tidx, False).reshape(-1, cfg.vocab_size),
+                                               ttgt.reshape(-1)).item()
+    xp = backend.array_module(params["wte"])
+    ml = gpt.loss(params, cfg, *(xp.asarray(a) for a in batch_np))
+    print(f"check: loss before training, minillm {ml:.6f} vs torch {tl:.6f} (|diff| {abs(ml - tl):.1e})")
+    return [(f"torch {torch.__version__} eager", ref(False)), ("torch, fused SDPA", ref(True))]
+
+
+def _time_at_threads(impls, args, n_threads, threads, tokens, cpu_torch, with_reference):
+    """Time every step with n_threads BLAS (threadpoolctl) and torch threads."""
+    limiter = _limit_threads(n_threads) if args.threads else None
+    if args.threads and limiter is None:
+        print(f"threadpoolctl is not installed: NumPy's BLAS keeps {threads} thread(s); set "
+              f"OPENBLAS_NUM_THREADS={n_threads} before starting to change it")
+    if cpu_torch is not None:
+        cpu_torch.set_num_threads(n_threads)
+    try:
+        _time_all(impls, args, tokens, f"{n_threads} thread(s)", with_reference)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+
+
+def _profile(step, n):
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        step()
+    pr.disable()
+    print("\ncProfile of minillm's step (own time):")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(15)
 
 
 def _time_all(impls, args, tokens, label, with_reference):
