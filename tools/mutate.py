@@ -17,7 +17,9 @@ sampling processors, the BPE merge/encode path, quantize/dequantize). The source
 never edited: the package and its tests are copied into a temporary directory once, each
 mutant is written into that copy's module file (restored afterwards), and the mapped test
 files run there with ``pytest -x -q`` under a per-mutant timeout, without bytecode caches
-(a same-size mutant written in the same second would otherwise reuse a stale .pyc). Each
+(a same-size mutant written in the same second would otherwise reuse a stale .pyc). Hypothesis
+draws the same examples as under the profile in use, but a failing example is not shrunk
+(a profile appended to the sandbox's conftest.py). Each
 run is a forked child of a process that imported numpy, hypothesis, pytest and torch once
 (but never minillm), which saves seconds of imports per mutant on a loaded machine;
 ``--no-fork`` starts a fresh ``python -m pytest`` instead. A mutant is *killed* when the tests fail, *survived* when they pass,
@@ -339,7 +341,26 @@ def make_sandbox(root=ROOT):
     for name in ("pyproject.toml", "setup.cfg", "pytest.ini"):
         if os.path.exists(os.path.join(root, name)):
             shutil.copy(os.path.join(root, name), tmp)
+    conftest = os.path.join(tmp, "tests", "conftest.py")
+    if os.path.exists(conftest):
+        with open(conftest, "a", encoding="utf-8") as f:
+            f.write(_NO_SHRINK)
     return tmp
+
+
+# Appended to the sandbox's conftest.py (never the project's): the same examples as the
+# profile in use, but a failing example is not shrunk (a kill needs one failure, not the
+# minimal one: shrinking a failed gradient check costs minutes), and no example database,
+# so a failure found for one mutant is not replayed against the next.
+_NO_SHRINK = """
+
+# --- added by tools/mutate.py in its sandbox copy ---
+import hypothesis as _mutate_h
+_mutate_h.settings.register_profile(
+    "_mutate", parent=_mutate_h.settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci")),
+    phases=[_mutate_h.Phase.explicit, _mutate_h.Phase.generate], database=None)
+_mutate_h.settings.load_profile("_mutate")
+"""
 
 
 def _pytest_args(tests, k):
@@ -497,8 +518,11 @@ def _parse_args(argv):
                    help="run at most this many mutants per file, chosen by --seed (default 15)")
     p.add_argument("--seed", type=int, default=0, help="seed of the deterministic selection (default 0)")
     p.add_argument("--timeout", type=float, default=None,
-                   help="seconds per mutant (default: 3x the unmutated run, at least 60)")
+                   help="seconds per mutant, at least twice the unmutated run (default: 3x the unmutated run, at least 60)")
     p.add_argument("--out", default=None, help="also write the markdown report to this file")
+    p.add_argument("--only", nargs="+", default=None, metavar="FILE:LINE",
+                   help="of the selected mutants, run only those on these lines (e.g. the survivors "
+                        "of an earlier run, after new tests: a killed mutant stays killed when tests are only added)")
     p.add_argument("--no-fork", action="store_true",
                    help="start a fresh interpreter per mutant instead of forking a preloaded one (slower)")
     p.add_argument("--list", action="store_true", help="list the selected mutants and exit, running nothing")
@@ -515,6 +539,8 @@ def main(argv=None):
             source = f.read()
         allm = enumerate_mutants(source, file, functions)
         selected[file] = select(allm, args.seed, file, args.max_per_file)
+        if args.only:
+            selected[file] = [m for m in selected[file] if f"{file}:{m.line}" in args.only]
         print(f"{file}: {len(allm)} candidate mutants, {len(selected[file])} selected", flush=True)
     if args.list:
         for file, ms in selected.items():
@@ -533,7 +559,8 @@ def main(argv=None):
             if status != "passed":
                 print(f"{file}: the unmutated tests do not pass ({status}); skipped", flush=True)
                 continue
-            timeout = args.timeout or max(60.0, 3.0 * base)
+            # never below twice the unmutated run: a slow survivor must not pass for a kill
+            timeout = max(args.timeout or 60.0, (1.0 if args.timeout else 1.5) * 2.0 * base)
             print(f"{file}: unmutated tests pass in {base:.1f}s; timeout {timeout:.0f}s", flush=True)
             results[file] = mutate_file(sandbox, file, ms, tests, k, timeout, fork=not args.no_fork,
                                         log=lambda s: print(s, flush=True))
