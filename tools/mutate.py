@@ -101,9 +101,10 @@ class Mutant:
     after: str       # what replaces it
     start: int       # byte offsets of the replaced span in the original source
     end: int
+    col: int = 0     # 0-based column of the changed node: two `1`s on one line differ here
 
     def describe(self):
-        return f"{self.kind}: `{self.before}` -> `{self.after}`"
+        return f"{self.kind} at col {self.col}: `{self.before}` -> `{self.after}`"
 
 
 # ---------------------------------------------------------------- enumerating mutants
@@ -308,7 +309,8 @@ def enumerate_mutants(source, file, functions):
             if key in seen or after.strip("()") == before.strip("()"):
                 continue
             seen.add(key)
-            mutants.append(Mutant(file, qname, node.lineno, kind, " ".join(before.split()), after, start, end))
+            mutants.append(Mutant(file, qname, node.lineno, kind, " ".join(before.split()), after, start, end,
+                                  node.col_offset))
     mutants.sort(key=lambda m: (m.start, m.end, m.kind, m.after))
     return mutants
 
