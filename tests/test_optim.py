@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from helpers import assert_close, np_, on
 from minillm import optim
@@ -155,6 +155,20 @@ def test_accumulating_micro_batch_gradients_gives_the_mean(xp, seed, k):
         acc = optim.accumulate(acc, g, 1.0 / k)
     assert_close(acc["w"], sum(np_(g["w"]) for g in parts) / k, rtol=1e-12)
     assert acc["w"] is not parts[0]["w"]  # a new sum, never an alias of the first micro-batch
+
+
+@given(seed=seeds, scales=st.lists(st.sampled_from([1.0, 0.5, -2.0, 0.25]), min_size=2, max_size=4))
+@example(seed=0, scales=[0.5, 1.0, 1.0])
+def test_accumulate_is_the_scaled_sum_whatever_the_scales(xp, seed, scales):
+    # the plain sum (scale 1.0, the default) has its own fast path: it must add too
+    parts = [{"w": on(xp, randn(seed + i, 3, 2)), "b": on(xp, randn(seed + 10 + i, 2))}
+             for i in range(len(scales))]
+    acc = None
+    for g, c in zip(parts, scales):
+        acc = optim.accumulate(acc, g) if c == 1.0 else optim.accumulate(acc, g, c)
+    for name in ("w", "b"):
+        want = sum(c * np_(g[name]) for g, c in zip(parts, scales))
+        assert_close(acc[name], want, rtol=1e-12, atol=1e-15)
 
 
 def test_sgd_without_momentum_is_plain_gradient_descent(xp):

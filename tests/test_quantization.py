@@ -1,5 +1,7 @@
 """quantization.py: float formats, int8/int4/NF4 quantization, LLM.int8(), fake quant (STE)."""
 import math
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -155,6 +157,33 @@ def test_dequantize_error_is_at_most_half_a_step(xp, case):
         else:
             per_elem = np.repeat(scale, g, axis=0)
         np.testing.assert_allclose(bound, per_elem / 2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scheme,bits", [("symmetric", 8), ("symmetric", 4), ("asymmetric", 8), ("nf4", 4)])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_an_all_zero_block_gets_a_positive_scale_and_the_code_of_zero(xp, scheme, bits, granularity):
+    # a zero scale would store 0/0 codes (NaN, then an arbitrary level) that decode to 0 only
+    # because they are multiplied by 0: the code itself must mean 0, the scale stay usable
+    w = np.zeros((4, 3))
+    if granularity != "tensor":
+        w[:, 1] = [0.5, -1.0, 2.0, 0.25]   # column 0 and 2 (and their groups) stay all zero
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # no 0/0 along the way either
+        qt = Q.quantize(on(xp, w), bits, scheme, granularity, group_size=2)
+        d = host(qt.dequantize())
+    scale = host(qt.scale)
+    assert np.all(np.isfinite(scale)) and np.all(scale > 0)
+    codes = host(qt.codes()).astype(np.int64)
+    zero = w == 0
+    if scheme == "nf4":
+        level = Q.nf4_codebook()[codes]
+    elif scheme == "asymmetric":
+        zp = host(qt.zero_point).astype(np.int64)
+        zp = np.repeat(zp, 2, axis=0) if granularity == "group" else np.broadcast_to(zp, w.shape)
+        level = codes - zp
+    else:
+        level = codes
+    assert np.all(level[zero] == 0) and np.all(d[zero] == 0.0)
 
 
 @given(case=quant_case())

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, strategies as st
+from hypothesis import assume, example, given, strategies as st
 
 from helpers import np_, on
 from minillm import sampling as S
@@ -350,6 +350,23 @@ def test_process_logits_composes_in_hugging_face_order(xp):
     want = chain(torch.tensor(prev), torch.tensor(x)).numpy()
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(want))
     np.testing.assert_allclose(ours[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-12)
+
+
+@given(seed=seeds, V=st.integers(2, 7), rep=st.sampled_from([1.0, 1.3]), freq=st.sampled_from([0.0, 0.4, -0.7]),
+       pres=st.sampled_from([0.0, 0.6, -0.2]), temperature=st.sampled_from([1.0, 0.8]))
+@example(seed=1, V=5, rep=1.3, freq=0.4, pres=0.6, temperature=0.8)
+def test_process_logits_equals_its_processors_one_after_another(xp, seed, V, rep, freq, pres, temperature):
+    # the composed path (one penalty from the counts) must do what the separate processors do
+    rng = np.random.default_rng(seed)
+    x = _distinct_logits(seed, 3, V)
+    prev = rng.integers(0, V, (3, 4))
+    xs, ps = on(xp, x, prev)
+    ours = np_(S.process_logits(xs, ps, temperature=temperature, repetition_penalty=rep,
+                                frequency_penalty=freq, presence_penalty=pres))
+    want = S.repetition_penalty(xs, ps, rep)
+    want = S.presence_penalty(S.frequency_penalty(want, ps, freq), ps, pres)
+    want = np_(S.apply_temperature(want, temperature))
+    np.testing.assert_allclose(ours, want, rtol=1e-12, atol=1e-12)
 
 
 def test_processor_bad_input_names_the_argument(xp):
