@@ -324,6 +324,8 @@ def relative_position_bucket(relative_position, bidirectional=True, num_buckets=
         distance = -np.minimum(rp, 0)                               # i - j, 0 for the future
     max_exact = n // 2
     is_small = distance < max_exact
+    if max_distance <= max_exact:        # no logarithmic range left: past the exact ones, saturate
+        return offset + np.where(is_small, distance, n - 1)      # (HF's formula divides by log(1) = 0)
     ratio = np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)
     log_scaled = np.log(ratio) / np.float32(math.log(max_distance / max_exact)) * np.float32(n - max_exact)
     large = np.minimum(max_exact + log_scaled.astype(np.int64), n - 1)
