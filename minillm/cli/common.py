@@ -69,3 +69,18 @@ seed = int_at_least(0)             # NumPy's generators take seeds >= 0
 positive_number = number_in(0.0, lo_open=True)
 nonnegative_number = number_in(0.0)
 fraction = number_in(0.0, 1.0, lo_open=True, hi_open=True)
+
+
+def preset_train_settings(args, train_kw: dict) -> dict:
+    """A preset's TrainConfig fields with the command line's --max-steps, --batch-size,
+    --block-size, --lr and --eval-interval put over them. A lower --lr than the preset's
+    min_lr brings min_lr down to lr / 10 (the cosine must decay, not rise), and a run
+    shorter than its warmup warms up for all of it."""
+    over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
+                              ("block_size", args.block_size), ("lr", args.lr),
+                              ("eval_interval", args.eval_interval)) if v is not None}
+    tk = {**train_kw, **over}
+    if "lr" in over and tk["min_lr"] > tk["lr"]:
+        tk["min_lr"] = tk["lr"] / 10
+    tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])
+    return tk

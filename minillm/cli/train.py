@@ -291,13 +291,7 @@ def _resumed_settings(args, log, world=None):
 def _new_settings(args, log, world=None):
     """(TrainConfig, run directory) of a new run: the preset's settings, overridden by the options."""
     what, _, train_kw = PRESETS[args.preset]
-    over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
-                              ("block_size", args.block_size), ("lr", args.lr),
-                              ("eval_interval", args.eval_interval)) if v is not None}
-    tk = {**train_kw, **over}
-    if "lr" in over and tk["min_lr"] > tk["lr"]:
-        tk["min_lr"] = tk["lr"] / 10
-    tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])   # a short run: warm up for all of it
+    tk = common.preset_train_settings(args, train_kw)
     world = distributed.world_of_one() if world is None else world
     out = Path(world.bcast_obj(args.out or _default_out("gpt", args.preset)))   # one name for every rank
     tcfg = TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1,

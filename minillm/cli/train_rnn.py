@@ -19,6 +19,7 @@ import numpy as np
 
 from minillm import backend, rnn
 from minillm import data as corpus
+from minillm.cli import common
 from minillm.cli.common import UsageError
 from minillm.data import TokenBatches
 from minillm.tokenizer import tokenizer_from_dict
@@ -124,13 +125,7 @@ def run(args, log=print):
 
 def _new_settings(args, log):
     what, _, train_kw = PRESETS[args.preset]
-    over = {k: v for k, v in (("max_steps", args.max_steps), ("batch_size", args.batch_size),
-                              ("block_size", args.block_size), ("lr", args.lr),
-                              ("eval_interval", args.eval_interval)) if v is not None}
-    tk = {**train_kw, **over}
-    if "lr" in over and tk["min_lr"] > tk["lr"]:
-        tk["min_lr"] = tk["lr"] / 10
-    tk["warmup_steps"] = min(tk["warmup_steps"], tk["max_steps"])
+    tk = common.preset_train_settings(args, train_kw)
     out = Path(args.out or Path("runs") / f"{args.model}-{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     log(f"preset {args.preset!r}: {what}")
     return TrainConfig(**tk, seed=args.seed, out_dir=str(out), data=args.data, val_fraction=0.1), out
