@@ -224,11 +224,13 @@ def _train_side_by_side(task, torch_side, tcfg) -> tuple:
 
 
 def _evaluate_both(task, torch_side, tcfg, step, seconds) -> dict:
+    """Validation loss of both sides on the same batches: the ones train's own evaluation
+    draws (both splits, so the val batches are the train command's, and its val loss too)."""
     row = {"step": step, "minillm_s": seconds["minillm"], "torch_s": seconds["torch"],
-           "minillm_val": evaluate(task, tcfg.eval_iters, seed=tcfg.seed, splits=("val",))["val"]}
+           "minillm_val": evaluate(task, tcfg.eval_iters, seed=tcfg.seed)["val"]}
     if torch_side is not None:
         torch_side.get_batch = task.get_batch                 # the same validation batches
-        row["torch_val"] = evaluate(torch_side, tcfg.eval_iters, seed=tcfg.seed, splits=("val",))["val"]
+        row["torch_val"] = evaluate(torch_side, tcfg.eval_iters, seed=tcfg.seed)["val"]
     last = f", torch {row['torch_val']:.4f} ({row['torch_s']:.1f} s)" if torch_side is not None else ""
     print(f"step {step:5d}: val loss minillm {row['minillm_val']:.4f} ({row['minillm_s']:.1f} s){last}",
           flush=True)
