@@ -44,7 +44,7 @@ import numpy as np
 
 from .backend import (array_module, check_array, check_choice, check_float, check_int, check_int_arg,
                       check_ndim, check_number, check_probability, check_same_dtype, check_shape,
-                      xp_default)
+                      parallel_for, xp_default)
 from .backprop import dropout_backward, dropout_forward
 from .ffn import linear_backward, linear_forward
 
@@ -839,13 +839,16 @@ def causal_attention_forward(q, k, v, scale=None, block_size=32):
     k5, v5 = k[:, :, None], v[:, :, None]                                # (B, Hkv, 1, Tk, D)
     y = xp.empty(qs.shape, dtype=q.dtype)                                # (B, Hkv, G, Tq, D)
     blocks = _causal_blocks(Tq, Tk, int(block_size))
-    p = []
-    for i0, i1, j1 in blocks:
-        s = xp.matmul(qs[..., i0:i1, :], k5[..., :j1, :].swapaxes(-1, -2))   # (B, Hkv, G, bq, j1)
-        s[..., j1 - (i1 - i0):] += _causal_bias(xp, i1 - i0, i1 - i0, q.dtype)  # the diagonal tile
-        _softmax_rows_inplace(s)                                         # now the probabilities
-        xp.matmul(s, v5[..., :j1, :], out=y[..., i0:i1, :])              # (B, Hkv, G, bq, D)
-        p.append(s)
+    p = [xp.empty((B, Hkv, G, i1 - i0, j1), dtype=q.dtype) for i0, i1, j1 in blocks]
+
+    def rows(b0, b1):                     # sequences [b0, b1): one thread's share of the batch
+        for (i0, i1, j1), s in zip(blocks, p):
+            s = s[b0:b1]                                                 # (b, Hkv, G, bq, j1)
+            xp.matmul(qs[b0:b1, ..., i0:i1, :], k5[b0:b1, ..., :j1, :].swapaxes(-1, -2), out=s)
+            s[..., j1 - (i1 - i0):] += _causal_bias(xp, i1 - i0, i1 - i0, q.dtype)  # the diagonal tile
+            _softmax_rows_inplace(s)                                     # now the probabilities
+            xp.matmul(s, v5[b0:b1, ..., :j1, :], out=y[b0:b1, ..., i0:i1, :])   # (b, Hkv, G, bq, D)
+    parallel_for(rows, B, xp=xp)
     cache = CausalCache(qs, k5, v5, p, y, blocks, scale, (B, H, Tq, D))
     return y.reshape(B, H, Tq, D), cache
 
@@ -862,18 +865,23 @@ def causal_attention_backward(dy, cache: CausalCache):
     qs, k5, v5, p, y, blocks, scale, shape = cache
     xp = array_module(y)
     dy5 = dy.reshape(y.shape)                                            # (B, Hkv, G, Tq, D)
-    delta = xp.sum(dy5 * y, axis=-1, keepdims=True)                      # (B, Hkv, G, Tq, 1)
     dq = xp.empty(qs.shape, dtype=qs.dtype)                              # (B, Hkv, G, Tq, D)
     dk = xp.zeros(k5.shape, dtype=k5.dtype)                              # (B, Hkv, 1, Tk, D)
     dv = xp.zeros(v5.shape, dtype=v5.dtype)                              # (B, Hkv, 1, Tk, D)
-    for (i0, i1, j1), p_i in zip(blocks, p):
-        dy_i = dy5[..., i0:i1, :]                                        # (B, Hkv, G, bq, D)
-        dv[..., :j1, :] += _sum_groups(xp.matmul(p_i.swapaxes(-1, -2), dy_i))
-        ds = xp.matmul(dy_i, v5[..., :j1, :].swapaxes(-1, -2))           # dP_i: (B, Hkv, G, bq, j1)
-        ds -= delta[..., i0:i1, :]
-        ds *= p_i                                                        # now dS_i
-        xp.matmul(ds, k5[..., :j1, :], out=dq[..., i0:i1, :])
-        dk[..., :j1, :] += _sum_groups(xp.matmul(ds.swapaxes(-1, -2), qs[..., i0:i1, :]))
+
+    def rows(b0, b1):                     # sequences [b0, b1): one thread's share of the batch
+        q_, k_, v_, dy_ = qs[b0:b1], k5[b0:b1], v5[b0:b1], dy5[b0:b1]
+        dq_, dk_, dv_ = dq[b0:b1], dk[b0:b1], dv[b0:b1]
+        delta = xp.sum(dy_ * y[b0:b1], axis=-1, keepdims=True)          # (b, Hkv, G, Tq, 1)
+        for (i0, i1, j1), p_i in zip(blocks, p):
+            p_i, dy_i = p_i[b0:b1], dy_[..., i0:i1, :]                   # (b, Hkv, G, bq, j1), (.., bq, D)
+            dv_[..., :j1, :] += _sum_groups(xp.matmul(p_i.swapaxes(-1, -2), dy_i))
+            ds = xp.matmul(dy_i, v_[..., :j1, :].swapaxes(-1, -2))       # dP_i: (b, Hkv, G, bq, j1)
+            ds -= delta[..., i0:i1, :]
+            ds *= p_i                                                    # now dS_i
+            xp.matmul(ds, k_[..., :j1, :], out=dq_[..., i0:i1, :])
+            dk_[..., :j1, :] += _sum_groups(xp.matmul(ds.swapaxes(-1, -2), q_[..., i0:i1, :]))
+    parallel_for(rows, qs.shape[0], xp=xp)
     dq *= scale
     return dq.reshape(shape), dk[:, :, 0], dv[:, :, 0]
 

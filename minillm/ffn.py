@@ -33,7 +33,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import (DEFAULT_DTYPE, array_module, check_choice, check_float, check_ndim, check_shape,
-                      make_rng, randn, to_device)
+                      make_rng, parallel_for, randn, to_device)
 from .erf import erf, erfc, normal_cdf
 
 __all__ = [
@@ -273,44 +273,53 @@ def _flat(a):
 
 
 def _gelu_tanh_fast(x):
-    """(x * phi, phi), phi = sigmoid(2u) = 0.5 (1 + tanh(u)), u = c (x + a x^3), piece by piece."""
+    """(x * phi, phi), phi = sigmoid(2u) = 0.5 (1 + tanh(u)), u = c (x + a x^3), piece by piece
+    (the pieces shared out among backend.parallel_for's threads)."""
     xp = array_module(x)
     t = x.dtype.type
     xf = _flat(x)
     phi, y = xp.empty_like(xf), xp.empty_like(xf)
-    for c in _pieces(xf.size, xp):
-        xc, s = xf[c], phi[c]
-        xp.multiply(xc, xc, out=s)              # -2u = x * (-2c - 2ca x^2)
-        s *= t(-2.0 * _SQRT_2_OVER_PI * _GELU_A)
-        s -= t(2.0 * _SQRT_2_OVER_PI)
-        s *= xc
-        with np.errstate(over="ignore"):        # exp(-2u) = inf for very negative x: then s = 0, exactly right
-            xp.exp(s, out=s)
-        s += t(1)
-        xp.divide(t(1), s, out=s)
-        xp.multiply(xc, s, out=y[c])
+    pieces = _pieces(xf.size, xp)
+
+    def run(lo, hi):
+        for c in pieces[lo:hi]:
+            xc, s = xf[c], phi[c]
+            xp.multiply(xc, xc, out=s)              # -2u = x * (-2c - 2ca x^2)
+            s *= t(-2.0 * _SQRT_2_OVER_PI * _GELU_A)
+            s -= t(2.0 * _SQRT_2_OVER_PI)
+            s *= xc
+            with np.errstate(over="ignore"):        # exp(-2u) = inf for very negative x: then s = 0, exactly right
+                xp.exp(s, out=s)
+            s += t(1)
+            xp.divide(t(1), s, out=s)
+            xp.multiply(xc, s, out=y[c])
+    parallel_for(run, len(pieces), xp=xp)
     return y.reshape(x.shape), phi.reshape(x.shape)
 
 
 def _gelu_backward_tanh_fast(dy, x, s):
-    """dy * s (1 + x (1 - s) 2c (1 + 3 a x^2)), piece by piece."""
+    """dy * s (1 + x (1 - s) 2c (1 + 3 a x^2)), piece by piece (shared out among threads)."""
     xp = array_module(x)
     t = x.dtype.type
     xf, sf, dyf = _flat(x), _flat(s), _flat(dy)
     dx = xp.empty_like(xf)
-    h = xp.empty(min(xf.size, _CHUNK), dtype=x.dtype)           # scratch for 1 - s
-    for c in _pieces(xf.size, xp):
-        xc, sc, g = xf[c], sf[c], dx[c]
-        hc = h[:g.size] if g.size < h.size else h
-        xp.multiply(xc, xc, out=g)
-        g *= t(6.0 * _GELU_A * _SQRT_2_OVER_PI)
-        g += t(2.0 * _SQRT_2_OVER_PI)
-        g *= xc                     # x 2c (1 + 3 a x^2)
-        xp.subtract(t(1), sc, out=hc)
-        g *= hc
-        g += t(1)
-        g *= sc
-        g *= dyf[c]
+    pieces = _pieces(xf.size, xp)
+
+    def run(lo, hi):
+        h = xp.empty(min(xf.size, _CHUNK), dtype=x.dtype)       # this thread's scratch for 1 - s
+        for c in pieces[lo:hi]:
+            xc, sc, g = xf[c], sf[c], dx[c]
+            hc = h[:g.size] if g.size < h.size else h
+            xp.multiply(xc, xc, out=g)
+            g *= t(6.0 * _GELU_A * _SQRT_2_OVER_PI)
+            g += t(2.0 * _SQRT_2_OVER_PI)
+            g *= xc                     # x 2c (1 + 3 a x^2)
+            xp.subtract(t(1), sc, out=hc)
+            g *= hc
+            g += t(1)
+            g *= sc
+            g *= dyf[c]
+    parallel_for(run, len(pieces), xp=xp)
     return dx.reshape(x.shape)
 
 

@@ -67,7 +67,7 @@ from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_
                        softmax_cross_entropy_forward)
 from .embeddings import embedding_backward, embedding_forward
 from .ffn import mlp_backward, mlp_forward, swiglu_backward, swiglu_forward
-from .norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
+from .norm import layernorm_backward_fast, layernorm_forward_fast, rmsnorm_backward, rmsnorm_forward
 from .sampling import generate as _sampling_generate
 
 __all__ = ["GPTConfig", "param_shapes", "init_params", "num_params", "forward", "backward",
@@ -431,16 +431,17 @@ def _embed_backward(dx, tok, pos):
 
 
 def _norm_forward(config, params, prefix, x):
-    """norm(x) with the params prefix + ".weight" / ".bias": LayerNorm or RMSNorm."""
+    """norm(x) with the params prefix + ".weight" / ".bias": LayerNorm (its fast form, tested
+    equal to norm.layernorm_forward) or RMSNorm."""
     if config.norm == "layernorm":
-        return layernorm_forward(x, params[prefix + ".weight"], params.get(prefix + ".bias"), config.eps)
+        return layernorm_forward_fast(x, params[prefix + ".weight"], params.get(prefix + ".bias"), config.eps)
     return rmsnorm_forward(x, params[prefix + ".weight"], config.eps)
 
 
 def _norm_backward(config, dy, cache):
     """-> dx, dweight, dbias (None for RMSNorm or a LayerNorm without bias)."""
     if config.norm == "layernorm":
-        return layernorm_backward(dy, cache)
+        return layernorm_backward_fast(dy, cache)
     dx, dweight = rmsnorm_backward(dy, cache)
     return dx, dweight, None
 

@@ -22,9 +22,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .backend import (DEFAULT_DTYPE, array_module, check_float, check_positive, check_same_dtype,
-                      to_device)
+                      parallel_for, to_device)
 
-__all__ = ["layernorm_forward", "layernorm_backward", "rmsnorm_forward", "rmsnorm_backward",
+__all__ = ["layernorm_forward", "layernorm_backward", "layernorm_forward_fast", "layernorm_backward_fast",
+           "rmsnorm_forward", "rmsnorm_backward",
            "init_norm"]
 
 
@@ -109,6 +110,70 @@ def layernorm_backward(dy, cache: LayerNormCache):
     mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=-1, keepdims=True)  # (..., 1)
     dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * rstd       # (..., C)
     return dx, dweight, dbias
+
+
+# The fast form the GPT runs: the same formulas on blocks of rows, each block
+# written by one of backend.parallel_for's threads, with the per-row statistics
+# computed as row dot products (no squared copy of x). Tested equal to the two
+# functions above.
+
+def layernorm_forward_fast(x, weight, bias, eps=1e-5):
+    """layernorm_forward's (y, cache), its rows shared out among CPU threads."""
+    _check_norm(x, weight, bias, eps)
+    xp = array_module(x)
+    t = x.dtype.type
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)                                           # (N, C)
+    y = xp.empty_like(x2)                                           # (N, C)
+    mean = xp.empty((x2.shape[0], 1), dtype=x.dtype)                # (N, 1)
+    rstd = xp.empty_like(mean)                                      # (N, 1)
+
+    def rows(lo, hi):
+        xs, yc = x2[lo:hi], y[lo:hi]
+        xp.mean(xs, axis=-1, keepdims=True, out=mean[lo:hi])
+        xp.subtract(xs, mean[lo:hi], out=yc)                        # centred, in y's memory
+        var = xp.einsum("ij,ij->i", yc, yc)[:, None] / t(C)         # mean of squared deviations
+        rstd[lo:hi] = t(1) / xp.sqrt(var + t(eps))
+        yc *= rstd[lo:hi]                                           # xhat
+        yc *= weight
+        if bias is not None:
+            yc += bias
+    parallel_for(rows, x2.shape[0], min_per_thread=64, xp=xp)
+    lead = (*x.shape[:-1], 1)
+    return (y.reshape(x.shape),
+            LayerNormCache(x, mean.reshape(lead), rstd.reshape(lead), weight, bias is not None))
+
+
+def layernorm_backward_fast(dy, cache: LayerNormCache):
+    """layernorm_backward's (dx, dweight, dbias), its rows shared out among CPU threads; each
+    thread sums its rows' share of dweight and dbias, and the shares are added at the end."""
+    x, mean, rstd, weight, has_bias = cache
+    _check_dy(dy, x)
+    xp = array_module(x)
+    t = x.dtype.type
+    C = x.shape[-1]
+    x2, dy2 = x.reshape(-1, C), dy.reshape(-1, C)                   # (N, C)
+    mean2, rstd2 = mean.reshape(-1, 1), rstd.reshape(-1, 1)         # (N, 1)
+    dx = xp.empty_like(x2)                                          # (N, C)
+    shares = {}                                                     # lo -> (dweight, dbias) of rows [lo, hi)
+
+    def rows(lo, hi):
+        xhat = (x2[lo:hi] - mean2[lo:hi]) * rstd2[lo:hi]           # (n, C), recomputed
+        g = dy2[lo:hi]
+        shares[lo] = (xp.einsum("ij,ij->j", g, xhat), g.sum(axis=0) if has_bias else None)
+        dxhat = dx[lo:hi]
+        xp.multiply(g, weight, out=dxhat)                           # dxhat, in dx's memory
+        mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / t(C)                 # (n, 1)
+        mean_dxhat_xhat = xp.einsum("ij,ij->i", dxhat, xhat)[:, None] / t(C)  # (n, 1)
+        dxhat -= mean_dxhat
+        xhat *= mean_dxhat_xhat
+        dxhat -= xhat
+        dxhat *= rstd2[lo:hi]                                       # now dx
+    parallel_for(rows, x2.shape[0], min_per_thread=64, xp=xp)
+    order = sorted(shares)                      # added in row order: the same sum on every run
+    dweight = sum((shares[lo][0] for lo in order[1:]), shares[order[0]][0])
+    dbias = sum((shares[lo][1] for lo in order[1:]), shares[order[0]][1]) if has_bias else None
+    return dx.reshape(x.shape), dweight, dbias
 
 
 # ---------------------------------------------------------------------------

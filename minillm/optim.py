@@ -42,7 +42,9 @@ import math
 import re
 from typing import Callable
 
-from .backend import array_module, check_float, check_like, check_number, is_int
+import numpy as np
+
+from .backend import array_module, check_float, check_like, check_number, is_int, parallel_for
 
 __all__ = ["default_no_decay", "Optimizer", "SGD", "Adam", "AdamW", "make_optimizer",
            "global_norm", "clip_grad_norm", "lr_schedule", "accumulate"]
@@ -298,19 +300,30 @@ class Adam(Optimizer):
     def _update_fast(self, name, p, g, decay):
         """_update's operations in the same order, so the same numbers bit for bit, but
         every full-size intermediate is written into one scratch buffer per parameter
-        that lives across steps: no fresh array (and its page faults) per step."""
+        that lives across steps: no fresh array (and its page faults) per step. Every
+        operation is elementwise, so a large parameter is cut into flat pieces that
+        backend.parallel_for's threads update side by side, with the same result."""
         xp = array_module(p)
+        m = self.state["exp_avg"][name]
+        v = self.state["exp_avg_sq"][name]
+        s = self._scratch.get(name)
+        if s is None:
+            s = self._scratch[name] = xp.empty_like(p)
+        if xp is not np or p.size < 2 * _ADAM_PIECE or not p.flags.c_contiguous:
+            self._adam_arrays(xp, p, g, m, v, s, decay)
+            return
+        flat = [a.reshape(-1) for a in (p, xp.ascontiguousarray(g), m, v, s)]
+        parallel_for(lambda lo, hi: self._adam_arrays(xp, *(a[lo:hi] for a in flat), decay),
+                     p.size, min_per_thread=_ADAM_PIECE)
+
+    def _adam_arrays(self, xp, p, g, m, v, s, decay):
+        """The update of _update_fast on arrays (or matching slices) p, g, m, v and scratch s."""
         b1, b2 = self.betas
         if decay:
             if self._decoupled:
                 p *= 1.0 - self.lr * self.weight_decay
             else:
                 g = g + self.weight_decay * p
-        m = self.state["exp_avg"][name]
-        v = self.state["exp_avg_sq"][name]
-        s = self._scratch.get(name)
-        if s is None:
-            s = self._scratch[name] = xp.empty_like(p)
         m *= b1
         xp.multiply(g, 1.0 - b1, out=s)
         m += s                                   # m = b1 m + (1 - b1) g
@@ -325,6 +338,9 @@ class Adam(Optimizer):
         xp.divide(m, s, out=s)
         s *= step_size
         p -= s
+
+
+_ADAM_PIECE = 1 << 15     # elements: parameters of fewer than two pieces are updated in one go
 
 
 class AdamW(Adam):

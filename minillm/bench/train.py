@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from minillm import backend
 from minillm.bench._util import print_table
 
 
@@ -39,7 +40,8 @@ def add_arguments(parser):
     parser.add_argument("--skip-reference", action="store_true", help="do not time PyTorch")
     parser.add_argument("--threads", default=None,
                         help="comma-separated thread counts to measure, e.g. 1,2: NumPy's BLAS through "
-                             "threadpoolctl (when installed) and torch.set_num_threads (default: as started)")
+                             "threadpoolctl (when installed), minillm's own CPU threads "
+                             "(backend.set_num_threads) and torch.set_num_threads (default: as started)")
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of minillm's step (the hot spots, by own time)")
 
@@ -185,9 +187,13 @@ def _time_at_threads(impls, args, n_threads, threads, tokens, cpu_torch, with_re
               f"OPENBLAS_NUM_THREADS={n_threads} before starting to change it")
     if cpu_torch is not None:
         cpu_torch.set_num_threads(n_threads)
+    own = backend.num_threads()
+    if args.threads:
+        backend.set_num_threads(n_threads)      # minillm's own threads (backend.parallel_for) too
     try:
         _time_all(impls, args, tokens, f"{n_threads} thread(s)", with_reference)
     finally:
+        backend.set_num_threads(own)
         if limiter is not None:
             limiter.restore_original_limits()
 

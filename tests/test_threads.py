@@ -1,0 +1,240 @@
+"""backend.parallel_for and the fast paths that share CPU work among threads.
+
+What must always hold: parallel_for calls its part on disjoint ranges that cover
+range(n) exactly once; with any number of threads every threaded fast path gives
+what it gives on one thread (bit for bit where each element is computed by one
+thread, to round-off where per-thread partial sums are added), and what its plain
+version gives.
+"""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from helpers import assert_close, assert_gradcheck
+from minillm import attention, backend, ffn, norm, optim
+from minillm import backprop as bp
+from strategies import randn, seeds
+
+
+@pytest.fixture
+def threads():
+    """Set backend's thread count inside a test, restored afterwards."""
+    before = backend.num_threads()
+    yield backend.set_num_threads
+    backend.set_num_threads(before)
+
+
+# --- parallel_for itself ------------------------------------------------------------
+
+@settings(deadline=None)
+@given(n=st.integers(0, 200), n_threads=st.integers(1, 5), min_per=st.integers(1, 40))
+def test_parallel_for_covers_every_index_exactly_once(n, n_threads, min_per):
+    before = backend.num_threads()
+    backend.set_num_threads(n_threads)
+    try:
+        hits = np.zeros(n, dtype=int)
+        ranges, lock = [], threading.Lock()
+
+        def part(lo, hi):
+            with lock:
+                ranges.append((lo, hi))
+            hits[lo:hi] += 1
+        backend.parallel_for(part, n, min_per_thread=min_per)
+        assert (hits == 1).all()
+        assert len(ranges) <= max(1, min(n_threads, n // min_per))     # never more parts than threads
+        assert all(hi - lo >= min(min_per, n) for lo, hi in ranges)     # no part below the minimum
+    finally:
+        backend.set_num_threads(before)
+
+
+def test_parallel_for_uses_other_threads_and_runs_nested_calls_inline(threads):
+    threads(3)
+    seen, lock = [], threading.Lock()
+    together = threading.Barrier(3, timeout=10)    # passes only if the three parts run at once
+
+    def inner(lo, hi):
+        with lock:
+            seen.append(("inner", threading.get_ident(), lo, hi))
+
+    def outer(lo, hi):
+        with lock:
+            seen.append(("outer", threading.get_ident(), lo, hi))
+        together.wait()
+        backend.parallel_for(inner, 10)          # inside a part: one inline call over all of it
+    backend.parallel_for(outer, 30)
+    outers = [s for s in seen if s[0] == "outer"]
+    inners = [s for s in seen if s[0] == "inner"]
+    assert sorted((lo, hi) for _, _, lo, hi in outers) == [(0, 10), (10, 20), (20, 30)]
+    assert len({ident for _, ident, _, _ in outers}) == 3                  # three threads did the work
+    assert len(inners) == 3 and all((lo, hi) == (0, 10) for _, _, lo, hi in inners)
+
+
+def test_parallel_for_runs_inline_on_one_thread_or_for_another_array_module(threads):
+    calls = []
+    threads(1)
+    backend.parallel_for(lambda lo, hi: calls.append((threading.get_ident(), lo, hi)), 100)
+    threads(4)
+    backend.parallel_for(lambda lo, hi: calls.append((threading.get_ident(), lo, hi)), 100, xp=object())
+    me = threading.get_ident()
+    assert calls == [(me, 0, 100), (me, 0, 100)]
+
+
+def test_parallel_for_raises_what_a_part_raised(threads):
+    threads(2)
+
+    def part(lo, hi):
+        if lo > 0:
+            raise ArithmeticError(f"part {lo}")
+    with pytest.raises(ArithmeticError, match="part 5"):
+        backend.parallel_for(part, 10)
+    backend.parallel_for(lambda lo, hi: None, 10)     # the pool still works afterwards
+
+
+def test_thread_count_settings_reject_bad_values(monkeypatch, threads):
+    with pytest.raises(ValueError, match="n"):
+        backend.set_num_threads(0)
+    with pytest.raises(ValueError, match="n: expected a positive int, got 1.5"):
+        backend.set_num_threads(1.5)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "two")
+    with pytest.raises(ValueError, match="MINILLM_NUM_THREADS.*positive integer.*'two'"):
+        backend._default_threads()
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "0")
+    with pytest.raises(ValueError, match="MINILLM_NUM_THREADS"):
+        backend._default_threads()
+    monkeypatch.setenv("MINILLM_NUM_THREADS", "3")
+    assert backend._default_threads() == 3
+    monkeypatch.delenv("MINILLM_NUM_THREADS")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert backend._default_threads() == 1
+
+
+def test_keep_freed_memory_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("MINILLM_KEEP_FREED_MEMORY", "0")
+    assert backend.keep_freed_memory() is False
+    monkeypatch.delenv("MINILLM_KEEP_FREED_MEMORY")
+    assert isinstance(backend.keep_freed_memory(), bool)
+
+
+# --- the threaded fast paths: the same answer on any number of threads ---------------------
+
+def _on_threads(fn, counts=(1, 2, 3)):
+    """[fn() with backend.set_num_threads(n)] for each n."""
+    before = backend.num_threads()
+    try:
+        out = []
+        for n in counts:
+            backend.set_num_threads(n)
+            out.append(fn())
+        return out
+    finally:
+        backend.set_num_threads(before)
+
+
+@settings(deadline=None, max_examples=25)
+@given(B=st.integers(1, 5), Hkv=st.integers(1, 2), G=st.integers(1, 2), Tq=st.integers(2, 40),
+       extra=st.integers(0, 9), D=st.integers(1, 6), block=st.integers(1, 16), seed=seeds)
+def test_fused_causal_attention_is_the_same_on_any_number_of_threads(B, Hkv, G, Tq, extra, D, block, seed):
+    q = randn(seed, B, Hkv * G, Tq, D).astype(np.float32)
+    k, v = (randn(seed + i, B, Hkv, Tq + extra, D).astype(np.float32) for i in (1, 2))
+    dy = randn(seed + 3, B, Hkv * G, Tq, D).astype(np.float32)
+
+    def run():
+        y, cache = attention.causal_attention_forward(q, k, v, block_size=block)
+        return (y, *attention.causal_attention_backward(dy, cache))
+    first, *others = _on_threads(run)
+    for other in others:
+        for a, b in zip(first, other):
+            np.testing.assert_array_equal(a, b)      # each sequence is one thread's: bit for bit
+
+
+@settings(deadline=None, max_examples=20)
+@given(n=st.integers(1, 5 * ffn._CHUNK), seed=seeds)
+def test_fast_gelu_is_the_same_on_any_number_of_threads(n, seed):
+    x = (3 * randn(seed, n)).astype(np.float32)
+    dy = randn(seed + 1, n).astype(np.float32)
+
+    def run():
+        y, cache = ffn.gelu_forward(x, approximate="tanh")
+        return y, ffn.gelu_backward(dy, cache)
+    first, *others = _on_threads(run)
+    for other in others:
+        for a, b in zip(first, other):
+            np.testing.assert_array_equal(a, b)
+
+
+@settings(deadline=None, max_examples=25)
+@given(rows=st.integers(1, 400), C=st.integers(2, 40), bias=st.booleans(), seed=seeds)
+def test_fast_layernorm_equals_the_plain_one_on_any_number_of_threads(rows, C, bias, seed):
+    x = 3 * randn(seed, rows, C) + 2
+    w, b, dy = 1 + 0.5 * randn(seed + 1, C), randn(seed + 2, C), randn(seed + 3, rows, C)
+    b = b if bias else None
+    y0, c0 = norm.layernorm_forward(x, w, b)
+    dx0, dw0, db0 = norm.layernorm_backward(dy, c0)
+
+    def run():
+        y, cache = norm.layernorm_forward_fast(x, w, b)
+        return (y, cache.mean, cache.rstd, *norm.layernorm_backward_fast(dy, cache))
+    results = _on_threads(run)
+    for y, mean, rstd, dx, dw, db in results:
+        assert_close(y, y0)
+        assert_close(mean, c0.mean)
+        assert_close(rstd, c0.rstd)
+        assert_close(dx, dx0)
+        assert_close(dw, dw0)
+        assert (db is None) == (db0 is None)
+        if db is not None:
+            assert_close(db, db0)
+    for y, mean, rstd, dx, *_ in results[1:]:        # rows are computed by one thread each
+        np.testing.assert_array_equal(y, results[0][0])
+        np.testing.assert_array_equal(dx, results[0][3])
+
+
+@settings(deadline=None, max_examples=15)
+@given(lead=st.sampled_from([(2,), (3, 2), (2, 2, 2), (130,)]), C=st.integers(3, 6), bias=st.booleans(), seed=seeds)
+def test_fast_layernorm_backward_matches_finite_differences(lead, C, bias, seed):
+    x = randn(seed, *lead, C) + 1
+    w, b = 1 + 0.5 * randn(seed + 1, C), randn(seed + 2, C)
+    h = 1e-3 * float(np.min(x.std(axis=-1)))
+    before = backend.num_threads()
+    backend.set_num_threads(2)
+    try:
+        if bias:
+            rep = bp.gradcheck(norm.layernorm_forward_fast, norm.layernorm_backward_fast, [x, w, b], eps=h)
+        else:
+            rep = bp.gradcheck(norm.layernorm_forward_fast, norm.layernorm_backward_fast, [x, w, None],
+                               wrt=[0, 1], eps=h)
+    finally:
+        backend.set_num_threads(before)
+    assert_gradcheck(rep)
+
+
+def test_fast_layernorm_rejects_what_the_plain_one_rejects():
+    x = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="weight"):
+        norm.layernorm_forward_fast(x, np.ones(4), None)
+    _, cache = norm.layernorm_forward_fast(x + np.arange(3), np.ones(3), None)
+    with pytest.raises(ValueError, match="dy"):
+        norm.layernorm_backward_fast(np.zeros((4, 2)), cache)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_threaded_adam_steps_are_bit_identical_to_the_plain_update(decoupled, threads):
+    rng = np.random.default_rng(0)
+    shapes = {"big.weight": (300, 700), "mid": (5 * optim._ADAM_PIECE + 3,), "small.bias": (7,)}
+    params = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    plain = {k: v.copy() for k, v in params.items()}
+    cls = optim.AdamW if decoupled else optim.Adam
+    fast_opt = cls(params, lr=1e-2, weight_decay=0.1, fast=True)
+    plain_opt = cls(plain, lr=1e-2, weight_decay=0.1, fast=False)
+    for n in (2, 3, 1, 2):
+        threads(n)
+        grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+        grads["big.weight"] = np.asfortranarray(grads["big.weight"])   # a non-contiguous gradient too
+        fast_opt.step(grads)
+        plain_opt.step(grads)
+        for k in shapes:
+            np.testing.assert_array_equal(params[k], plain[k])
