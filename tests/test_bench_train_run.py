@@ -148,8 +148,9 @@ class _FakeSide:
     def step(self):
         if any(o.steps < o.max_steps and o.elapsed < self.elapsed for o in self.others()):
             self.violations.append((self.elapsed, [o.elapsed for o in self.others()]))
-        self.clock[0] += self.dt
-        self.elapsed += self.dt
+        dt = self.dt(self.steps) if callable(self.dt) else self.dt
+        self.clock[0] += dt
+        self.elapsed += dt
         self.steps += 1
 
     def eval_chunk(self, x, y):
@@ -165,11 +166,24 @@ def test_alternating_by_time_keeps_the_clocks_within_one_step():
     assert not violations
     assert result["W"] == 5.0 and sides["slow"].steps == 5 and sides["fast"].steps == 100
     at_w = result["equal_time"]
-    assert at_w["slow"]["seconds"] == 5.0 and abs(at_w["fast"]["seconds"] - 5.0) <= 1.0
+    assert at_w["slow"]["seconds"] == 5.0 and 5.0 <= at_w["fast"]["seconds"] < 5.0 + 0.25 + 1e-9
     assert [r["seconds"] for r in result["history"]["slow"]] == [0.0, 2.0, 4.0, 5.0]
     fast = [r["seconds"] for r in result["history"]["fast"]]
     assert fast[0] == 0.0 and fast[-1] == 25.0 and at_w["fast"] in result["history"]["fast"]
     assert result["history"]["slow"][-1]["val"] == pytest.approx(2.951) and result["history"]["slow"][-1]["val_se"] > 0
+
+
+def test_equal_time_waits_for_the_other_clock_after_a_slow_last_step():
+    """A burst of load makes the slow side's last step take 10 s: the fast side is then 8 s
+    behind, and is scored when its clock reaches W, not at the moment W is set."""
+    clock, violations, sides = [0.0], [], {}
+    sides["slow"] = _FakeSide(clock, lambda i: 10.0 if i == 2 else 1.0, 3, lambda: [sides["fast"]], violations)
+    sides["fast"] = _FakeSide(clock, 0.25, 100, lambda: [sides["slow"]], violations)
+    result = train_run.alternate_by_time(sides, [(0, None), (1, None)], eval_seconds=100.0,
+                                         clock=lambda: clock[0], log=lambda *_: None)
+    assert not violations and result["W"] == 12.0
+    assert 12.0 <= result["equal_time"]["fast"]["seconds"] < 12.25 + 1e-9
+    assert result["step_ms"]["slow"] == [1000.0, 1000.0, 10000.0]
 
 
 def test_versus_nanogpt_cpu_runs_both_and_reports_them_at_equal_time(tmp_path, capsys):

@@ -501,15 +501,21 @@ def alternate_by_time(sides, chunks, eval_seconds, budget=None, clock=time.perf_
     within one step of each other and both sides meet the same machine load as they go. Only
     steps are timed. Each side is scored on ``chunks`` at 0 s, whenever its clock passes a
     multiple of eval_seconds, and when it stops (max_steps done, or ``budget`` seconds).
-    When the first side stops, at W seconds, every other side is scored at once, within one
-    step of W: the comparison at equal wall time.
-    -> {"history": {name: [row]}, "equal_time": {name: row}, "W": W}; a row is
-    {"step", "seconds", "val", "val_se", "chunk_losses"}."""
+    The first side to stop sets W, its seconds then; every other side is scored as soon as
+    its clock reaches W (or it stops): within one of its steps of W, the comparison at equal
+    training time. (Not at the moment W is set: one step slowed by a burst of machine load
+    can leave the other side seconds behind then.)
+    -> {"history": {name: [row]}, "equal_time": {name: row}, "W": W, "step_ms": {name: [ms per
+    step]}}; a row is {"step", "seconds", "val", "val_se", "chunk_losses"}."""
     state = {n: {"seconds": 0.0, "steps": 0, "done": False, "mark": eval_seconds} for n in sides}
     history = {n: [] for n in sides}
+    step_ms = {n: [] for n in sides}
     equal_time, W = {}, None
 
     def score(name):
+        last = history[name][-1] if history[name] else None
+        if last is not None and last["step"] == state[name]["steps"]:
+            return last                                           # already scored at this step
         losses = _score(sides[name], chunks)
         val, se = _mean_se(losses)
         row = {"step": state[name]["steps"], "seconds": state[name]["seconds"], "val": val, "val_se": se,
@@ -525,21 +531,22 @@ def alternate_by_time(sides, chunks, eval_seconds, budget=None, clock=time.perf_
         st = state[name]
         t0 = clock()
         sides[name].step()
-        st["seconds"] += clock() - t0
+        dt = clock() - t0
+        st["seconds"] += dt
         st["steps"] += 1
+        step_ms[name].append(1000.0 * dt)
         st["done"] = st["steps"] >= sides[name].max_steps or (budget is not None and st["seconds"] >= budget)
         if st["done"] or st["seconds"] >= st["mark"]:
-            row = score(name)
+            score(name)
             while st["mark"] <= st["seconds"]:
                 st["mark"] += eval_seconds
-            if st["done"] and W is None:
-                W = st["seconds"]
-                equal_time[name] = row
-                for other in sides:
-                    if other != name:
-                        last = history[other][-1]
-                        equal_time[other] = last if last["seconds"] == state[other]["seconds"] else score(other)
-    return {"history": history, "equal_time": equal_time, "W": W}
+        if st["done"] and W is None:
+            W = st["seconds"]
+        if W is not None:
+            for other in sides:
+                if other not in equal_time and (state[other]["seconds"] >= W or state[other]["done"]):
+                    equal_time[other] = score(other)
+    return {"history": history, "equal_time": equal_time, "W": W, "step_ms": step_ms}
 
 
 def run_versus_nanogpt_cpu(args):
@@ -585,7 +592,7 @@ def run_versus_nanogpt_cpu(args):
 
 
 def _report_versus(result, sides, tcfg, ncfg, n_tokens, args):
-    hist, eq, W = result["history"], result["equal_time"], result["W"]
+    hist, eq, W, ms = result["history"], result["equal_time"], result["W"], result["step_ms"]
     tokens_per_step = {"minillm": tcfg.batch_size * tcfg.block_size,
                        "nanoGPT": ncfg["batch_size"] * ncfg["block_size"]}
     rows = []
@@ -594,10 +601,12 @@ def _report_versus(result, sides, tcfg, ncfg, n_tokens, args):
         rows.append([name, f"{eq[name]['val']:.4f} +- {eq[name]['val_se']:.4f} ({eq[name]['seconds']:.1f} s, "
                            f"step {eq[name]['step']})",
                      f"{final['val']:.4f} +- {final['val_se']:.4f}", f"{final['step']}/{sides[name].max_steps}",
-                     f"{final['seconds']:.1f}", f"{tokens_per_step[name] * final['step'] / max(final['seconds'], 1e-9):,.0f}"])
+                     f"{final['seconds']:.1f}", f"{np.median(ms[name]) if ms[name] else 0:.0f} / "
+                                                f"{max(ms[name], default=0):.0f}",
+                     f"{tokens_per_step[name] * final['step'] / max(final['seconds'], 1e-9):,.0f}"])
     print()
     print_table(rows, ["", f"val loss at equal time W = {W:.1f} s", "final val loss", "steps", "training s",
-                       "tokens/s"])
+                       "ms/step median / max", "tokens/s"])
     k = min(tcfg.eval_iters, len(hist["minillm"][-1]["chunk_losses"]))
     summary = {"minillm_train_command_val": float(np.mean(hist["minillm"][-1]["chunk_losses"][:k]))}
     print(f"\nminillm's final val loss on the train command's own {k} validation batches: "
@@ -615,8 +624,9 @@ def _report_versus(result, sides, tcfg, ncfg, n_tokens, args):
                      title="validation loss against training time: minillm vs nanoGPT's CPU run",
                      xlabel="training seconds (steps only)", ylabel="val loss", x_from_zero=True)
     doc = {"versus": "nanogpt-cpu", "W_seconds": W, "eval_tokens": n_tokens, "equal_time": eq, **summary,
-           "minillm": {"preset": args.preset, "config": tcfg.to_dict(), "history": hist["minillm"]}}
+           "minillm": {"preset": args.preset, "config": tcfg.to_dict(), "history": hist["minillm"],
+                       "step_ms": ms["minillm"]}}
     if "nanoGPT" in sides:
-        doc["nanogpt_cpu"] = {"config": ncfg, "history": hist["nanoGPT"]}
+        doc["nanogpt_cpu"] = {"config": ncfg, "history": hist["nanoGPT"], "step_ms": ms["nanoGPT"]}
     backend.atomic_write(out / "results.json", lambda f: f.write(json.dumps(doc, indent=1)), mode="w")
     print(f"wrote {plot} and {out / 'results.json'}")
