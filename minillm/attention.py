@@ -327,9 +327,16 @@ def _head_sizes(n_head, n_kv_head, C):
 
 
 def _split_heads(t2d, B, T, n, D):
-    """(B*T, n*D) -> (B, n, T, D), contiguous: the one transpose attention needs."""
+    """(B*T, n*D) -> (B, n, T, D), contiguous: the one transpose attention needs
+    (a copy, its sequences shared out among backend.parallel_for's threads)."""
     xp = array_module(t2d)
-    return xp.ascontiguousarray(t2d.reshape(B, T, n, D).transpose(0, 2, 1, 3))
+    heads = t2d.reshape(B, T, n, D).transpose(0, 2, 1, 3)                  # (B, n, T, D), a view
+    out = xp.empty(heads.shape, dtype=t2d.dtype)
+
+    def copy(b0, b1):
+        out[b0:b1] = heads[b0:b1]
+    parallel_for(copy, B, xp=xp)
+    return out
 
 
 def _join_heads(*groups):
@@ -338,10 +345,13 @@ def _join_heads(*groups):
     B, _, T, D = groups[0].shape
     n = sum(g.shape[1] for g in groups)
     joined = xp.empty((B, T, n, D), dtype=groups[0].dtype)                # (B, T, n, D)
-    start = 0
-    for g in groups:
-        joined[:, :, start:start + g.shape[1]] = g.transpose(0, 2, 1, 3)
-        start += g.shape[1]
+
+    def copy(b0, b1):
+        start = 0
+        for g in groups:
+            joined[b0:b1, :, start:start + g.shape[1]] = g[b0:b1].transpose(0, 2, 1, 3)
+            start += g.shape[1]
+    parallel_for(copy, B, xp=xp)
     return joined.reshape(B * T, n * D)
 
 

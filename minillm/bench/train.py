@@ -117,6 +117,7 @@ def run(args):
         if tdev == "cpu":
             torch.set_num_threads(threads)
         impls += _torch_steps(torch, cfg, params, batch_np, tdev)
+        impls += _hf_step(torch, cfg, params, batch_np, tdev)
     counts = [int(t) for t in args.threads.split(",")] if args.threads else [threads]
     for n_threads in counts:
         _time_at_threads(impls, args, n_threads, threads, B * T, torch if tdev == "cpu" else None,
@@ -177,6 +178,48 @@ def _torch_steps(torch, cfg, params, batch_np, tdev):
     ml = gpt.loss(params, cfg, *(xp.asarray(a) for a in batch_np))
     print(f"check: loss before training, minillm {ml:.6f} vs torch {tl:.6f} (|diff| {abs(ml - tl):.1e})")
     return [(f"torch {torch.__version__} eager", ref(False)), ("torch, fused SDPA", ref(True))]
+
+
+def _hf_step(torch, cfg, params, batch_np, tdev):
+    """[(name, step)] for Hugging Face's GPT2LMHeadModel (its default attention: SDPA) holding
+    the same weights, after checking its loss equals ours; [] without transformers."""
+    from minillm import backend, checkpoint, gpt
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except Exception as e:  # not installed, or a broken install: a benchmark degrades, it does not fail
+        print(f"(Hugging Face GPT-2 skipped: {type(e).__name__}: {e})")
+        return []
+    hf_cfg = GPT2Config(**checkpoint._gpt2_config_to_hf(cfg))
+    model = GPT2LMHeadModel(hf_cfg).to(tdev).train()
+    state = {k: torch.tensor(backend.to_numpy(v)) for k, v in checkpoint.hf_state_dict(cfg, params).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):   # lm_head is tied to wte
+        raise RuntimeError(f"GPT-2 weights did not load: missing {missing}, unexpected {unexpected}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+    tidx, ttgt = (torch.tensor(a, device=tdev) for a in batch_np)
+
+    def loss_of():
+        logits = model(input_ids=tidx).logits
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), ttgt.reshape(-1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        opt.step()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+        return loss.item()
+
+    with torch.no_grad():
+        hl = loss_of().item()
+    xp = backend.array_module(params["wte"])
+    ml = float(gpt.loss(params, cfg, *(xp.asarray(a) for a in batch_np)))
+    if abs(hl - ml) > 1e-4 * max(1.0, abs(ml)):
+        raise RuntimeError(f"Hugging Face GPT-2's loss {hl:.6f} differs from minillm's {ml:.6f}")
+    print(f"check: loss before training, minillm {ml:.6f} vs Hugging Face GPT-2 "
+          f"({model.config._attn_implementation} attention) {hl:.6f}")
+    return [(f"transformers GPT-2 ({model.config._attn_implementation})", step)]
 
 
 def _time_at_threads(impls, args, n_threads, threads, tokens, cpu_torch, with_reference):
