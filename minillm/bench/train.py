@@ -42,6 +42,10 @@ def add_arguments(parser):
                         help="comma-separated thread counts to measure, e.g. 1,2: NumPy's BLAS through "
                              "threadpoolctl (when installed), minillm's own CPU threads "
                              "(backend.set_num_threads) and torch.set_num_threads (default: as started)")
+    parser.add_argument("--gap-ms", type=float, default=50.0,
+                        help="idle milliseconds before each timed step, so that threads the previous "
+                             "implementation left spinning (torch's OpenMP pool, BLAS workers) do not eat "
+                             "into the next one's time (default: 50)")
     parser.add_argument("--profile", action="store_true",
                         help="also print a cProfile of minillm's step (the hot spots, by own time)")
 
@@ -261,6 +265,7 @@ def _time_all(impls, args, tokens, label, with_reference):
     cpu = {name: [] for name, _ in impls}
     for _ in range(args.repeat):
         for name, fn in impls:     # interleaved: every implementation meets the same load
+            time.sleep(args.gap_ms / 1000)    # the last step's idle threads (OpenMP's spin) go to sleep
             w0, c0 = time.perf_counter(), time.process_time()
             fn()
             wall[name].append(time.perf_counter() - w0)
