@@ -136,6 +136,16 @@ _pool = None             # the worker threads, made on first use
 _inside = None           # set in the workers: a parallel_for inside a part runs inline
 
 
+def _forget_pool_after_fork():
+    """A forked child has none of the parent's worker threads: make a fresh pool on first use."""
+    global _pool, _inside
+    _pool, _inside = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def _default_threads() -> int:
     """MINILLM_NUM_THREADS, else OMP_NUM_THREADS / OPENBLAS_NUM_THREADS (what BLAS was told), else
     the cores this process may use."""

@@ -238,3 +238,31 @@ def test_threaded_adam_steps_are_bit_identical_to_the_plain_update(decoupled, th
         plain_opt.step(grads)
         for k in shapes:
             np.testing.assert_array_equal(params[k], plain[k])
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_parallel_for_works_in_a_forked_child(threads):
+    import os
+    threads(2)
+    backend.parallel_for(lambda lo, hi: None, 10)          # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:                                           # the child: its own pool, or it would hang
+        hits = np.zeros(10, dtype=int)
+
+        def part(lo, hi):
+            hits[lo:hi] += 1
+        backend.parallel_for(part, 10)
+        os._exit(0 if (hits == 1).all() else 1)
+    import signal
+    import time
+    deadline = time.monotonic() + 30
+    while True:                                            # a child that hangs is killed, and fails
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("parallel_for hung in a forked child")
+        time.sleep(0.05)
+    assert os.WEXITSTATUS(status) == 0
