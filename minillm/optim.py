@@ -300,21 +300,38 @@ class Adam(Optimizer):
     def _update_fast(self, name, p, g, decay):
         """_update's operations in the same order, so the same numbers bit for bit, but
         every full-size intermediate is written into one scratch buffer per parameter
-        that lives across steps: no fresh array (and its page faults) per step. Every
-        operation is elementwise, so a large parameter is cut into flat pieces that
-        backend.parallel_for's threads update side by side, with the same result."""
+        that lives across steps: no fresh array (and its page faults) per step."""
         xp = array_module(p)
-        m = self.state["exp_avg"][name]
-        v = self.state["exp_avg_sq"][name]
+        self._adam_arrays(xp, p, g, self.state["exp_avg"][name], self.state["exp_avg_sq"][name],
+                          self._scratch_for(name, p), decay)
+
+    def _scratch_for(self, name, p):
         s = self._scratch.get(name)
         if s is None:
-            s = self._scratch[name] = xp.empty_like(p)
-        if xp is not np or p.size < 2 * _ADAM_PIECE or not p.flags.c_contiguous:
-            self._adam_arrays(xp, p, g, m, v, s, decay)
-            return
-        flat = [a.reshape(-1) for a in (p, xp.ascontiguousarray(g), m, v, s)]
-        parallel_for(lambda lo, hi: self._adam_arrays(xp, *(a[lo:hi] for a in flat), decay),
-                     p.size, min_per_thread=_ADAM_PIECE)
+            s = self._scratch[name] = array_module(p).empty_like(p)
+        return s
+
+    def step(self, grads: dict) -> None:
+        """Optimizer.step. The fast form on the CPU: every operation of the update is
+        elementwise, so all parameters are cut into flat pieces of _ADAM_PIECE elements
+        and one backend.parallel_for shares the pieces out among the threads (the same
+        numbers as updating each parameter whole)."""
+        params = self.params.values()
+        if not self.fast or not all(array_module(p) is np and p.flags.c_contiguous for p in params):
+            return super().step(grads)
+        _check_grads(self.params, grads)
+        self.t += 1
+        flat, pieces = {}, []
+        for name, p in self.params.items():
+            arrays = (p, np.ascontiguousarray(grads[name]), self.state["exp_avg"][name],
+                      self.state["exp_avg_sq"][name], self._scratch_for(name, p))
+            flat[name] = [a.reshape(-1) for a in arrays]                      # views: p is contiguous
+            pieces += [(name, slice(i, i + _ADAM_PIECE)) for i in range(0, p.size, _ADAM_PIECE)]
+
+        def run(lo, hi):
+            for name, piece in pieces[lo:hi]:
+                self._adam_arrays(np, *(a[piece] for a in flat[name]), self.decayed[name])
+        parallel_for(run, len(pieces))
 
     def _adam_arrays(self, xp, p, g, m, v, s, decay):
         """The update of _update_fast on arrays (or matching slices) p, g, m, v and scratch s."""
@@ -340,7 +357,7 @@ class Adam(Optimizer):
         p -= s
 
 
-_ADAM_PIECE = 1 << 15     # elements: parameters of fewer than two pieces are updated in one go
+_ADAM_PIECE = 1 << 15     # elements per piece of the threaded update (128 KB of float32)
 
 
 class AdamW(Adam):
