@@ -357,7 +357,7 @@ class Adam(Optimizer):
         p -= s
 
 
-_ADAM_PIECE = 1 << 15     # elements per piece of the threaded update (128 KB of float32)
+_ADAM_PIECE = 1 << 20     # elements per piece of the threaded update (4 MB of float32: most parameters whole)
 
 
 class AdamW(Adam):
