@@ -223,6 +223,9 @@ _INF = float("inf")
 _UNSET = object()
 _LONG_PIECE = 128       # above this many bytes, the heap version of the merge loop
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
+_MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
+_DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
+_NO_RANK = np.iinfo(np.int32).max
 
 
 class BPETokenizer:
@@ -246,6 +249,8 @@ class BPETokenizer:
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
         self._cache = {}             # chunk str -> tuple of ids
         self._special_re_cache = {}  # frozenset of special tokens -> compiled alternation
+        self._pair_table = None      # (V, V) pair ranks of the NumPy merge loop, built on first use
+        self._text_ranks = None      # token text -> rank (tokens that are valid UTF-8), built on first use
 
     def _id_to_bytes(self):
         decoder = [None] * self.vocab_size
@@ -404,9 +409,60 @@ class BPETokenizer:
             pass
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        for chunk in set(chunks).difference(cache):
-            cache[chunk] = self._encode_chunk(chunk)
+        new_chunks = set(chunks).difference(cache)
+        if len(new_chunks) >= _MANY_CHUNKS and self._pair_ranks() is not None:
+            cache.update(self._encode_chunks_at_once(list(new_chunks)))
+        else:
+            for chunk in new_chunks:
+                cache[chunk] = self._encode_chunk(chunk)
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    # -- encoding, the fast path: the merge loop of many chunks at once, in NumPy --
+
+    def _pair_ranks(self):
+        """The (V, V) int32 table of pair ranks: [a, b] = rank of token a's bytes + token b's bytes,
+        _NO_RANK where that is no token; None when V (= vocab_size) is above _DENSE_PAIRS (too big).
+
+        Built once from the ranks alone: bytes(a) + bytes(b) == t exactly when a and b are
+        the two sides of some cut of t, so each token t contributes its cuts.
+        """
+        if self._pair_table is None and self.vocab_size <= _DENSE_PAIRS:
+            table = np.full((self.vocab_size, self.vocab_size), _NO_RANK, dtype=np.int32)
+            get = self.ranks.get
+            for token, rank in self.ranks.items():
+                for k in range(1, len(token)):
+                    left, right = get(token[:k]), get(token[k:])
+                    if left is not None and right is not None:
+                        table[left, right] = rank
+            self._pair_table = table
+        return self._pair_table
+
+    def _encode_chunks_at_once(self, chunks):
+        """{chunk: tuple of ids} for many distinct chunks: _encode_chunk's ids, the merges done in NumPy.
+
+        Whole-chunk tokens are looked up by their text (no encoding to bytes), long
+        chunks go through _encode_chunk, the rest through _bpe_at_once.
+        """
+        whole = self._text_ranks
+        if whole is None:  # token text -> rank, for the tokens that are whole UTF-8 text
+            whole = self._text_ranks = {}
+            for token, rank in self.ranks.items():
+                try:
+                    whole[token.decode("utf-8")] = rank
+                except UnicodeDecodeError:
+                    pass
+        found = list(map(whole.get, chunks))
+        out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
+        rest = [chunk for chunk, rank in zip(chunks, found) if rank is None]
+        pieces = list(map(str.encode, rest))
+        if any(len(piece) > _LONG_PIECE for piece in pieces):
+            long_chunks = [chunk for chunk, piece in zip(rest, pieces) if len(piece) > _LONG_PIECE]
+            out.update(zip(long_chunks, map(self._encode_chunk, long_chunks)))
+            short = [(chunk, piece) for chunk, piece in zip(rest, pieces) if len(piece) <= _LONG_PIECE]
+            rest, pieces = [chunk for chunk, _ in short], [piece for _, piece in short]
+        if pieces:
+            out.update(zip(rest, _bpe_at_once(pieces, self._pair_ranks())))
+        return out
 
     def _special_regex(self, tokens):
         key = frozenset(tokens)
@@ -523,6 +579,67 @@ class BPETokenizer:
                              f"pass allowed_special={{{found.group()!r}}} (or 'all') to encode it as a "
                              "special token, or disallowed_special=() to encode it as plain text")
         return allowed
+
+
+def _bpe_at_once(pieces, pair_ranks):
+    """The BPE ids of each byte string in ``pieces`` (a list of tuples), all merged together.
+
+    The rule of _bpe_parts, one merge per piece per round: every piece merges its
+    lowest-rank adjacent pair (leftmost on ties), and a piece with no mergeable
+    pair left is put aside. All pieces live in one flat array of ids, piece after
+    piece, with ``ranks[i]`` the rank of the pair (i, i + 1) kept up to date (a
+    merge changes only the two pairs beside it), so a round is a few NumPy passes
+    over the ids still being merged; rounds = the most merges any one piece needs.
+    """
+    width = pair_ranks.shape[1]
+    table = pair_ranks.ravel()
+    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))  # ids per active piece
+    ids = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.int64)
+    ends = np.cumsum(lens)
+    ranks = np.empty(ids.size, dtype=np.int64)          # ranks[i]: of the pair (i, i + 1)
+    ranks[:-1] = table[ids[:-1] * width + ids[1:]]
+    ranks[ends - 1] = _NO_RANK                          # no pair across two pieces
+    positions = np.arange(ids.size)
+    piece_of = np.arange(len(pieces))                   # active piece -> its index in ``pieces``
+    finished = []                                       # (piece indices, their lengths, their ids) per round
+    while piece_of.size:
+        # Per piece the lowest rank and the leftmost pair of that rank: one reduceat over rank:position.
+        best = np.minimum.reduceat((ranks << 32) | positions[:ids.size], ends - lens)
+        lowest, first = best >> 32, best & 0xFFFFFFFF
+        keep = np.ones(ids.size, dtype=bool)
+        done = lowest == _NO_RANK
+        removed_before = 0                              # per piece: ids removed before it this round
+        if done.any():                                  # put the finished pieces aside
+            at_done = np.repeat(done, lens)
+            finished.append((piece_of[done], lens[done], ids.compress(at_done)))
+            keep[at_done] = False
+            active = ~done
+            removed_before = np.cumsum(np.where(done, lens, 0))[active]
+            lens, lowest, first, piece_of = lens[active], lowest[active], first[active], piece_of[active]
+        ids[first] = lowest                             # the pair merges into its token, whose id is its rank
+        keep[first + 1] = False
+        ids, ranks = ids.compress(keep), ranks.compress(keep)
+        lens -= 1
+        ends = np.cumsum(lens)
+        at = first - removed_before - np.arange(first.size)  # where the merged ids are now
+        right = np.minimum(at + 1, ids.size - 1)
+        ranks[at] = np.where(at + 1 == ends, _NO_RANK, table[ids[at] * width + ids[right]])
+        left = at[at > ends - lens] - 1
+        ranks[left] = table[ids[left] * width + ids[left + 1]]
+    return _runs_in_order(finished, len(pieces))
+
+
+def _runs_in_order(finished, n_pieces):
+    """The tuples of ids of pieces 0, 1, ..., n_pieces - 1 from _bpe_at_once's (pieces, lengths, ids) batches."""
+    order = np.concatenate([indices for indices, _, _ in finished]).tolist()
+    lens = np.concatenate([lengths for _, lengths, _ in finished])
+    flat = tuple(np.concatenate([merged for _, _, merged in finished]).tolist())
+    ends = np.cumsum(lens)
+    runs = map(flat.__getitem__, map(slice, (ends - lens).tolist(), ends.tolist()))
+    result = [None] * n_pieces
+    for piece, run in zip(order, runs):
+        result[piece] = run
+    return result
 
 
 # -- the steps of BPETokenizer.train ------------------------------------------

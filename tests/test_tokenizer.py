@@ -352,6 +352,53 @@ def test_bpe_long_piece_path_equals_list_path(bpe, seed):
     assert b"".join(parts_heap) == piece
 
 
+def _plain_chunk_ids(tok, chunks):
+    return {chunk: tok._encode_chunk(chunk) for chunk in chunks}
+
+
+@given(st.lists(wordy_texts | texts, min_size=1, max_size=6), st.sampled_from(["gpt2", "gpt4", None]))
+def test_bpe_numpy_merge_loop_equals_plain(bpe_all, batch, pattern):
+    # The cold-cache fast path encodes many new chunks at once in NumPy: the same ids as one by one.
+    tok = bpe_all[pattern]
+    chunks = sorted({c for s in batch for c in ([s] if pattern is None else tok._split(s)) if c})
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.binary(min_size=2, max_size=5), min_size=1, max_size=60, unique=True),
+       st.randoms(use_true_random=False), st.lists(wordy_texts, min_size=1, max_size=8))
+def test_bpe_numpy_merge_loop_equals_plain_for_any_ranks(tokens, rng, batch):
+    # Ranks from other tools need not come from merges: a token may be reachable from several cuts,
+    # or from none; the NumPy loop looks up concatenations, as the plain loop does.
+    ranks = {bytes([b]): b for b in range(256)}
+    extra = [t for t in tokens if t not in ranks]
+    rng.shuffle(extra)
+    ranks.update((t, 256 + k) for k, t in enumerate(extra))
+    tok = BPETokenizer(ranks, pattern="gpt2")
+    alphabet = sorted({b for t in extra for b in t}) or [97]
+    chunks = sorted({bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).decode("latin-1")
+                     for _ in range(80)} | set(tok._split("".join(batch))))
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)
+
+
+def test_bpe_numpy_merge_loop_long_and_whole_chunks(bpe):
+    # Long chunks (the heap path), whole-chunk tokens and single bytes, mixed in one call.
+    rng = np.random.default_rng(0)
+    long_chunks = ["".join(rng.choice(list("aab thet e is"))for _ in range(n)) for n in (129, 200, 300)]
+    chunks = long_chunks + [" the", "e", "\n", " to", "🙂", "東京", " " * 140] + [f" x{i}" for i in range(70)]
+    assert bpe._encode_chunks_at_once(chunks) == _plain_chunk_ids(bpe, chunks)
+
+
+def test_bpe_cold_encode_takes_the_numpy_path_and_matches(bpe):
+    # Enough new chunks at once go through _encode_chunks_at_once; the ids are those of the plain path.
+    text = " ".join(f"w{i}x{i * 7 % 13}y" for i in range(300)) + CORPUS
+    fresh = BPETokenizer.from_dict(bpe.to_dict())
+    assert len(set(fresh._split(text))) >= tokenizer._MANY_CHUNKS
+    want = [i for chunk in fresh._split(text) for i in fresh._encode_chunk(chunk)]
+    assert fresh.encode_ordinary(text) == want
+    assert fresh._pair_table is not None  # the NumPy path ran
+
+
 def test_bpe_whole_chunk_token_is_used_directly():
     # tiktoken looks a whole chunk up before merging: "abc" is one token here even though
     # no merge path ("ab" or "bc") leads to it. Ranks from other tools can be like this.
@@ -438,6 +485,8 @@ def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
     assert compile_pattern(pattern).findall(text) == regex.findall(PATTERNS[pattern], text)
     tok = bpe_all[pattern]
     assert tok.encode_ordinary(text) == _tiktoken_encoding(tok).encode_ordinary(text)
+    chunks = sorted(set(tok._split(text)))
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)  # the NumPy merge loop
 
 
 ascii_texts = (st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
