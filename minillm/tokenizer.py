@@ -225,7 +225,7 @@ _LONG_PIECE = 128       # above this many bytes, the heap version of the merge l
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
 _MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
 _DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
-_NO_RANK = np.iinfo(np.int32).max
+_NO_RANK = np.iinfo(np.int16).max  # above every rank of a table (vocab <= _DENSE_PAIRS)
 
 
 class BPETokenizer:
@@ -409,7 +409,7 @@ class BPETokenizer:
             pass
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        new_chunks = set(chunks).difference(cache)
+        new_chunks = set(chunks).difference(cache) if cache else set(chunks)
         if len(new_chunks) >= _MANY_CHUNKS and self._pair_ranks() is not None:
             cache.update(self._encode_chunks_at_once(list(new_chunks)))
         else:
@@ -427,7 +427,7 @@ class BPETokenizer:
         the two sides of some cut of t, so each token t contributes its cuts.
         """
         if self._pair_table is None and self.vocab_size <= _DENSE_PAIRS:
-            table = np.full((self.vocab_size, self.vocab_size), _NO_RANK, dtype=np.int32)
+            table = np.full((self.vocab_size, self.vocab_size), _NO_RANK, dtype=np.int16)
             get = self.ranks.get
             for token, rank in self.ranks.items():
                 for k in range(1, len(token)):
@@ -454,14 +454,20 @@ class BPETokenizer:
         found = list(map(whole.get, chunks))
         out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
         rest = [chunk for chunk, rank in zip(chunks, found) if rank is None]
-        pieces = list(map(str.encode, rest))
-        if any(len(piece) > _LONG_PIECE for piece in pieces):
-            long_chunks = [chunk for chunk, piece in zip(rest, pieces) if len(piece) > _LONG_PIECE]
+        if not rest:
+            return out
+        text = "".join(rest)
+        if text.isascii():  # one byte per character: no chunk needs encoding on its own
+            lens, data = list(map(len, rest)), text.encode("ascii")
+        else:
+            pieces = list(map(str.encode, rest))
+            lens, data = list(map(len, pieces)), b"".join(pieces)
+        if max(lens) > _LONG_PIECE:  # rare: long chunks take the heap path, the others come back here
+            long_chunks = [chunk for chunk, n in zip(rest, lens) if n > _LONG_PIECE]
             out.update(zip(long_chunks, map(self._encode_chunk, long_chunks)))
-            short = [(chunk, piece) for chunk, piece in zip(rest, pieces) if len(piece) <= _LONG_PIECE]
-            rest, pieces = [chunk for chunk, _ in short], [piece for _, piece in short]
-        if pieces:
-            out.update(zip(rest, _bpe_at_once(pieces, self._pair_ranks())))
+            out.update(self._encode_chunks_at_once([chunk for chunk, n in zip(rest, lens) if n <= _LONG_PIECE]))
+            return out
+        out.update(zip(rest, _bpe_at_once(data, np.array(lens), self._pair_ranks())))
         return out
 
     def _special_regex(self, tokens):
@@ -581,8 +587,9 @@ class BPETokenizer:
         return allowed
 
 
-def _bpe_at_once(pieces, pair_ranks):
-    """The BPE ids of each byte string in ``pieces`` (a list of tuples), all merged together.
+def _bpe_at_once(data, lens, pair_ranks):
+    """The BPE ids (a list of tuples) of each of the byte strings that ``data`` holds one after
+    another, ``lens[k]`` bytes the k-th, all merged together.
 
     The rule of _bpe_parts, one merge per piece per round: every piece merges its
     lowest-rank adjacent pair (leftmost on ties), and a piece with no mergeable
@@ -593,14 +600,15 @@ def _bpe_at_once(pieces, pair_ranks):
     """
     width = pair_ranks.shape[1]
     table = pair_ranks.ravel()
-    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))  # ids per active piece
-    ids = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.int64)
+    n_pieces = len(lens)
+    lens = lens.astype(np.int64)                        # ids per active piece
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
     ends = np.cumsum(lens)
     ranks = np.empty(ids.size, dtype=np.int64)          # ranks[i]: of the pair (i, i + 1)
     ranks[:-1] = table[ids[:-1] * width + ids[1:]]
     ranks[ends - 1] = _NO_RANK                          # no pair across two pieces
     positions = np.arange(ids.size)
-    piece_of = np.arange(len(pieces))                   # active piece -> its index in ``pieces``
+    piece_of = np.arange(n_pieces)                      # active piece -> its index
     finished = []                                       # (piece indices, their lengths, their ids) per round
     while piece_of.size:
         # Per piece the lowest rank and the leftmost pair of that rank: one reduceat over rank:position.
@@ -626,7 +634,7 @@ def _bpe_at_once(pieces, pair_ranks):
         ranks[at] = np.where(at + 1 == ends, _NO_RANK, table[ids[at] * width + ids[right]])
         left = at[at > ends - lens] - 1
         ranks[left] = table[ids[left] * width + ids[left + 1]]
-    return _runs_in_order(finished, len(pieces))
+    return _runs_in_order(finished, n_pieces)
 
 
 def _runs_in_order(finished, n_pieces):

@@ -483,6 +483,7 @@ def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
     regex = pytest.importorskip("regex")
     text = _cached_shakespeare(200_000)
     assert compile_pattern(pattern).findall(text) == regex.findall(PATTERNS[pattern], text)
+    assert compile_splitter(pattern)(text) == compile_pattern(pattern).findall(text)  # ASCII: the fast path
     tok = bpe_all[pattern]
     assert tok.encode_ordinary(text) == _tiktoken_encoding(tok).encode_ordinary(text)
     chunks = sorted(set(tok._split(text)))
