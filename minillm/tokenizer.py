@@ -671,7 +671,7 @@ def _learn_merges(chunks, freqs, n_merges):
     merged in place as training goes). The pair counts are those train_bpe_naive
     recounts, kept up to date instead: a merge changes only the pairs beside it.
     """
-    pair_counts, chunks_with = _count_pairs(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
+    pair_counts, chunks_with = _count_pairs_fast(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
     # Max-heap of (count, pair) by pushing (-count, a, b); entries gone stale are skipped when popped.
     heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
@@ -682,10 +682,14 @@ def _learn_merges(chunks, freqs, n_merges):
             break  # no pairs left: every chunk is a single token
         merges[pair] = new_id
         count_change = defaultdict(int)  # pair -> how much this merge changes its count
+        a, b = pair
         for c in chunks_with.pop(pair):
             # A chunk listed under the pair may no longer hold it (an earlier merge took those
-            # bytes); merging it then changes nothing and counts nothing.
-            chunks[c] = _merge_and_count(chunks[c], pair, new_id, freqs[c], count_change, chunks_with, c)
+            # bytes); merging it then changes nothing and counts nothing. Most such chunks lack a
+            # or b altogether, which `in` (a C loop) finds before the merge loop walks the chunk.
+            ids = chunks[c]
+            if a in ids and b in ids:
+                chunks[c] = _merge_and_count(ids, pair, new_id, freqs[c], count_change, chunks_with, c)
         _update_counts(pair_counts, heap, count_change)
     return merges
 
@@ -700,6 +704,34 @@ def _count_pairs(chunks, freqs):
             pair_counts[pair] += freq
             chunks_with[pair].add(c)
     return pair_counts, chunks_with
+
+
+def _count_pairs_fast(chunks, freqs):
+    """_count_pairs's counts and chunk sets, counted in NumPy over all chunks at once.
+
+    Every adjacent pair inside a chunk becomes the key a * V + b; np.bincount
+    weighted by the chunks' frequencies gives the counts, and sorting the keys
+    groups, per pair, the chunks that hold it.
+    """
+    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+    ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(lens.sum()))
+    width = int(ids.max()) + 1 if ids.size else 1
+    chunk_of = np.repeat(np.arange(len(chunks)), lens)
+    inside = chunk_of[1:] == chunk_of[:-1]                  # the pair (i, i + 1) lies inside one chunk
+    keys = (ids[:-1] * width + ids[1:])[inside]
+    if keys.size == 0:
+        return defaultdict(int), defaultdict(set)
+    holders = chunk_of[1:][inside]
+    counts = np.bincount(keys, weights=np.asarray(freqs, dtype=np.float64)[holders])
+    order = np.argsort(keys, kind="stable")
+    keys, holders = keys[order], holders[order].tolist()
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    unique = keys[starts]
+    pairs = list(zip((unique // width).tolist(), (unique % width).tolist()))
+    ends = np.append(starts[1:], keys.size).tolist()
+    holder_sets = map(set, map(holders.__getitem__, map(slice, starts.tolist(), ends)))
+    pair_counts = defaultdict(int, zip(pairs, counts[unique].astype(np.int64).tolist()))
+    return pair_counts, defaultdict(set, zip(pairs, holder_sets))
 
 
 def _pop_most_frequent(heap, pair_counts):

@@ -289,6 +289,24 @@ def test_train_bpe_naive_gives_the_fast_trainers_merges_on_shakespeare(pattern):
     assert list(naive.items()) == list(BPETokenizer.train(text, 256 + 100, pattern=pattern).merges.items())
 
 
+@given(st.lists(st.lists(st.integers(0, 600), min_size=1, max_size=12), max_size=30),
+       st.lists(st.integers(1, 10**6), min_size=30, max_size=30))
+def test_initial_pair_count_in_numpy_equals_plain(chunks, freqs):
+    # _learn_merges counts the pairs with _count_pairs_fast: the counts and chunk sets of _count_pairs.
+    freqs = freqs[:len(chunks)]
+    fast_counts, fast_with = tokenizer._count_pairs_fast(chunks, freqs)
+    plain_counts, plain_with = tokenizer._count_pairs(chunks, freqs)
+    assert fast_counts == plain_counts and fast_with == plain_with
+    assert all(type(n) is int for n in fast_counts.values())
+    assert isinstance(fast_counts, type(plain_counts)) and isinstance(fast_with, type(plain_with))
+
+
+def test_initial_pair_count_in_numpy_on_shakespeare():
+    counts = tokenizer._count_chunks(_cached_shakespeare(100_000), "gpt2", [])
+    chunks, freqs = [list(chunk.encode()) for chunk in counts], list(counts.values())
+    assert tokenizer._count_pairs_fast(chunks, freqs) == tokenizer._count_pairs(chunks, freqs)
+
+
 def test_textbook_bpe_bad_input():
     with pytest.raises(TypeError, match="ids: expected a list of int ids, got str"):
         get_pair_counts("abc")
