@@ -420,7 +420,7 @@ class BPETokenizer:
     # -- encoding, the fast path: the merge loop of many chunks at once, in NumPy --
 
     def _pair_ranks(self):
-        """The (V, V) int32 table of pair ranks: [a, b] = rank of token a's bytes + token b's bytes,
+        """The (V, V) int16 table of pair ranks: [a, b] = rank of token a's bytes + token b's bytes,
         _NO_RANK where that is no token; None when V (= vocab_size) is above _DENSE_PAIRS (too big).
 
         Built once from the ranks alone: bytes(a) + bytes(b) == t exactly when a and b are
@@ -453,7 +453,9 @@ class BPETokenizer:
                     pass
         found = list(map(whole.get, chunks))
         out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
-        rest = [chunk for chunk, rank in zip(chunks, found) if rank is None]
+        rest = [chunk for chunk, rank in zip(chunks, found) if rank is None and chunk]
+        if "" in out or "" in chunks:
+            out[""] = ()  # a pattern that can match nothing: the empty chunk has no ids
         if not rest:
             return out
         text = "".join(rest)

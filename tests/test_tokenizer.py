@@ -400,10 +400,11 @@ def test_bpe_numpy_merge_loop_equals_plain_for_any_ranks(tokens, rng, batch):
 
 
 def test_bpe_numpy_merge_loop_long_and_whole_chunks(bpe):
-    # Long chunks (the heap path), whole-chunk tokens and single bytes, mixed in one call.
+    # Long chunks (the heap path), whole-chunk tokens, single bytes and the empty chunk (a pattern
+    # such as "[a-z]*" matches it), mixed in one call.
     rng = np.random.default_rng(0)
     long_chunks = ["".join(rng.choice(list("aab thet e is"))for _ in range(n)) for n in (129, 200, 300)]
-    chunks = long_chunks + [" the", "e", "\n", " to", "🙂", "東京", " " * 140] + [f" x{i}" for i in range(70)]
+    chunks = long_chunks + ["", " theq", "", " the", "e", "\n", " toq", "🙂", "東京", " " * 140, ""] + [f" x{i}" for i in range(70)]
     assert bpe._encode_chunks_at_once(chunks) == _plain_chunk_ids(bpe, chunks)
 
 
