@@ -37,7 +37,9 @@ finds the next most frequent pair.
 Encoding replays the merges on each chunk's bytes: merge the adjacent pair whose
 joined bytes have the lowest rank (rank = id, so earlier merges come first;
 leftmost on ties) until no adjacent pair is a token. This is tiktoken's
-algorithm, so our ranks give exactly tiktoken's ids.
+algorithm, so our ranks give exactly tiktoken's ids. Encoded chunks are cached;
+when many new chunks come at once (a cold cache), :func:`_bpe_at_once` runs the
+same rule on all of them together in NumPy, one merge per chunk per round.
 
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
