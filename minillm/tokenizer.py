@@ -37,7 +37,9 @@ finds the next most frequent pair.
 Encoding replays the merges on each chunk's bytes: merge the adjacent pair whose
 joined bytes have the lowest rank (rank = id, so earlier merges come first;
 leftmost on ties) until no adjacent pair is a token. This is tiktoken's
-algorithm, so our ranks give exactly tiktoken's ids.
+algorithm, so our ranks give exactly tiktoken's ids. Encoded chunks are cached;
+when many new chunks come at once (a cold cache), :func:`_bpe_at_once` runs the
+same rule on all of them together in NumPy, one merge per chunk per round.
 
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
@@ -223,6 +225,9 @@ _INF = float("inf")
 _UNSET = object()
 _LONG_PIECE = 128       # above this many bytes, the heap version of the merge loop
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
+_MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
+_DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
+_NO_RANK = np.iinfo(np.int16).max  # above every rank of a table (vocab <= _DENSE_PAIRS)
 
 
 class BPETokenizer:
@@ -246,6 +251,8 @@ class BPETokenizer:
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
         self._cache = {}             # chunk str -> tuple of ids
         self._special_re_cache = {}  # frozenset of special tokens -> compiled alternation
+        self._pair_table = None      # (V, V) pair ranks of the NumPy merge loop, built on first use
+        self._text_ranks = None      # token text -> rank (tokens that are valid UTF-8), built on first use
 
     def _id_to_bytes(self):
         decoder = [None] * self.vocab_size
@@ -404,9 +411,68 @@ class BPETokenizer:
             pass
         if len(cache) > _CACHE_LIMIT:
             cache.clear()
-        for chunk in set(chunks).difference(cache):
-            cache[chunk] = self._encode_chunk(chunk)
+        new_chunks = set(chunks).difference(cache) if cache else set(chunks)
+        if len(new_chunks) >= _MANY_CHUNKS and self._pair_ranks() is not None:
+            cache.update(self._encode_chunks_at_once(list(new_chunks)))
+        else:
+            for chunk in new_chunks:
+                cache[chunk] = self._encode_chunk(chunk)
         return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    # -- encoding, the fast path: the merge loop of many chunks at once, in NumPy --
+
+    def _pair_ranks(self):
+        """The (V, V) int16 table of pair ranks: [a, b] = rank of token a's bytes + token b's bytes,
+        _NO_RANK where that is no token; None when V (= vocab_size) is above _DENSE_PAIRS (too big).
+
+        Built once from the ranks alone: bytes(a) + bytes(b) == t exactly when a and b are
+        the two sides of some cut of t, so each token t contributes its cuts.
+        """
+        if self._pair_table is None and self.vocab_size <= _DENSE_PAIRS:
+            table = np.full((self.vocab_size, self.vocab_size), _NO_RANK, dtype=np.int16)
+            get = self.ranks.get
+            for token, rank in self.ranks.items():
+                for k in range(1, len(token)):
+                    left, right = get(token[:k]), get(token[k:])
+                    if left is not None and right is not None:
+                        table[left, right] = rank
+            self._pair_table = table
+        return self._pair_table
+
+    def _encode_chunks_at_once(self, chunks):
+        """{chunk: tuple of ids} for many distinct chunks: _encode_chunk's ids, the merges done in NumPy.
+
+        Whole-chunk tokens are looked up by their text (no encoding to bytes), long
+        chunks go through _encode_chunk, the rest through _bpe_at_once.
+        """
+        whole = self._text_ranks
+        if whole is None:  # token text -> rank, for the tokens that are whole UTF-8 text
+            whole = self._text_ranks = {}
+            for token, rank in self.ranks.items():
+                try:
+                    whole[token.decode("utf-8")] = rank
+                except UnicodeDecodeError:
+                    pass
+        found = list(map(whole.get, chunks))
+        out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
+        rest = [chunk for chunk, rank in zip(chunks, found) if rank is None and chunk]
+        if "" in out or "" in chunks:
+            out[""] = ()  # a pattern that can match nothing: the empty chunk has no ids
+        if not rest:
+            return out
+        text = "".join(rest)
+        if text.isascii():  # one byte per character: no chunk needs encoding on its own
+            lens, data = list(map(len, rest)), text.encode("ascii")
+        else:
+            pieces = list(map(str.encode, rest))
+            lens, data = list(map(len, pieces)), b"".join(pieces)
+        if max(lens) > _LONG_PIECE:  # rare: long chunks take the heap path, the others come back here
+            long_chunks = [chunk for chunk, n in zip(rest, lens) if n > _LONG_PIECE]
+            out.update(zip(long_chunks, map(self._encode_chunk, long_chunks)))
+            out.update(self._encode_chunks_at_once([chunk for chunk, n in zip(rest, lens) if n <= _LONG_PIECE]))
+            return out
+        out.update(zip(rest, _bpe_at_once(data, np.array(lens), self._pair_ranks())))
+        return out
 
     def _special_regex(self, tokens):
         key = frozenset(tokens)
@@ -525,6 +591,69 @@ class BPETokenizer:
         return allowed
 
 
+def _bpe_at_once(data, lens, pair_ranks):
+    """The BPE ids (a list of tuples) of each of the byte strings that ``data`` holds one after
+    another, ``lens[k]`` bytes the k-th, all merged together.
+
+    The rule of _bpe_parts, one merge per piece per round: every piece merges its
+    lowest-rank adjacent pair (leftmost on ties), and a piece with no mergeable
+    pair left is put aside. All pieces live in one flat array of ids, piece after
+    piece, with ``ranks[i]`` the rank of the pair (i, i + 1) kept up to date (a
+    merge changes only the two pairs beside it), so a round is a few NumPy passes
+    over the ids still being merged; rounds = the most merges any one piece needs.
+    """
+    width = pair_ranks.shape[1]
+    table = pair_ranks.ravel()
+    n_pieces = len(lens)
+    lens = lens.astype(np.int64)                        # ids per active piece
+    ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    ends = np.cumsum(lens)
+    ranks = np.empty(ids.size, dtype=np.int64)          # ranks[i]: of the pair (i, i + 1)
+    ranks[:-1] = table[ids[:-1] * width + ids[1:]]
+    ranks[ends - 1] = _NO_RANK                          # no pair across two pieces
+    positions = np.arange(ids.size)
+    piece_of = np.arange(n_pieces)                      # active piece -> its index
+    finished = []                                       # (piece indices, their lengths, their ids) per round
+    while piece_of.size:
+        # Per piece the lowest rank and the leftmost pair of that rank: one reduceat over rank:position.
+        best = np.minimum.reduceat((ranks << 32) | positions[:ids.size], ends - lens)
+        lowest, first = best >> 32, best & 0xFFFFFFFF
+        keep = np.ones(ids.size, dtype=bool)
+        done = lowest == _NO_RANK
+        removed_before = 0                              # per piece: ids removed before it this round
+        if done.any():                                  # put the finished pieces aside
+            at_done = np.repeat(done, lens)
+            finished.append((piece_of[done], lens[done], ids.compress(at_done)))
+            keep[at_done] = False
+            active = ~done
+            removed_before = np.cumsum(np.where(done, lens, 0))[active]
+            lens, lowest, first, piece_of = lens[active], lowest[active], first[active], piece_of[active]
+        ids[first] = lowest                             # the pair merges into its token, whose id is its rank
+        keep[first + 1] = False
+        ids, ranks = ids.compress(keep), ranks.compress(keep)
+        lens -= 1
+        ends = np.cumsum(lens)
+        at = first - removed_before - np.arange(first.size)  # where the merged ids are now
+        right = np.minimum(at + 1, ids.size - 1)
+        ranks[at] = np.where(at + 1 == ends, _NO_RANK, table[ids[at] * width + ids[right]])
+        left = at[at > ends - lens] - 1
+        ranks[left] = table[ids[left] * width + ids[left + 1]]
+    return _runs_in_order(finished, n_pieces)
+
+
+def _runs_in_order(finished, n_pieces):
+    """The tuples of ids of pieces 0, 1, ..., n_pieces - 1 from _bpe_at_once's (pieces, lengths, ids) batches."""
+    order = np.concatenate([indices for indices, _, _ in finished]).tolist()
+    lens = np.concatenate([lengths for _, lengths, _ in finished])
+    flat = tuple(np.concatenate([merged for _, _, merged in finished]).tolist())
+    ends = np.cumsum(lens)
+    runs = map(flat.__getitem__, map(slice, (ends - lens).tolist(), ends.tolist()))
+    result = [None] * n_pieces
+    for piece, run in zip(order, runs):
+        result[piece] = run
+    return result
+
+
 # -- the steps of BPETokenizer.train ------------------------------------------
 
 def _count_chunks(text, pattern, special_tokens):
@@ -546,7 +675,7 @@ def _learn_merges(chunks, freqs, n_merges):
     merged in place as training goes). The pair counts are those train_bpe_naive
     recounts, kept up to date instead: a merge changes only the pairs beside it.
     """
-    pair_counts, chunks_with = _count_pairs(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
+    pair_counts, chunks_with = _count_pairs_fast(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
     # Max-heap of (count, pair) by pushing (-count, a, b); entries gone stale are skipped when popped.
     heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
     heapq.heapify(heap)
@@ -557,10 +686,14 @@ def _learn_merges(chunks, freqs, n_merges):
             break  # no pairs left: every chunk is a single token
         merges[pair] = new_id
         count_change = defaultdict(int)  # pair -> how much this merge changes its count
+        a, b = pair
         for c in chunks_with.pop(pair):
             # A chunk listed under the pair may no longer hold it (an earlier merge took those
-            # bytes); merging it then changes nothing and counts nothing.
-            chunks[c] = _merge_and_count(chunks[c], pair, new_id, freqs[c], count_change, chunks_with, c)
+            # bytes); merging it then changes nothing and counts nothing. Most such chunks lack a
+            # or b altogether, which `in` (a C loop) finds before the merge loop walks the chunk.
+            ids = chunks[c]
+            if a in ids and b in ids:
+                chunks[c] = _merge_and_count(ids, pair, new_id, freqs[c], count_change, chunks_with, c)
         _update_counts(pair_counts, heap, count_change)
     return merges
 
@@ -575,6 +708,34 @@ def _count_pairs(chunks, freqs):
             pair_counts[pair] += freq
             chunks_with[pair].add(c)
     return pair_counts, chunks_with
+
+
+def _count_pairs_fast(chunks, freqs):
+    """_count_pairs's counts and chunk sets, counted in NumPy over all chunks at once.
+
+    Every adjacent pair inside a chunk becomes the key a * V + b; np.bincount
+    weighted by the chunks' frequencies gives the counts, and sorting the keys
+    groups, per pair, the chunks that hold it.
+    """
+    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
+    ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(lens.sum()))
+    width = int(ids.max()) + 1 if ids.size else 1
+    chunk_of = np.repeat(np.arange(len(chunks)), lens)
+    inside = chunk_of[1:] == chunk_of[:-1]                  # the pair (i, i + 1) lies inside one chunk
+    keys = (ids[:-1] * width + ids[1:])[inside]
+    if keys.size == 0:
+        return defaultdict(int), defaultdict(set)
+    holders = chunk_of[1:][inside]
+    counts = np.bincount(keys, weights=np.asarray(freqs, dtype=np.float64)[holders])
+    order = np.argsort(keys, kind="stable")
+    keys, holders = keys[order], holders[order].tolist()
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    unique = keys[starts]
+    pairs = list(zip((unique // width).tolist(), (unique % width).tolist()))
+    ends = np.append(starts[1:], keys.size).tolist()
+    holder_sets = map(set, map(holders.__getitem__, map(slice, starts.tolist(), ends)))
+    pair_counts = defaultdict(int, zip(pairs, counts[unique].astype(np.int64).tolist()))
+    return pair_counts, defaultdict(set, zip(pairs, holder_sets))
 
 
 def _pop_most_frequent(heap, pair_counts):

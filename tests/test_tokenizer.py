@@ -289,6 +289,24 @@ def test_train_bpe_naive_gives_the_fast_trainers_merges_on_shakespeare(pattern):
     assert list(naive.items()) == list(BPETokenizer.train(text, 256 + 100, pattern=pattern).merges.items())
 
 
+@given(st.lists(st.lists(st.integers(0, 600), min_size=1, max_size=12), max_size=30),
+       st.lists(st.integers(1, 10**6), min_size=30, max_size=30))
+def test_initial_pair_count_in_numpy_equals_plain(chunks, freqs):
+    # _learn_merges counts the pairs with _count_pairs_fast: the counts and chunk sets of _count_pairs.
+    freqs = freqs[:len(chunks)]
+    fast_counts, fast_with = tokenizer._count_pairs_fast(chunks, freqs)
+    plain_counts, plain_with = tokenizer._count_pairs(chunks, freqs)
+    assert fast_counts == plain_counts and fast_with == plain_with
+    assert all(type(n) is int for n in fast_counts.values())
+    assert isinstance(fast_counts, type(plain_counts)) and isinstance(fast_with, type(plain_with))
+
+
+def test_initial_pair_count_in_numpy_on_shakespeare():
+    counts = tokenizer._count_chunks(_cached_shakespeare(100_000), "gpt2", [])
+    chunks, freqs = [list(chunk.encode()) for chunk in counts], list(counts.values())
+    assert tokenizer._count_pairs_fast(chunks, freqs) == tokenizer._count_pairs(chunks, freqs)
+
+
 def test_textbook_bpe_bad_input():
     with pytest.raises(TypeError, match="ids: expected a list of int ids, got str"):
         get_pair_counts("abc")
@@ -350,6 +368,54 @@ def test_bpe_long_piece_path_equals_list_path(bpe, seed):
     parts_heap = bpe._bpe_parts_long(piece, bpe.ranks.get)
     assert [bpe.ranks[p] for p in parts_heap] == naive_bpe(piece, bpe.ranks) or piece in bpe.ranks
     assert b"".join(parts_heap) == piece
+
+
+def _plain_chunk_ids(tok, chunks):
+    return {chunk: tok._encode_chunk(chunk) for chunk in chunks}
+
+
+@given(st.lists(wordy_texts | texts, min_size=1, max_size=6), st.sampled_from(["gpt2", "gpt4", None]))
+def test_bpe_numpy_merge_loop_equals_plain(bpe_all, batch, pattern):
+    # The cold-cache fast path encodes many new chunks at once in NumPy: the same ids as one by one.
+    tok = bpe_all[pattern]
+    chunks = sorted({c for s in batch for c in ([s] if pattern is None else tok._split(s)) if c})
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.binary(min_size=2, max_size=5), min_size=1, max_size=60, unique=True),
+       st.randoms(use_true_random=False), st.lists(wordy_texts, min_size=1, max_size=8))
+def test_bpe_numpy_merge_loop_equals_plain_for_any_ranks(tokens, rng, batch):
+    # Ranks from other tools need not come from merges: a token may be reachable from several cuts,
+    # or from none; the NumPy loop looks up concatenations, as the plain loop does.
+    ranks = {bytes([b]): b for b in range(256)}
+    extra = [t for t in tokens if t not in ranks]
+    rng.shuffle(extra)
+    ranks.update((t, 256 + k) for k, t in enumerate(extra))
+    tok = BPETokenizer(ranks, pattern="gpt2")
+    alphabet = sorted({b for t in extra for b in t}) or [97]
+    chunks = sorted({bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 12))).decode("latin-1")
+                     for _ in range(80)} | set(tok._split("".join(batch))))
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)
+
+
+def test_bpe_numpy_merge_loop_long_and_whole_chunks(bpe):
+    # Long chunks (the heap path), whole-chunk tokens, single bytes and the empty chunk (a pattern
+    # such as "[a-z]*" matches it), mixed in one call.
+    rng = np.random.default_rng(0)
+    long_chunks = ["".join(rng.choice(list("aab thet e is"))for _ in range(n)) for n in (129, 200, 300)]
+    chunks = long_chunks + ["", " theq", "", " the", "e", "\n", " toq", "🙂", "東京", " " * 140, ""] + [f" x{i}" for i in range(70)]
+    assert bpe._encode_chunks_at_once(chunks) == _plain_chunk_ids(bpe, chunks)
+
+
+def test_bpe_cold_encode_takes_the_numpy_path_and_matches(bpe):
+    # Enough new chunks at once go through _encode_chunks_at_once; the ids are those of the plain path.
+    text = " ".join(f"w{i}x{i * 7 % 13}y" for i in range(300)) + CORPUS
+    fresh = BPETokenizer.from_dict(bpe.to_dict())
+    assert len(set(fresh._split(text))) >= tokenizer._MANY_CHUNKS
+    want = [i for chunk in fresh._split(text) for i in fresh._encode_chunk(chunk)]
+    assert fresh.encode_ordinary(text) == want
+    assert fresh._pair_table is not None  # the NumPy path ran
 
 
 def test_bpe_whole_chunk_token_is_used_directly():
@@ -436,8 +502,11 @@ def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
     regex = pytest.importorskip("regex")
     text = _cached_shakespeare(200_000)
     assert compile_pattern(pattern).findall(text) == regex.findall(PATTERNS[pattern], text)
+    assert compile_splitter(pattern)(text) == compile_pattern(pattern).findall(text)  # ASCII: the fast path
     tok = bpe_all[pattern]
     assert tok.encode_ordinary(text) == _tiktoken_encoding(tok).encode_ordinary(text)
+    chunks = sorted(set(tok._split(text)))
+    assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)  # the NumPy merge loop
 
 
 ascii_texts = (st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
