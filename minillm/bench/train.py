@@ -4,8 +4,10 @@ One step = forward, loss, the whole backward, and an AdamW update, on a batch of
 random token ids (the data pipeline is not timed). The PyTorch reference is the
 same architecture written with torch ops (eager mode: explicit attention
 matmuls, as minillm does; plus F.scaled_dot_product_attention as a second
-column), loaded with the *same* weights, and its loss is checked against ours
-before anything is timed, so both sides provably compute the same thing.
+column), and Hugging Face's GPT2LMHeadModel (its default SDPA attention) when
+transformers is installed, each loaded with the *same* weights, and each loss is
+checked against ours before anything is timed, so all sides provably compute the
+same thing.
 
 Runs alternate (minillm step, torch step, minillm step, ...) so that both meet the
 same machine load; the table shows the median and the best of --repeat steps.
