@@ -21,6 +21,7 @@ what came.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -133,13 +134,13 @@ def synchronize(x=None) -> None:
 
 _num_threads = None      # None: decided on first use by _default_threads()
 _pool = None             # the worker threads, made on first use
-_inside = None           # set in the workers: a parallel_for inside a part runs inline
+_inside = threading.local()   # .flag set in a part: a parallel_for inside it runs inline
 
 
 def _forget_pool_after_fork():
     """A forked child has none of the parent's worker threads: make a fresh pool on first use."""
     global _pool, _inside
-    _pool, _inside = None, None
+    _pool, _inside = None, threading.local()
 
 
 if hasattr(os, "register_at_fork"):
@@ -152,13 +153,9 @@ def _default_threads() -> int:
     for var in ("MINILLM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         value = os.environ.get(var, "").strip()
         if value:
-            try:
-                n = int(value)
-            except ValueError:
-                raise ValueError(f"{var}: expected a positive integer, got {value!r}") from None
-            if n < 1:
+            if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"{var}: expected a positive integer, got {value!r}")
-            return n
+            return int(value)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:          # not on Linux
@@ -191,11 +188,8 @@ def parallel_for(part, n, min_per_thread=1, xp=np) -> None:
     2 * min_per_thread (too little work to be worth a thread), or when xp is not NumPy
     (a GPU runs the whole array at once). An exception in a part is raised here.
     """
-    import threading
-    global _pool, _inside
+    global _pool
     threads = min(num_threads(), n // max(1, min_per_thread)) if xp is np else 1
-    if _inside is None:
-        _inside = threading.local()
     if threads <= 1 or getattr(_inside, "flag", False):
         part(0, n)
         return

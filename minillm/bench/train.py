@@ -189,7 +189,7 @@ def _torch_steps(torch, cfg, params, batch_np, tdev):
 def _hf_step(torch, cfg, params, batch_np, tdev):
     """[(name, step)] for Hugging Face's GPT2LMHeadModel (its default attention: SDPA) holding
     the same weights, after checking its loss equals ours; [] without transformers."""
-    from minillm import backend, checkpoint, gpt
+    from minillm import checkpoint, gpt
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except Exception as e:  # not installed, or a broken install: a benchmark degrades, it does not fail
