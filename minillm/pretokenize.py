@@ -36,7 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
-           "compile_splitter"]
+           "compile_splitter", "gpt2_chunk_starts"]
 
 # GPT-2: contractions, optional-space + letters, optional-space + numbers,
 # optional-space + other symbols, whitespace (leaving the last space to the next word).
@@ -66,14 +66,24 @@ def compile_splitter(pattern):
     The fast path: text that is all ASCII (``str.isascii``, one C pass) is split by
     the ASCII-only translation, whose classes are small bitmaps instead of the
     Unicode ranges (and their astral alternatives): the same chunks, ~1.7x faster
-    on English text. Other text takes the full pattern.
+    on English text. Other text takes the full pattern. For GPT2_PATTERN, ASCII text
+    of _ARRAY_SPLIT characters or more is cut by gpt2_chunk_starts (array passes,
+    no regex): the same chunks again, ~2.5x faster than ``re`` on 0.5 MB.
     """
     full = compile_pattern(pattern).findall
-    if PATTERNS.get(pattern, pattern) == GPT2_PATTERN and sys.version_info >= (3, 11):
-        ascii_only = _ascii_gpt2().findall
-    else:
+    if PATTERNS.get(pattern, pattern) != GPT2_PATTERN:
         ascii_only = compile_pattern(pattern, ascii_only=True).findall
-    return lambda text: ascii_only(text) if text.isascii() else full(text)
+        return lambda text: ascii_only(text) if text.isascii() else full(text)
+    short_ascii = _ascii_gpt2().findall if sys.version_info >= (3, 11) else compile_pattern(pattern, True).findall
+
+    def split_gpt2(text):
+        if not text.isascii():
+            return full(text)
+        if len(text) < _ARRAY_SPLIT:
+            return short_ascii(text)
+        starts = gpt2_chunk_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist()
+        return list(map(text.__getitem__, map(slice, starts, starts[1:] + [len(text)])))
+    return split_gpt2
 
 
 @lru_cache(maxsize=None)
@@ -91,6 +101,80 @@ def _ascii_gpt2():
     other = "[\\x00-\\x08\\x0e-\\x1f!-/:-@\\[-`{-\\x7f]"          # neither of them
     non_space = "[\\x00-\\x08\\x0e-\\x1f!-\\x7f]"
     return re.compile(f" ?{letter}++|'(?:[stmd]|re|ve|ll)| ?{digit}++| ?{other}++|{space}+(?!{non_space})|{space}")
+
+
+# -- GPT2_PATTERN on ASCII text without a regex: a few passes over the bytes --
+
+_ARRAY_SPLIT = 512  # from this many ASCII characters on, compile_splitter("gpt2") uses gpt2_chunk_starts
+_LETTER, _DIGIT, _OTHER, _SPACE = 0, 1, 2, 3  # the classes of GPT2_PATTERN, restricted to ASCII
+
+
+@lru_cache(maxsize=None)
+def _ascii_classes():
+    """(256,) uint8: the class of each byte value (only 0..127 are ever looked up)."""
+    classes = np.full(256, _OTHER, dtype=np.uint8)
+    classes[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", dtype=np.uint8)] = _LETTER
+    classes[np.frombuffer(b"0123456789", dtype=np.uint8)] = _DIGIT
+    classes[np.frombuffer(b"\t\n\x0b\x0c\r ", dtype=np.uint8)] = _SPACE  # Unicode White_Space within ASCII
+    return classes
+
+
+def gpt2_chunk_starts(codes):
+    """Where the chunks of GPT2_PATTERN start in ASCII text, found by array passes instead of a regex.
+
+    codes: uint8 array of the text's bytes, each < 128 -> int64 array of the offsets at
+    which its chunks start (0 first; none for empty text). Chunk k is
+    ``text[starts[k]:starts[k + 1]]``, exactly ``compile_pattern("gpt2").findall(text)``.
+
+    On ASCII text the pattern's alternatives come down to three rules, applied here
+    to the classes letter, digit, whitespace and other:
+
+    1. A run of one class is a chunk (`` ?\\p{L}+``, `` ?\\p{N}+``, `` ?[^\\s\\p{L}\\p{N}]+``, ``\\s+``).
+    2. Whitespace followed by a non-space gives up its last character (``\\s+(?!\\S)``
+       backtracks by one): a space there is the `` ?`` of the next chunk, any other
+       whitespace character is a chunk of its own.
+    3. A ``'`` where a match begins (not inside a run of others, not led by a space)
+       followed by s, t, m, d or re, ve, ll is a contraction: it takes those letters.
+    """
+    codes = _check_ascii_codes(codes)
+    n = codes.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    classes = _ascii_classes()[codes]
+    start = np.empty(n, dtype=bool)                     # start[i]: a chunk starts at i
+    start[0] = True
+    np.not_equal(classes[1:], classes[:-1], out=start[1:])                   # rule 1
+    space = classes == _SPACE
+    last = np.flatnonzero(space[:-1] & ~space[1:])      # the last whitespace before a non-space
+    start[last] = True                                                       # rule 2
+    start[last[codes[last] == ord(" ")] + 1] = False
+    quote = np.flatnonzero(codes[:-1] == ord("'"))                           # rule 3
+    before = codes[quote - 1]                           # (wraps at 0; masked below)
+    begins = (quote == 0) | ((classes[quote - 1] != _OTHER) & (before != ord(" ")))
+    quote = quote[begins & (classes[quote + 1] == _LETTER)]
+    if quote.size:
+        second = codes[quote + 1]
+        third = codes[np.minimum(quote + 2, n - 1)].astype(np.int64)
+        pair = second.astype(np.int64) << 8 | np.where(quote + 2 < n, third, 0)
+        takes = np.where(np.isin(second, np.frombuffer(b"stmd", dtype=np.uint8)), 1,
+                         np.where(np.isin(pair, _LONG_CONTRACTIONS), 2, 0))
+        quote, takes = quote[takes > 0], takes[takes > 0]
+        start[quote + 1] = False                        # the letters join the ' ...
+        end = quote + 1 + takes
+        start[end[end < n]] = True                      # ... and the rest of the word starts after them
+    return np.flatnonzero(start)
+
+
+_LONG_CONTRACTIONS = np.array([ord(a) << 8 | ord(b) for a, b in ("re", "ve", "ll")], dtype=np.int64)
+
+
+def _check_ascii_codes(codes):
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 1:
+        got = f"{codes.dtype} array of shape {codes.shape}" if isinstance(codes, np.ndarray) else type(codes).__name__
+        raise TypeError(f"codes: expected a 1-D uint8 array of ASCII bytes, got {got}")
+    if codes.size and codes.max() > 127:
+        raise ValueError(f"codes: expected ASCII bytes (< 128), got {int(codes.max())} at index {int(codes.argmax())}")
+    return codes
 
 
 def translate_pattern(pattern, ascii_only=False):

@@ -31,15 +31,21 @@ per new id 256, 257, ...::
 
 :func:`train_bpe_naive` is that loop, word for word. :meth:`BPETokenizer.train`
 learns the same merges faster: identical chunks are counted once with their
-frequency, a merge updates only the counts of the pairs beside it, and a heap
-finds the next most frequent pair.
+frequency, each pair remembers the positions where it occurs (the chunks are
+linked lists over one flat array of ids), a merge visits only those and updates
+only the counts of the pairs beside it, and a heap finds the next most frequent
+pair.
 
 Encoding replays the merges on each chunk's bytes: merge the adjacent pair whose
 joined bytes have the lowest rank (rank = id, so earlier merges come first;
 leftmost on ties) until no adjacent pair is a token. This is tiktoken's
 algorithm, so our ranks give exactly tiktoken's ids. Encoded chunks are cached;
 when many new chunks come at once (a cold cache), :func:`_bpe_at_once` runs the
-same rule on all of them together in NumPy, one merge per chunk per round.
+same rule on all of them together in NumPy, one merge per chunk per round. Long
+ASCII text under GPT-2's pattern skips the cache: :func:`gpt2_chunk_starts` cuts
+it without a regex, :func:`_distinct_chunks` finds the distinct chunks (hashed,
+then checked byte for byte), each is encoded once, and the ids are gathered in
+order. Training counts its chunks the same way.
 
 Every tokenizer has ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode(ids) -> str``, ``to_dict()`` (JSON-serialisable) and ``from_dict(d)``;
@@ -57,19 +63,20 @@ import os
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from itertools import chain
+from itertools import chain, repeat
 
 import numpy as np
 
 from minillm.backend import atomic_write, check_choice, check_int_arg, is_int, to_numpy
 # The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
 from minillm.pretokenize import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, compile_splitter,
-                                 translate_pattern)
+                                 gpt2_chunk_starts, translate_pattern)
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
     "get_pair_counts", "merge_pair", "train_bpe_naive",
     "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern", "compile_splitter",
+    "gpt2_chunk_starts",
 ]
 
 
@@ -227,6 +234,9 @@ _LONG_PIECE = 128       # above this many bytes, the heap version of the merge l
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
 _MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
 _DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
+_ARRAY_TEXT = 1 << 16   # ASCII text this long (GPT2_PATTERN) is encoded all at once in NumPy, without the cache
+_FEW_POSITIONS = 16     # training: array passes while the last _RECENT merges averaged this many positions
+_RECENT = 16
 _NO_RANK = np.iinfo(np.int16).max  # above every rank of a table (vocab <= _DENSE_PAIRS)
 
 
@@ -246,6 +256,7 @@ class BPETokenizer:
         self.special_tokens = {token: int(i) for token, i in special_tokens.items()}
         self.pattern = pattern
         self._split = None if pattern is None else compile_splitter(pattern)
+        self._gpt2 = PATTERNS.get(pattern, pattern) == GPT2_PATTERN
         self.vocab_size = max(chain(self.ranks.values(), self.special_tokens.values())) + 1
         self._decoder = self._id_to_bytes()  # list: id -> bytes, None for an id no token has
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
@@ -309,9 +320,8 @@ class BPETokenizer:
         early, with a smaller vocabulary, when no pairs are left.
         """
         special_tokens = _check_train(text, vocab_size, special_tokens)  # as a list
-        chunk_counts = _count_chunks(text, pattern, special_tokens)     # {chunk: occurrences}
-        merges = _learn_merges([list(chunk.encode("utf-8")) for chunk in chunk_counts],
-                               list(chunk_counts.values()), n_merges=vocab_size - 256 - len(special_tokens))
+        codes, lens, freqs = _count_chunks(text, pattern, special_tokens)  # the distinct chunks, counted
+        merges = _learn_merges(codes, lens, freqs, n_merges=vocab_size - 256 - len(special_tokens))
         tokens = list(_BYTES)
         for a, b in merges:  # in id order: 256, 257, ...
             tokens.append(tokens[a] + tokens[b])
@@ -403,6 +413,10 @@ class BPETokenizer:
             return []
         if self._split is None:
             return list(self._encode_chunk(text))
+        if len(text) >= _ARRAY_TEXT and self._gpt2 and text.isascii() and self._pair_ranks() is not None:
+            ids = self._encode_at_once(text)
+            if ids is not None:  # (None: a hash collision in _distinct_chunks, never seen; the cache path instead)
+                return ids
         chunks = self._split(text)
         cache = self._cache
         try:  # the common case once warm: every chunk already known, all in C loops
@@ -445,15 +459,7 @@ class BPETokenizer:
         Whole-chunk tokens are looked up by their text (no encoding to bytes), long
         chunks go through _encode_chunk, the rest through _bpe_at_once.
         """
-        whole = self._text_ranks
-        if whole is None:  # token text -> rank, for the tokens that are whole UTF-8 text
-            whole = self._text_ranks = {}
-            for token, rank in self.ranks.items():
-                try:
-                    whole[token.decode("utf-8")] = rank
-                except UnicodeDecodeError:
-                    pass
-        found = list(map(whole.get, chunks))
+        found = list(map(self._whole_chunk_ranks().get, chunks))
         out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
         rest = [chunk for chunk, rank in zip(chunks, found) if rank is None and chunk]
         if "" in out or "" in chunks:
@@ -471,8 +477,59 @@ class BPETokenizer:
             out.update(zip(long_chunks, map(self._encode_chunk, long_chunks)))
             out.update(self._encode_chunks_at_once([chunk for chunk, n in zip(rest, lens) if n <= _LONG_PIECE]))
             return out
-        out.update(zip(rest, _bpe_at_once(data, np.array(lens), self._pair_ranks())))
+        ids, lens = _bpe_at_once(data, np.array(lens), self._pair_ranks())
+        flat, ends = tuple(ids.tolist()), np.cumsum(lens)
+        out.update(zip(rest, map(flat.__getitem__, map(slice, (ends - lens).tolist(), ends.tolist()))))
         return out
+
+    def _whole_chunk_ranks(self):
+        """token text -> rank, for the tokens whose bytes are whole UTF-8 text (built once)."""
+        if self._text_ranks is None:
+            whole = {}
+            for token, rank in self.ranks.items():
+                try:
+                    whole[token.decode("utf-8")] = rank
+                except UnicodeDecodeError:
+                    pass
+            self._text_ranks = whole
+        return self._text_ranks
+
+    def _encode_at_once(self, text):
+        """encode_ordinary of long ASCII text (GPT2_PATTERN, a dense pair table) in NumPy, no cache;
+        None if _distinct_chunks reports a hash collision.
+
+        The chunks come from gpt2_chunk_starts, the distinct ones from _distinct_chunks.
+        Each distinct chunk is encoded once, as _encode_chunks_at_once would: a whole-chunk
+        token by its text, a long chunk by _encode_chunk, the rest together by
+        _bpe_at_once. Then every chunk's ids are gathered, in order, from its distinct chunk's.
+        """
+        codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        starts = gpt2_chunk_starts(codes)
+        distinct = _distinct_chunks(codes, starts)
+        if distinct is None:
+            return None
+        first, inverse, _ = distinct
+        lens = np.diff(np.append(starts, codes.size))[first]            # per distinct chunk
+        starts, ends = starts[first], starts[first] + lens
+        texts = map(text.__getitem__, map(slice, starts.tolist(), ends.tolist()))
+        whole = np.fromiter(map(self._whole_chunk_ranks().get, texts, repeat(-1)), dtype=np.int64,
+                            count=first.size)
+        merge = np.flatnonzero((whole < 0) & (lens <= _LONG_PIECE))
+        long = np.flatnonzero((whole < 0) & (lens > _LONG_PIECE))
+        merged, n_ids = _bpe_at_once(codes[_runs_index(starts[merge], lens[merge])], lens[merge],
+                                     self._pair_ranks())
+        long_ids = [self._encode_chunk(text[a:b]) for a, b in zip(starts[long].tolist(), ends[long].tolist())]
+        # One flat array of every distinct chunk's ids: the whole-chunk ranks, the merged, the long.
+        is_whole = np.flatnonzero(whole >= 0)
+        flat = np.concatenate((whole[is_whole], merged, np.fromiter(chain.from_iterable(long_ids), dtype=np.int64)))
+        count = np.ones(first.size, dtype=np.int64)
+        count[merge] = n_ids
+        count[long] = list(map(len, long_ids))
+        offset = np.empty(first.size, dtype=np.int64)
+        offset[is_whole] = np.arange(is_whole.size)
+        offset[merge] = is_whole.size + np.cumsum(n_ids) - n_ids
+        offset[long] = is_whole.size + merged.size + np.cumsum(count[long]) - count[long]
+        return flat[_runs_index(offset[inverse], count[inverse])].tolist()
 
     def _special_regex(self, tokens):
         key = frozenset(tokens)
@@ -592,8 +649,9 @@ class BPETokenizer:
 
 
 def _bpe_at_once(data, lens, pair_ranks):
-    """The BPE ids (a list of tuples) of each of the byte strings that ``data`` holds one after
-    another, ``lens[k]`` bytes the k-th, all merged together.
+    """The BPE ids of each of the byte strings that ``data`` holds one after another,
+    ``lens[k]`` bytes the k-th, all merged together: (ids, n_ids), piece k's ids being
+    the n_ids[k] after the first n_ids[:k].sum() of ``ids``.
 
     The rule of _bpe_parts, one merge per piece per round: every piece merges its
     lowest-rank adjacent pair (leftmost on ties), and a piece with no mergeable
@@ -605,6 +663,8 @@ def _bpe_at_once(data, lens, pair_ranks):
     width = pair_ranks.shape[1]
     table = pair_ranks.ravel()
     n_pieces = len(lens)
+    if n_pieces == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     lens = lens.astype(np.int64)                        # ids per active piece
     ids = np.frombuffer(data, dtype=np.uint8).astype(np.int64)
     ends = np.cumsum(lens)
@@ -638,163 +698,300 @@ def _bpe_at_once(data, lens, pair_ranks):
         ranks[at] = np.where(at + 1 == ends, _NO_RANK, table[ids[at] * width + ids[right]])
         left = at[at > ends - lens] - 1
         ranks[left] = table[ids[left] * width + ids[left + 1]]
-    return _runs_in_order(finished, n_pieces)
+    # Back in piece order: piece k's ids are the run of n_ids[k] ids at offset[k] of the finished ones.
+    order = np.concatenate([indices for indices, _, _ in finished])
+    got = np.concatenate([lengths for _, lengths, _ in finished])
+    n_ids, offset = np.empty(n_pieces, dtype=np.int64), np.empty(n_pieces, dtype=np.int64)
+    n_ids[order], offset[order] = got, np.cumsum(got) - got
+    done = np.concatenate([ids_done for _, _, ids_done in finished])
+    return done[_runs_index(offset, n_ids)], n_ids
 
 
-def _runs_in_order(finished, n_pieces):
-    """The tuples of ids of pieces 0, 1, ..., n_pieces - 1 from _bpe_at_once's (pieces, lengths, ids) batches."""
-    order = np.concatenate([indices for indices, _, _ in finished]).tolist()
-    lens = np.concatenate([lengths for _, lengths, _ in finished])
-    flat = tuple(np.concatenate([merged for _, _, merged in finished]).tolist())
-    ends = np.cumsum(lens)
-    runs = map(flat.__getitem__, map(slice, (ends - lens).tolist(), ends.tolist()))
-    result = [None] * n_pieces
-    for piece, run in zip(order, runs):
-        result[piece] = run
-    return result
+def _runs_index(run_starts, lens):
+    """The indices run_starts[0], run_starts[0] + 1, ... (lens[0] of them), then those of run 1, ...:
+    gathering with them lays the runs end to end."""
+    shift = np.repeat(run_starts - (np.cumsum(lens) - lens), lens)
+    return shift + np.arange(shift.size, dtype=np.int64)
+
+
+# A 64-bit polynomial hash of each chunk's bytes (odd base, arithmetic mod 2**64; the
+# inverse base undoes the chunk's offset in the text), then an odd multiplier that carries
+# every bit up into the high bits _distinct_chunks sorts by.
+_HASH_BASE = 0x9E3779B97F4A7C15
+_HASH_BASE_INVERSE = pow(_HASH_BASE, -1, 1 << 64)
+_HASH_MIX = 0xBF58476D1CE4E5B9
+
+
+def _distinct_chunks(codes, starts):
+    """The distinct chunks among ``codes[starts[k]:starts[k + 1]]`` (the last running to the end):
+    (first, inverse, counts) with ``first[u]`` the first chunk equal to distinct chunk u,
+    ``inverse[k]`` the distinct chunk of chunk k and ``counts[u]`` its occurrences (u in
+    the order of the chunks' hashes); None if two different chunks hashed alike.
+
+    Every chunk is hashed (a polynomial in its bytes, mod 2**64), the hashes sorted,
+    and equal hashes grouped. A hash can collide, so the answer is then checked
+    byte for byte: each chunk must equal its group's first chunk. If one does not, the
+    caller takes its plain path; the result is exact either way.
+    """
+    n, m = codes.size, starts.size
+    if m == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    ends = np.append(starts[1:], n)
+    lens = ends - starts
+    power = np.full(n + 1, _HASH_BASE, dtype=np.uint64)
+    power[0] = 1
+    np.cumprod(power, out=power)                        # power[i] = base ** i (mod 2**64, wrapping)
+    prefix = np.zeros(n + 1, dtype=np.uint64)
+    np.cumsum(codes * power[:n], out=prefix[1:])        # prefix[i] = sum of codes[j] * base ** j, j < i
+    power.fill(_HASH_BASE_INVERSE)
+    power[0] = 1
+    np.cumprod(power, out=power)                        # now base ** -i
+    key = ((prefix[ends] - prefix[starts]) * power[starts] + lens.astype(np.uint64)) * np.uint64(_HASH_MIX)
+    # Sort the hashes with each chunk's index in the low bits (one plain sort, no argsort).
+    bits = max(1, (m - 1).bit_length())
+    low = np.uint64((1 << bits) - 1)
+    packed = np.sort((key & ~low) | np.arange(m, dtype=np.uint64))
+    order = (packed & low).astype(np.int64)
+    new = np.empty(m, dtype=bool)
+    new[:1] = True
+    np.not_equal(packed[1:] & ~low, packed[:-1] & ~low, out=new[1:])
+    inverse = np.empty(m, dtype=np.int64)
+    inverse[order] = np.cumsum(new) - 1
+    first = order[new]                                  # smallest index in each group: the first occurrence
+    counts = np.diff(np.append(np.flatnonzero(new), m))
+    like = first[inverse]                               # the chunk each chunk must equal
+    if not np.array_equal(lens[like], lens):
+        return None
+    if not np.array_equal(codes[_runs_index(starts[like], lens)], codes):
+        return None
+    return first, inverse, counts
 
 
 # -- the steps of BPETokenizer.train ------------------------------------------
 
 def _count_chunks(text, pattern, special_tokens):
-    """{chunk: occurrences} over the pre-split of ``text``, the special tokens cut out first."""
-    split = (lambda piece: [piece] if piece else []) if pattern is None else compile_splitter(pattern)
+    """The distinct chunks of the pre-split of ``text`` (special tokens cut out first) and their counts:
+    (codes, lens, freqs): chunk k is the ``lens[k]`` UTF-8 bytes of ``codes`` (a uint8 array)
+    after the ``lens[:k].sum()`` of the chunks before it, and occurs ``freqs[k]`` times.
+
+    GPT2_PATTERN on ASCII text takes the array path (_count_chunks_at_once): the same
+    chunks and counts, possibly in another order (which no merge depends on).
+    """
     pieces = [text]
     if special_tokens:
         pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
+    pieces = [piece for piece in pieces if piece]
+    if PATTERNS.get(pattern, pattern) == GPT2_PATTERN and all(map(str.isascii, pieces)) and pieces:
+        found = _count_chunks_at_once(pieces)
+        if found is not None:
+            return found
+    split = (lambda piece: [piece]) if pattern is None else compile_splitter(pattern)
     chunk_counts = Counter()
     for piece in pieces:
         chunk_counts.update(split(piece))
-    return chunk_counts
+    chunk_counts.pop("", None)  # a pattern that can match nothing: the empty chunk has no pairs
+    encoded = [chunk.encode("utf-8") for chunk in chunk_counts]
+    return (np.frombuffer(b"".join(encoded), dtype=np.uint8), np.array(list(map(len, encoded)), dtype=np.int64),
+            np.array(list(chunk_counts.values()), dtype=np.int64))
 
 
-def _learn_merges(chunks, freqs, n_merges):
-    """The merge loop: {(a, b): new id} for up to ``n_merges`` new ids, from distinct ``chunks``.
+def _count_chunks_at_once(pieces):
+    """_count_chunks for ASCII pieces and GPT2_PATTERN, in NumPy; None in the (never seen) case
+    that _distinct_chunks reports a hash collision.
 
-    ``chunks[c]`` is a list of ids occurring ``freqs[c]`` times in the text (it is
-    merged in place as training goes). The pair counts are those train_bpe_naive
-    recounts, kept up to date instead: a merge changes only the pairs beside it.
+    gpt2_chunk_starts cuts each piece; the pieces' bytes and chunk starts are laid end
+    to end (a chunk never spans two pieces), and _distinct_chunks finds the distinct ones.
     """
-    pair_counts, chunks_with = _count_pairs_fast(chunks, freqs)  # chunks_with[pair]: chunks that (may) hold it
-    # Max-heap of (count, pair) by pushing (-count, a, b); entries gone stale are skipped when popped.
-    heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
+    codes = np.frombuffer("".join(pieces).encode("ascii"), dtype=np.uint8)
+    offsets = np.cumsum([0] + [len(piece) for piece in pieces[:-1]])
+    starts = np.concatenate([gpt2_chunk_starts(codes[at:at + len(piece)]) + at
+                             for piece, at in zip(pieces, offsets.tolist())])
+    distinct = _distinct_chunks(codes, starts)
+    if distinct is None:
+        return None
+    first, _, freqs = distinct
+    lens = np.diff(np.append(starts, codes.size))[first]
+    return codes[_runs_index(starts[first], lens)], lens, freqs
+
+
+def _learn_merges(codes, lens, freqs, n_merges):
+    """The merge loop: {(a, b): new id} for up to ``n_merges`` new ids, from the distinct
+    chunks of _count_chunks (chunk k: ``lens[k]`` bytes of ``codes``, ``freqs[k]`` occurrences).
+
+    The merges of train_bpe_naive, without recounting. All chunks lie in one flat
+    list of ids, each chunk a linked list: ``nxt[p]`` / ``prv[p]`` is the position of
+    the next / previous live id of the same chunk (-1 at its ends), so merging the
+    pair at p writes the new id at p and unlinks its right partner q = nxt[p].
+
+    - ``counts[key]``, key = a * V + b: the pair's occurrences in the text (each
+      position weighs its chunk's frequency). A merge changes only the pairs beside
+      it: (x, a) and (b, y) lose, (x, new) and (new, y) gain.
+    - ``where[key]``: the positions at which the pair was ever created. Merging a
+      pair visits only those, skipping a position whose ids have changed since.
+    - a heap of the entries key - count * V**2 (one int each: the smallest is the
+      highest count, then the smallest key). A count only grows in the merge that
+      creates its pair (which pushes it); later it only falls, so a stale entry
+      overstates its count and is pushed again, corrected, when it reaches the top.
+      The first entry found current is the answer.
+
+    The first merges are the big ones: the most frequent pairs sit at thousands of
+    positions. While they last, _learn_merges_at_once does them with array passes
+    over all positions at once (vocabularies up to _DENSE_PAIRS); this loop, one
+    position at a time, takes over from it.
+    """
+    V = 256 + n_merges
+    ids, nxt, prv, freq = _linked_chunks(codes, lens, freqs)
+    merges = _learn_merges_at_once(ids, nxt, prv, freq, V) if V <= _DENSE_PAIRS else {}
+    counts, where = _pairs_in_place(ids, nxt, freq, V)
+    ids, nxt, prv, freq = ids.tolist(), nxt.tolist(), prv.tolist(), freq.tolist()
+    heap = [key - count * V * V for key, count in counts.items()]
     heapq.heapify(heap)
-    merges = {}
-    for new_id in range(256, 256 + n_merges):
-        pair = _pop_most_frequent(heap, pair_counts)
-        if pair is None:
+    for new_id in range(256 + len(merges), V):
+        key = _pop_most_frequent(heap, counts, V * V)
+        if key is None:
             break  # no pairs left: every chunk is a single token
-        merges[pair] = new_id
-        count_change = defaultdict(int)  # pair -> how much this merge changes its count
-        a, b = pair
-        for c in chunks_with.pop(pair):
-            # A chunk listed under the pair may no longer hold it (an earlier merge took those
-            # bytes); merging it then changes nothing and counts nothing. Most such chunks lack a
-            # or b altogether, which `in` (a C loop) finds before the merge loop walks the chunk.
-            ids = chunks[c]
-            if a in ids and b in ids:
-                chunks[c] = _merge_and_count(ids, pair, new_id, freqs[c], count_change, chunks_with, c)
-        _update_counts(pair_counts, heap, count_change)
+        a, b = divmod(key, V)
+        merges[(a, b)] = new_id
+        created = defaultdict(list)  # new pair key -> the positions where it starts
+        for p in sorted(where.pop(key)):
+            q = nxt[p]
+            if ids[p] != a or q < 0 or ids[q] != b:
+                continue  # not (or no longer) the pair: an earlier merge took one of its ids
+            f, left, right = freq[p], prv[p], nxt[q]
+            if left >= 0:
+                lost = ids[left] * V + a                # (x, a) ...
+                counts[lost] -= f
+                gained = lost - a + new_id              # ... becomes (x, new)
+                counts[gained] += f
+                created[gained].append(left)
+            if right >= 0:
+                y = ids[right]
+                counts[b * V + y] -= f                  # (b, y) ...
+                gained = new_id * V + y                 # ... becomes (new, y)
+                counts[gained] += f
+                created[gained].append(p)
+                prv[right] = p
+            ids[p], ids[q], nxt[p] = new_id, -1, right
+        del counts[key]  # every occurrence merged (a run a a a leaves no (a, a) behind)
+        where.update(created)
+        for gained in created:
+            if counts[gained] > 0:
+                heapq.heappush(heap, gained - counts[gained] * V * V)
     return merges
 
 
-def _count_pairs(chunks, freqs):
-    """The initial pair counts (each chunk's pairs times its frequency), and for each pair the chunks it is in."""
-    pair_counts = defaultdict(int)
-    chunks_with = defaultdict(set)
-    for c, ids in enumerate(chunks):
-        freq = freqs[c]
-        for pair in zip(ids, ids[1:]):
-            pair_counts[pair] += freq
-            chunks_with[pair].add(c)
-    return pair_counts, chunks_with
+def _linked_chunks(codes, lens, freqs):
+    """The flat positions of _learn_merges: ids, nxt, prv and freq (int64 arrays, one entry per byte)."""
+    ids = codes.astype(np.int64)
+    ends = np.cumsum(lens)
+    nxt = np.arange(1, ids.size + 1)
+    nxt[ends[lens > 0] - 1] = -1
+    prv = np.arange(-1, ids.size - 1)
+    prv[(ends - lens)[lens > 0]] = -1
+    return ids, nxt, prv, np.repeat(np.asarray(freqs, dtype=np.int64), lens)
 
 
-def _count_pairs_fast(chunks, freqs):
-    """_count_pairs's counts and chunk sets, counted in NumPy over all chunks at once.
+def _pairs_in_place(ids, nxt, freq, V):
+    """The pair counts and positions of _learn_merges (dicts by key = a * V + b), counted in NumPy
+    over the linked positions (arrays; a position with nxt -1 starts no pair).
 
-    Every adjacent pair inside a chunk becomes the key a * V + b; np.bincount
-    weighted by the chunks' frequencies gives the counts, and sorting the keys
-    groups, per pair, the chunks that hold it.
+    Every adjacent pair becomes its key; sorting the keys groups the positions (in order),
+    and summing the positions' frequencies per group gives the counts.
     """
-    lens = np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
-    ids = np.fromiter(chain.from_iterable(chunks), dtype=np.int64, count=int(lens.sum()))
-    width = int(ids.max()) + 1 if ids.size else 1
-    chunk_of = np.repeat(np.arange(len(chunks)), lens)
-    inside = chunk_of[1:] == chunk_of[:-1]                  # the pair (i, i + 1) lies inside one chunk
-    keys = (ids[:-1] * width + ids[1:])[inside]
+    at = np.flatnonzero(nxt >= 0)
+    keys = ids[at] * V + ids[nxt[at]]
+    counts = defaultdict(int)
     if keys.size == 0:
-        return defaultdict(int), defaultdict(set)
-    holders = chunk_of[1:][inside]
-    counts = np.bincount(keys, weights=np.asarray(freqs, dtype=np.float64)[holders])
-    order = np.argsort(keys, kind="stable")
-    keys, holders = keys[order], holders[order].tolist()
-    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-    unique = keys[starts]
-    pairs = list(zip((unique // width).tolist(), (unique % width).tolist()))
-    ends = np.append(starts[1:], keys.size).tolist()
-    holder_sets = map(set, map(holders.__getitem__, map(slice, starts.tolist(), ends)))
-    pair_counts = defaultdict(int, zip(pairs, counts[unique].astype(np.int64).tolist()))
-    return pair_counts, defaultdict(set, zip(pairs, holder_sets))
+        return counts, {}
+    order = np.argsort(keys, kind="stable")             # positions stay in order within a key
+    keys = keys[order]
+    firsts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+    distinct = keys[firsts].tolist()
+    counts.update(zip(distinct, np.add.reduceat(freq[at][order], firsts).tolist()))
+    positions = at[order].tolist()
+    bounds = np.append(firsts, keys.size).tolist()
+    return counts, dict(zip(distinct, map(positions.__getitem__, map(slice, bounds[:-1], bounds[1:]))))
 
 
-def _pop_most_frequent(heap, pair_counts):
-    """The pair with the highest count, the smallest (a, b) on ties; None when no pair is left."""
+def _pop_most_frequent(heap, counts, scale):
+    """The key of the most frequent pair (smallest key on ties); None when no pair is left.
+    Heap entries are key - count * scale."""
     while heap:
-        neg_count, a, b = heapq.heappop(heap)
-        if pair_counts.get((a, b)) == -neg_count:  # else stale: the count changed after this push
-            return (a, b)
+        entry = heapq.heappop(heap)
+        key = entry % scale
+        count = counts.get(key, 0)
+        if key - count * scale == entry:
+            return key
+        if count > 0:  # stale: its count fell since the push; back in, corrected
+            heapq.heappush(heap, key - count * scale)
     return None
 
 
-def _update_counts(pair_counts, heap, count_change):
-    """Apply a merge's count changes; every changed count is pushed anew, a count that reaches 0 is dropped."""
-    for pair, change in count_change.items():
-        if change:
-            count = pair_counts[pair] + change
-            if count > 0:
-                pair_counts[pair] = count
-                heapq.heappush(heap, (-count, pair[0], pair[1]))
-            else:
-                del pair_counts[pair]
+def _learn_merges_at_once(ids, nxt, prv, freq, V):
+    """The first merges of _learn_merges, each as array passes over all positions at once:
+    {(a, b): new id}, the arrays updated in place; it returns when no pair is left, or when
+    the last _RECENT merges touched fewer than _FEW_POSITIONS positions on average (from
+    then on the loop over positions is faster).
 
-
-def _merge_and_count(ids, pair, new_id, freq, count_change, chunks_with, chunk):
-    """merge_pair(ids, pair, new_id), also recording how the pair counts change.
-
-    Only the pairs next to a merge change, so only they are counted:
-    ``count_change[p]`` gets -freq for each pair p that disappears and +freq for
-    each that appears (freq = the chunk's number of occurrences), and ``chunk``
-    is listed under each new pair.
+    The same merges, found another way. The counts are a dense (V, V) table with
+    each row's maximum kept beside it, so the most frequent pair is two argmaxes
+    (first maximum: the smallest (a, b) on ties). A merge finds its positions by
+    comparing every position's pair key, keeps the leftmost of overlapping ones (a
+    run a a a merges its first two), and updates at once the neighbours' ids, links,
+    keys and counts: as the loop over positions would, but where two merges sit side
+    by side (a b a b), the pair between them, (b, a), becomes (new, new) directly.
     """
-    a, b = pair
-    merged, i, n = [], 0, len(ids)
-    prev_merged = False
-    while i < n:
-        if ids[i] == a and i + 1 < n and ids[i + 1] == b:
-            count_change[pair] -= freq
-            if merged:
-                if prev_merged:  # ... new a b: the (b, a) between was counted off by the previous merge
-                    left = (new_id, new_id)
-                else:
-                    count_change[(ids[i - 1], a)] -= freq
-                    left = (ids[i - 1], new_id)
-                count_change[left] += freq
-                chunks_with[left].add(chunk)
-            if i + 2 < n:
-                after = ids[i + 2]
-                count_change[(b, after)] -= freq
-                if not (after == a and i + 3 < n and ids[i + 3] == b):  # else the next merge adds (new, new)
-                    count_change[(new_id, after)] += freq
-                    chunks_with[(new_id, after)].add(chunk)
-            merged.append(new_id)
-            i += 2
-            prev_merged = True
-        else:
-            merged.append(ids[i])
-            i += 1
-            prev_merged = False
-    return merged
+    has_next = nxt >= 0
+    keys = np.where(has_next, ids * V + ids[nxt], -1)  # keys[p]: the pair starting at p (-1: none)
+    total = int(freq[has_next].sum())
+    table = np.zeros(V * V, dtype=np.int32 if total < 2**31 else np.int64)
+    np.add.at(table, keys[has_next], freq[has_next])
+    rows = table.reshape(V, V)
+    row_max = rows.max(axis=1)
+    touched = np.zeros(V, dtype=bool)
+    recent = [2 * _FEW_POSITIONS] * _RECENT             # positions merged by the last merges
+    merges = {}
+    for new_id in range(256, V):
+        a = int(row_max[:new_id].argmax())
+        if row_max[a] <= 0:
+            break  # no pairs left
+        b = int(rows[a, :new_id].argmax())
+        merges[(a, b)] = new_id
+        key = a * V + b
+        at = np.flatnonzero(keys == key)
+        if a == b and at.size > 1:  # a run a a a: of overlapping pairs only the 1st, 3rd, ... merge
+            follows = np.zeros(at.size, dtype=bool)
+            follows[1:] = prv[at[1:]] == at[:-1]
+            k = np.arange(at.size)
+            at = at[(k - np.maximum.accumulate(np.where(follows, 0, k))) % 2 == 0]
+        q, left, f = nxt[at], prv[at], freq[at]
+        right = nxt[q]
+        x, y = ids[left], ids[right]                    # (garbage where left / right is -1: masked)
+        has_left, has_right = left >= 0, right >= 0
+        y_after = y.copy()
+        if at.size > 1:  # side by side: the left partner is the previous merge's q, the right one merges too
+            has_left[1:] &= left[1:] != q[:-1]
+            y_after[:-1][right[:-1] == at[1:]] = new_id
+        after = np.where(has_right, new_id * V + y_after, -1)  # the new pair starting at each merge
+        x, fl = x[has_left], f[has_left]
+        y, y_after, fr = y[has_right], y_after[has_right], f[has_right]
+        table[key] -= f.sum()
+        np.add.at(table, np.concatenate((x * V + a, b * V + y, x * V + new_id, new_id * V + y_after)),
+                  np.concatenate((-fl, -fr, fl, fr)).astype(table.dtype))
+        ids[at], ids[q], nxt[q], prv[q], keys[q] = new_id, -1, -1, -1, -1
+        keys[at] = after
+        keys[left[has_left]] = x * V + new_id
+        nxt[at] = right
+        prv[right[has_right]] = at[has_right]
+        touched[x] = True                               # the rows whose counts changed
+        touched[[a, b, new_id]] = True
+        changed = np.flatnonzero(touched[:new_id + 1])
+        touched[changed] = False
+        row_max[changed] = rows[changed, :new_id + 1].max(axis=1)
+        recent[new_id % _RECENT] = at.size
+        if sum(recent) < _RECENT * _FEW_POSITIONS:
+            break
+    return merges
 
 
 # -- the files of BPETokenizer.save / load ------------------------------------

@@ -15,6 +15,7 @@ import os
 import sys
 import unicodedata
 from collections import Counter
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -23,8 +24,8 @@ from hypothesis import strategies as st
 
 from minillm import pretokenize, tokenizer
 from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
-                               WordPieceTokenizer, compile_pattern, compile_splitter, get_pair_counts, merge_pair,
-                               tokenizer_from_dict, train_bpe_naive, translate_pattern)
+                               WordPieceTokenizer, compile_pattern, compile_splitter, get_pair_counts, gpt2_chunk_starts,
+                               merge_pair, tokenizer_from_dict, train_bpe_naive, translate_pattern)
 
 EOT = "<|endoftext|>"
 
@@ -49,6 +50,9 @@ texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=60)
 assigned_texts = st.text(st.characters(exclude_categories=("Cs", "Cn")), max_size=60)
 # Text that looks like text: words, numbers, apostrophes, runs of spaces and newlines.
 wordy_texts = st.text(st.sampled_from(list("aab ba  c\n\t'sll''ve1234567890.,!?é東🙂ΣςK")), max_size=80)
+# ASCII text, with the characters where GPT-2's pre-split has its special cases.
+ascii_texts = (st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
+               | st.text(alphabet="aZ09 '\n\r\t\x0b\x0c\x1c.,_-sdtlmvre", max_size=40))
 
 
 @pytest.fixture(scope="module")
@@ -291,20 +295,115 @@ def test_train_bpe_naive_gives_the_fast_trainers_merges_on_shakespeare(pattern):
 
 @given(st.lists(st.lists(st.integers(0, 600), min_size=1, max_size=12), max_size=30),
        st.lists(st.integers(1, 10**6), min_size=30, max_size=30))
-def test_initial_pair_count_in_numpy_equals_plain(chunks, freqs):
-    # _learn_merges counts the pairs with _count_pairs_fast: the counts and chunk sets of _count_pairs.
-    freqs = freqs[:len(chunks)]
-    fast_counts, fast_with = tokenizer._count_pairs_fast(chunks, freqs)
-    plain_counts, plain_with = tokenizer._count_pairs(chunks, freqs)
-    assert fast_counts == plain_counts and fast_with == plain_with
-    assert all(type(n) is int for n in fast_counts.values())
-    assert isinstance(fast_counts, type(plain_counts)) and isinstance(fast_with, type(plain_with))
+def test_linked_chunks_start_the_merge_loop_with_plain_counts_and_positions(chunks, freqs):
+    # _learn_merges starts from _linked_chunks and _pairs_in_place (NumPy): the flat ids, links that
+    # walk each chunk, each position's frequency, and per pair (key a * V + b) its count and the
+    # positions it starts at.
+    freqs, V = freqs[:len(chunks)], 601
+    codes = np.array([i for chunk in chunks for i in chunk], dtype=np.int64)
+    lens = np.array([len(chunk) for chunk in chunks], dtype=np.int64)
+    ids, nxt, prv, freq = tokenizer._linked_chunks(codes, lens, freqs)
+    counts, where = tokenizer._pairs_in_place(ids, nxt, freq, V)
+    plain_counts, plain_where, at = Counter(), {}, 0
+    for chunk, f in zip(chunks, freqs):
+        for i in range(len(chunk) - 1):
+            key = chunk[i] * V + chunk[i + 1]
+            plain_counts[key] += f
+            plain_where.setdefault(key, []).append(at + i)
+        walked, p = [], at
+        while p >= 0:
+            walked.append(ids[p])
+            assert freq[p] == f and (prv[p] == p - 1 if p > at else prv[p] == -1)
+            p = nxt[p]
+        assert walked == chunk
+        at += len(chunk)
+    assert dict(counts) == dict(plain_counts) and where == plain_where
+    assert all(type(n) is int for n in counts.values())
 
 
-def test_initial_pair_count_in_numpy_on_shakespeare():
-    counts = tokenizer._count_chunks(_cached_shakespeare(100_000), "gpt2", [])
-    chunks, freqs = [list(chunk.encode()) for chunk in counts], list(counts.values())
-    assert tokenizer._count_pairs_fast(chunks, freqs) == tokenizer._count_pairs(chunks, freqs)
+def _distinct_chunk_counts(found):
+    """{chunk bytes: count} from _count_chunks's (codes, lens, freqs), checking that the chunks are distinct."""
+    codes, lens, freqs = found
+    ends = np.cumsum(lens)
+    chunks = [codes[e - n:e].tobytes() for e, n in zip(ends.tolist(), lens.tolist())]
+    assert len(set(chunks)) == len(chunks) and b"" not in chunks
+    return dict(zip(chunks, freqs.tolist()))
+
+
+@given(st.lists(ascii_texts | wordy_texts, max_size=4), st.booleans())
+def test_count_chunks_array_path_equals_plain(parts, with_special):
+    # GPT-2's pattern on ASCII text is counted in NumPy (gpt2_chunk_starts, _distinct_chunks): the
+    # chunks and counts of the regex, special tokens cut out first. Other text takes the plain path.
+    text, specials = (EOT.join(parts), [EOT]) if with_special else ("".join(parts), [])
+    pieces = text.split(EOT) if with_special else [text]
+    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern("gpt2").findall(piece))
+    calls = []
+    real = tokenizer._count_chunks_at_once
+    with patch.object(tokenizer, "_count_chunks_at_once", lambda p: calls.append(real(p)) or calls[-1]):
+        assert _distinct_chunk_counts(tokenizer._count_chunks(text, "gpt2", specials)) == want
+    assert len(calls) == (text.replace(EOT, "").isascii() and any(pieces))
+    if calls:  # the array path itself answered (not a fallback after a failed byte check)
+        assert _distinct_chunk_counts(calls[0]) == want
+    with patch.object(tokenizer, "_count_chunks_at_once", lambda p: None):  # the plain path
+        assert _distinct_chunk_counts(tokenizer._count_chunks(text, "gpt2", specials)) == want
+
+
+def test_count_chunks_array_path_on_shakespeare():
+    text = _cached_shakespeare(200_000)
+    pieces = [text[:70_000], text[70_000:70_001], text[70_001:]]  # cut anywhere: chunks never span pieces
+    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern("gpt2").findall(piece))
+    assert _distinct_chunk_counts(tokenizer._count_chunks_at_once(pieces)) == want
+
+
+@given(st.lists(st.sampled_from(["a", "b", "ab", "ba", " the", "x" * 20, "'s", "\n", "  "]), max_size=40))
+def test_distinct_chunks_groups_exactly_the_equal_chunks(chunks):
+    text = "".join(chunks)
+    codes = np.frombuffer(text.encode(), dtype=np.uint8)
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]]).astype(np.int64) if chunks else np.zeros(0, np.int64)
+    first, inverse, counts = tokenizer._distinct_chunks(codes, starts)
+    assert [chunks[first[u]] for u in inverse.tolist()] == chunks         # every chunk is its group's first
+    assert len({chunks[k] for k in first.tolist()}) == first.size          # and the groups differ
+    assert all(first[u] == chunks.index(chunks[first[u]]) for u in range(first.size))  # the first occurrence
+    assert dict(zip((chunks[k] for k in first.tolist()), counts.tolist())) == Counter(chunks)
+
+
+def test_distinct_chunks_hash_constants_and_a_forced_collision(bpe):
+    assert tokenizer._HASH_BASE * tokenizer._HASH_BASE_INVERSE % 2**64 == 1 and tokenizer._HASH_BASE % 2 == 1
+    # With base 1 the hash is the byte sum: "ab" and "ba" collide. The byte check finds it, and
+    # encoding and training fall back to their plain paths with the same answers.
+    chunks = ["ab", " ", "ba", " ", "ab"]
+    text = "".join(chunks) * 2000 + CORPUS.encode("ascii", "ignore").decode()
+    codes = np.frombuffer("".join(chunks).encode(), dtype=np.uint8)
+    starts = np.array([0, 2, 3, 5, 6], dtype=np.int64)
+    want_ids = [i for chunk in bpe._split(text) for i in bpe._encode_chunk(chunk)]
+    want_merges = BPETokenizer.train(text, 300).merges
+    with patch.object(tokenizer, "_HASH_BASE", 1), patch.object(tokenizer, "_HASH_BASE_INVERSE", 1):
+        assert tokenizer._distinct_chunks(codes, starts) is None
+        fresh = BPETokenizer.from_dict(bpe.to_dict())
+        assert fresh._encode_at_once(text) is None
+        assert fresh.encode_ordinary(text) == want_ids
+        assert BPETokenizer.train(text, 300).merges == want_merges
+
+
+@pytest.mark.parametrize("few, dense", [(0, 4096), (10**9, 4096), (16, 0)])
+@settings(max_examples=40)
+@given(text=wordy_texts | ascii_texts, n_merges=st.integers(0, 40))
+def test_merge_loop_phases_give_the_naive_merges(few, dense, text, n_merges):
+    # _learn_merges does its first merges as array passes (_learn_merges_at_once) and the rest one
+    # position at a time: array passes for every merge (few=0), for one merge only (few huge), or
+    # none at all (dense=0) give the merges of train_bpe_naive.
+    with patch.object(tokenizer, "_FEW_POSITIONS", few), patch.object(tokenizer, "_DENSE_PAIRS", dense):
+        fast = BPETokenizer.train(text, 256 + n_merges, pattern="gpt2").merges
+    assert list(fast.items()) == list(train_bpe_naive(text, 256 + n_merges, pattern="gpt2").items())
+
+
+@pytest.mark.parametrize("few, dense", [(0, 4096), (10**9, 4096), (16, 0)])
+def test_merge_loop_phases_on_shakespeare(few, dense):
+    text = _cached_shakespeare(60_000) + " aaaa aaaaa abab ababab " * 50  # runs and side-by-side merges
+    want = list(BPETokenizer.train(text, 700).merges.items())
+    with patch.object(tokenizer, "_FEW_POSITIONS", few), patch.object(tokenizer, "_DENSE_PAIRS", dense):
+        assert list(BPETokenizer.train(text, 700).merges.items()) == want
+    assert list(train_bpe_naive(text[-3000:], 330).items()) == list(BPETokenizer.train(text[-3000:], 330).merges.items())
 
 
 def test_textbook_bpe_bad_input():
@@ -418,6 +517,38 @@ def test_bpe_cold_encode_takes_the_numpy_path_and_matches(bpe):
     assert fresh._pair_table is not None  # the NumPy path ran
 
 
+@given(st.lists(ascii_texts | wordy_texts, min_size=1, max_size=8))
+def test_long_ascii_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
+    # Long ASCII text (GPT-2's pattern) skips the cache: chunks by gpt2_chunk_starts, each distinct
+    # chunk merged once in NumPy, ids gathered in order. Lowering the length threshold runs it here.
+    text = "".join(parts)
+    if not text.isascii():
+        return
+    want = [i for chunk in bpe._split(text) for i in bpe._encode_chunk(chunk)]
+    fresh = BPETokenizer.from_dict(bpe.to_dict())
+    with patch.object(tokenizer, "_ARRAY_TEXT", 1):
+        assert fresh.encode_ordinary(text) == want
+    assert not fresh._cache  # the cache played no part
+    assert text == "" or fresh._encode_at_once(text) == want  # (not None: no fallback)
+
+
+def test_long_ascii_text_at_once_with_long_and_whole_chunks(bpe):
+    # Chunks over _LONG_PIECE bytes (encoded one by one), whole-chunk tokens, repeats, a text long
+    # enough for the real threshold; the ids equal the cache path's and tiktoken's.
+    long_words = [" " + "ab" * 80, "x" * 129, " " * 300, "thethe" * 30]
+    text = (" ".join(CORPUS.encode("ascii", "ignore").decode().split(" ") + long_words) + "\n") * 80
+    assert len(text) >= tokenizer._ARRAY_TEXT and text.isascii()
+    want = [i for chunk in bpe._split(text) for i in bpe._encode_chunk(chunk)]
+    fresh = BPETokenizer.from_dict(bpe.to_dict())
+    assert fresh.encode_ordinary(text) == want and not fresh._cache
+    assert fresh._encode_at_once(text) == want
+    assert fresh.encode(text + EOT + text, allowed_special="all") == want + [fresh.special_tokens[EOT]] + want
+    enc = _tiktoken_encoding(bpe)
+    assert enc.encode_ordinary(text) == want
+    # Every chunk a whole token: nothing left to merge.
+    assert fresh.encode_ordinary(" the" * 5000) == [bpe.ranks[b" the"]] * 5000
+
+
 def test_bpe_whole_chunk_token_is_used_directly():
     # tiktoken looks a whole chunk up before merging: "abc" is one token here even though
     # no merge path ("ab" or "bc") leads to it. Ranks from other tools can be like this.
@@ -509,10 +640,6 @@ def test_presplit_and_ids_on_shakespeare(bpe_all, pattern):
     assert tok._encode_chunks_at_once(chunks) == _plain_chunk_ids(tok, chunks)  # the NumPy merge loop
 
 
-ascii_texts = (st.text(alphabet=st.characters(max_codepoint=127), max_size=40)
-               | st.text(alphabet="aZ09 '\n\r\t\x0b\x0c\x1c.,_-sdtlmvre", max_size=40))
-
-
 @pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
 @given(s=ascii_texts)
 def test_ascii_splitter_gives_the_chunks_of_the_full_pattern(pattern, s):
@@ -522,6 +649,33 @@ def test_ascii_splitter_gives_the_chunks_of_the_full_pattern(pattern, s):
     split = compile_splitter(pattern)
     assert split(s) == full(s)
     assert split(s + "\u00e9 \u3000x") == full(s + "\u00e9 \u3000x")   # not ASCII: the full pattern
+
+
+@given(ascii_texts | st.text(alphabet=" '\n\tsrtvelmdA1!x\x1c\r", max_size=60))
+def test_gpt2_chunk_starts_cut_the_chunks_of_the_regex(s):
+    starts = gpt2_chunk_starts(np.frombuffer(s.encode("ascii"), dtype=np.uint8)).tolist()
+    assert [s[a:b] for a, b in zip(starts, starts[1:] + [len(s)])] == compile_pattern("gpt2").findall(s)
+    with patch.object(pretokenize, "_ARRAY_SPLIT", 0):  # compile_splitter takes it from this length on
+        assert compile_splitter("gpt2")(s) == compile_pattern("gpt2").findall(s)
+
+
+@pytest.mark.parametrize("s", ["'s", "a's", "it'll", "it'l", " 's", "''s", "\n's", "'re", "'r", "'", "a'", " '",
+                               "x'S", "'ll'", "'ve't", "don't", "1'd", "!'m", "'ss", "  'll", "\t\t'd", "a  b", " \n x",
+                               "\x1c's", "x\n", "  ", "a \t", "'\x7f"])
+def test_gpt2_chunk_starts_at_the_edges(s):
+    # Contractions and whitespace runs at the start, the end and beside each other.
+    for text in (s, "x" + s, s + "x", s + " y", "!" + s):
+        starts = gpt2_chunk_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist()
+        assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == compile_pattern("gpt2").findall(text)
+
+
+def test_gpt2_chunk_starts_bad_input():
+    with pytest.raises(TypeError, match="codes: expected a 1-D uint8 array"):
+        gpt2_chunk_starts(b"abc")
+    with pytest.raises(TypeError, match="codes: expected a 1-D uint8 array of ASCII bytes, got int64"):
+        gpt2_chunk_starts(np.arange(3))
+    with pytest.raises(ValueError, match="codes: expected ASCII bytes \\(< 128\\), got 195 at index 1"):
+        gpt2_chunk_starts(np.frombuffer("aé".encode(), dtype=np.uint8))
 
 
 @given(assigned_texts | wordy_texts)

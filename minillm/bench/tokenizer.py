@@ -12,12 +12,16 @@ then encodes the whole corpus. References, where installed:
 
 Ratios are reference time / our time (below 1: the reference is faster).
 Encode is timed cold (empty chunk cache, as on the first call) and warm.
+Each of --repeat rounds runs every contender once, in turn (ours, then the
+references), so a slow spell of a shared machine hits all of them alike; the
+table has the median of each time, and the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import statistics
 import time
 
 from minillm.bench._util import print_table
@@ -30,7 +34,8 @@ def add_arguments(parser):
     parser.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary size (256 bytes + merges)")
     parser.add_argument("--pattern", choices=["gpt2", "gpt4"], default="gpt2", help="pre-split pattern")
     parser.add_argument("--mb", type=float, default=None, help="use only the first MB megabytes of the corpus (default: all of it)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed encode runs (best is kept)")
+    parser.add_argument("--repeat", type=int, default=5,
+                        help="rounds; each trains and encodes once with every contender, in turn (medians are reported)")
     parser.add_argument("--skip-reference", action="store_true", help="do not time tiktoken / HF tokenizers")
 
 
@@ -46,18 +51,15 @@ def _load_corpus(data):
     return corpus.load_text(path), path.name
 
 
-def _best(fn, repeat):
-    """Best-of-``repeat`` (wall seconds, CPU seconds of this process, result) of ``fn()``."""
-    best, out = (float("inf"), 0.0), None
-    for _ in range(max(1, repeat)):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = fn()
-        t = (time.perf_counter() - w0, time.process_time() - c0)
-        best = min(best, t)
-    return best[0], best[1], out
+def _timed(fn):
+    """(wall seconds, CPU seconds of this process, result) of one call of ``fn()``."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - w0, time.process_time() - c0, out
 
 
 def _hf_train(text, vocab_size):
+    """Hugging Face's byte-level BPE trainer on ``text`` (a new tokenizer each call) -> the trained tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -65,7 +67,8 @@ def _hf_train(text, vocab_size):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=0, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     lines = text.splitlines(keepends=True)
-    return _best(lambda: tok.train_from_iterator(lines, trainer=trainer, length=len(lines)), 1)[:2] + (tok,)
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    return tok
 
 
 def run(args):
@@ -79,56 +82,69 @@ def run(args):
     if args.mb is not None:
         text = text.encode("utf-8")[:int(args.mb * 1e6)].decode("utf-8", errors="ignore")
     mb = len(text.encode("utf-8")) / 1e6
+    rounds = max(1, args.repeat)
     print(f"corpus: {name}, {mb:.2f} MB, {len(text):,} characters; vocab_size {args.vocab_size}, "
-          f"pattern {args.pattern}, {os.cpu_count()} CPU cores")
+          f"pattern {args.pattern}, {os.cpu_count()} CPU cores, {rounds} rounds")
 
     t0 = time.perf_counter()
     compile_pattern(args.pattern)  # a one-off per process (Unicode tables), not part of training
     print(f"pre-split pattern built in {time.perf_counter() - t0:.2f} s (once per process)")
-    w_train, c_train, tok = _best(lambda: BPETokenizer.train(text, args.vocab_size, pattern=args.pattern), 1)
-    print(f"minillm BPE trained in {w_train:.2f} s ({len(tok.merges)} merges)")
-
-    def encode_cold():
-        tok.clear_cache()
-        return tok.encode_ordinary(text)
-    w_cold, c_cold, ids = _best(encode_cold, args.repeat)
-    w_warm, c_warm, _ = _best(lambda: tok.encode_ordinary(text), args.repeat)
-    assert tok.decode(ids) == text, "round trip failed"
-    print(f"minillm encode: {len(ids):,} tokens ({len(text.encode('utf-8')) / len(ids):.2f} bytes/token), "
-          "decode(encode(text)) == text")
-
-    def row(lib, what, wall, cpu, throughput=True, ratio=""):
-        return [lib, what, f"{wall:.2f}", f"{cpu:.2f}", f"{mb / wall:.2f}" if throughput else "", ratio]
-
-    rows = [row("minillm", "train", w_train, c_train, False),
-            row("minillm", "encode (cold cache)", w_cold, c_cold),
-            row("minillm", "encode (warm cache)", w_warm, c_warm)]
+    tiktoken = tokenizers = None
     if not args.skip_reference:
         try:
             import tiktoken
         except ImportError:
             print("tiktoken not installed: no tiktoken rows")
-        else:
-            enc = tiktoken.Encoding(name="minillm-bench", pat_str=tok.pattern_str, mergeable_ranks=tok.ranks,
-                                    special_tokens={})
-            w, c, ids_tk = _best(lambda: enc.encode_ordinary(text), args.repeat)
-            print(f"tiktoken with our ranks: ids {'identical' if ids_tk == ids else 'DIFFERENT'} "
-                  f"({len(ids_tk):,} tokens)")
-            rows.append(row("tiktoken (our ranks)", "encode", w, c,
-                            ratio=f"cold {w / w_cold:.2f}, warm {w / w_warm:.2f}"))
         try:
             import tokenizers  # noqa: F401
         except ImportError:
             print("tokenizers not installed: no HF rows")
-        else:
-            w, c, hf = _hf_train(text, args.vocab_size)
-            rows.append(row("HF tokenizers", "train", w, c, False, ratio=f"{w / w_train:.2f}"))
-            lines = text.splitlines(keepends=True)  # one huge string is HF's slow path; batches of lines are not
-            w, c, _ = _best(lambda: hf.encode_batch(lines, add_special_tokens=False), args.repeat)
-            rows.append(row("HF tokenizers", "encode_batch(lines)", w, c,
-                            ratio=f"cold {w / w_cold:.2f}, warm {w / w_warm:.2f}"))
+    lines = text.splitlines(keepends=True)  # one huge string is HF's slow path; batches of lines are not
+
+    runs = {}  # (library, what) -> list of (wall, cpu), one per round
+    tok = enc = hf = ids = None
+    for _ in range(rounds):
+        w, c, tok = _timed(lambda: BPETokenizer.train(text, args.vocab_size, pattern=args.pattern))
+        runs.setdefault(("minillm", "train"), []).append((w, c))
+        if tokenizers is not None:
+            w, c, hf = _timed(lambda: _hf_train(text, args.vocab_size))
+            runs.setdefault(("HF tokenizers", "train"), []).append((w, c))
+        tok.clear_cache()
+        w, c, ids = _timed(lambda: tok.encode_ordinary(text))
+        runs.setdefault(("minillm", "encode (cold cache)"), []).append((w, c))
+        w, c, _ = _timed(lambda: tok.encode_ordinary(text))
+        runs.setdefault(("minillm", "encode (warm cache)"), []).append((w, c))
+        if tiktoken is not None:
+            if enc is None:
+                enc = tiktoken.Encoding(name="minillm-bench", pat_str=tok.pattern_str, mergeable_ranks=tok.ranks,
+                                        special_tokens={})
+            w, c, ids_tk = _timed(lambda: enc.encode_ordinary(text))
+            runs.setdefault(("tiktoken (our ranks)", "encode"), []).append((w, c))
+        if hf is not None:
+            w, c, _ = _timed(lambda: hf.encode_batch(lines, add_special_tokens=False))
+            runs.setdefault(("HF tokenizers", "encode_batch(lines)"), []).append((w, c))
+    print(f"minillm BPE: {len(tok.merges)} merges (the same every round)")
+    assert tok.decode(ids) == text, "round trip failed"
+    print(f"minillm encode: {len(ids):,} tokens ({len(text.encode('utf-8')) / len(ids):.2f} bytes/token), "
+          "decode(encode(text)) == text")
+    if enc is not None:
+        print(f"tiktoken with our ranks: ids {'identical' if ids_tk == ids else 'DIFFERENT'} ({len(ids_tk):,} tokens)")
+
+    def ratio(reference, ours):
+        """The median over rounds of reference wall / our wall."""
+        return statistics.median(r[0] / o[0] for r, o in zip(runs[reference], runs[ours]))
+
+    cold, warm, train = ("minillm", "encode (cold cache)"), ("minillm", "encode (warm cache)"), ("minillm", "train")
+    ratios = {("tiktoken (our ranks)", "encode"): lambda k: f"cold {ratio(k, cold):.2f}, warm {ratio(k, warm):.2f}",
+              ("HF tokenizers", "train"): lambda k: f"{ratio(k, train):.2f}",
+              ("HF tokenizers", "encode_batch(lines)"): lambda k: f"cold {ratio(k, cold):.2f}, warm {ratio(k, warm):.2f}"}
+    rows = []
+    for (lib, what), times in runs.items():
+        wall, cpu = statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
+        rows.append([lib, what, f"{wall:.3f}", f"{cpu:.3f}", "" if what == "train" else f"{mb / wall:.2f}",
+                     ratios[(lib, what)]((lib, what)) if (lib, what) in ratios else ""])
     print()
     print_table(rows, ["library", "what", "wall s", "CPU s", "MB/s", "reference wall / minillm wall"])
-    print("\nHF tokenizers uses all CPU cores (its CPU s adds them up); minillm and tiktoken's "
-          "encode_ordinary use one.\nOn a busy machine wall times grow; CPU s is the steadier measure.")
+    print(f"\nMedians of {rounds} rounds. HF tokenizers uses all CPU cores (its CPU s adds them up); minillm "
+          "and tiktoken's encode_ordinary use one.\nOn a busy machine wall times grow; CPU s is the steadier measure.")
     return 0
