@@ -945,7 +945,7 @@ def _learn_merges_at_once(ids, nxt, prv, freq, V):
     keys = np.where(has_next, ids * V + ids[nxt], -1)  # keys[p]: the pair starting at p (-1: none)
     total = int(freq[has_next].sum())
     table = np.zeros(V * V, dtype=np.int32 if total < 2**31 else np.int64)
-    np.add.at(table, keys[has_next], freq[has_next])
+    np.add.at(table, keys[has_next], freq[has_next].astype(table.dtype))
     rows = table.reshape(V, V)
     row_max = rows.max(axis=1)
     touched = np.zeros(V, dtype=bool)
