@@ -21,9 +21,11 @@ import pathlib
 import tempfile
 from collections import Counter
 
+import numpy as np
+
 from _narrate import FAST, ROOT, check, step
 from minillm.tokenizer import (BPETokenizer, CharTokenizer, WordPieceTokenizer, compile_pattern,
-                               tokenizer_from_dict)
+                               gpt2_chunk_starts, tokenizer_from_dict)
 
 
 # ---------------------------------------------------------------------------
@@ -110,6 +112,19 @@ print("GPT-4's pattern (cl100k) cuts numbers into groups of at most 3 digits and
       "newlines apart. Python's `re` has no \\p{L} (letter) or \\p{N} (number), so minillm\n"
       "translates them into explicit Unicode ranges; tests check the chunks against the\n"
       "`regex` module and the ids against tiktoken.")
+ascii_sample = "Hello world, it's 2024!   I'll say: 'tis  \n\n ok"
+starts = gpt2_chunk_starts(np.frombuffer(ascii_sample.encode("ascii"), dtype=np.uint8)).tolist()
+array_chunks = [ascii_sample[a:b] for a, b in zip(starts, starts[1:] + [len(ascii_sample)])]
+print("On ASCII text the GPT-2 pattern comes down to three rules over byte classes (letter,\n"
+      "digit, whitespace, other): a run of one class is a chunk; whitespace before a non-space\n"
+      "gives its last character to the next chunk (a space joins it, a newline stands alone);\n"
+      "a ' where a match begins takes s/t/m/d/re/ve/ll. gpt2_chunk_starts applies them with a\n"
+      "few array passes, ~10x faster than the regex, and long texts are cut that way:")
+print(f"starts {starts}\n -> {array_chunks}")
+print("(In \" 'tis\" the space leads the match, so the ' is punctuation there, not a contraction:\n"
+      "' and 'tis'; in \"it's\" the match begins at the ' and \"'s\" is one chunk.)")
+check(array_chunks == compile_pattern("gpt2").findall(ascii_sample),
+      "gpt2_chunk_starts should cut exactly the regex's chunks")
 
 # ---------------------------------------------------------------------------
 step(5, "A BPE trained on real text")
