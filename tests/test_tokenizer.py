@@ -399,7 +399,8 @@ def test_merge_loop_phases_give_the_naive_merges(few, dense, text, n_merges):
 
 @pytest.mark.parametrize("few, dense", [(0, 4096), (10**9, 4096), (16, 0)])
 def test_merge_loop_phases_on_shakespeare(few, dense):
-    text = _cached_shakespeare(60_000) + " aaaa aaaaa abab ababab " * 50  # runs and side-by-side merges
+    # Runs and side-by-side merges, and NUL bytes: (0, 0) is a pair like any other (no sentinel).
+    text = _cached_shakespeare(60_000) + " aaaa aaaaa abab ababab " * 50 + "\x00\x00\x00!" * 400
     want = list(BPETokenizer.train(text, 700).merges.items())
     with patch.object(tokenizer, "_FEW_POSITIONS", few), patch.object(tokenizer, "_DENSE_PAIRS", dense):
         assert list(BPETokenizer.train(text, 700).merges.items()) == want
