@@ -66,9 +66,9 @@ def compile_splitter(pattern):
     The fast path: text that is all ASCII (``str.isascii``, one C pass) is split by
     the ASCII-only translation, whose classes are small bitmaps instead of the
     Unicode ranges (and their astral alternatives): the same chunks, ~1.7x faster
-    on English text. Other text takes the full pattern. For GPT2_PATTERN, ASCII text
-    of _ARRAY_SPLIT characters or more is cut by gpt2_chunk_starts (array passes,
-    no regex): the same chunks again, ~2.5x faster than ``re`` on 0.5 MB.
+    on English text. Other text takes the full pattern. For GPT2_PATTERN, text of
+    _ARRAY_SPLIT characters or more is cut by gpt2_chunk_starts (array passes, no
+    regex): the same chunks again, faster than ``re`` on 0.5 MB.
     """
     full = compile_pattern(pattern).findall
     if PATTERNS.get(pattern, pattern) != GPT2_PATTERN:
@@ -77,11 +77,13 @@ def compile_splitter(pattern):
     short_ascii = _ascii_gpt2().findall if sys.version_info >= (3, 11) else compile_pattern(pattern, True).findall
 
     def split_gpt2(text):
-        if not text.isascii():
-            return full(text)
         if len(text) < _ARRAY_SPLIT:
-            return short_ascii(text)
-        starts = gpt2_chunk_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist()
+            return short_ascii(text) if text.isascii() else full(text)
+        if text.isascii():
+            codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+        else:  # (a lone surrogate raises UnicodeEncodeError here, as encoding it to UTF-8 would)
+            codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        starts = gpt2_chunk_starts(codes).tolist()
         return list(map(text.__getitem__, map(slice, starts, starts[1:] + [len(text)])))
     return split_gpt2
 
@@ -103,31 +105,41 @@ def _ascii_gpt2():
     return re.compile(f" ?{letter}++|'(?:[stmd]|re|ve|ll)| ?{digit}++| ?{other}++|{space}+(?!{non_space})|{space}")
 
 
-# -- GPT2_PATTERN on ASCII text without a regex: a few passes over the bytes --
+# -- GPT2_PATTERN without a regex: a few passes over the characters --
 
-_ARRAY_SPLIT = 512  # from this many ASCII characters on, compile_splitter("gpt2") uses gpt2_chunk_starts
-_LETTER, _DIGIT, _OTHER, _SPACE = 0, 1, 2, 3  # the classes of GPT2_PATTERN, restricted to ASCII
+_ARRAY_SPLIT = 512  # from this many characters on, compile_splitter("gpt2") uses gpt2_chunk_starts
+_LETTER, _DIGIT, _OTHER, _SPACE = 0, 1, 2, 3  # the classes of GPT2_PATTERN: \\p{L}, \\p{N}, the rest, \\s
 
 
 @lru_cache(maxsize=None)
 def _ascii_classes():
-    """(256,) uint8: the class of each byte value (only 0..127 are ever looked up)."""
-    classes = np.full(256, _OTHER, dtype=np.uint8)
-    classes[np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz", dtype=np.uint8)] = _LETTER
-    classes[np.frombuffer(b"0123456789", dtype=np.uint8)] = _DIGIT
-    classes[np.frombuffer(b"\t\n\x0b\x0c\r ", dtype=np.uint8)] = _SPACE  # Unicode White_Space within ASCII
+    """(256,) uint8: the class of each byte value of ASCII text (only 0..127 are ever looked up)."""
+    return _unicode_classes()[:256].copy()
+
+
+@lru_cache(maxsize=None)
+def _unicode_classes():
+    """(0x110000,) uint8: the class of every code point, from its general category
+    (L* letter, N* number) and Unicode's White_Space property (what \\s means to tiktoken)."""
+    first_letter = _category_table()[:, 0]
+    classes = np.full(first_letter.size, _OTHER, dtype=np.uint8)
+    classes[first_letter == ord("L")] = _LETTER
+    classes[first_letter == ord("N")] = _DIGIT
+    space = re.compile(f"[{_WHITE_SPACE}]")
+    classes[[c for c in range(0x3001) if space.match(chr(c))]] = _SPACE  # White_Space ends at U+3000
     return classes
 
 
 def gpt2_chunk_starts(codes):
-    """Where the chunks of GPT2_PATTERN start in ASCII text, found by array passes instead of a regex.
+    """Where the chunks of GPT2_PATTERN start in a text, found by array passes instead of a regex.
 
-    codes: uint8 array of the text's bytes, each < 128 -> int64 array of the offsets at
-    which its chunks start (0 first; none for empty text). Chunk k is
-    ``text[starts[k]:starts[k + 1]]``, exactly ``compile_pattern("gpt2").findall(text)``.
+    codes: the text as a 1-D array of its code points (uint32; for ASCII text its
+    bytes as uint8 will do) -> int64 array of the offsets at which its chunks start
+    (0 first; none for empty text). Chunk k is ``text[starts[k]:starts[k + 1]]``,
+    exactly ``compile_pattern("gpt2").findall(text)``.
 
-    On ASCII text the pattern's alternatives come down to three rules, applied here
-    to the classes letter, digit, whitespace and other:
+    The pattern's alternatives come down to three rules over the classes letter
+    (\\p{L}), number (\\p{N}), whitespace (\\s) and other (the rest):
 
     1. A run of one class is a chunk (`` ?\\p{L}+``, `` ?\\p{N}+``, `` ?[^\\s\\p{L}\\p{N}]+``, ``\\s+``).
     2. Whitespace followed by a non-space gives up its last character (``\\s+(?!\\S)``
@@ -136,11 +148,11 @@ def gpt2_chunk_starts(codes):
     3. A ``'`` where a match begins (not inside a run of others, not led by a space)
        followed by s, t, m, d or re, ve, ll is a contraction: it takes those letters.
     """
-    codes = _check_ascii_codes(codes)
+    codes = _check_codes(codes)
     n = codes.size
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    classes = _ascii_classes()[codes]
+    classes = (_ascii_classes() if codes.dtype == np.uint8 else _unicode_classes())[codes]
     start = np.empty(n, dtype=bool)                     # start[i]: a chunk starts at i
     start[0] = True
     np.not_equal(classes[1:], classes[:-1], out=start[1:])                   # rule 1
@@ -149,15 +161,14 @@ def gpt2_chunk_starts(codes):
     start[last] = True                                                       # rule 2
     start[last[codes[last] == ord(" ")] + 1] = False
     quote = np.flatnonzero(codes[:-1] == ord("'"))                           # rule 3
-    before = codes[quote - 1]                           # (wraps at 0; masked below)
-    begins = (quote == 0) | ((classes[quote - 1] != _OTHER) & (before != ord(" ")))
+    begins = (quote == 0) | ((classes[quote - 1] != _OTHER) & (codes[quote - 1] != ord(" ")))  # (-1 wraps: masked)
     quote = quote[begins & (classes[quote + 1] == _LETTER)]
     if quote.size:
         second = codes[quote + 1]
-        third = codes[np.minimum(quote + 2, n - 1)].astype(np.int64)
-        pair = second.astype(np.int64) << 8 | np.where(quote + 2 < n, third, 0)
-        takes = np.where(np.isin(second, np.frombuffer(b"stmd", dtype=np.uint8)), 1,
-                         np.where(np.isin(pair, _LONG_CONTRACTIONS), 2, 0))
+        third = np.where(quote + 2 < n, codes[np.minimum(quote + 2, n - 1)], 0)
+        takes = np.where(np.isin(second, [ord(c) for c in "stmd"]), 1, 0)
+        for pair in ("re", "ve", "ll"):
+            takes[(second == ord(pair[0])) & (third == ord(pair[1]))] = 2
         quote, takes = quote[takes > 0], takes[takes > 0]
         start[quote + 1] = False                        # the letters join the ' ...
         end = quote + 1 + takes
@@ -165,15 +176,14 @@ def gpt2_chunk_starts(codes):
     return np.flatnonzero(start)
 
 
-_LONG_CONTRACTIONS = np.array([ord(a) << 8 | ord(b) for a, b in ("re", "ve", "ll")], dtype=np.int64)
-
-
-def _check_ascii_codes(codes):
-    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8 or codes.ndim != 1:
+def _check_codes(codes):
+    if not isinstance(codes, np.ndarray) or codes.dtype not in (np.uint8, np.uint32) or codes.ndim != 1:
         got = f"{codes.dtype} array of shape {codes.shape}" if isinstance(codes, np.ndarray) else type(codes).__name__
-        raise TypeError(f"codes: expected a 1-D uint8 array of ASCII bytes, got {got}")
-    if codes.size and codes.max() > 127:
-        raise ValueError(f"codes: expected ASCII bytes (< 128), got {int(codes.max())} at index {int(codes.argmax())}")
+        raise TypeError(f"codes: expected a 1-D array of code points (uint32) or of ASCII bytes (uint8), got {got}")
+    top = 127 if codes.dtype == np.uint8 else sys.maxunicode
+    if codes.size and codes.max() > top:
+        raise ValueError(f"codes: expected {'ASCII bytes' if top == 127 else 'code points'} (<= {top}), "
+                         f"got {int(codes.max())} at index {int(codes.argmax())}")
     return codes
 
 

@@ -42,8 +42,8 @@ leftmost on ties) until no adjacent pair is a token. This is tiktoken's
 algorithm, so our ranks give exactly tiktoken's ids. Encoded chunks are cached;
 when many new chunks come at once (a cold cache), :func:`_bpe_at_once` runs the
 same rule on all of them together in NumPy, one merge per chunk per round. Long
-ASCII text under GPT-2's pattern skips the cache: :func:`gpt2_chunk_starts` cuts
-it without a regex, :func:`_distinct_chunks` finds the distinct chunks (hashed,
+text under GPT-2's pattern skips the cache: :func:`gpt2_chunk_starts` cuts it
+without a regex, :func:`_distinct_chunks` finds the distinct chunks (hashed,
 then checked byte for byte), each is encoded once, and the ids are gathered in
 order. Training counts its chunks the same way.
 
@@ -234,7 +234,7 @@ _LONG_PIECE = 128       # above this many bytes, the heap version of the merge l
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
 _MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
 _DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
-_ARRAY_TEXT = 1 << 16   # ASCII text this long (GPT2_PATTERN) is encoded all at once in NumPy, without the cache
+_ARRAY_TEXT = 1 << 16   # text this long (GPT2_PATTERN) is encoded all at once in NumPy, without the cache
 _FEW_POSITIONS = 16     # training: array passes while the last _RECENT merges averaged this many positions
 _RECENT = 16
 _NO_RANK = np.iinfo(np.int16).max  # above every rank of a table (vocab <= _DENSE_PAIRS)
@@ -320,7 +320,12 @@ class BPETokenizer:
         early, with a smaller vocabulary, when no pairs are left.
         """
         special_tokens = _check_train(text, vocab_size, special_tokens)  # as a list
-        codes, lens, freqs = _count_chunks(text, pattern, special_tokens)  # the distinct chunks, counted
+        try:
+            codes, lens, freqs = _count_chunks(text, pattern, special_tokens)  # the distinct chunks, counted
+        except UnicodeEncodeError:  # found while counting, so that valid text pays nothing for it
+            at = re.search("[\ud800-\udfff]", text).start()
+            raise ValueError(f"text: expected encodable Unicode text, got a lone surrogate {text[at]!r} "
+                             f"at index {at}") from None
         merges = _learn_merges(codes, lens, freqs, n_merges=vocab_size - 256 - len(special_tokens))
         tokens = list(_BYTES)
         for a, b in merges:  # in id order: 256, 257, ...
@@ -393,7 +398,10 @@ class BPETokenizer:
         return parts
 
     def _encode_chunk(self, chunk):
-        piece = chunk.encode("utf-8")
+        return self._encode_piece(chunk.encode("utf-8"))
+
+    def _encode_piece(self, piece):
+        """The ids (a tuple) of one chunk's UTF-8 bytes."""
         rank = self.ranks.get(piece)
         if rank is not None:  # a whole chunk that is one token (tiktoken's shortcut)
             return (rank,)
@@ -413,7 +421,7 @@ class BPETokenizer:
             return []
         if self._split is None:
             return list(self._encode_chunk(text))
-        if len(text) >= _ARRAY_TEXT and self._gpt2 and text.isascii() and self._pair_ranks() is not None:
+        if len(text) >= _ARRAY_TEXT and self._gpt2 and self._pair_ranks() is not None:
             ids = self._encode_at_once(text)
             if ids is not None:  # (None: a hash collision in _distinct_chunks, never seen; the cache path instead)
                 return ids
@@ -495,30 +503,28 @@ class BPETokenizer:
         return self._text_ranks
 
     def _encode_at_once(self, text):
-        """encode_ordinary of long ASCII text (GPT2_PATTERN, a dense pair table) in NumPy, no cache;
+        """encode_ordinary of long text (GPT2_PATTERN, a dense pair table) in NumPy, no cache;
         None if _distinct_chunks reports a hash collision.
 
         The chunks come from gpt2_chunk_starts, the distinct ones from _distinct_chunks.
         Each distinct chunk is encoded once, as _encode_chunks_at_once would: a whole-chunk
-        token by its text, a long chunk by _encode_chunk, the rest together by
+        token by its bytes, a long chunk by _encode_piece, the rest together by
         _bpe_at_once. Then every chunk's ids are gathered, in order, from its distinct chunk's.
         """
-        codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
-        starts = gpt2_chunk_starts(codes)
+        data, codes, starts = _gpt2_chunks_utf8(text)
         distinct = _distinct_chunks(codes, starts)
         if distinct is None:
             return None
         first, inverse, _ = distinct
         lens = np.diff(np.append(starts, codes.size))[first]            # per distinct chunk
         starts, ends = starts[first], starts[first] + lens
-        texts = map(text.__getitem__, map(slice, starts.tolist(), ends.tolist()))
-        whole = np.fromiter(map(self._whole_chunk_ranks().get, texts, repeat(-1)), dtype=np.int64,
-                            count=first.size)
+        pieces = map(data.__getitem__, map(slice, starts.tolist(), ends.tolist()))
+        whole = np.fromiter(map(self.ranks.get, pieces, repeat(-1)), dtype=np.int64, count=first.size)
         merge = np.flatnonzero((whole < 0) & (lens <= _LONG_PIECE))
         long = np.flatnonzero((whole < 0) & (lens > _LONG_PIECE))
         merged, n_ids = _bpe_at_once(codes[_runs_index(starts[merge], lens[merge])], lens[merge],
                                      self._pair_ranks())
-        long_ids = [self._encode_chunk(text[a:b]) for a, b in zip(starts[long].tolist(), ends[long].tolist())]
+        long_ids = [self._encode_piece(data[a:b]) for a, b in zip(starts[long].tolist(), ends[long].tolist())]
         # One flat array of every distinct chunk's ids: the whole-chunk ranks, the merged, the long.
         is_whole = np.flatnonzero(whole >= 0)
         flat = np.concatenate((whole[is_whole], merged, np.fromiter(chain.from_iterable(long_ids), dtype=np.int64)))
@@ -774,14 +780,14 @@ def _count_chunks(text, pattern, special_tokens):
     (codes, lens, freqs): chunk k is the ``lens[k]`` UTF-8 bytes of ``codes`` (a uint8 array)
     after the ``lens[:k].sum()`` of the chunks before it, and occurs ``freqs[k]`` times.
 
-    GPT2_PATTERN on ASCII text takes the array path (_count_chunks_at_once): the same
-    chunks and counts, possibly in another order (which no merge depends on).
+    GPT2_PATTERN takes the array path (_count_chunks_at_once): the same chunks and
+    counts, possibly in another order (which no merge depends on).
     """
     pieces = [text]
     if special_tokens:
         pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
     pieces = [piece for piece in pieces if piece]
-    if PATTERNS.get(pattern, pattern) == GPT2_PATTERN and all(map(str.isascii, pieces)) and pieces:
+    if PATTERNS.get(pattern, pattern) == GPT2_PATTERN and pieces:
         found = _count_chunks_at_once(pieces)
         if found is not None:
             return found
@@ -796,22 +802,35 @@ def _count_chunks(text, pattern, special_tokens):
 
 
 def _count_chunks_at_once(pieces):
-    """_count_chunks for ASCII pieces and GPT2_PATTERN, in NumPy; None in the (never seen) case
-    that _distinct_chunks reports a hash collision.
+    """_count_chunks for GPT2_PATTERN, in NumPy; None in the (never seen) case that
+    _distinct_chunks reports a hash collision.
 
-    gpt2_chunk_starts cuts each piece; the pieces' bytes and chunk starts are laid end
+    _gpt2_chunks_utf8 cuts each piece; the pieces' bytes and chunk starts are laid end
     to end (a chunk never spans two pieces), and _distinct_chunks finds the distinct ones.
     """
-    codes = np.frombuffer("".join(pieces).encode("ascii"), dtype=np.uint8)
-    offsets = np.cumsum([0] + [len(piece) for piece in pieces[:-1]])
-    starts = np.concatenate([gpt2_chunk_starts(codes[at:at + len(piece)]) + at
-                             for piece, at in zip(pieces, offsets.tolist())])
+    cut = [_gpt2_chunks_utf8(piece) for piece in pieces]
+    offsets = np.cumsum([0] + [len(data) for data, _, _ in cut[:-1]]).tolist()
+    codes = np.frombuffer(b"".join(data for data, _, _ in cut), dtype=np.uint8)
+    starts = np.concatenate([piece_starts + at for (_, _, piece_starts), at in zip(cut, offsets)])
     distinct = _distinct_chunks(codes, starts)
     if distinct is None:
         return None
     first, _, freqs = distinct
     lens = np.diff(np.append(starts, codes.size))[first]
     return codes[_runs_index(starts[first], lens)], lens, freqs
+
+
+def _gpt2_chunks_utf8(text):
+    """(data, codes, starts): the UTF-8 bytes of ``text`` (bytes, and a uint8 array) and the byte
+    offsets at which its GPT2_PATTERN chunks start. gpt2_chunk_starts works on characters, so
+    text that is not ASCII goes in as code points, and each chunk's start is moved to its byte."""
+    data = text.encode("utf-8")
+    codes = np.frombuffer(data, dtype=np.uint8)
+    if len(data) == len(text):  # ASCII: one byte per character
+        return data, codes, gpt2_chunk_starts(codes)
+    points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    width = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)  # UTF-8 bytes each
+    return data, codes, np.concatenate(([0], np.cumsum(width)))[gpt2_chunk_starts(points)]
 
 
 def _learn_merges(codes, lens, freqs, n_merges):

@@ -211,6 +211,10 @@ def test_bpe_train_bad_input():
         BPETokenizer.train("abc", 300.0)
     with pytest.raises(ValueError, match="pattern"):
         BPETokenizer.train("abc", 300, pattern=r"\p{Letter}+")
+    for pattern in ("gpt2", "gpt4", None):  # the array path, and the plain path with and without a pre-split
+        with pytest.raises(ValueError, match="text: expected encodable Unicode text, got a lone surrogate '.ud800' "
+                                             "at index 2"):
+            BPETokenizer.train("ab\ud800c " * 3, 300, pattern=pattern)
 
 
 # ---------------------------------------------------------------------------
@@ -332,8 +336,8 @@ def _distinct_chunk_counts(found):
 
 @given(st.lists(ascii_texts | wordy_texts, max_size=4), st.booleans())
 def test_count_chunks_array_path_equals_plain(parts, with_special):
-    # GPT-2's pattern on ASCII text is counted in NumPy (gpt2_chunk_starts, _distinct_chunks): the
-    # chunks and counts of the regex, special tokens cut out first. Other text takes the plain path.
+    # GPT-2's pattern is counted in NumPy (gpt2_chunk_starts, _distinct_chunks): the chunks and
+    # counts of the regex, special tokens cut out first.
     text, specials = (EOT.join(parts), [EOT]) if with_special else ("".join(parts), [])
     pieces = text.split(EOT) if with_special else [text]
     want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern("gpt2").findall(piece))
@@ -341,7 +345,7 @@ def test_count_chunks_array_path_equals_plain(parts, with_special):
     real = tokenizer._count_chunks_at_once
     with patch.object(tokenizer, "_count_chunks_at_once", lambda p: calls.append(real(p)) or calls[-1]):
         assert _distinct_chunk_counts(tokenizer._count_chunks(text, "gpt2", specials)) == want
-    assert len(calls) == (text.replace(EOT, "").isascii() and any(pieces))
+    assert len(calls) == any(pieces)
     if calls:  # the array path itself answered (not a fallback after a failed byte check)
         assert _distinct_chunk_counts(calls[0]) == want
     with patch.object(tokenizer, "_count_chunks_at_once", lambda p: None):  # the plain path
@@ -518,13 +522,11 @@ def test_bpe_cold_encode_takes_the_numpy_path_and_matches(bpe):
     assert fresh._pair_table is not None  # the NumPy path ran
 
 
-@given(st.lists(ascii_texts | wordy_texts, min_size=1, max_size=8))
-def test_long_ascii_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
-    # Long ASCII text (GPT-2's pattern) skips the cache: chunks by gpt2_chunk_starts, each distinct
-    # chunk merged once in NumPy, ids gathered in order. Lowering the length threshold runs it here.
+@given(st.lists(ascii_texts | wordy_texts | texts, min_size=1, max_size=8))
+def test_long_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
+    # Long text (GPT-2's pattern) skips the cache: chunks by gpt2_chunk_starts, each distinct chunk
+    # merged once in NumPy, ids gathered in order. Lowering the length threshold runs it here.
     text = "".join(parts)
-    if not text.isascii():
-        return
     want = [i for chunk in bpe._split(text) for i in bpe._encode_chunk(chunk)]
     fresh = BPETokenizer.from_dict(bpe.to_dict())
     with patch.object(tokenizer, "_ARRAY_TEXT", 1):
@@ -533,7 +535,7 @@ def test_long_ascii_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
     assert text == "" or fresh._encode_at_once(text) == want  # (not None: no fallback)
 
 
-def test_long_ascii_text_at_once_with_long_and_whole_chunks(bpe):
+def test_long_text_at_once_with_long_and_whole_chunks(bpe):
     # Chunks over _LONG_PIECE bytes (encoded one by one), whole-chunk tokens, repeats, a text long
     # enough for the real threshold; the ids equal the cache path's and tiktoken's.
     long_words = [" " + "ab" * 80, "x" * 129, " " * 300, "thethe" * 30]
@@ -546,6 +548,9 @@ def test_long_ascii_text_at_once_with_long_and_whole_chunks(bpe):
     assert fresh.encode(text + EOT + text, allowed_special="all") == want + [fresh.special_tokens[EOT]] + want
     enc = _tiktoken_encoding(bpe)
     assert enc.encode_ordinary(text) == want
+    unicode_text = (CORPUS + " ".join(long_words)) * 60  # accents, CJK, emoji: code points, then bytes
+    assert not unicode_text.isascii() and len(unicode_text) >= tokenizer._ARRAY_TEXT
+    assert fresh._encode_at_once(unicode_text) == enc.encode_ordinary(unicode_text) == fresh.encode_ordinary(unicode_text)
     # Every chunk a whole token: nothing left to merge.
     assert fresh.encode_ordinary(" the" * 5000) == [bpe.ranks[b" the"]] * 5000
 
@@ -652,10 +657,14 @@ def test_ascii_splitter_gives_the_chunks_of_the_full_pattern(pattern, s):
     assert split(s + "\u00e9 \u3000x") == full(s + "\u00e9 \u3000x")   # not ASCII: the full pattern
 
 
-@given(ascii_texts | st.text(alphabet=" '\n\tsrtvelmdA1!x\x1c\r", max_size=60))
+@given(ascii_texts | wordy_texts | texts | st.text(alphabet=" '\n\tsrtvelmdA1!x\x1c\ré\u3000\xa0\u0301½🙂\x85",
+                                                      max_size=60))
 def test_gpt2_chunk_starts_cut_the_chunks_of_the_regex(s):
-    starts = gpt2_chunk_starts(np.frombuffer(s.encode("ascii"), dtype=np.uint8)).tolist()
+    # Code points (uint32) for any text, bytes (uint8) for ASCII text: the regex's chunks.
+    starts = gpt2_chunk_starts(np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)).tolist()
     assert [s[a:b] for a, b in zip(starts, starts[1:] + [len(s)])] == compile_pattern("gpt2").findall(s)
+    if s.isascii():
+        assert gpt2_chunk_starts(np.frombuffer(s.encode("ascii"), dtype=np.uint8)).tolist() == starts
     with patch.object(pretokenize, "_ARRAY_SPLIT", 0):  # compile_splitter takes it from this length on
         assert compile_splitter("gpt2")(s) == compile_pattern("gpt2").findall(s)
 
@@ -671,12 +680,15 @@ def test_gpt2_chunk_starts_at_the_edges(s):
 
 
 def test_gpt2_chunk_starts_bad_input():
-    with pytest.raises(TypeError, match="codes: expected a 1-D uint8 array"):
+    with pytest.raises(TypeError, match="codes: expected a 1-D array of code points .uint32. or of ASCII bytes "
+                                        ".uint8., got bytes"):
         gpt2_chunk_starts(b"abc")
-    with pytest.raises(TypeError, match="codes: expected a 1-D uint8 array of ASCII bytes, got int64"):
+    with pytest.raises(TypeError, match="got int64 array of shape"):
         gpt2_chunk_starts(np.arange(3))
-    with pytest.raises(ValueError, match="codes: expected ASCII bytes \\(< 128\\), got 195 at index 1"):
+    with pytest.raises(ValueError, match="codes: expected ASCII bytes .<= 127., got 195 at index 1"):
         gpt2_chunk_starts(np.frombuffer("aé".encode(), dtype=np.uint8))
+    with pytest.raises(ValueError, match="codes: expected code points .<= 1114111., got 1114112 at index 0"):
+        gpt2_chunk_starts(np.array([0x110000], dtype=np.uint32))
 
 
 @given(assigned_texts | wordy_texts)

@@ -145,6 +145,10 @@ def run(args):
                      ratios[(lib, what)]((lib, what)) if (lib, what) in ratios else ""])
     print()
     print_table(rows, ["library", "what", "wall s", "CPU s", "MB/s", "reference wall / minillm wall"])
+    from minillm import tokenizer as tokenizer_module
+    if args.pattern == "gpt2" and len(text) >= tokenizer_module._ARRAY_TEXT:
+        print(f"\nText of {tokenizer_module._ARRAY_TEXT:,} characters or more (GPT-2's pattern) is encoded all at "
+              "once in NumPy, without the chunk cache: there, warm and cold are the same path.")
     print(f"\nMedians of {rounds} rounds. HF tokenizers uses all CPU cores (its CPU s adds them up); minillm "
           "and tiktoken's encode_ordinary use one.\nOn a busy machine wall times grow; CPU s is the steadier measure.")
     return 0
