@@ -36,7 +36,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern",
-           "compile_splitter", "gpt2_chunk_starts"]
+           "compile_splitter", "gpt2_chunk_starts", "gpt4_chunk_starts", "ARRAY_SPLITTERS"]
 
 # GPT-2: contractions, optional-space + letters, optional-space + numbers,
 # optional-space + other symbols, whitespace (leaving the last space to the next word).
@@ -66,26 +66,30 @@ def compile_splitter(pattern):
     The fast path: text that is all ASCII (``str.isascii``, one C pass) is split by
     the ASCII-only translation, whose classes are small bitmaps instead of the
     Unicode ranges (and their astral alternatives): the same chunks, ~1.7x faster
-    on English text. Other text takes the full pattern. For GPT2_PATTERN, text of
-    _ARRAY_SPLIT characters or more is cut by gpt2_chunk_starts (array passes, no
-    regex): the same chunks again, faster than ``re`` on 0.5 MB.
+    on English text. Other text takes the full pattern. For GPT2_PATTERN and
+    GPT4_PATTERN, text of _ARRAY_SPLIT characters or more is cut by gpt2_chunk_starts /
+    gpt4_chunk_starts (array passes, no regex): the same chunks again, faster.
     """
     full = compile_pattern(pattern).findall
-    if PATTERNS.get(pattern, pattern) != GPT2_PATTERN:
+    regex = PATTERNS.get(pattern, pattern)
+    if regex == GPT2_PATTERN and sys.version_info >= (3, 11):
+        ascii_only = _ascii_gpt2().findall
+    else:
         ascii_only = compile_pattern(pattern, ascii_only=True).findall
+    chunk_starts = ARRAY_SPLITTERS.get(regex)
+    if chunk_starts is None:
         return lambda text: ascii_only(text) if text.isascii() else full(text)
-    short_ascii = _ascii_gpt2().findall if sys.version_info >= (3, 11) else compile_pattern(pattern, True).findall
 
-    def split_gpt2(text):
+    def split(text):
         if len(text) < _ARRAY_SPLIT:
-            return short_ascii(text) if text.isascii() else full(text)
+            return ascii_only(text) if text.isascii() else full(text)
         if text.isascii():
             codes = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
         else:  # (a lone surrogate raises UnicodeEncodeError here, as encoding it to UTF-8 would)
             codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        starts = gpt2_chunk_starts(codes).tolist()
+        starts = chunk_starts(codes).tolist()
         return list(map(text.__getitem__, map(slice, starts, starts[1:] + [len(text)])))
-    return split_gpt2
+    return split
 
 
 @lru_cache(maxsize=None)
@@ -105,22 +109,28 @@ def _ascii_gpt2():
     return re.compile(f" ?{letter}++|'(?:[stmd]|re|ve|ll)| ?{digit}++| ?{other}++|{space}+(?!{non_space})|{space}")
 
 
-# -- GPT2_PATTERN without a regex: a few passes over the characters --
+# -- GPT2_PATTERN and GPT4_PATTERN without a regex: a few passes over the characters --
 
-_ARRAY_SPLIT = 512  # from this many characters on, compile_splitter("gpt2") uses gpt2_chunk_starts
+_ARRAY_SPLIT = 512  # from this many characters on, compile_splitter uses the array version of its pattern
 _LETTER, _DIGIT, _OTHER, _SPACE = 0, 1, 2, 3  # the classes of GPT2_PATTERN: \\p{L}, \\p{N}, the rest, \\s
+_NEWLINE = 4                                  # GPT4_PATTERN also tells \\r and \\n from the rest of \\s
 
 
 @lru_cache(maxsize=None)
-def _ascii_classes():
+def _ascii_classes(newlines=False):
     """(256,) uint8: the class of each byte value of ASCII text (only 0..127 are ever looked up)."""
-    return _unicode_classes()[:256].copy()
+    return _unicode_classes(newlines)[:256].copy()
 
 
 @lru_cache(maxsize=None)
-def _unicode_classes():
+def _unicode_classes(newlines=False):
     """(0x110000,) uint8: the class of every code point, from its general category
-    (L* letter, N* number) and Unicode's White_Space property (what \\s means to tiktoken)."""
+    (L* letter, N* number) and Unicode's White_Space property (what \\s means to tiktoken);
+    newlines=True: \\r and \\n get a class of their own."""
+    if newlines:
+        classes = _unicode_classes().copy()
+        classes[[ord("\r"), ord("\n")]] = _NEWLINE
+        return classes
     first_letter = _category_table()[:, 0]
     classes = np.full(first_letter.size, _OTHER, dtype=np.uint8)
     classes[first_letter == ord("L")] = _LETTER
@@ -163,17 +173,102 @@ def gpt2_chunk_starts(codes):
     quote = np.flatnonzero(codes[:-1] == ord("'"))                           # rule 3
     begins = (quote == 0) | ((classes[quote - 1] != _OTHER) & (codes[quote - 1] != ord(" ")))  # (-1 wraps: masked)
     quote = quote[begins & (classes[quote + 1] == _LETTER)]
-    if quote.size:
-        second = codes[quote + 1]
-        third = np.where(quote + 2 < n, codes[np.minimum(quote + 2, n - 1)], 0)
-        takes = np.where(np.isin(second, [ord(c) for c in "stmd"]), 1, 0)
-        for pair in ("re", "ve", "ll"):
-            takes[(second == ord(pair[0])) & (third == ord(pair[1]))] = 2
-        quote, takes = quote[takes > 0], takes[takes > 0]
-        start[quote + 1] = False                        # the letters join the ' ...
-        end = quote + 1 + takes
-        start[end[end < n]] = True                      # ... and the rest of the word starts after them
+    quote, takes = _contractions(codes, quote, ignore_case=False)
+    start[quote + 1] = False                            # the letters join the ' ...
+    end = quote + 1 + takes
+    start[end[end < n]] = True                          # ... and the rest of the word starts after them
     return np.flatnonzero(start)
+
+
+def gpt4_chunk_starts(codes):
+    """gpt2_chunk_starts for GPT4_PATTERN (cl100k_base): the offsets at which the chunks of
+    ``compile_pattern("gpt4").findall(text)`` start, found by array passes.
+
+    The classes are those of GPT-2 with \\r and \\n (newline) told from the other
+    whitespace. The pattern's alternatives, read as rules over runs of one class:
+
+    1. A run of numbers is cut into groups of three from its start (``\\p{N}{1,3}``).
+    2. A run of whitespace: if it holds a newline, up to its last newline is a chunk
+       (``\\s*[\\r\\n]``). What follows it is cut as in GPT-2: before a non-space the last
+       character leaves; that character, any whitespace, leads a following word
+       (``[^\\r\\n\\p{L}\\p{N}]?+\\p{L}+``), a space also a following run of others.
+    3. A run of others takes the newlines right after it (``[^\\s\\p{L}\\p{N}]++[\\r\\n]*``).
+       Where a match begins at it (not led by a space), a single other character before
+       a word leads that word, and a single ``'`` before s, d, m, t, ll, ve or re, in
+       any case, is a contraction.
+    """
+    codes = _check_codes(codes)
+    n = codes.size
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    classes = _unicode_classes(newlines=True)[codes] if codes.dtype != np.uint8 else _ascii_classes(True)[codes]
+    run_class = np.minimum(classes, _SPACE)             # whitespace and newlines: one class for runs
+    start = np.empty(n, dtype=bool)
+    start[0] = True
+    np.not_equal(run_class[1:], run_class[:-1], out=start[1:])
+    runs = np.flatnonzero(start)
+    ends = np.append(runs[1:], n)
+    digit = np.flatnonzero(classes == _DIGIT)                                                  # rule 1
+    start[digit[(digit - runs[np.searchsorted(runs, digit, side="right") - 1]) % 3 == 0]] = True
+    kind = run_class[runs]
+    s, e = runs[kind == _SPACE], ends[kind == _SPACE]                                          # rule 2
+    begin = s.copy()                                    # after others, its leading newlines went with them (rule 3)
+    led = np.flatnonzero((s > 0) & (classes[s - 1] == _OTHER) & (classes[s] == _NEWLINE))
+    while led.size:
+        begin[led] += 1
+        led = led[(begin[led] < e[led]) & (classes[np.minimum(begin[led], n - 1)] == _NEWLINE)]
+    start[s[begin > s]] = False
+    start[begin[(begin > s) & (begin < e)]] = True
+    newline = np.flatnonzero(classes == _NEWLINE)
+    last_newline = np.append(-1, newline)[np.searchsorted(newline, e)]  # the last one before e (-1: none)
+    has_newline = last_newline >= begin
+    start[last_newline[has_newline & (last_newline + 1 < e)] + 1] = True
+    tail = e - np.where(has_newline, last_newline + 1, begin)          # whitespace after the last newline
+    inside = e < n
+    start[e[inside & (tail >= 2)] - 1] = True
+    lead = e[inside & (tail >= 1)]                      # the run's last character leads what follows?
+    follows = classes[lead]
+    start[lead[(follows == _LETTER) | ((codes[lead - 1] == ord(" ")) & (follows == _OTHER))]] = False
+    s, e = runs[kind == _OTHER], ends[kind == _OTHER]                                          # rule 3
+    begins = (s == 0) | (codes[s - 1] != ord(" "))
+    single = s[begins & (e - s == 1) & (e < n)]
+    single = single[classes[single + 1] == _LETTER]
+    start[single + 1] = False                           # it leads the word, or is a contraction ...
+    quote, takes = _contractions(codes, single[codes[single] == ord("'")], ignore_case=True)
+    end = quote + 1 + takes
+    start[end[end < n]] = True                          # ... which ends inside the word
+    return np.flatnonzero(start)
+
+
+# The patterns that have an array version: pattern -> the function that finds its chunk starts.
+ARRAY_SPLITTERS = {GPT2_PATTERN: gpt2_chunk_starts, GPT4_PATTERN: gpt4_chunk_starts}
+
+
+def _contractions(codes, quote, ignore_case):
+    """Of the ``'`` at ``quote`` (each followed by a letter), those that start a contraction
+    (s, t, m, d, re, ve, ll), and the letters each takes (1 or 2)."""
+    n = codes.size
+    one, two = _contraction_letters(ignore_case)
+    second = codes[np.minimum(quote + 1, n - 1)]
+    third = np.where(quote + 2 < n, codes[np.minimum(quote + 2, n - 1)], 0)
+    takes = np.where(np.isin(second, one), 1, 0)
+    for first_letters, second_letters in two:
+        takes[np.isin(second, first_letters) & np.isin(third, second_letters)] = 2
+    return quote[takes > 0], takes[takes > 0]
+
+
+@lru_cache(maxsize=None)
+def _contraction_letters(ignore_case):
+    """The code points that ``'s|'t|'re|...`` accept after the ``'``: (for s/t/m/d, ((for r, for e),
+    (for v, for e), (for l, for l))). Ignoring case, as ``(?i:...)`` in ``re`` and tiktoken's regex
+    do, adds the upper case and U+017F (long s, which folds to s); found by asking ``re`` about
+    every BMP character (no astral one folds to an ASCII letter)."""
+    flags = re.IGNORECASE if ignore_case else 0
+    def accepted(letters):
+        if not ignore_case:
+            return np.array([ord(c) for c in letters])
+        return np.array([c for c in range(0x10000) if re.fullmatch(f"[{letters}]", chr(c), flags)])
+    return accepted("stmd"), tuple((accepted(a), accepted(b)) for a, b in ("re", "ve", "ll"))
 
 
 def _check_codes(codes):

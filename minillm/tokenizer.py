@@ -42,8 +42,8 @@ leftmost on ties) until no adjacent pair is a token. This is tiktoken's
 algorithm, so our ranks give exactly tiktoken's ids. Encoded chunks are cached;
 when many new chunks come at once (a cold cache), :func:`_bpe_at_once` runs the
 same rule on all of them together in NumPy, one merge per chunk per round. Long
-text under GPT-2's pattern skips the cache: :func:`gpt2_chunk_starts` cuts it
-without a regex, :func:`_distinct_chunks` finds the distinct chunks (hashed,
+text under GPT-2's or GPT-4's pattern skips the cache: :func:`gpt2_chunk_starts` /
+:func:`gpt4_chunk_starts` cut it without a regex, :func:`_distinct_chunks` finds the distinct chunks (hashed,
 then checked byte for byte), each is encoded once, and the ids are gathered in
 order. Training counts its chunks the same way.
 
@@ -69,14 +69,14 @@ import numpy as np
 
 from minillm.backend import atomic_write, check_choice, check_int_arg, is_int, to_numpy
 # The pre-split patterns and their translation for `re` live in their own module; they stay importable here.
-from minillm.pretokenize import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern, compile_splitter,
-                                 gpt2_chunk_starts, translate_pattern)
+from minillm.pretokenize import (ARRAY_SPLITTERS, GPT2_PATTERN, GPT4_PATTERN, PATTERNS, compile_pattern,
+                                 compile_splitter, gpt2_chunk_starts, gpt4_chunk_starts, translate_pattern)
 
 __all__ = [
     "CharTokenizer", "BPETokenizer", "WordPieceTokenizer", "tokenizer_from_dict",
     "get_pair_counts", "merge_pair", "train_bpe_naive",
     "PATTERNS", "GPT2_PATTERN", "GPT4_PATTERN", "translate_pattern", "compile_pattern", "compile_splitter",
-    "gpt2_chunk_starts",
+    "gpt2_chunk_starts", "gpt4_chunk_starts", "ARRAY_SPLITTERS",
 ]
 
 
@@ -234,7 +234,7 @@ _LONG_PIECE = 128       # above this many bytes, the heap version of the merge l
 _CACHE_LIMIT = 1 << 18  # chunk encodings remembered before the cache starts over
 _MANY_CHUNKS = 64       # from this many new chunks on, encode them all at once in NumPy
 _DENSE_PAIRS = 4096     # vocabularies up to this size get the dense pair table of the NumPy path
-_ARRAY_TEXT = 1 << 16   # text this long (GPT2_PATTERN) is encoded all at once in NumPy, without the cache
+_ARRAY_TEXT = 1 << 16   # text this long (GPT-2's or GPT-4's pattern) is encoded all at once in NumPy, no cache
 _FEW_POSITIONS = 16     # training: array passes while the last _RECENT merges averaged this many positions
 _RECENT = 16
 _NO_RANK = np.iinfo(np.int16).max  # above every rank of a table (vocab <= _DENSE_PAIRS)
@@ -256,7 +256,7 @@ class BPETokenizer:
         self.special_tokens = {token: int(i) for token, i in special_tokens.items()}
         self.pattern = pattern
         self._split = None if pattern is None else compile_splitter(pattern)
-        self._gpt2 = PATTERNS.get(pattern, pattern) == GPT2_PATTERN
+        self._chunk_starts = ARRAY_SPLITTERS.get(PATTERNS.get(pattern, pattern))  # its array pre-split, or None
         self.vocab_size = max(chain(self.ranks.values(), self.special_tokens.values())) + 1
         self._decoder = self._id_to_bytes()  # list: id -> bytes, None for an id no token has
         self._merges = None if merges is None else {(int(a), int(b)): int(c) for (a, b), c in merges.items()}
@@ -421,7 +421,7 @@ class BPETokenizer:
             return []
         if self._split is None:
             return list(self._encode_chunk(text))
-        if len(text) >= _ARRAY_TEXT and self._gpt2 and self._pair_ranks() is not None:
+        if len(text) >= _ARRAY_TEXT and self._chunk_starts is not None and self._pair_ranks() is not None:
             ids = self._encode_at_once(text)
             if ids is not None:  # (None: a hash collision in _distinct_chunks, never seen; the cache path instead)
                 return ids
@@ -503,15 +503,16 @@ class BPETokenizer:
         return self._text_ranks
 
     def _encode_at_once(self, text):
-        """encode_ordinary of long text (GPT2_PATTERN, a dense pair table) in NumPy, no cache;
-        None if _distinct_chunks reports a hash collision.
+        """encode_ordinary of long text (a pattern with an array pre-split, a dense pair table) in
+        NumPy, no cache; None if _distinct_chunks reports a hash collision.
 
-        The chunks come from gpt2_chunk_starts, the distinct ones from _distinct_chunks.
+        The chunks come from gpt2_chunk_starts / gpt4_chunk_starts, the distinct ones from
+        _distinct_chunks.
         Each distinct chunk is encoded once, as _encode_chunks_at_once would: a whole-chunk
         token by its bytes, a long chunk by _encode_piece, the rest together by
         _bpe_at_once. Then every chunk's ids are gathered, in order, from its distinct chunk's.
         """
-        data, codes, starts = _gpt2_chunks_utf8(text)
+        data, codes, starts = _chunks_utf8(text, self._chunk_starts)
         distinct = _distinct_chunks(codes, starts)
         if distinct is None:
             return None
@@ -780,15 +781,16 @@ def _count_chunks(text, pattern, special_tokens):
     (codes, lens, freqs): chunk k is the ``lens[k]`` UTF-8 bytes of ``codes`` (a uint8 array)
     after the ``lens[:k].sum()`` of the chunks before it, and occurs ``freqs[k]`` times.
 
-    GPT2_PATTERN takes the array path (_count_chunks_at_once): the same chunks and
-    counts, possibly in another order (which no merge depends on).
+    GPT2_PATTERN and GPT4_PATTERN take the array path (_count_chunks_at_once): the same
+    chunks and counts, possibly in another order (which no merge depends on).
     """
     pieces = [text]
     if special_tokens:
         pieces = re.split("|".join(map(re.escape, sorted(special_tokens, key=len, reverse=True))), text)
     pieces = [piece for piece in pieces if piece]
-    if PATTERNS.get(pattern, pattern) == GPT2_PATTERN and pieces:
-        found = _count_chunks_at_once(pieces)
+    chunk_starts = None if pattern is None else ARRAY_SPLITTERS.get(PATTERNS.get(pattern, pattern))
+    if chunk_starts is not None and pieces:
+        found = _count_chunks_at_once(pieces, chunk_starts)
         if found is not None:
             return found
     split = (lambda piece: [piece]) if pattern is None else compile_splitter(pattern)
@@ -801,14 +803,14 @@ def _count_chunks(text, pattern, special_tokens):
             np.array(list(chunk_counts.values()), dtype=np.int64))
 
 
-def _count_chunks_at_once(pieces):
-    """_count_chunks for GPT2_PATTERN, in NumPy; None in the (never seen) case that
-    _distinct_chunks reports a hash collision.
+def _count_chunks_at_once(pieces, chunk_starts):
+    """_count_chunks in NumPy, for a pattern whose array pre-split is ``chunk_starts``; None in
+    the (never seen) case that _distinct_chunks reports a hash collision.
 
-    _gpt2_chunks_utf8 cuts each piece; the pieces' bytes and chunk starts are laid end
+    _chunks_utf8 cuts each piece; the pieces' bytes and chunk starts are laid end
     to end (a chunk never spans two pieces), and _distinct_chunks finds the distinct ones.
     """
-    cut = [_gpt2_chunks_utf8(piece) for piece in pieces]
+    cut = [_chunks_utf8(piece, chunk_starts) for piece in pieces]
     offsets = np.cumsum([0] + [len(data) for data, _, _ in cut[:-1]]).tolist()
     codes = np.frombuffer(b"".join(data for data, _, _ in cut), dtype=np.uint8)
     starts = np.concatenate([piece_starts + at for (_, _, piece_starts), at in zip(cut, offsets)])
@@ -820,17 +822,18 @@ def _count_chunks_at_once(pieces):
     return codes[_runs_index(starts[first], lens)], lens, freqs
 
 
-def _gpt2_chunks_utf8(text):
+def _chunks_utf8(text, chunk_starts):
     """(data, codes, starts): the UTF-8 bytes of ``text`` (bytes, and a uint8 array) and the byte
-    offsets at which its GPT2_PATTERN chunks start. gpt2_chunk_starts works on characters, so
-    text that is not ASCII goes in as code points, and each chunk's start is moved to its byte."""
+    offsets at which its chunks start. ``chunk_starts`` (gpt2_chunk_starts, gpt4_chunk_starts)
+    works on characters, so text that is not ASCII goes in as code points, and each chunk's
+    start is moved to its byte."""
     data = text.encode("utf-8")
     codes = np.frombuffer(data, dtype=np.uint8)
     if len(data) == len(text):  # ASCII: one byte per character
-        return data, codes, gpt2_chunk_starts(codes)
+        return data, codes, chunk_starts(codes)
     points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     width = 1 + (points >= 0x80).astype(np.int64) + (points >= 0x800) + (points >= 0x10000)  # UTF-8 bytes each
-    return data, codes, np.concatenate(([0], np.cumsum(width)))[gpt2_chunk_starts(points)]
+    return data, codes, np.concatenate(([0], np.cumsum(width)))[chunk_starts(points)]
 
 
 def _learn_merges(codes, lens, freqs, n_merges):

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from minillm import pretokenize, tokenizer
 from minillm.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, PATTERNS, BPETokenizer, CharTokenizer,
                                WordPieceTokenizer, compile_pattern, compile_splitter, get_pair_counts, gpt2_chunk_starts,
-                               merge_pair, tokenizer_from_dict, train_bpe_naive, translate_pattern)
+                               gpt4_chunk_starts, merge_pair, tokenizer_from_dict, train_bpe_naive,
+                               translate_pattern)
 
 EOT = "<|endoftext|>"
 
@@ -334,29 +335,32 @@ def _distinct_chunk_counts(found):
     return dict(zip(chunks, freqs.tolist()))
 
 
-@given(st.lists(ascii_texts | wordy_texts, max_size=4), st.booleans())
-def test_count_chunks_array_path_equals_plain(parts, with_special):
-    # GPT-2's pattern is counted in NumPy (gpt2_chunk_starts, _distinct_chunks): the chunks and
-    # counts of the regex, special tokens cut out first.
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+@given(parts=st.lists(ascii_texts | wordy_texts | texts, max_size=4), with_special=st.booleans())
+def test_count_chunks_array_path_equals_plain(pattern, parts, with_special):
+    # GPT-2's and GPT-4's patterns are counted in NumPy (gpt2/gpt4_chunk_starts, _distinct_chunks):
+    # the chunks and counts of the regex, special tokens cut out first.
     text, specials = (EOT.join(parts), [EOT]) if with_special else ("".join(parts), [])
     pieces = text.split(EOT) if with_special else [text]
-    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern("gpt2").findall(piece))
+    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern(pattern).findall(piece))
     calls = []
     real = tokenizer._count_chunks_at_once
-    with patch.object(tokenizer, "_count_chunks_at_once", lambda p: calls.append(real(p)) or calls[-1]):
-        assert _distinct_chunk_counts(tokenizer._count_chunks(text, "gpt2", specials)) == want
+    with patch.object(tokenizer, "_count_chunks_at_once", lambda p, f: calls.append(real(p, f)) or calls[-1]):
+        assert _distinct_chunk_counts(tokenizer._count_chunks(text, pattern, specials)) == want
     assert len(calls) == any(pieces)
     if calls:  # the array path itself answered (not a fallback after a failed byte check)
         assert _distinct_chunk_counts(calls[0]) == want
-    with patch.object(tokenizer, "_count_chunks_at_once", lambda p: None):  # the plain path
-        assert _distinct_chunk_counts(tokenizer._count_chunks(text, "gpt2", specials)) == want
+    with patch.object(tokenizer, "_count_chunks_at_once", lambda p, f: None):  # the plain path
+        assert _distinct_chunk_counts(tokenizer._count_chunks(text, pattern, specials)) == want
 
 
-def test_count_chunks_array_path_on_shakespeare():
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+def test_count_chunks_array_path_on_shakespeare(pattern):
     text = _cached_shakespeare(200_000)
     pieces = [text[:70_000], text[70_000:70_001], text[70_001:]]  # cut anywhere: chunks never span pieces
-    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern("gpt2").findall(piece))
-    assert _distinct_chunk_counts(tokenizer._count_chunks_at_once(pieces)) == want
+    want = Counter(chunk.encode() for piece in pieces for chunk in compile_pattern(pattern).findall(piece))
+    splitter = tokenizer.ARRAY_SPLITTERS[PATTERNS[pattern]]
+    assert _distinct_chunk_counts(tokenizer._count_chunks_at_once(pieces, splitter)) == want
 
 
 @given(st.lists(st.sampled_from(["a", "b", "ab", "ba", " the", "x" * 20, "'s", "\n", "  "]), max_size=40))
@@ -522,10 +526,12 @@ def test_bpe_cold_encode_takes_the_numpy_path_and_matches(bpe):
     assert fresh._pair_table is not None  # the NumPy path ran
 
 
-@given(st.lists(ascii_texts | wordy_texts | texts, min_size=1, max_size=8))
-def test_long_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
-    # Long text (GPT-2's pattern) skips the cache: chunks by gpt2_chunk_starts, each distinct chunk
-    # merged once in NumPy, ids gathered in order. Lowering the length threshold runs it here.
+@pytest.mark.parametrize("pattern", ["gpt2", "gpt4"])
+@given(parts=st.lists(ascii_texts | wordy_texts | texts, min_size=1, max_size=8))
+def test_long_text_is_encoded_at_once_with_the_plain_ids(bpe_all, pattern, parts):
+    # Long text (GPT-2's or GPT-4's pattern) skips the cache: chunks by the array pre-split, each
+    # distinct chunk merged once in NumPy, ids gathered in order. A lower length threshold runs it here.
+    bpe = bpe_all[pattern]
     text = "".join(parts)
     want = [i for chunk in bpe._split(text) for i in bpe._encode_chunk(chunk)]
     fresh = BPETokenizer.from_dict(bpe.to_dict())
@@ -535,7 +541,7 @@ def test_long_text_is_encoded_at_once_with_the_plain_ids(bpe, parts):
     assert text == "" or fresh._encode_at_once(text) == want  # (not None: no fallback)
 
 
-def test_long_text_at_once_with_long_and_whole_chunks(bpe):
+def test_long_text_at_once_with_long_and_whole_chunks(bpe, bpe_all):
     # Chunks over _LONG_PIECE bytes (encoded one by one), whole-chunk tokens, repeats, a text long
     # enough for the real threshold; the ids equal the cache path's and tiktoken's.
     long_words = [" " + "ab" * 80, "x" * 129, " " * 300, "thethe" * 30]
@@ -551,6 +557,9 @@ def test_long_text_at_once_with_long_and_whole_chunks(bpe):
     unicode_text = (CORPUS + " ".join(long_words)) * 60  # accents, CJK, emoji: code points, then bytes
     assert not unicode_text.isascii() and len(unicode_text) >= tokenizer._ARRAY_TEXT
     assert fresh._encode_at_once(unicode_text) == enc.encode_ordinary(unicode_text) == fresh.encode_ordinary(unicode_text)
+    gpt4 = BPETokenizer.from_dict(bpe_all["gpt4"].to_dict())
+    windows_text = unicode_text.replace("\n", "\r\n") + "\n\n \r\n  x 12345 'LL 'S"
+    assert gpt4._encode_at_once(windows_text) == _tiktoken_encoding(gpt4).encode_ordinary(windows_text)
     # Every chunk a whole token: nothing left to merge.
     assert fresh.encode_ordinary(" the" * 5000) == [bpe.ranks[b" the"]] * 5000
 
@@ -657,26 +666,32 @@ def test_ascii_splitter_gives_the_chunks_of_the_full_pattern(pattern, s):
     assert split(s + "\u00e9 \u3000x") == full(s + "\u00e9 \u3000x")   # not ASCII: the full pattern
 
 
-@given(ascii_texts | wordy_texts | texts | st.text(alphabet=" '\n\tsrtvelmdA1!x\x1c\ré\u3000\xa0\u0301½🙂\x85",
-                                                      max_size=60))
-def test_gpt2_chunk_starts_cut_the_chunks_of_the_regex(s):
+_CONTRACTION_TEXTS = st.text(alphabet=" '\n\r\tsSrRtTvVeElLmMdDA1234!(x.é東\u3000\xa0\u0301½🙂ſ\x85\x1c",
+                             max_size=60)
+
+
+@pytest.mark.parametrize("pattern, chunk_starts", [("gpt2", gpt2_chunk_starts), ("gpt4", gpt4_chunk_starts)])
+@given(s=ascii_texts | wordy_texts | texts | _CONTRACTION_TEXTS)
+def test_array_chunk_starts_cut_the_chunks_of_the_regex(pattern, chunk_starts, s):
     # Code points (uint32) for any text, bytes (uint8) for ASCII text: the regex's chunks.
-    starts = gpt2_chunk_starts(np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)).tolist()
-    assert [s[a:b] for a, b in zip(starts, starts[1:] + [len(s)])] == compile_pattern("gpt2").findall(s)
+    starts = chunk_starts(np.frombuffer(s.encode("utf-32-le"), dtype=np.uint32)).tolist()
+    assert [s[a:b] for a, b in zip(starts, starts[1:] + [len(s)])] == compile_pattern(pattern).findall(s)
     if s.isascii():
-        assert gpt2_chunk_starts(np.frombuffer(s.encode("ascii"), dtype=np.uint8)).tolist() == starts
+        assert chunk_starts(np.frombuffer(s.encode("ascii"), dtype=np.uint8)).tolist() == starts
     with patch.object(pretokenize, "_ARRAY_SPLIT", 0):  # compile_splitter takes it from this length on
-        assert compile_splitter("gpt2")(s) == compile_pattern("gpt2").findall(s)
+        assert compile_splitter(pattern)(s) == compile_pattern(pattern).findall(s)
 
 
 @pytest.mark.parametrize("s", ["'s", "a's", "it'll", "it'l", " 's", "''s", "\n's", "'re", "'r", "'", "a'", " '",
                                "x'S", "'ll'", "'ve't", "don't", "1'd", "!'m", "'ss", "  'll", "\t\t'd", "a  b", " \n x",
-                               "\x1c's", "x\n", "  ", "a \t", "'\x7f"])
-def test_gpt2_chunk_starts_at_the_edges(s):
-    # Contractions and whitespace runs at the start, the end and beside each other.
-    for text in (s, "x" + s, s + "x", s + " y", "!" + s):
-        starts = gpt2_chunk_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist()
-        assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == compile_pattern("gpt2").findall(text)
+                               "\x1c's", "x\n", "  ", "a \t", "'\x7f", "!\n\n x", " \n\r\n  z", "'S", "'LL",
+                               "..x", ".x", " (x", "\t!", "\n's"])
+def test_array_chunk_starts_at_the_edges(s):
+    # Contractions, newlines and whitespace runs at the start, the end and beside each other.
+    for pattern, chunk_starts in (("gpt2", gpt2_chunk_starts), ("gpt4", gpt4_chunk_starts)):
+        for text in (s, "x" + s, s + "x", s + " y", "!" + s, s + "\r\n", "(" + s.upper(), s + "12345"):
+            starts = chunk_starts(np.frombuffer(text.encode("ascii"), dtype=np.uint8)).tolist()
+            assert [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == compile_pattern(pattern).findall(text)
 
 
 def test_gpt2_chunk_starts_bad_input():
@@ -689,6 +704,8 @@ def test_gpt2_chunk_starts_bad_input():
         gpt2_chunk_starts(np.frombuffer("aé".encode(), dtype=np.uint8))
     with pytest.raises(ValueError, match="codes: expected code points .<= 1114111., got 1114112 at index 0"):
         gpt2_chunk_starts(np.array([0x110000], dtype=np.uint32))
+    with pytest.raises(TypeError, match="codes: expected a 1-D array of code points"):
+        gpt4_chunk_starts(np.zeros((2, 2), dtype=np.uint32))
 
 
 @given(assigned_texts | wordy_texts)
