@@ -263,11 +263,11 @@ def _contraction_letters(ignore_case):
     (for v, for e), (for l, for l))). Ignoring case, as ``(?i:...)`` in ``re`` and tiktoken's regex
     do, adds the upper case and U+017F (long s, which folds to s); found by asking ``re`` about
     every BMP character (no astral one folds to an ASCII letter)."""
-    flags = re.IGNORECASE if ignore_case else 0
+    bmp = "".join(map(chr, range(0x10000)))
     def accepted(letters):
         if not ignore_case:
             return np.array([ord(c) for c in letters])
-        return np.array([c for c in range(0x10000) if re.fullmatch(f"[{letters}]", chr(c), flags)])
+        return np.array(sorted(map(ord, re.findall(f"[{letters}]", bmp, re.IGNORECASE))))
     return accepted("stmd"), tuple((accepted(a), accepted(b)) for a, b in ("re", "ve", "ll"))
 
 
