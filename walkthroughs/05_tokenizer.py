@@ -25,7 +25,7 @@ import numpy as np
 
 from _narrate import FAST, ROOT, check, step
 from minillm.tokenizer import (BPETokenizer, CharTokenizer, WordPieceTokenizer, compile_pattern,
-                               gpt2_chunk_starts, tokenizer_from_dict)
+                               gpt2_chunk_starts, gpt4_chunk_starts, tokenizer_from_dict)
 
 
 # ---------------------------------------------------------------------------
@@ -123,6 +123,12 @@ print("On ASCII text the GPT-2 pattern comes down to three rules over byte class
 print(f"starts {starts}\n -> {array_chunks}")
 print("(In \" 'tis\" the space leads the match, so the ' is punctuation there, not a contraction:\n"
       "' and 'tis'; in \"it's\" the match begins at the ' and \"'s\" is one chunk.)")
+points = np.frombuffer(sample.encode("utf-32-le"), dtype=np.uint32)  # any text: its code points
+starts4 = gpt4_chunk_starts(points).tolist()
+check([sample[a:b] for a, b in zip(starts4, starts4[1:] + [len(sample)])] == gpt4_chunks,
+      "gpt4_chunk_starts should cut exactly the GPT-4 regex's chunks")
+print("Text that is not ASCII goes in as code points; gpt4_chunk_starts does the same for GPT-4's\n"
+      "pattern (its own rules: numbers in threes, whitespace up to its last newline, ...).")
 check(array_chunks == compile_pattern("gpt2").findall(ascii_sample),
       "gpt2_chunk_starts should cut exactly the regex's chunks")
 
