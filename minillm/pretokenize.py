@@ -249,7 +249,7 @@ def _contractions(codes, quote, ignore_case):
     (s, t, m, d, re, ve, ll), and the letters each takes (1 or 2)."""
     n = codes.size
     one, two = _contraction_letters(ignore_case)
-    second = codes[np.minimum(quote + 1, n - 1)]
+    second = codes[quote + 1]                           # (each quote is followed by a letter)
     third = np.where(quote + 2 < n, codes[np.minimum(quote + 2, n - 1)], 0)
     takes = np.where(np.isin(second, one), 1, 0)
     for first_letters, second_letters in two:
