@@ -263,7 +263,6 @@ class BPETokenizer:
         self._cache = {}             # chunk str -> tuple of ids
         self._special_re_cache = {}  # frozenset of special tokens -> compiled alternation
         self._pair_table = None      # (V, V) pair ranks of the NumPy merge loop, built on first use
-        self._text_ranks = None      # token text -> rank (tokens that are valid UTF-8), built on first use
 
     def _id_to_bytes(self):
         decoder = [None] * self.vocab_size
@@ -462,55 +461,24 @@ class BPETokenizer:
         return self._pair_table
 
     def _encode_chunks_at_once(self, chunks):
-        """{chunk: tuple of ids} for many distinct chunks: _encode_chunk's ids, the merges done in NumPy.
-
-        Whole-chunk tokens are looked up by their text (no encoding to bytes), long
-        chunks go through _encode_chunk, the rest through _bpe_at_once.
-        """
-        found = list(map(self._whole_chunk_ranks().get, chunks))
-        out = {chunk: (rank,) for chunk, rank in zip(chunks, found) if rank is not None}
-        rest = [chunk for chunk, rank in zip(chunks, found) if rank is None and chunk]
-        if "" in out or "" in chunks:
-            out[""] = ()  # a pattern that can match nothing: the empty chunk has no ids
-        if not rest:
-            return out
-        text = "".join(rest)
+        """{chunk: tuple of ids} for many distinct chunks: _encode_chunk's ids, through _encode_distinct."""
+        text = "".join(chunks)
         if text.isascii():  # one byte per character: no chunk needs encoding on its own
-            lens, data = list(map(len, rest)), text.encode("ascii")
+            data, lens = text.encode("ascii"), np.fromiter(map(len, chunks), dtype=np.int64, count=len(chunks))
         else:
-            pieces = list(map(str.encode, rest))
-            lens, data = list(map(len, pieces)), b"".join(pieces)
-        if max(lens) > _LONG_PIECE:  # rare: long chunks take the heap path, the others come back here
-            long_chunks = [chunk for chunk, n in zip(rest, lens) if n > _LONG_PIECE]
-            out.update(zip(long_chunks, map(self._encode_chunk, long_chunks)))
-            out.update(self._encode_chunks_at_once([chunk for chunk, n in zip(rest, lens) if n <= _LONG_PIECE]))
-            return out
-        ids, lens = _bpe_at_once(data, np.array(lens), self._pair_ranks())
-        flat, ends = tuple(ids.tolist()), np.cumsum(lens)
-        out.update(zip(rest, map(flat.__getitem__, map(slice, (ends - lens).tolist(), ends.tolist()))))
-        return out
-
-    def _whole_chunk_ranks(self):
-        """token text -> rank, for the tokens whose bytes are whole UTF-8 text (built once)."""
-        if self._text_ranks is None:
-            whole = {}
-            for token, rank in self.ranks.items():
-                try:
-                    whole[token.decode("utf-8")] = rank
-                except UnicodeDecodeError:
-                    pass
-            self._text_ranks = whole
-        return self._text_ranks
+            pieces = list(map(str.encode, chunks))
+            data, lens = b"".join(pieces), np.fromiter(map(len, pieces), dtype=np.int64, count=len(chunks))
+        flat, count, offset = self._encode_distinct(data, np.cumsum(lens) - lens, lens)
+        flat = tuple(flat.tolist())
+        return dict(zip(chunks, map(flat.__getitem__, map(slice, offset.tolist(), (offset + count).tolist()))))
 
     def _encode_at_once(self, text):
         """encode_ordinary of long text (a pattern with an array pre-split, a dense pair table) in
         NumPy, no cache; None if _distinct_chunks reports a hash collision.
 
         The chunks come from gpt2_chunk_starts / gpt4_chunk_starts, the distinct ones from
-        _distinct_chunks.
-        Each distinct chunk is encoded once, as _encode_chunks_at_once would: a whole-chunk
-        token by its bytes, a long chunk by _encode_piece, the rest together by
-        _bpe_at_once. Then every chunk's ids are gathered, in order, from its distinct chunk's.
+        _distinct_chunks; _encode_distinct encodes each of those once, and every chunk's
+        ids are gathered, in order, from its distinct chunk's.
         """
         data, codes, starts = _chunks_utf8(text, self._chunk_starts)
         distinct = _distinct_chunks(codes, starts)
@@ -518,25 +486,38 @@ class BPETokenizer:
             return None
         first, inverse, _ = distinct
         lens = np.diff(np.append(starts, codes.size))[first]            # per distinct chunk
-        starts, ends = starts[first], starts[first] + lens
+        flat, count, offset = self._encode_distinct(data, starts[first], lens)
+        return flat[_runs_index(offset[inverse], count[inverse])].tolist()
+
+    def _encode_distinct(self, data, starts, lens):
+        """The ids of the chunks ``data[starts[u]:starts[u] + lens[u]]`` (UTF-8 bytes), each as
+        _encode_piece gives them, as (flat, count, offset): chunk u's ids are the ``count[u]``
+        of ``flat`` from ``offset[u]`` on. Needs the dense pair table (_pair_ranks).
+
+        A chunk that is one token is looked up whole (tiktoken's shortcut), a chunk over
+        _LONG_PIECE bytes goes through _encode_piece, the rest are merged together by
+        _bpe_at_once; an empty chunk (a pattern that can match nothing) has no ids.
+        """
+        codes = np.frombuffer(data, dtype=np.uint8)
+        ends = starts + lens
         pieces = map(data.__getitem__, map(slice, starts.tolist(), ends.tolist()))
-        whole = np.fromiter(map(self.ranks.get, pieces, repeat(-1)), dtype=np.int64, count=first.size)
-        merge = np.flatnonzero((whole < 0) & (lens <= _LONG_PIECE))
+        whole = np.fromiter(map(self.ranks.get, pieces, repeat(-1)), dtype=np.int64, count=lens.size)
+        merge = np.flatnonzero((whole < 0) & (lens > 0) & (lens <= _LONG_PIECE))
         long = np.flatnonzero((whole < 0) & (lens > _LONG_PIECE))
         merged, n_ids = _bpe_at_once(codes[_runs_index(starts[merge], lens[merge])], lens[merge],
                                      self._pair_ranks())
         long_ids = [self._encode_piece(data[a:b]) for a, b in zip(starts[long].tolist(), ends[long].tolist())]
-        # One flat array of every distinct chunk's ids: the whole-chunk ranks, the merged, the long.
+        # One flat array of every chunk's ids: the whole-chunk ranks, the merged, the long.
         is_whole = np.flatnonzero(whole >= 0)
         flat = np.concatenate((whole[is_whole], merged, np.fromiter(chain.from_iterable(long_ids), dtype=np.int64)))
-        count = np.ones(first.size, dtype=np.int64)
+        count = (whole >= 0).astype(np.int64)
         count[merge] = n_ids
         count[long] = list(map(len, long_ids))
-        offset = np.empty(first.size, dtype=np.int64)
+        offset = np.zeros(lens.size, dtype=np.int64)
         offset[is_whole] = np.arange(is_whole.size)
         offset[merge] = is_whole.size + np.cumsum(n_ids) - n_ids
         offset[long] = is_whole.size + merged.size + np.cumsum(count[long]) - count[long]
-        return flat[_runs_index(offset[inverse], count[inverse])].tolist()
+        return flat, count, offset
 
     def _special_regex(self, tokens):
         key = frozenset(tokens)
