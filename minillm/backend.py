@@ -213,6 +213,120 @@ def parallel_for(part, n, min_per_thread=1, xp=np) -> None:
             raise e
 
 
+# ---------------------------------------------------------------------------
+# A batch shared out among the threads, one shard each
+# ---------------------------------------------------------------------------
+# parallel_for splits one pass; between the passes the threads wait on each other, and
+# every matmul is split again by BLAS's own threads. For a training step there is a
+# coarser cut with no waiting at all: the rows of a batch are independent until the
+# gradients are summed, so each thread can run the whole forward and backward of its
+# own shard of rows, its matmuls on one BLAS thread, and the shards' gradients add
+# (the identity data parallelism rests on, here across threads instead of processes).
+# That needs BLAS held at one thread while the shards run: two threads each asking
+# OpenBLAS for two threads fight over the same cores (measured: a 4 x 192 GPT step
+# 378 -> 705 ms). NumPy has no call for that, so backend finds the OpenBLAS NumPy
+# loaded and calls its own openblas_set_num_threads through ctypes, as threadpoolctl
+# does. Without one (another BLAS), batches are not sharded.
+
+_blas = None     # (get, set): the ctypes functions of NumPy's OpenBLAS; False when there is none
+
+_BLAS_SYMBOLS = ("scipy_openblas_{}_num_threads64_", "scipy_openblas_{}_num_threads",
+                 "openblas_{}_num_threads64_", "openblas_{}_num_threads")
+
+
+def _numpy_blas_files() -> list:
+    """Paths of the OpenBLAS libraries NumPy may have loaded: its wheel's own copy (numpy.libs,
+    numpy/.dylibs), then any OpenBLAS this process has mapped (a distribution's NumPy)."""
+    import glob
+    here = os.path.dirname(np.__file__)
+    found = []
+    for folder in (os.path.join(os.path.dirname(here), "numpy.libs"), os.path.join(here, ".dylibs")):
+        found += sorted(glob.glob(os.path.join(folder, "*openblas*")))
+    try:
+        with open("/proc/self/maps") as maps:
+            found += sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]})
+    except OSError:     # not Linux
+        pass
+    return found
+
+
+def _blas_functions():
+    """(get, set) for NumPy's OpenBLAS thread count, found once; False if there is none."""
+    global _blas
+    if _blas is None:
+        _blas = False
+        import ctypes
+        for path in _numpy_blas_files():
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for name in _BLAS_SYMBOLS:
+                get, put = (getattr(lib, name.format(verb), None) for verb in ("get", "set"))
+                if get is not None and put is not None:
+                    get.restype, get.argtypes = ctypes.c_int, []
+                    put.restype, put.argtypes = None, [ctypes.c_int]
+                    _blas = (get, put)
+                    return _blas
+    return _blas
+
+
+def blas_threads() -> int | None:
+    """How many threads NumPy's BLAS (OpenBLAS) runs a matmul on; None when it cannot be told."""
+    functions = _blas_functions()
+    return int(functions[0]()) if functions else None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Run NumPy's matmuls on n BLAS threads from now on -> whether BLAS could be told."""
+    check_int_arg("n", n, lo=1)
+    functions = _blas_functions()
+    if functions:
+        functions[1](int(n))
+    return bool(functions)
+
+
+def batch_shards(rows: int, xp=np) -> int:
+    """Into how many shards run_in_shards cuts a batch of ``rows`` rows: one per thread (at
+    most one per row) on NumPy with several threads and a BLAS that can be held at one
+    thread; 1 (the batch whole) otherwise, and always inside a parallel_for or on a GPU."""
+    if xp is not np or num_threads() < 2 or rows < 2 or getattr(_inside, "flag", False):
+        return 1
+    return min(num_threads(), int(rows)) if _blas_functions() else 1
+
+
+def shard_bounds(rows: int, shards: int) -> list:
+    """[(lo, hi)]: ``shards`` consecutive ranges of rows, as equal as they can be, covering range(rows)."""
+    return [(rows * i // shards, rows * (i + 1) // shards) for i in range(shards)]
+
+
+def run_in_shards(shard, rows: int, shards: int) -> list:
+    """[shard(lo, hi) for each of shard_bounds(rows, shards)], the shards at the same time, one
+    per thread, with BLAS held at one thread meanwhile (restored after, also on an error).
+
+    Each call must only read what it shares with the others: the shards' results come back
+    in order, and combining them (adding gradients) is the caller's. With one shard this is
+    a plain call on this thread, BLAS untouched.
+    """
+    bounds = shard_bounds(rows, shards)
+    if shards == 1:
+        return [shard(*bounds[0])]
+    results = [None] * shards
+
+    def part(lo, hi):
+        for i in range(lo, hi):
+            results[i] = shard(*bounds[i])
+    before = blas_threads()
+    if before is not None:
+        set_blas_threads(1)
+    try:
+        parallel_for(part, shards)
+    finally:
+        if before is not None:
+            set_blas_threads(before)
+    return results
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the system.
 

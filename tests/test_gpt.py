@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from helpers import assert_alive, assert_close, assert_gradcheck, np_, on, scaled
-from minillm import gpt
+from minillm import backend, gpt
 from minillm.backend import array_module
 from minillm.backprop import check_dict_gradients, softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from strategies import seeds
@@ -85,6 +85,20 @@ def per_token_loss(logits, targets):
     return -xp.where(keep, picked, 0) / max(int(keep.sum()), 1)
 
 
+def logits_with_the_same_masks(p, cfg, idx, train, rng):
+    """The logits under the dropout masks gpt.loss_and_grads draws from rng(): the batch's from
+    one generator, or, when it cuts the batch into shards (several threads), each shard's
+    from its own generator seeded by one of the seeds drawn from rng() (loss_and_grads_in_shards)."""
+    B = idx.shape[0]
+    shards = backend.batch_shards(B, array_module(idx))
+    if not (train and cfg.dropout > 0) or shards == 1:
+        return gpt.forward(p, cfg, idx, train=train, rng=rng())[0]
+    seeds = rng().integers(2**63, size=shards)
+    parts = [gpt.forward(p, cfg, idx[lo:hi], train=train, rng=np.random.default_rng(int(seed)))[0]
+             for (lo, hi), seed in zip(backend.shard_bounds(B, shards), seeds)]
+    return array_module(parts[0]).concatenate(parts)
+
+
 def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
     params = {k: on(xp, v) for k, v in params.items()}
     idx, targets = on(xp, idx, targets)
@@ -107,7 +121,7 @@ def _gradcheck(xp, cfg, params, idx, targets, train=False, dropout_seed=None):
     # whole loss. That lets eps stay at 1e-4, where the stencil's truncation error
     # (~eps^4) is negligible; at eps 1e-3 some drawn models reached 3.6e-5 (llama).
     def f(p):
-        return per_token_loss(gpt.forward(p, cfg, idx, train=train, rng=rng())[0], targets)
+        return per_token_loss(logits_with_the_same_masks(p, cfg, idx, train, rng), targets)
 
     # Every entry of every parameter. The key bias's gradient is exactly 0 (softmax ignores
     # a shift of a query's scores), so its numeric side is pure round-off: the checker's
@@ -131,6 +145,21 @@ def test_whole_model_gradients_match_finite_differences(xp, variant, shape):
 def test_gradients_with_dropout_for_fixed_masks(xp, shape, variant, seed, p):
     cfg, params, idx, targets = tiny_case(variant, shape, dropout=p)
     _gradcheck(xp, cfg, params, idx, targets, train=True, dropout_seed=seed)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_gradients_of_a_batch_in_three_shards_match_finite_differences(variant):
+    """On three threads loss_and_grads runs each of the 3 rows as its own shard, dropout
+    drawn per shard: the gradient it adds up is still the whole batch's, entry by entry."""
+    before = backend.num_threads()
+    backend.set_num_threads(3)
+    try:
+        cfg, params, idx, targets = tiny_case(variant, TWO_LAYERS, dropout=0.3)
+        if backend.batch_shards(idx.shape[0]) != 3:
+            pytest.skip("NumPy's BLAS thread count cannot be set here: batches are not cut into shards")
+        _gradcheck(np, cfg, params, idx, targets, train=True, dropout_seed=5)
+    finally:
+        backend.set_num_threads(before)
 
 
 @settings(max_examples=scaled(1))

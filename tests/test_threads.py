@@ -271,3 +271,153 @@ def test_parallel_for_works_in_a_forked_child(threads):
             pytest.fail("parallel_for hung in a forked child")
         time.sleep(0.05)
     assert os.WEXITSTATUS(status) == 0
+
+
+# --- BLAS's thread count, and a batch cut into shards that run at once ----------------------
+
+def _numpy_has_openblas():
+    return "openblas" in str(np.__config__.CONFIG["Build Dependencies"]["blas"].get("name", "")).lower()
+
+
+@pytest.fixture
+def blas():
+    """NumPy's OpenBLAS thread count, restored after the test (skips without an OpenBLAS)."""
+    before = backend.blas_threads()
+    if before is None:
+        assert not _numpy_has_openblas(), "NumPy is built with OpenBLAS, but backend could not find it"
+        pytest.skip("NumPy's BLAS is not OpenBLAS: its thread count cannot be set")
+    yield before
+    backend.set_blas_threads(before)
+
+
+def test_blas_thread_count_can_be_read_and_set_and_threadpoolctl_agrees(blas):
+    for n in (1, 2, 1):
+        assert backend.set_blas_threads(n) is True
+        assert backend.blas_threads() == n
+        try:
+            import threadpoolctl
+        except ImportError:
+            continue
+        ours = [i for i in threadpoolctl.threadpool_info()
+                if i["internal_api"] == "openblas" and "numpy" in i["filepath"]]
+        assert ours and all(i["num_threads"] == n for i in ours), ours
+    with pytest.raises(ValueError, match="n: expected a positive int, got 0"):
+        backend.set_blas_threads(0)
+
+
+def test_batch_shards_one_per_thread_only_where_they_can_run_at_once(threads, blas, monkeypatch):
+    threads(3)
+    assert [backend.batch_shards(rows) for rows in (1, 2, 3, 64)] == [1, 2, 3, 3]    # at most one per row
+    assert backend.batch_shards(64, xp=object()) == 1                             # a GPU: the batch whole
+    inside = []
+    backend.parallel_for(lambda lo, hi: inside.append(backend.batch_shards(64)), 3)
+    assert inside == [1, 1, 1]                                                    # threads already busy
+    threads(1)
+    assert backend.batch_shards(64) == 1
+    threads(2)
+    monkeypatch.setattr(backend, "_blas", False)                                  # a BLAS we cannot hold
+    assert backend.batch_shards(64) == 1
+
+
+@given(rows=st.integers(1, 300), shards=st.integers(1, 8))
+def test_shard_bounds_cover_the_rows_once_in_near_equal_consecutive_ranges(rows, shards):
+    bounds = backend.shard_bounds(rows, shards)
+    assert len(bounds) == shards and bounds[0][0] == 0 and bounds[-1][1] == rows
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    sizes = [hi - lo for lo, hi in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_run_in_shards_runs_them_at_once_on_one_blas_thread_each_and_restores_blas(threads, blas):
+    threads(3)
+    backend.set_blas_threads(2)
+    together = threading.Barrier(3, timeout=10)    # passes only if the three shards run at once
+
+    def shard(lo, hi):
+        together.wait()
+        return lo, hi, threading.get_ident(), backend.blas_threads()
+    out = backend.run_in_shards(shard, 10, 3)
+    assert [(lo, hi) for lo, hi, _, _ in out] == [(0, 3), (3, 6), (6, 10)]     # in order
+    assert len({ident for _, _, ident, _ in out}) == 3
+    assert all(n == 1 for *_, n in out)
+    assert backend.blas_threads() == 2
+
+    def failing(lo, hi):
+        if lo:
+            raise ArithmeticError(f"shard at {lo}")
+    with pytest.raises(ArithmeticError, match="shard at 3"):
+        backend.run_in_shards(failing, 10, 3)
+    assert backend.blas_threads() == 2                                           # restored after an error too
+    assert backend.run_in_shards(lambda lo, hi: (lo, hi, backend.blas_threads()), 5, 1) == [(0, 5, 2)]
+
+
+def _gpt_case(seed, B, variant_kw, ignore):
+    from minillm import gpt
+    cfg = gpt.GPTConfig(vocab_size=7, block_size=6, n_layer=2, n_head=2, n_embd=8, mlp_hidden=8, **variant_kw)
+    rng = np.random.default_rng(seed)
+    params = {k: v + 0.3 * rng.standard_normal(v.shape)
+              for k, v in gpt.init_params(cfg, seed, dtype=np.float64).items()}
+    idx, targets = rng.integers(0, 7, (B, 5)), rng.integers(0, 7, (B, 5))
+    if ignore == "some":
+        targets[rng.random((B, 5)) < 0.4] = -100
+        targets[0] = -100                                  # a shard may hold no counted target at all
+    elif ignore == "all":
+        targets[:] = -100
+    return gpt, cfg, params, idx, targets
+
+
+GPT_VARIANTS = [dict(), dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, bias=False,
+                             tie_embeddings=False)]
+
+
+@settings(deadline=None, max_examples=15)
+@given(seed=seeds, B=st.integers(1, 5), variant=st.sampled_from(GPT_VARIANTS),
+       ignore=st.sampled_from(["none", "some", "all"]), checkpointing=st.booleans())
+def test_gpt_loss_and_grads_are_the_same_in_any_number_of_shards(seed, B, variant, ignore, checkpointing):
+    """The batch mean is the shards' means weighted by their counted targets: 1, 2, 3 threads
+    (the batch whole, or 2 or 3 shards at once) give the same loss and gradient to round-off."""
+    gpt, cfg, params, idx, targets = _gpt_case(seed, B, variant, ignore)
+    whole = gpt.loss_and_grads_in_shards(params, cfg, idx, targets, 1, activation_checkpointing=checkpointing)
+    runs = _on_threads(lambda: gpt.loss_and_grads(params, cfg, idx, targets,
+                                                  activation_checkpointing=checkpointing))
+    runs += [gpt.loss_and_grads_in_shards(params, cfg, idx, targets, k) for k in range(2, B + 1)]
+    for loss, grads in runs:
+        assert abs(loss - whole[0]) <= 1e-12 * max(1.0, abs(whole[0]))
+        assert set(grads) == set(whole[1])
+        for name, g in grads.items():
+            np.testing.assert_allclose(g, whole[1][name], rtol=1e-10, atol=1e-13, err_msg=name)
+    if ignore == "all":
+        assert whole[0] == 0 and all(not g.any() for g in whole[1].values())
+
+
+@settings(deadline=None, max_examples=10)
+@given(seed=seeds, B=st.integers(2, 5), shards=st.integers(2, 5))
+def test_gpt_shards_under_dropout_draw_their_masks_from_seeds_drawn_from_rng(seed, B, shards):
+    """Under dropout shard s runs on np.random.default_rng(seeds[s]), seeds = rng.integers(2**63,
+    size=shards): the result is the shards' own loss_and_grads (one thread each), weighted."""
+    shards = min(shards, B)
+    gpt, cfg, params, idx, targets = _gpt_case(seed, B, dict(dropout=0.3), "some")
+    loss, grads = gpt.loss_and_grads_in_shards(params, cfg, idx, targets, shards, train=True,
+                                               rng=np.random.default_rng(seed))
+    seeds_ = np.random.default_rng(seed).integers(2**63, size=shards)
+    n = int((targets != -100).sum())
+    want_loss, want = 0.0, {k: np.zeros_like(v) for k, v in params.items()}
+    for (lo, hi), s in zip(backend.shard_bounds(B, shards), seeds_):
+        n_s = int((targets[lo:hi] != -100).sum())
+        loss_s, g_s = _on_threads(lambda: gpt.loss_and_grads(params, cfg, idx[lo:hi], targets[lo:hi], train=True,
+                                                             rng=np.random.default_rng(int(s))), (1,))[0]
+        want_loss += n_s / max(n, 1) * loss_s
+        for k in want:
+            want[k] += n_s / max(n, 1) * g_s[k]
+    assert abs(loss - want_loss) <= 1e-12 * max(1.0, abs(want_loss))
+    for k in want:
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-10, atol=1e-13, err_msg=k)
+
+
+def test_gpt_shards_reject_a_shard_count_that_is_not_one_to_the_rows():
+    gpt, cfg, params, idx, targets = _gpt_case(0, 3, dict(), "none")
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match=rf"shards: expected an int in \[1, 4\), got {bad}"):
+            gpt.loss_and_grads_in_shards(params, cfg, idx, targets, bad)
+    with pytest.raises(ValueError, match="targets"):
+        gpt.loss_and_grads(params, cfg, idx, targets[:, :2])
