@@ -7,7 +7,10 @@ matmuls, as minillm does; plus F.scaled_dot_product_attention as a second
 column), and Hugging Face's GPT2LMHeadModel (its default SDPA attention) when
 transformers is installed, each loaded with the *same* weights, and each loss is
 checked against ours before anything is timed, so all sides provably compute the
-same thing.
+same thing. On several threads minillm cuts the batch into one shard of rows per
+thread (gpt.loss_and_grads_in_shards); the row "minillm, batch whole" is the same
+step with the batch in one piece, every pass and matmul split across the threads
+instead, to show what the shards are worth.
 
 Runs alternate (minillm step, torch step, minillm step, ...) so that both meet the
 same machine load; the table shows the median and the best of --repeat steps.
@@ -41,8 +44,8 @@ def add_arguments(parser):
                         help="minillm's device (default: $MINILLM_DEVICE); torch runs on the CPU or CUDA to match")
     parser.add_argument("--skip-reference", action="store_true", help="do not time PyTorch")
     parser.add_argument("--threads", default=None,
-                        help="comma-separated thread counts to measure, e.g. 1,2: NumPy's BLAS through "
-                             "threadpoolctl (when installed), minillm's own CPU threads "
+                        help="comma-separated thread counts to measure, e.g. 1,2: NumPy's BLAS "
+                             "(backend.set_blas_threads), minillm's own CPU threads "
                              "(backend.set_num_threads) and torch.set_num_threads (default: as started)")
     parser.add_argument("--gap-ms", type=float, default=50.0,
                         help="idle milliseconds before each timed step, so that threads the previous "
@@ -52,13 +55,24 @@ def add_arguments(parser):
                         help="also print a cProfile of minillm's step (the hot spots, by own time)")
 
 
+class _BlasThreads:
+    """Run NumPy's BLAS on n threads inside a with block (backend.set_blas_threads), restored after."""
+
+    def __init__(self, n):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        self.before = backend.blas_threads()
+        backend.set_blas_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        backend.set_blas_threads(self.before)
+
+
 def _limit_threads(n):
-    """A context that runs NumPy's BLAS with n threads (threadpoolctl), or None if it cannot."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None
-    return threadpool_limits(limits=n, user_api="blas")
+    """A context that runs NumPy's BLAS with n threads, or None if its thread count cannot be set."""
+    return _BlasThreads(n) if backend.blas_threads() is not None else None
 
 
 def _blas_threads():
@@ -124,6 +138,8 @@ def run(args):
             torch.set_num_threads(threads)
         impls += _torch_steps(torch, cfg, params, batch_np, tdev)
         impls += _hf_step(torch, cfg, params, batch_np, tdev)
+    if xp is np:     # what cutting the batch into shards is worth: the same step with the batch whole
+        impls.append((_WHOLE, _minillm_step(cfg, params, [xp.asarray(a) for a in batch_np], whole=True)))
     counts = [int(t) for t in args.threads.split(",")] if args.threads else [threads]
     for n_threads in counts:
         _time_at_threads(impls, args, n_threads, threads, B * T, torch if tdev == "cpu" else None,
@@ -133,19 +149,26 @@ def run(args):
     return 0
 
 
-def _minillm_step(cfg, params, batch):
-    """One step of ours: loss, the whole backward and an AdamW update, synchronised."""
+def _minillm_step(cfg, params, batch, whole=False):
+    """One step of ours: loss, the whole backward and an AdamW update, synchronised. whole: the
+    batch in one piece on every thread count (no shards: each pass and matmul split instead)."""
     from minillm import backend, gpt
     from minillm.optim import AdamW
     idx, tgt = batch
     opt = AdamW(params, lr=1e-4, weight_decay=0.1)
 
     def step():
-        loss, grads = gpt.loss_and_grads(params, cfg, idx, tgt)
+        if whole:
+            loss, grads = gpt.loss_and_grads_in_shards(params, cfg, idx, tgt, 1)
+        else:
+            loss, grads = gpt.loss_and_grads(params, cfg, idx, tgt)
         opt.step(grads)
         backend.synchronize(params["wte"])
         return loss
     return step
+
+
+_WHOLE = "minillm, batch whole"     # timed only on several threads (on one it is the same step)
 
 
 def _import_torch():
@@ -229,22 +252,27 @@ def _hf_step(torch, cfg, params, batch_np, tdev):
 
 
 def _time_at_threads(impls, args, n_threads, threads, tokens, cpu_torch, with_reference):
-    """Time every step with n_threads BLAS (threadpoolctl) and torch threads."""
+    """Time every step with n_threads BLAS threads, minillm threads and torch threads."""
+    import contextlib
     limiter = _limit_threads(n_threads) if args.threads else None
     if args.threads and limiter is None:
-        print(f"threadpoolctl is not installed: NumPy's BLAS keeps {threads} thread(s); set "
+        print(f"NumPy's BLAS is not OpenBLAS: it keeps {threads} thread(s); set "
               f"OPENBLAS_NUM_THREADS={n_threads} before starting to change it")
     if cpu_torch is not None:
         cpu_torch.set_num_threads(n_threads)
     own = backend.num_threads()
     if args.threads:
         backend.set_num_threads(n_threads)      # minillm's own threads (backend.parallel_for) too
+    shards = backend.batch_shards(tokens // args.block_size)
+    label = f"{n_threads} thread(s)" + (f"; minillm cuts the batch into {shards} shards, one per thread, "
+                                        f"each with its matmuls on one BLAS thread" if shards > 1 else "")
+    if n_threads == 1:
+        impls = [(name, fn) for name, fn in impls if name != _WHOLE]
     try:
-        _time_all(impls, args, tokens, f"{n_threads} thread(s)", with_reference)
+        with limiter or contextlib.nullcontext():
+            _time_all(impls, args, tokens, label, with_reference)
     finally:
         backend.set_num_threads(own)
-        if limiter is not None:
-            limiter.restore_original_limits()
 
 
 def _profile(step, n):
