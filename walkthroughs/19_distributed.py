@@ -8,6 +8,7 @@ divide one of those terms by the number of ranks (and reproduce the ZeRO paper's
 micro-batches on different processes, summed in one flat buffer; shard the optimizer and
 keep global-norm clipping exact; and trade a second forward pass for activation memory.
 With mpi4py and mpiexec installed, two real ranks train and match one process exactly.
+Last, the same sum across threads: the batch cut into one shard of rows per thread.
 
 Run: python walkthroughs/19_distributed.py      (MINILLM_FAST=1 for smaller sizes)
 """
@@ -168,3 +169,38 @@ else:
     print(f"  mpiexec -n 2 --ddp --zero 1 vs one process --grad-accum 2, 3 steps with dropout and clipping: "
           f"the same parameters bit for bit: {same}")
     check(same, "2 ranks with ZeRO-1 should equal one process accumulating 2 micro-batches")
+
+# ---------------------------------------------------------------------------
+step(7, "The same identity across threads: one shard of the batch per thread")
+# ---------------------------------------------------------------------------
+print("""Step 3's sum works inside one process too. On a CPU with several threads,
+gpt.loss_and_grads cuts the batch into one shard of rows per thread. Each thread runs
+the whole forward and backward of its rows, with its matmuls held at one BLAS thread
+(backend.run_in_shards). Shard s starts its backward from n_s / n, its share of the
+counted targets, so the shards' gradients simply add. The alternative splits every
+softmax pass and every matmul across the threads, and the threads meet at the end of
+each one, hundreds of times a step. Here the threads meet once, at the sum.""")
+from minillm import backend  # noqa: E402
+
+shards = max(2, backend.num_threads())
+whole_loss, whole = gpt.loss_and_grads_in_shards(params, config, x, y, 1)
+shard_loss, sharded = gpt.loss_and_grads_in_shards(params, config, x, y, shards)
+worst = max(float(np.max(np.abs(sharded[k] - whole[k])) / np.max(np.abs(whole[k]))) for k in params)
+print(f"  {shards} shards of {B // shards} rows: loss {shard_loss:.6f} vs {whole_loss:.6f} with the batch whole; "
+      f"worst gradient difference {worst:.1e} of an array's largest entry")
+check(abs(shard_loss - whole_loss) < 1e-5 and worst < 1e-5, "the shards should add up to the whole batch")
+
+
+def step_ms(n_shards, repeats=7):
+    """The median milliseconds of a forward + backward in n_shards shards."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gpt.loss_and_grads_in_shards(params, config, x, y, n_shards)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2] * 1e3
+
+
+print(f"  forward + backward on {backend.num_threads()} thread(s): batch whole {step_ms(1):.0f} ms, "
+      f"in {shards} shards {step_ms(shards):.0f} ms (medians of 7; on one core, or for a toy a few ms long, "
+      f"the shards gain nothing; python -m minillm bench train --threads 1,2 times the step against PyTorch)")
