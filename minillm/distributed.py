@@ -522,7 +522,12 @@ def memory_per_rank(config, n_params, micro_batch, T, n_ranks=1, stage=0, grad_a
 
 def measure_step_peak(config, micro_batch, T, activation_checkpointing=False, seed=0) -> dict:
     """The peak of NumPy's allocations (tracemalloc) while building the parameters and AdamW
-    and taking one training step on a random micro-batch -> {"peak", "params", "optimizer"}."""
+    and taking one training step on a random micro-batch -> {"peak", "params", "optimizer"}.
+
+    The step takes the micro-batch whole, the step memory_per_rank accounts for. On several
+    threads gpt.loss_and_grads would cut it into shards (gpt.loss_and_grads_in_shards): the
+    activations add up to the same, but each shard holds a gradient set of its own until
+    the sum, and the shards' peaks need not coincide, so the peak varies from run to run."""
     import tracemalloc
 
     from . import gpt
@@ -539,8 +544,8 @@ def measure_step_peak(config, micro_batch, T, activation_checkpointing=False, se
         after_opt = tracemalloc.get_traced_memory()[0]
         base = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
-        _, grads = gpt.loss_and_grads(params, config, x, y, train=True, rng=np.random.default_rng(seed),
-                                      activation_checkpointing=activation_checkpointing)
+        _, grads = gpt.loss_and_grads_in_shards(params, config, x, y, 1, train=True, rng=np.random.default_rng(seed),
+                                                activation_checkpointing=activation_checkpointing)
         opt.step(grads)
         peak = max(base, tracemalloc.get_traced_memory()[1])
     finally:

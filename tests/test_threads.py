@@ -312,9 +312,15 @@ def test_batch_shards_one_per_thread_only_where_they_can_run_at_once(threads, bl
     inside = []
     backend.parallel_for(lambda lo, hi: inside.append(backend.batch_shards(64)), 3)
     assert inside == [1, 1, 1]                                                    # threads already busy
+    from_a_new_thread = []                                     # a thread of the caller's own shards too
+    worker = threading.Thread(target=lambda: from_a_new_thread.append(backend.batch_shards(64)))
+    worker.start()
+    worker.join()
+    assert from_a_new_thread == [3]
     threads(1)
     assert backend.batch_shards(64) == 1
     threads(2)
+    assert backend.batch_shards(64) == 2
     monkeypatch.setattr(backend, "_blas", False)                                  # a BLAS we cannot hold
     assert backend.batch_shards(64) == 1
 
