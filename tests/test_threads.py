@@ -427,3 +427,13 @@ def test_gpt_shards_reject_a_shard_count_that_is_not_one_to_the_rows():
             gpt.loss_and_grads_in_shards(params, cfg, idx, targets, bad)
     with pytest.raises(ValueError, match="targets"):
         gpt.loss_and_grads(params, cfg, idx, targets[:, :2])
+
+
+def test_gpt_shards_without_dropout_need_no_generator_and_leave_one_untouched():
+    """As the plain path: train=True with dropout 0 draws nothing, so rng may be None."""
+    gpt, cfg, params, idx, targets = _gpt_case(0, 4, dict(), "none")
+    loss, _ = gpt.loss_and_grads_in_shards(params, cfg, idx, targets, 2, train=True, rng=None)
+    rng = np.random.default_rng(1)
+    state = rng.bit_generator.state
+    assert gpt.loss_and_grads_in_shards(params, cfg, idx, targets, 2, train=True, rng=rng)[0] == loss
+    assert rng.bit_generator.state == state
