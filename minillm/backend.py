@@ -20,6 +20,7 @@ what came.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -286,6 +287,21 @@ def set_blas_threads(n: int) -> bool:
     return bool(functions)
 
 
+@contextlib.contextmanager
+def blas_threads_held(n: int):
+    """Inside the with block NumPy's BLAS runs on n threads; afterwards (also after an error)
+    on as many as before. Does nothing when BLAS's thread count cannot be set."""
+    before = blas_threads()
+    if before is None:
+        yield
+        return
+    set_blas_threads(n)
+    try:
+        yield
+    finally:
+        set_blas_threads(before)
+
+
 def batch_shards(rows: int, xp=np) -> int:
     """Into how many shards run_in_shards cuts a batch of ``rows`` rows: one per thread (at
     most one per row) on NumPy with several threads and a BLAS that can be held at one
@@ -316,14 +332,8 @@ def run_in_shards(shard, rows: int, shards: int) -> list:
     def part(lo, hi):
         for i in range(lo, hi):
             results[i] = shard(*bounds[i])
-    before = blas_threads()
-    if before is not None:
-        set_blas_threads(1)
-    try:
+    with blas_threads_held(1):
         parallel_for(part, shards)
-    finally:
-        if before is not None:
-            set_blas_threads(before)
     return results
 
 

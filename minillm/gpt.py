@@ -681,8 +681,8 @@ def loss_and_grads(params, config: GPTConfig, idx, targets, train=False, rng=Non
     _check_loss_inputs(params, config, idx, targets, train, rng, activation_checkpointing)
     shards = batch_shards(idx.shape[0], array_module(idx))
     if shards > 1:
-        return loss_and_grads_in_shards(params, config, idx, targets, shards, train, rng,
-                                        activation_checkpointing)
+        return _loss_and_grads_in_shards(params, config, idx, targets, shards, train, rng,
+                                         activation_checkpointing)
     logits, cache = forward(params, config, idx, train=train, rng=rng,
                             activation_checkpointing=activation_checkpointing)
     loss_value, ce = softmax_cross_entropy_forward(logits, targets)
@@ -703,6 +703,11 @@ def loss_and_grads_in_shards(params, config: GPTConfig, idx, targets, shards: in
     -> (loss, grads) as loss_and_grads
     """
     _check_loss_inputs(params, config, idx, targets, train, rng, activation_checkpointing, shards)
+    return _loss_and_grads_in_shards(params, config, idx, targets, shards, train, rng, activation_checkpointing)
+
+
+def _loss_and_grads_in_shards(params, config, idx, targets, shards, train, rng, activation_checkpointing):
+    """loss_and_grads_in_shards after its checks (loss_and_grads has made them already)."""
     B = idx.shape[0]
     n = int((targets != -100).sum())                                      # counted targets in the batch
     dropout = train and config.dropout > 0

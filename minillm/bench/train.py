@@ -55,24 +55,9 @@ def add_arguments(parser):
                         help="also print a cProfile of minillm's step (the hot spots, by own time)")
 
 
-class _BlasThreads:
-    """Run NumPy's BLAS on n threads inside a with block (backend.set_blas_threads), restored after."""
-
-    def __init__(self, n):
-        self.n, self.before = n, None
-
-    def __enter__(self):
-        self.before = backend.blas_threads()
-        backend.set_blas_threads(self.n)
-        return self
-
-    def __exit__(self, *exc):
-        backend.set_blas_threads(self.before)
-
-
 def _limit_threads(n):
     """A context that runs NumPy's BLAS with n threads, or None if its thread count cannot be set."""
-    return _BlasThreads(n) if backend.blas_threads() is not None else None
+    return backend.blas_threads_held(n) if backend.blas_threads() is not None else None
 
 
 def _blas_threads():
